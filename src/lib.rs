@@ -6,3 +6,5 @@
 
 pub mod format;
 pub mod quant;
+pub mod kernels;
+pub mod model;

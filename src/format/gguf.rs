@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -406,6 +405,6 @@ impl GgufWriter {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        crate::format::write_atomic(path, |f| f.write_all(&self.to_bytes()))
+        crate::format::write_atomic(path, |f| std::io::Write::write_all(f, &self.to_bytes()))
     }
 }

@@ -1,0 +1,23 @@
+//! Compute kernels. Every linear layer of the model goes through the [`Linear`] trait, so a new
+//! weight format (the bit-plane formats) plugs in without touching the model code.
+
+pub mod dense;
+pub mod ops;
+
+pub use dense::DenseF32;
+
+/// A linear layer `y = W·x (+ b)` applied to a batch of token rows.
+///
+/// Implementations must be *batch invariant*: the result for one row may not depend on how
+/// many other rows are in the batch. Speculative verification relies on this to reproduce
+/// plain decoding bit for bit.
+pub trait Linear: Send + Sync {
+    fn in_dim(&self) -> usize;
+    fn out_dim(&self) -> usize;
+    /// `x` is `n × in_dim` row-major, `y` is `n × out_dim` row-major.
+    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]);
+    /// Bytes of weight data this layer reads per forward (for memory accounting).
+    fn weight_bytes(&self) -> usize;
+    /// Short human name of the storage format, for `inspect`.
+    fn format_name(&self) -> String;
+}

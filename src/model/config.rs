@@ -1,0 +1,120 @@
+//! Architecture hyper-parameters of a llama-family model, read from GGUF metadata or an HF
+//! `config.json`, and checked for consistency before any weight is touched.
+
+use anyhow::{Context, Result, ensure};
+use serde::Serialize;
+
+use crate::format::gguf::GgufFile;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LlamaConfig {
+    /// Architecture name as the source file spells it (`llama`, `qwen2`, `mistral`…).
+    pub arch: String,
+    pub n_layers: usize,
+    pub dim: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn_dim: usize,
+    pub vocab_size: usize,
+    pub rope_base: f64,
+    pub rms_eps: f32,
+    /// Training context length; the default upper bound for a session.
+    pub max_seq: usize,
+}
+
+impl LlamaConfig {
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g.get("general.architecture").and_then(|v| v.as_str()).context("missing general.architecture")?.to_string();
+        ensure!(
+            matches!(arch.as_str(), "llama" | "qwen2" | "mistral"),
+            "architecture {arch:?} is not supported (llama, qwen2, mistral are)"
+        );
+        let int = |k: &str| -> Result<usize> {
+            let key = format!("{arch}.{k}");
+            g.get(&key).and_then(|v| v.as_u64()).map(|v| v as usize).with_context(|| format!("missing or non-integer {key}"))
+        };
+        let float = |k: &str| g.get(&format!("{arch}.{k}")).and_then(|v| v.as_f64());
+        let dim = int("embedding_length")?;
+        let n_heads = int("attention.head_count")?;
+        ensure!(n_heads > 0, "attention.head_count is 0");
+        let head_dim = match int("rope.dimension_count") {
+            Ok(d) => d,
+            Err(_) => dim / n_heads,
+        };
+        let vocab_size = match int("vocab_size") {
+            Ok(v) => v,
+            Err(_) => g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).context("vocabulary size unknown")?,
+        };
+        let cfg = LlamaConfig {
+            n_layers: int("block_count")?,
+            dim,
+            n_heads,
+            n_kv_heads: int("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim,
+            ffn_dim: int("feed_forward_length")?,
+            vocab_size,
+            rope_base: float("rope.freq_base").unwrap_or(10000.0),
+            rms_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
+            max_seq: int("context_length").unwrap_or(2048),
+            arch,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a Hugging Face `config.json` (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM).
+    pub fn from_hf_json(v: &serde_json::Value) -> Result<Self> {
+        let arch_name = v
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(|a| a.as_str())
+            .or_else(|| v.get("model_type").and_then(|m| m.as_str()))
+            .context("config.json has neither architectures nor model_type")?;
+        let arch = match arch_name {
+            "LlamaForCausalLM" | "llama" => "llama",
+            "Qwen2ForCausalLM" | "qwen2" => "qwen2",
+            "MistralForCausalLM" | "mistral" => "mistral",
+            other => anyhow::bail!("architecture {other:?} is not supported (Llama, Qwen2, Mistral are)"),
+        };
+        let int = |k: &str| -> Result<usize> {
+            v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).with_context(|| format!("config.json: missing or non-integer {k}"))
+        };
+        let dim = int("hidden_size")?;
+        let n_heads = int("num_attention_heads")?;
+        ensure!(n_heads > 0, "num_attention_heads is 0");
+        let cfg = LlamaConfig {
+            arch: arch.to_string(),
+            n_layers: int("num_hidden_layers")?,
+            dim,
+            n_heads,
+            n_kv_heads: int("num_key_value_heads").unwrap_or(n_heads),
+            head_dim: int("head_dim").unwrap_or(dim / n_heads),
+            ffn_dim: int("intermediate_size")?,
+            vocab_size: int("vocab_size")?,
+            rope_base: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
+            rms_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5) as f32,
+            max_seq: int("max_position_embeddings").unwrap_or(2048),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let c = self;
+        ensure!(c.n_layers > 0 && c.n_layers <= 1024, "layer count {} out of range", c.n_layers);
+        ensure!(c.dim > 0 && c.dim <= 1 << 16, "embedding size {} out of range", c.dim);
+        ensure!(c.ffn_dim > 0 && c.ffn_dim <= 1 << 18, "feed-forward size {} out of range", c.ffn_dim);
+        ensure!(c.vocab_size > 0 && c.vocab_size <= 1 << 21, "vocabulary size {} out of range", c.vocab_size);
+        ensure!(c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0, "{} heads cannot be grouped over {} KV heads", c.n_heads, c.n_kv_heads);
+        ensure!(c.head_dim > 0 && c.head_dim % 2 == 0 && c.head_dim <= 1024, "head size {} must be even and ≤ 1024", c.head_dim);
+        ensure!(c.rope_base.is_finite() && c.rope_base > 0.0, "RoPE base {} is not positive", c.rope_base);
+        ensure!(c.rms_eps.is_finite() && c.rms_eps >= 0.0, "RMSNorm epsilon {} is invalid", c.rms_eps);
+        ensure!(c.max_seq > 0, "context length is 0");
+        Ok(())
+    }
+}

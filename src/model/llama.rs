@@ -1,0 +1,255 @@
+//! The llama-family transformer (llama, Mistral, Qwen2): embeddings → blocks → output head.
+//!
+//! Read top to bottom, [`Llama::forward`] is the whole model. The weights are immutable and
+//! shared; everything that changes while decoding lives in a [`Session`] (KV cache and scratch
+//! buffers sized once), so the decode loop allocates nothing per token.
+
+use std::sync::Arc;
+
+use anyhow::{Result, ensure};
+use rayon::prelude::*;
+
+use super::config::LlamaConfig;
+use crate::kernels::Linear;
+use crate::kernels::ops::{Rope, rms_norm, silu_mul, softmax};
+
+/// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
+pub struct Block {
+    pub attn_norm: Vec<f32>,
+    pub wq: Box<dyn Linear>,
+    pub wk: Box<dyn Linear>,
+    pub wv: Box<dyn Linear>,
+    pub wo: Box<dyn Linear>,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Box<dyn Linear>,
+    pub w_up: Box<dyn Linear>,
+    pub w_down: Box<dyn Linear>,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    /// Token embedding table, `vocab × dim`; shared with the head when the model ties them.
+    pub embed: Arc<[f32]>,
+    pub blocks: Vec<Block>,
+    pub norm: Vec<f32>,
+    pub head: Box<dyn Linear>,
+    pub rope: Rope,
+}
+
+/// Per-sequence state: KV cache, position and reusable buffers.
+pub struct Session {
+    /// Tokens processed so far (the next token's position).
+    pub pos: usize,
+    capacity: usize,
+    max_batch: usize,
+    /// `layer × capacity × kv_dim`.
+    k_cache: Vec<f32>,
+    v_cache: Vec<f32>,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// `n_heads × capacity` attention scores.
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Session {
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Forgets the sequence; the buffers are kept.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+    /// Drops the tail of the sequence after `pos` (the cache beyond it is simply overwritten).
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+    /// Bytes held by the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        (self.k_cache.len() + self.v_cache.len()) * 4
+    }
+}
+
+/// Lets parallel tasks write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    // A method (not field access) so closures capture the whole Send wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Llama {
+    /// A session able to hold `capacity` tokens, processing at most `max_batch` per pass.
+    pub fn new_session(&self, capacity: usize, max_batch: usize) -> Session {
+        let c = &self.config;
+        let capacity = capacity.clamp(1, self.rope.max_pos());
+        let b = max_batch.clamp(1, capacity);
+        let q_dim = c.n_heads * c.head_dim;
+        Session {
+            pos: 0,
+            capacity,
+            max_batch: b,
+            k_cache: vec![0.0; c.n_layers * capacity * c.kv_dim()],
+            v_cache: vec![0.0; c.n_layers * capacity * c.kv_dim()],
+            x: vec![0.0; b * c.dim],
+            xn: vec![0.0; b * c.dim],
+            q: vec![0.0; b * q_dim],
+            k: vec![0.0; b * c.kv_dim()],
+            v: vec![0.0; b * c.kv_dim()],
+            att: vec![0.0; b * q_dim],
+            tmp: vec![0.0; b * c.dim],
+            gate: vec![0.0; b * c.ffn_dim],
+            up: vec![0.0; b * c.ffn_dim],
+            scores: vec![0.0; c.n_heads * capacity],
+            logits: vec![0.0; c.vocab_size],
+        }
+    }
+
+    /// Runs `tokens` at positions `s.pos..` and returns the logits of the last `n_logits` of
+    /// them (`n_logits × vocab`, row-major). Long inputs are split into `max_batch` chunks.
+    pub fn forward<'s>(&self, s: &'s mut Session, tokens: &[u32], n_logits: usize) -> Result<&'s [f32]> {
+        let c = &self.config;
+        ensure!(!tokens.is_empty(), "forward needs at least one token");
+        ensure!(n_logits <= tokens.len(), "asked for {n_logits} logit rows from {} tokens", tokens.len());
+        ensure!(
+            s.pos + tokens.len() <= s.capacity,
+            "context full: {} tokens already, {} more would exceed the context size {}",
+            s.pos,
+            tokens.len(),
+            s.capacity
+        );
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
+        }
+        let need = n_logits * c.vocab_size;
+        if s.logits.len() < need {
+            s.logits.resize(need, 0.0);
+        }
+        let first_logit = tokens.len() - n_logits;
+        let mut done = 0;
+        for chunk in tokens.chunks(s.max_batch) {
+            self.forward_chunk(s, chunk);
+            // Head over the rows of this chunk whose logits were asked for.
+            let lo = first_logit.max(done);
+            let hi = done + chunk.len();
+            if lo < hi {
+                let n = hi - lo;
+                for (i, row) in (lo - done..hi - done).enumerate() {
+                    let src = &s.x[row * c.dim..(row + 1) * c.dim];
+                    rms_norm(src, &self.norm, c.rms_eps, &mut s.tmp[i * c.dim..(i + 1) * c.dim]);
+                }
+                let out = &mut s.logits[(lo - first_logit) * c.vocab_size..(lo - first_logit + n) * c.vocab_size];
+                self.head.forward(&s.tmp, n, out);
+            }
+            done = hi;
+        }
+        Ok(&s.logits[..need])
+    }
+
+    /// One pass over at most `max_batch` tokens; leaves the final hidden states in `s.x`.
+    fn forward_chunk(&self, s: &mut Session, tokens: &[u32]) {
+        let c = &self.config;
+        let n = tokens.len();
+        let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
+        let q_dim = c.n_heads * hd;
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = tok as usize * dim;
+            s.x[t * dim..(t + 1) * dim].copy_from_slice(&self.embed[row..row + dim]);
+        }
+        for (l, b) in self.blocks.iter().enumerate() {
+            // Attention.
+            for t in 0..n {
+                rms_norm(&s.x[t * dim..(t + 1) * dim], &b.attn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
+            }
+            b.wq.forward(&s.xn, n, &mut s.q);
+            b.wk.forward(&s.xn, n, &mut s.k);
+            b.wv.forward(&s.xn, n, &mut s.v);
+            let layer_base = l * s.capacity * kv_dim;
+            for t in 0..n {
+                let pos = s.pos + t;
+                self.rope.apply(&mut s.q[t * q_dim..(t + 1) * q_dim], pos);
+                self.rope.apply(&mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
+                let at = layer_base + pos * kv_dim;
+                s.k_cache[at..at + kv_dim].copy_from_slice(&s.k[t * kv_dim..(t + 1) * kv_dim]);
+                s.v_cache[at..at + kv_dim].copy_from_slice(&s.v[t * kv_dim..(t + 1) * kv_dim]);
+            }
+            self.attention(s, l, n);
+            b.wo.forward(&s.att, n, &mut s.tmp);
+            s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
+
+            // MLP.
+            for t in 0..n {
+                rms_norm(&s.x[t * dim..(t + 1) * dim], &b.ffn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
+            }
+            b.w_gate.forward(&s.xn, n, &mut s.gate);
+            b.w_up.forward(&s.xn, n, &mut s.up);
+            silu_mul(&mut s.gate[..n * c.ffn_dim], &s.up);
+            b.w_down.forward(&s.gate, n, &mut s.tmp);
+            s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
+        }
+        s.pos += n;
+    }
+
+    /// Causal attention of `n` new tokens (already in the cache) over everything before them.
+    /// Parallel over heads; each head writes only its own slice of every `att` row.
+    fn attention(&self, s: &mut Session, layer: usize, n: usize) {
+        let c = &self.config;
+        let (hd, kv_dim, cap) = (c.head_dim, c.kv_dim(), s.capacity);
+        let q_dim = c.n_heads * hd;
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let kc = &s.k_cache[layer * cap * kv_dim..(layer + 1) * cap * kv_dim];
+        let vc = &s.v_cache[layer * cap * kv_dim..(layer + 1) * cap * kv_dim];
+        let q = &s.q;
+        let att = SyncPtr(s.att.as_mut_ptr());
+        let start = s.pos;
+        let work = |(h, scores): (usize, &mut [f32])| {
+            let kvh = h / group;
+            for t in 0..n {
+                let len = start + t + 1;
+                let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                for (p, sc) in scores[..len].iter_mut().enumerate() {
+                    let kp = &kc[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+                    *sc = qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale;
+                }
+                softmax(&mut scores[..len]);
+                // SAFETY: head h owns columns [h·hd, (h+1)·hd) of every att row; rows < n.
+                let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(t * q_dim + h * hd), hd) };
+                out.fill(0.0);
+                for (p, &w) in scores[..len].iter().enumerate() {
+                    let vp = &vc[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+                    out.iter_mut().zip(vp).for_each(|(o, v)| *o += w * v);
+                }
+            }
+        };
+        if n * (start + n) < 256 {
+            s.scores.chunks_mut(cap).enumerate().for_each(work);
+        } else {
+            s.scores.par_chunks_mut(cap).enumerate().for_each(work);
+        }
+    }
+
+    /// Total bytes of weights (embedding table counted once even when tied).
+    pub fn weight_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down].iter().map(|l| l.weight_bytes()).sum::<usize>()
+                    + (b.attn_norm.len() + b.ffn_norm.len()) * 4
+            })
+            .sum();
+        blocks + self.embed.len() * 4 + self.head.weight_bytes() + self.norm.len() * 4
+    }
+}

@@ -1,0 +1,9 @@
+//! The model: configuration, weights and the forward pass.
+
+pub mod config;
+pub mod llama;
+pub mod source;
+
+pub use config::LlamaConfig;
+pub use llama::{Llama, Session};
+pub use source::ModelSource;

@@ -1,0 +1,139 @@
+//! Opening a model from a GGUF file or a Hugging Face directory, and building the f32 model.
+//!
+//! Both sources are presented under GGUF tensor names with GGUF's interleaved Q/K row order, so
+//! [`Llama`] has exactly one loading path.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use super::config::LlamaConfig;
+use super::llama::{Block, Llama};
+use crate::format::gguf::GgufFile;
+use crate::format::safetensors::{SafetensorsDir, hf_name, permute_qk};
+use crate::kernels::{DenseF32, Linear};
+use crate::kernels::ops::Rope;
+
+/// An opened model file or directory, before its weights are materialized.
+pub enum ModelSource {
+    Gguf(GgufFile),
+    HfDir(SafetensorsDir),
+}
+
+impl ModelSource {
+    /// A directory is read as a Hugging Face checkpoint; a file must be GGUF.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Ok(Self::HfDir(SafetensorsDir::open(path)?))
+        } else if path.is_file() {
+            Ok(Self::Gguf(GgufFile::open(path)?))
+        } else {
+            bail!("model path {} does not exist", path.display())
+        }
+    }
+
+    pub fn config(&self) -> Result<LlamaConfig> {
+        match self {
+            Self::Gguf(g) => LlamaConfig::from_gguf(g),
+            Self::HfDir(d) => LlamaConfig::from_hf_json(&d.config),
+        }
+    }
+
+    /// The Jinja chat template the model ships with, if any.
+    pub fn chat_template(&self) -> Option<String> {
+        match self {
+            Self::Gguf(g) => g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
+            Self::HfDir(d) => {
+                let cfg = std::fs::read_to_string(d.dir.join("tokenizer_config.json")).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&cfg).ok()?;
+                v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+            }
+        }
+    }
+
+    /// A tensor by GGUF name as `(shape, f32 data)`; Q/K of HF checkpoints come permuted.
+    pub fn tensor(&self, name: &str, cfg: &LlamaConfig) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        match self {
+            Self::Gguf(g) => match g.tensor(name) {
+                None => Ok(None),
+                Some(info) => Ok(Some((info.shape.clone(), g.tensor_f32(info).with_context(|| format!("tensor {name}"))?))),
+            },
+            Self::HfDir(d) => {
+                let Some(hf) = hf_name(name) else { return Ok(None) };
+                let Some((shape, data)) = d.tensor_f32(&hf)? else { return Ok(None) };
+                let heads = if name.contains(".attn_q.") {
+                    Some(cfg.n_heads)
+                } else if name.contains(".attn_k.") {
+                    Some(cfg.n_kv_heads)
+                } else {
+                    None
+                };
+                Ok(Some(match heads {
+                    Some(h) => {
+                        let cols = if shape.len() == 2 { shape[1] } else { 1 };
+                        ensure!(shape[0] % (2 * h) == 0, "tensor {hf}: {} rows cannot be split into {h} heads", shape[0]);
+                        let p = permute_qk(&data, h, cols);
+                        (shape, p)
+                    }
+                    None => (shape, data),
+                }))
+            }
+        }
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        match self {
+            Self::Gguf(g) => g.tensor(name).is_some(),
+            Self::HfDir(d) => hf_name(name).is_some_and(|hf| d.names().any(|n| n == hf)),
+        }
+    }
+
+    /// Materializes the whole model as f32 weights.
+    pub fn load_f32(&self) -> Result<Llama> {
+        let cfg = self.config()?;
+        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let (s, d) = self.tensor(name, &cfg)?.with_context(|| format!("missing tensor {name}"))?;
+            ensure!(s == shape, "tensor {name} has shape {s:?}, expected {shape:?}");
+            Ok(d)
+        };
+        let opt_bias = |name: &str, len: usize| -> Result<Option<Vec<f32>>> {
+            match self.tensor(name, &cfg)? {
+                None => Ok(None),
+                Some((s, d)) => {
+                    ensure!(s == [len], "tensor {name} has shape {s:?}, expected [{len}]");
+                    Ok(Some(d))
+                }
+            }
+        };
+        let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn_dim);
+        let dense = |name: &str, rows: usize, cols: usize| -> Result<Box<dyn Linear>> {
+            let w = get(&format!("{name}.weight"), &[rows, cols])?;
+            let b = opt_bias(&format!("{name}.bias"), rows)?;
+            Ok(Box::new(DenseF32::new(w.into(), rows, cols, b)))
+        };
+        let embed: Arc<[f32]> = get("token_embd.weight", &[cfg.vocab_size, dim])?.into();
+        let head: Box<dyn Linear> = match self.has_tensor("output.weight") {
+            true => dense("output", cfg.vocab_size, dim)?,
+            false => Box::new(DenseF32::new(embed.clone(), cfg.vocab_size, dim, None)),
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let p = format!("blk.{l}");
+            blocks.push(Block {
+                attn_norm: get(&format!("{p}.attn_norm.weight"), &[dim])?,
+                wq: dense(&format!("{p}.attn_q"), q_dim, dim)?,
+                wk: dense(&format!("{p}.attn_k"), kv_dim, dim)?,
+                wv: dense(&format!("{p}.attn_v"), kv_dim, dim)?,
+                wo: dense(&format!("{p}.attn_output"), dim, q_dim)?,
+                ffn_norm: get(&format!("{p}.ffn_norm.weight"), &[dim])?,
+                w_gate: dense(&format!("{p}.ffn_gate"), ffn, dim)?,
+                w_up: dense(&format!("{p}.ffn_up"), ffn, dim)?,
+                w_down: dense(&format!("{p}.ffn_down"), dim, ffn)?,
+            });
+        }
+        let norm = get("output_norm.weight", &[dim])?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq);
+        Ok(Llama { config: cfg, embed, blocks, norm, head, rope })
+    }
+}
