@@ -4,7 +4,14 @@
 //! the weights and runs the forward pass over [`kernels`], [`tokenizer`] and [`chat`] turn text
 //! into ids, [`sampling`] picks the next id, and [`generate`] / [`ppl`] drive the loop.
 
+pub mod chat;
+pub mod engine;
+pub mod fetch;
 pub mod format;
-pub mod quant;
+pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod ppl;
+pub mod quant;
+pub mod sampling;
+pub mod tokenizer;

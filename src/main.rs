@@ -1,28 +1,476 @@
-use bitnest::model::*;
-fn main() {
-    let src = ModelSource::open(std::path::Path::new(&std::env::args().nth(1).unwrap())).unwrap();
-    let t = std::time::Instant::now();
-    let m = src.load_f32().unwrap();
-    eprintln!("load {:?}", t.elapsed());
-    let golden = std::fs::read_to_string("/work/shared/golden/smollm2-135m-instruct.jsonl").unwrap();
-    for line in golden.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let p: Vec<u32> = v["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        let g: Vec<u32> = v["greedy_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-        let mut s = m.new_session(512, 64);
-        let t = std::time::Instant::now();
-        let mut logits = m.forward(&mut s, &p, 1).unwrap().to_vec();
-        let pf = t.elapsed();
-        let mut out = vec![];
-        let t = std::time::Instant::now();
-        let mut maxerr = 0f32;
-        for i in 0..g.len() {
-            let am = logits.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0 as u32;
-            out.push(am);
-            let ids = &v["ref_top5_ids"][i]; let lg = &v["ref_top5_logits"][i];
-            for j in 0..5 { let id = ids[j].as_u64().unwrap() as usize; maxerr = maxerr.max((logits[id] - lg[j].as_f64().unwrap() as f32).abs()); }
-            logits = m.forward(&mut s, &[g[i]], 1).unwrap().to_vec();
-        }
-        println!("{} match={} maxerr={maxerr} prefill {:?} decode {:.1} tok/s", v["name"], out == g, pf, g.len() as f64 / t.elapsed().as_secs_f64());
+//! The `bitnest` command line: run, chat, ppl, inspect.
+
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use bitnest::chat::Message;
+use bitnest::engine::Engine;
+use bitnest::fetch::{DEFAULT_MODEL, resolve_model};
+use bitnest::generate::generate;
+use bitnest::sampling::{Sampler, SamplingParams};
+
+#[derive(Parser)]
+#[command(
+    name = "bitnest",
+    version,
+    about = "One quantized model file, every precision: CPU LLM inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a continuation of a prompt (or one chat answer with --chat).
+    Run(RunArgs),
+    /// Interactive multi-turn chat using the model's template.
+    Chat(ChatArgs),
+    /// Perplexity of a text file, measured as llama-perplexity does.
+    Ppl(PplArgs),
+    /// Show the model's architecture, tensors, tokenizer and chat template.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A GGUF file, a Hugging Face directory (config.json + *.safetensors + tokenizer.json), or
+    /// a known model name (fetched on first use into $BITNEST_CACHE, default ~/.cache/bitnest).
+    #[arg(long, short = 'm', default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// 0 means greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// 1.0 disables the penalty.
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// Seed for reproducible sampling (default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        };
+        p.validate()?;
+        Ok(p)
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(long)]
+    ctx: Option<usize>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt (default: the template's own default, if any).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, short = 'n', default_value_t = 512)]
+    max_tokens: usize,
+    #[arg(long)]
+    ctx: Option<usize>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct PplArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score (e.g. wikitext-2-raw test).
+    #[arg(long, short = 'f')]
+    file: PathBuf,
+    #[arg(long, short = 'c', default_value_t = 512)]
+    ctx: usize,
+    /// Score at most this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// List every tensor instead of a per-type summary.
+    #[arg(long)]
+    tensors: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bitnest: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Chat(a) => cmd_chat(a),
+        Cmd::Ppl(a) => cmd_ppl(a),
+        Cmd::Inspect(a) => cmd_inspect(a),
+    }
+}
+
+/// Sets the thread count and loads the model named by `--model`.
+fn load(m: &ModelArgs) -> Result<Engine> {
+    if let Some(n) = m.threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot set up the thread pool")?;
+    }
+    let path = resolve_model(&m.model)?;
+    Engine::load(&path)
+}
+
+fn context_size(engine: &Engine, ctx: Option<usize>) -> Result<usize> {
+    let max = engine.model.config.max_seq;
+    match ctx {
+        Some(0) => bail!("--ctx must be positive"),
+        Some(c) if c > max => bail!("--ctx {c} exceeds the model's context length {max}"),
+        Some(c) => Ok(c),
+        None => Ok(max.min(4096)),
+    }
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let params = a.sampling.params()?;
+    let engine = load(&a.model)?;
+    let prompt = if a.chat {
+        engine.chat_prompt(&[Message::new("user", a.prompt.as_str())])?
+    } else {
+        engine.tokenizer.encode(&a.prompt, true)?
+    };
+    let ctx = context_size(&engine, a.ctx)?;
+    let mut session = engine.model.new_session(ctx, 512);
+    let mut sampler = Sampler::new(params);
+    let mut stream = engine.tokenizer.stream();
+    let mut ids = Vec::new();
+    let json = matches!(a.format, OutputFormat::Json);
+    let mut out = std::io::stdout().lock();
+    let mut history = Vec::new();
+    let stats = generate(
+        &engine.model,
+        &mut session,
+        &prompt,
+        a.max_tokens,
+        &mut sampler,
+        &engine.stop_ids(),
+        &mut history,
+        |id| {
+            ids.push(id);
+            if !json && let Some(text) = stream.push(id) {
+                let _ = write!(out, "{text}");
+                let _ = out.flush();
+            }
+            ControlFlow::Continue(())
+        },
+    )?;
+    if json {
+        let text = engine.tokenizer.decode(&ids)?;
+        let v = serde_json::json!({
+            "prompt_ids": prompt,
+            "ids": ids,
+            "text": text,
+            "prefill_tok_s": stats.prefill_tok_s,
+            "decode_tok_s": stats.decode_tok_s,
+            "finish_reason": stats.finish,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        if let Some(rest) = stream.finish() {
+            write!(out, "{rest}")?;
+        }
+        writeln!(out)?;
+        eprintln!(
+            "[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | {:?}]",
+            stats.prompt_tokens,
+            stats.prefill_tok_s,
+            stats.generated_tokens,
+            stats.decode_tok_s,
+            stats.finish
+        );
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let params = a.sampling.params()?;
+    let engine = load(&a.model)?;
+    let ctx = context_size(&engine, a.ctx)?;
+    let mut session = engine.model.new_session(ctx, 512);
+    let mut sampler = Sampler::new(params);
+    let mut messages: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.as_str()))
+        .collect();
+    // Tokens currently in the KV cache, so each turn only prefills what is new.
+    let mut cached: Vec<u32> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!(
+        "bitnest chat: {} — empty line or Ctrl-D to quit, /reset to start over",
+        engine.path.display()
+    );
+    loop {
+        write!(out, "> ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.is_empty() {
+            break;
+        }
+        if line == "/reset" {
+            messages.retain(|m| m.role == "system");
+            cached.clear();
+            session.reset();
+            continue;
+        }
+        messages.push(Message::new("user", line));
+        let ids = engine.chat_prompt(&messages)?;
+        let common = cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        session.truncate(common);
+        cached.truncate(common);
+        let mut stream = engine.tokenizer.stream();
+        let mut answer = Vec::new();
+        let result = generate(
+            &engine.model,
+            &mut session,
+            &ids[common..],
+            a.max_tokens,
+            &mut sampler,
+            &engine.stop_ids(),
+            &mut cached,
+            |id| {
+                answer.push(id);
+                if let Some(t) = stream.push(id) {
+                    print!("{t}");
+                    let _ = std::io::stdout().flush();
+                }
+                ControlFlow::Continue(())
+            },
+        );
+        match result {
+            Ok(_) => {
+                if let Some(t) = stream.finish() {
+                    print!("{t}");
+                }
+                println!();
+                messages.push(Message::new("assistant", engine.tokenizer.decode(&answer)?));
+            }
+            Err(e) => {
+                eprintln!("bitnest: {e:#}; use /reset or a larger --ctx");
+                messages.pop();
+            }
+        }
+        // `generate` appended prompt and answer ids; keep `cached` equal to the session's content.
+        cached.truncate(session.pos);
+    }
+    Ok(())
+}
+
+fn cmd_ppl(a: PplArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
+    let tokens = engine.tokenizer.encode(&text, false)?;
+    let bos = engine
+        .tokenizer
+        .add_bos()
+        .then(|| engine.tokenizer.bos_id())
+        .flatten();
+    let n_chunks = (tokens.len() / a.ctx.max(1)).min(a.chunks.unwrap_or(usize::MAX));
+    eprintln!(
+        "bitnest ppl: {} tokens, ctx {}, {} chunks",
+        tokens.len(),
+        a.ctx,
+        n_chunks
+    );
+    let t0 = std::time::Instant::now();
+    let text_mode = matches!(a.format, OutputFormat::Text);
+    let r = bitnest::ppl::perplexity(&engine.model, &tokens, a.ctx, a.chunks, bos, |p| {
+        if text_mode {
+            eprint!("[{}]{:.4},", p.chunks, p.ppl());
+        }
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    if text_mode {
+        eprintln!();
+        eprintln!(
+            "{} tokens scored in {:.1} s ({:.1} tok/s evaluated)",
+            r.tokens_scored,
+            secs,
+            (r.chunks * a.ctx) as f64 / secs
+        );
+        println!("PPL = {:.4} ± {:.4}", r.ppl(), r.stderr());
+    } else {
+        let v = serde_json::json!({
+            "ppl": r.ppl(), "stderr": r.stderr(), "chunks": r.chunks, "ctx": a.ctx,
+            "tokens_scored": r.tokens_scored, "seconds": secs,
+        });
+        println!("{v}");
+    }
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let path = resolve_model(&a.model.model)?;
+    let source = bitnest::model::ModelSource::open(&path)?;
+    let cfg = source.config()?;
+    println!("model: {}", path.display());
+    println!("architecture: {}", serde_json::to_string_pretty(&cfg)?);
+    match &source {
+        bitnest::model::ModelSource::Gguf(g) => {
+            println!(
+                "format: GGUF v{} (alignment {}), {} metadata keys",
+                g.version,
+                g.alignment,
+                g.metadata.len()
+            );
+            for (k, v) in &g.metadata {
+                println!(
+                    "  {k} = {}",
+                    bitnest::format::gguf::GgufFile::describe_value(v)
+                );
+            }
+            let total: usize = g.tensors.iter().map(|t| t.n_elements()).sum();
+            let bytes: usize = g.tensors.iter().map(|t| t.size_bytes).sum();
+            println!(
+                "tensors: {} ({} parameters, {:.1} MiB, {:.2} bits/weight)",
+                g.tensors.len(),
+                total,
+                bytes as f64 / 1048576.0,
+                bytes as f64 * 8.0 / total as f64
+            );
+            if a.tensors {
+                for t in &g.tensors {
+                    println!(
+                        "  {:<28} {:<10} {:?} {} bytes",
+                        t.name,
+                        format!("{:?}", t.dtype),
+                        t.shape,
+                        t.size_bytes
+                    );
+                }
+            } else {
+                let mut by_type: std::collections::BTreeMap<String, (usize, usize, usize)> =
+                    Default::default();
+                for t in &g.tensors {
+                    let e = by_type.entry(format!("{:?}", t.dtype)).or_default();
+                    e.0 += 1;
+                    e.1 += t.n_elements();
+                    e.2 += t.size_bytes;
+                }
+                for (ty, (n, el, b)) in by_type {
+                    println!(
+                        "  {ty:<6} {n:>4} tensors {el:>12} weights {:>8.1} MiB",
+                        b as f64 / 1048576.0
+                    );
+                }
+            }
+        }
+        bitnest::model::ModelSource::HfDir(d) => {
+            println!("format: Hugging Face safetensors directory");
+            let mut names: Vec<&str> = d.names().collect();
+            names.sort();
+            println!("tensors: {}", names.len());
+            if a.tensors {
+                names.iter().for_each(|n| println!("  {n}"));
+            }
+        }
+    }
+    let engine_tok = match &source {
+        bitnest::model::ModelSource::Gguf(g) => bitnest::tokenizer::Tokenizer::from_gguf(g)?,
+        bitnest::model::ModelSource::HfDir(d) => bitnest::tokenizer::Tokenizer::from_json_file(
+            &d.dir.join("tokenizer.json"),
+            Some(&d.config),
+        )?,
+    };
+    let name = |id: Option<u32>| {
+        id.map(|i| format!("{i} {:?}", engine_tok.token_str(i).unwrap_or_default()))
+            .unwrap_or("none".into())
+    };
+    println!(
+        "tokenizer: {} tokens, bos {}, eos {}, adds bos: {}",
+        engine_tok.vocab_size(),
+        name(engine_tok.bos_id()),
+        name(engine_tok.eos_id()),
+        engine_tok.add_bos()
+    );
+    match source.chat_template() {
+        Some(t) => println!("chat template:\n{t}"),
+        None => println!("chat template: none (ChatML fallback)"),
+    }
+    Ok(())
 }

@@ -35,7 +35,12 @@ impl DenseF32 {
         if let Some(b) = &bias {
             assert_eq!(b.len(), rows, "bias length must equal rows");
         }
-        DenseF32 { w, bias, rows, cols }
+        DenseF32 {
+            w,
+            bias,
+            rows,
+            cols,
+        }
     }
 
     pub fn weights(&self) -> &[f32] {
@@ -52,7 +57,14 @@ impl Linear for DenseF32 {
     }
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         assert!(x.len() >= n * self.cols && y.len() >= n * self.rows);
-        matmul(&self.w, self.rows, self.cols, &x[..n * self.cols], n, &mut y[..n * self.rows]);
+        matmul(
+            &self.w,
+            self.rows,
+            self.cols,
+            &x[..n * self.cols],
+            n,
+            &mut y[..n * self.rows],
+        );
         if let Some(b) = &self.bias {
             for row in y[..n * self.rows].chunks_exact_mut(self.rows) {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
@@ -101,28 +113,54 @@ pub fn matmul(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut 
 /// # Safety
 /// `out` must point to an `n × rows` buffer and no other thread may write rows `[r0, r1)`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_rows(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, out: OutPtr, r0: usize, r1: usize) {
+unsafe fn matmul_rows(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: OutPtr,
+    r0: usize,
+    r1: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the features were just checked.
-            return unsafe { matmul_rows_avx2(w, rows, cols, x, n, out, r0, r1) };
+            return unsafe { avx2::matmul_rows(w, rows, cols, x, n, out, r0, r1) };
         }
     }
-    unsafe { matmul_rows_portable(w, rows, cols, x, n, out, r0, r1) }
+    unsafe {
+        drive(
+            w,
+            rows,
+            cols,
+            x,
+            n,
+            out,
+            r0,
+            r1,
+            tile_scalar::<TR, TT>,
+            tile_scalar::<1, 1>,
+        )
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_rows_avx2(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, out: OutPtr, r0: usize, r1: usize) {
-    unsafe { matmul_rows_portable(w, rows, cols, x, n, out, r0, r1) }
-}
-
-/// The portable body; compiled once as-is and once with AVX2+FMA enabled.
+/// Walks the output in `TR × TT` tiles (edges one element at a time) with the given tile kernels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, out: OutPtr, r0: usize, r1: usize) {
+unsafe fn drive(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: OutPtr,
+    r0: usize,
+    r1: usize,
+    full: impl Fn(&[f32], usize, &[f32], usize, usize) -> [[f32; TT]; TR],
+    one: impl Fn(&[f32], usize, &[f32], usize, usize) -> [[f32; 1]; 1],
+) {
     let mut t = 0;
     while t < n {
         let tn = (n - t).min(TT);
@@ -131,11 +169,11 @@ unsafe fn matmul_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], n
             let rn = (r1 - r).min(TR);
             let mut res = [[0f32; TT]; TR];
             if (rn, tn) == (TR, TT) {
-                res = tile::<TR, TT>(w, cols, x, r, t);
+                res = full(w, cols, x, r, t);
             } else {
                 for (i, row) in res.iter_mut().enumerate().take(rn) {
                     for (j, v) in row.iter_mut().enumerate().take(tn) {
-                        *v = tile::<1, 1>(w, cols, x, r + i, t + j)[0][0];
+                        *v = one(w, cols, x, r + i, t + j)[0][0];
                     }
                 }
             }
@@ -151,38 +189,112 @@ unsafe fn matmul_rows_portable(w: &[f32], rows: usize, cols: usize, x: &[f32], n
     }
 }
 
-/// Dot products of `R` weight rows starting at `r` with `T` token rows starting at `t`.
+/// Combines the eight lane sums in a fixed tree order, then the `cols % 8` tail in order.
 #[inline(always)]
-fn tile<const R: usize, const T: usize>(w: &[f32], cols: usize, x: &[f32], r: usize, t: usize) -> [[f32; T]; R] {
-    let mut res = [[0f32; T]; R];
-    let mut acc = [[[0f32; LANES]; T]; R];
-    let wr: [&[f32]; R] = std::array::from_fn(|i| &w[(r + i) * cols..(r + i + 1) * cols]);
-    let xr: [&[f32]; T] = std::array::from_fn(|j| &x[(t + j) * cols..(t + j + 1) * cols]);
+fn finish(a: &[f32; LANES], wr: &[f32], xr: &[f32], full: usize) -> f32 {
+    let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for k in full..wr.len() {
+        s = wr[k].mul_add(xr[k], s);
+    }
+    s
+}
+
+/// Scalar reference tile: dot products of `R` weight rows from `r` with `T` token rows from
+/// `t`, eight interleaved partial sums each, exactly as the SIMD lanes compute them.
+fn tile_scalar<const R: usize, const T: usize>(
+    w: &[f32],
+    cols: usize,
+    x: &[f32],
+    r: usize,
+    t: usize,
+) -> [[f32; T]; R] {
     let full = cols / LANES * LANES;
-    let mut k = 0;
-    while k < full {
-        for j in 0..T {
-            let xv: &[f32; LANES] = xr[j][k..k + LANES].try_into().unwrap();
-            for i in 0..R {
-                let wv: &[f32; LANES] = wr[i][k..k + LANES].try_into().unwrap();
+    let mut res = [[0f32; T]; R];
+    for (i, res_row) in res.iter_mut().enumerate() {
+        let wr = &w[(r + i) * cols..(r + i + 1) * cols];
+        for (j, v) in res_row.iter_mut().enumerate() {
+            let xr = &x[(t + j) * cols..(t + j + 1) * cols];
+            let mut acc = [0f32; LANES];
+            for k in (0..full).step_by(LANES) {
                 for l in 0..LANES {
-                    acc[i][j][l] = wv[l].mul_add(xv[l], acc[i][j][l]);
+                    acc[l] = wr[k + l].mul_add(xr[k + l], acc[l]);
                 }
             }
-        }
-        k += LANES;
-    }
-    for i in 0..R {
-        for j in 0..T {
-            let a = &acc[i][j];
-            let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-            for kk in full..cols {
-                s = wr[i][kk].mul_add(xr[j][kk], s);
-            }
-            res[i][j] = s;
+            *v = finish(&acc, wr, xr, full);
         }
     }
     res
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul_rows(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        out: OutPtr,
+        r0: usize,
+        r1: usize,
+    ) {
+        // SAFETY: this function only runs when AVX2 and FMA are present.
+        let full = |w: &[f32], c: usize, x: &[f32], r: usize, t: usize| unsafe {
+            tile::<TR, TT>(w, c, x, r, t)
+        };
+        let one = |w: &[f32], c: usize, x: &[f32], r: usize, t: usize| unsafe {
+            tile::<1, 1>(w, c, x, r, t)
+        };
+        unsafe { drive(w, rows, cols, x, n, out, r0, r1, full, one) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: &[f32],
+        cols: usize,
+        x: &[f32],
+        r: usize,
+        t: usize,
+    ) -> [[f32; T]; R] {
+        assert!((r + R) * cols <= w.len() && (t + T) * cols <= x.len());
+        let full = cols / LANES * LANES;
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let mut k = 0;
+        while k < full {
+            // SAFETY: k + 8 ≤ cols and the rows were bounds-checked above.
+            unsafe {
+                let xv: [__m256; T] =
+                    std::array::from_fn(|j| _mm256_loadu_ps(xp.add((t + j) * cols + k)));
+                for i in 0..R {
+                    let wv = _mm256_loadu_ps(wp.add((r + i) * cols + k));
+                    for j in 0..T {
+                        acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+                    }
+                }
+            }
+            k += LANES;
+        }
+        let mut res = [[0f32; T]; R];
+        for i in 0..R {
+            for j in 0..T {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: `lanes` holds exactly eight f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][j]) };
+                let wr = &w[(r + i) * cols..(r + i + 1) * cols];
+                let xr = &x[(t + j) * cols..(t + j + 1) * cols];
+                res[i][j] = finish(&lanes, wr, xr, full);
+            }
+        }
+        res
+    }
 }
 
 #[cfg(test)]
@@ -194,7 +306,9 @@ mod tests {
         let mut y = vec![0f64; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                y[t * rows + r] = (0..cols).map(|k| w[r * cols + k] as f64 * x[t * cols + k] as f64).sum();
+                y[t * rows + r] = (0..cols)
+                    .map(|k| w[r * cols + k] as f64 * x[t * cols + k] as f64)
+                    .sum();
             }
         }
         y
@@ -203,14 +317,25 @@ mod tests {
     #[test]
     fn matches_f64_reference_on_odd_shapes() {
         let mut rng = StdRng::seed_from_u64(7);
-        for &(rows, cols, n) in &[(1, 1, 1), (5, 13, 2), (37, 64, 7), (96, 577, 4), (130, 96, 1)] {
-            let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for &(rows, cols, n) in &[
+            (1, 1, 1),
+            (5, 13, 2),
+            (37, 64, 7),
+            (96, 577, 4),
+            (130, 96, 1),
+        ] {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
             let mut y = vec![0f32; n * rows];
             matmul(&w, rows, cols, &x, n, &mut y);
             let r = reference(&w, rows, cols, &x, n);
             for (a, b) in y.iter().zip(&r) {
-                assert!((*a as f64 - b).abs() < 1e-4 * (cols as f64).sqrt(), "{a} vs {b} at {rows}x{cols}x{n}");
+                assert!(
+                    (*a as f64 - b).abs() < 1e-4 * (cols as f64).sqrt(),
+                    "{a} vs {b} at {rows}x{cols}x{n}"
+                );
             }
         }
     }
@@ -219,12 +344,27 @@ mod tests {
     fn simd_path_equals_portable_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(3);
         let (rows, cols, n) = (45, 203, 5);
-        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut fast = vec![0f32; n * rows];
         let mut slow = vec![0f32; n * rows];
         matmul(&w, rows, cols, &x, n, &mut fast);
-        unsafe { matmul_rows_portable(&w, rows, cols, &x, n, OutPtr(slow.as_mut_ptr()), 0, rows) };
+        unsafe {
+            drive(
+                &w,
+                rows,
+                cols,
+                &x,
+                n,
+                OutPtr(slow.as_mut_ptr()),
+                0,
+                rows,
+                tile_scalar::<TR, TT>,
+                tile_scalar::<1, 1>,
+            )
+        };
         assert_eq!(fast, slow);
     }
 
@@ -232,7 +372,9 @@ mod tests {
     fn batch_invariant_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(11);
         let (rows, cols, n) = (70, 576, 9);
-        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut all = vec![0f32; n * rows];
         matmul(&w, rows, cols, &x, n, &mut all);

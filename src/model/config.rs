@@ -29,14 +29,21 @@ impl LlamaConfig {
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g.get("general.architecture").and_then(|v| v.as_str()).context("missing general.architecture")?.to_string();
+        let arch = g
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .context("missing general.architecture")?
+            .to_string();
         ensure!(
             matches!(arch.as_str(), "llama" | "qwen2" | "mistral"),
             "architecture {arch:?} is not supported (llama, qwen2, mistral are)"
         );
         let int = |k: &str| -> Result<usize> {
             let key = format!("{arch}.{k}");
-            g.get(&key).and_then(|v| v.as_u64()).map(|v| v as usize).with_context(|| format!("missing or non-integer {key}"))
+            g.get(&key)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .with_context(|| format!("missing or non-integer {key}"))
         };
         let float = |k: &str| g.get(&format!("{arch}.{k}")).and_then(|v| v.as_f64());
         let dim = int("embedding_length")?;
@@ -48,7 +55,11 @@ impl LlamaConfig {
         };
         let vocab_size = match int("vocab_size") {
             Ok(v) => v,
-            Err(_) => g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).context("vocabulary size unknown")?,
+            Err(_) => g
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.as_array())
+                .map(|a| a.len())
+                .context("vocabulary size unknown")?,
         };
         let cfg = LlamaConfig {
             n_layers: int("block_count")?,
@@ -79,10 +90,15 @@ impl LlamaConfig {
             "LlamaForCausalLM" | "llama" => "llama",
             "Qwen2ForCausalLM" | "qwen2" => "qwen2",
             "MistralForCausalLM" | "mistral" => "mistral",
-            other => anyhow::bail!("architecture {other:?} is not supported (Llama, Qwen2, Mistral are)"),
+            other => {
+                anyhow::bail!("architecture {other:?} is not supported (Llama, Qwen2, Mistral are)")
+            }
         };
         let int = |k: &str| -> Result<usize> {
-            v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).with_context(|| format!("config.json: missing or non-integer {k}"))
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .with_context(|| format!("config.json: missing or non-integer {k}"))
         };
         let dim = int("hidden_size")?;
         let n_heads = int("num_attention_heads")?;
@@ -96,8 +112,14 @@ impl LlamaConfig {
             head_dim: int("head_dim").unwrap_or(dim / n_heads),
             ffn_dim: int("intermediate_size")?,
             vocab_size: int("vocab_size")?,
-            rope_base: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
-            rms_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5) as f32,
+            rope_base: v
+                .get("rope_theta")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(10000.0),
+            rms_eps: v
+                .get("rms_norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1e-5) as f32,
             max_seq: int("max_position_embeddings").unwrap_or(2048),
         };
         cfg.validate()?;
@@ -106,14 +128,47 @@ impl LlamaConfig {
 
     fn validate(&self) -> Result<()> {
         let c = self;
-        ensure!(c.n_layers > 0 && c.n_layers <= 1024, "layer count {} out of range", c.n_layers);
-        ensure!(c.dim > 0 && c.dim <= 1 << 16, "embedding size {} out of range", c.dim);
-        ensure!(c.ffn_dim > 0 && c.ffn_dim <= 1 << 18, "feed-forward size {} out of range", c.ffn_dim);
-        ensure!(c.vocab_size > 0 && c.vocab_size <= 1 << 21, "vocabulary size {} out of range", c.vocab_size);
-        ensure!(c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0, "{} heads cannot be grouped over {} KV heads", c.n_heads, c.n_kv_heads);
-        ensure!(c.head_dim > 0 && c.head_dim % 2 == 0 && c.head_dim <= 1024, "head size {} must be even and ≤ 1024", c.head_dim);
-        ensure!(c.rope_base.is_finite() && c.rope_base > 0.0, "RoPE base {} is not positive", c.rope_base);
-        ensure!(c.rms_eps.is_finite() && c.rms_eps >= 0.0, "RMSNorm epsilon {} is invalid", c.rms_eps);
+        ensure!(
+            c.n_layers > 0 && c.n_layers <= 1024,
+            "layer count {} out of range",
+            c.n_layers
+        );
+        ensure!(
+            c.dim > 0 && c.dim <= 1 << 16,
+            "embedding size {} out of range",
+            c.dim
+        );
+        ensure!(
+            c.ffn_dim > 0 && c.ffn_dim <= 1 << 18,
+            "feed-forward size {} out of range",
+            c.ffn_dim
+        );
+        ensure!(
+            c.vocab_size > 0 && c.vocab_size <= 1 << 21,
+            "vocabulary size {} out of range",
+            c.vocab_size
+        );
+        ensure!(
+            c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0,
+            "{} heads cannot be grouped over {} KV heads",
+            c.n_heads,
+            c.n_kv_heads
+        );
+        ensure!(
+            c.head_dim > 0 && c.head_dim % 2 == 0 && c.head_dim <= 1024,
+            "head size {} must be even and ≤ 1024",
+            c.head_dim
+        );
+        ensure!(
+            c.rope_base.is_finite() && c.rope_base > 0.0,
+            "RoPE base {} is not positive",
+            c.rope_base
+        );
+        ensure!(
+            c.rms_eps.is_finite() && c.rms_eps >= 0.0,
+            "RMSNorm epsilon {} is invalid",
+            c.rms_eps
+        );
         ensure!(c.max_seq > 0, "context length is 0");
         Ok(())
     }

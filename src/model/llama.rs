@@ -118,10 +118,19 @@ impl Llama {
 
     /// Runs `tokens` at positions `s.pos..` and returns the logits of the last `n_logits` of
     /// them (`n_logits × vocab`, row-major). Long inputs are split into `max_batch` chunks.
-    pub fn forward<'s>(&self, s: &'s mut Session, tokens: &[u32], n_logits: usize) -> Result<&'s [f32]> {
+    pub fn forward<'s>(
+        &self,
+        s: &'s mut Session,
+        tokens: &[u32],
+        n_logits: usize,
+    ) -> Result<&'s [f32]> {
         let c = &self.config;
         ensure!(!tokens.is_empty(), "forward needs at least one token");
-        ensure!(n_logits <= tokens.len(), "asked for {n_logits} logit rows from {} tokens", tokens.len());
+        ensure!(
+            n_logits <= tokens.len(),
+            "asked for {n_logits} logit rows from {} tokens",
+            tokens.len()
+        );
         ensure!(
             s.pos + tokens.len() <= s.capacity,
             "context full: {} tokens already, {} more would exceed the context size {}",
@@ -130,7 +139,10 @@ impl Llama {
             s.capacity
         );
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
+            anyhow::bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            );
         }
         let need = n_logits * c.vocab_size;
         if s.logits.len() < need {
@@ -147,9 +159,15 @@ impl Llama {
                 let n = hi - lo;
                 for (i, row) in (lo - done..hi - done).enumerate() {
                     let src = &s.x[row * c.dim..(row + 1) * c.dim];
-                    rms_norm(src, &self.norm, c.rms_eps, &mut s.tmp[i * c.dim..(i + 1) * c.dim]);
+                    rms_norm(
+                        src,
+                        &self.norm,
+                        c.rms_eps,
+                        &mut s.tmp[i * c.dim..(i + 1) * c.dim],
+                    );
                 }
-                let out = &mut s.logits[(lo - first_logit) * c.vocab_size..(lo - first_logit + n) * c.vocab_size];
+                let out = &mut s.logits
+                    [(lo - first_logit) * c.vocab_size..(lo - first_logit + n) * c.vocab_size];
                 self.head.forward(&s.tmp, n, out);
             }
             done = hi;
@@ -170,7 +188,12 @@ impl Llama {
         for (l, b) in self.blocks.iter().enumerate() {
             // Attention.
             for t in 0..n {
-                rms_norm(&s.x[t * dim..(t + 1) * dim], &b.attn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
+                rms_norm(
+                    &s.x[t * dim..(t + 1) * dim],
+                    &b.attn_norm,
+                    c.rms_eps,
+                    &mut s.xn[t * dim..(t + 1) * dim],
+                );
             }
             b.wq.forward(&s.xn, n, &mut s.q);
             b.wk.forward(&s.xn, n, &mut s.k);
@@ -186,17 +209,28 @@ impl Llama {
             }
             self.attention(s, l, n);
             b.wo.forward(&s.att, n, &mut s.tmp);
-            s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
+            s.x[..n * dim]
+                .iter_mut()
+                .zip(&s.tmp)
+                .for_each(|(x, d)| *x += d);
 
             // MLP.
             for t in 0..n {
-                rms_norm(&s.x[t * dim..(t + 1) * dim], &b.ffn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
+                rms_norm(
+                    &s.x[t * dim..(t + 1) * dim],
+                    &b.ffn_norm,
+                    c.rms_eps,
+                    &mut s.xn[t * dim..(t + 1) * dim],
+                );
             }
             b.w_gate.forward(&s.xn, n, &mut s.gate);
             b.w_up.forward(&s.xn, n, &mut s.up);
             silu_mul(&mut s.gate[..n * c.ffn_dim], &s.up);
             b.w_down.forward(&s.gate, n, &mut s.tmp);
-            s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
+            s.x[..n * dim]
+                .iter_mut()
+                .zip(&s.tmp)
+                .for_each(|(x, d)| *x += d);
         }
         s.pos += n;
     }
@@ -225,7 +259,9 @@ impl Llama {
                 }
                 softmax(&mut scores[..len]);
                 // SAFETY: head h owns columns [h·hd, (h+1)·hd) of every att row; rows < n.
-                let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(t * q_dim + h * hd), hd) };
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(att.get().add(t * q_dim + h * hd), hd)
+                };
                 out.fill(0.0);
                 for (p, &w) in scores[..len].iter().enumerate() {
                     let vp = &vc[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
@@ -246,7 +282,10 @@ impl Llama {
             .blocks
             .iter()
             .map(|b| {
-                [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down].iter().map(|l| l.weight_bytes()).sum::<usize>()
+                [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]
+                    .iter()
+                    .map(|l| l.weight_bytes())
+                    .sum::<usize>()
                     + (b.attn_norm.len() + b.ffn_norm.len()) * 4
             })
             .sum();

@@ -12,8 +12,8 @@ use super::config::LlamaConfig;
 use super::llama::{Block, Llama};
 use crate::format::gguf::GgufFile;
 use crate::format::safetensors::{SafetensorsDir, hf_name, permute_qk};
-use crate::kernels::{DenseF32, Linear};
 use crate::kernels::ops::Rope;
+use crate::kernels::{DenseF32, Linear};
 
 /// An opened model file or directory, before its weights are materialized.
 pub enum ModelSource {
@@ -43,11 +43,16 @@ impl ModelSource {
     /// The Jinja chat template the model ships with, if any.
     pub fn chat_template(&self) -> Option<String> {
         match self {
-            Self::Gguf(g) => g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
+            Self::Gguf(g) => g
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
             Self::HfDir(d) => {
                 let cfg = std::fs::read_to_string(d.dir.join("tokenizer_config.json")).ok()?;
                 let v: serde_json::Value = serde_json::from_str(&cfg).ok()?;
-                v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
+                v.get("chat_template")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
             }
         }
     }
@@ -57,11 +62,19 @@ impl ModelSource {
         match self {
             Self::Gguf(g) => match g.tensor(name) {
                 None => Ok(None),
-                Some(info) => Ok(Some((info.shape.clone(), g.tensor_f32(info).with_context(|| format!("tensor {name}"))?))),
+                Some(info) => Ok(Some((
+                    info.shape.clone(),
+                    g.tensor_f32(info)
+                        .with_context(|| format!("tensor {name}"))?,
+                ))),
             },
             Self::HfDir(d) => {
-                let Some(hf) = hf_name(name) else { return Ok(None) };
-                let Some((shape, data)) = d.tensor_f32(&hf)? else { return Ok(None) };
+                let Some(hf) = hf_name(name) else {
+                    return Ok(None);
+                };
+                let Some((shape, data)) = d.tensor_f32(&hf)? else {
+                    return Ok(None);
+                };
                 let heads = if name.contains(".attn_q.") {
                     Some(cfg.n_heads)
                 } else if name.contains(".attn_k.") {
@@ -72,7 +85,11 @@ impl ModelSource {
                 Ok(Some(match heads {
                     Some(h) => {
                         let cols = if shape.len() == 2 { shape[1] } else { 1 };
-                        ensure!(shape[0] % (2 * h) == 0, "tensor {hf}: {} rows cannot be split into {h} heads", shape[0]);
+                        ensure!(
+                            shape[0] % (2 * h) == 0,
+                            "tensor {hf}: {} rows cannot be split into {h} heads",
+                            shape[0]
+                        );
                         let p = permute_qk(&data, h, cols);
                         (shape, p)
                     }
@@ -93,20 +110,33 @@ impl ModelSource {
     pub fn load_f32(&self) -> Result<Llama> {
         let cfg = self.config()?;
         let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let (s, d) = self.tensor(name, &cfg)?.with_context(|| format!("missing tensor {name}"))?;
-            ensure!(s == shape, "tensor {name} has shape {s:?}, expected {shape:?}");
+            let (s, d) = self
+                .tensor(name, &cfg)?
+                .with_context(|| format!("missing tensor {name}"))?;
+            ensure!(
+                s == shape,
+                "tensor {name} has shape {s:?}, expected {shape:?}"
+            );
             Ok(d)
         };
         let opt_bias = |name: &str, len: usize| -> Result<Option<Vec<f32>>> {
             match self.tensor(name, &cfg)? {
                 None => Ok(None),
                 Some((s, d)) => {
-                    ensure!(s == [len], "tensor {name} has shape {s:?}, expected [{len}]");
+                    ensure!(
+                        s == [len],
+                        "tensor {name} has shape {s:?}, expected [{len}]"
+                    );
                     Ok(Some(d))
                 }
             }
         };
-        let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn_dim);
+        let (dim, q_dim, kv_dim, ffn) = (
+            cfg.dim,
+            cfg.n_heads * cfg.head_dim,
+            cfg.kv_dim(),
+            cfg.ffn_dim,
+        );
         let dense = |name: &str, rows: usize, cols: usize| -> Result<Box<dyn Linear>> {
             let w = get(&format!("{name}.weight"), &[rows, cols])?;
             let b = opt_bias(&format!("{name}.bias"), rows)?;
@@ -134,6 +164,13 @@ impl ModelSource {
         }
         let norm = get("output_norm.weight", &[dim])?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq);
-        Ok(Llama { config: cfg, embed, blocks, norm, head, rope })
+        Ok(Llama {
+            config: cfg,
+            embed,
+            blocks,
+            norm,
+            head,
+            rope,
+        })
     }
 }

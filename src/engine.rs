@@ -1,0 +1,83 @@
+//! A loaded model with everything needed to talk to it: weights, tokenizer, chat template.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::chat::{CHATML_TEMPLATE, ChatTemplate, Message};
+use crate::model::{Llama, ModelSource};
+use crate::tokenizer::Tokenizer;
+
+pub struct Engine {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    /// True when the template came from the model itself rather than the ChatML fallback.
+    pub has_own_template: bool,
+    pub path: PathBuf,
+}
+
+/// Token texts that end an assistant turn in common chat formats.
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+];
+
+impl Engine {
+    /// Opens `path` (already resolved by [`crate::fetch::resolve_model`]) and loads it in f32.
+    pub fn load(path: &Path) -> Result<Self> {
+        let source = ModelSource::open(path)?;
+        let tokenizer = match &source {
+            ModelSource::Gguf(g) => Tokenizer::from_gguf(g)?,
+            ModelSource::HfDir(d) => {
+                let tc = std::fs::read_to_string(d.dir.join("tokenizer_config.json"))
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+                Tokenizer::from_json_file(
+                    &d.dir.join("tokenizer.json"),
+                    tc.as_ref().or(Some(&d.config)),
+                )?
+            }
+        };
+        let model = source
+            .load_f32()
+            .with_context(|| format!("loading weights from {}", path.display()))?;
+        anyhow::ensure!(
+            tokenizer.vocab_size() <= model.config.vocab_size,
+            "tokenizer has {} tokens but the model only {}",
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        );
+        let name = |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i)).unwrap_or_default();
+        let (bos, eos) = (name(tokenizer.bos_id()), name(tokenizer.eos_id()));
+        let own = source.chat_template();
+        let template = ChatTemplate::new(own.as_deref().unwrap_or(CHATML_TEMPLATE), &bos, &eos)?;
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            has_own_template: own.is_some(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Ids that end generation: the model's EOS plus any end-of-turn token it knows.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.tokenizer.eos_id().into_iter().collect();
+        for t in END_OF_TURN {
+            if let Some(id) = self.tokenizer.token_id(t).filter(|id| !ids.contains(id)) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    /// Renders a conversation with the model's template and tokenizes it (specials parsed).
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true)?;
+        self.tokenizer.encode(&text, true)
+    }
+}
