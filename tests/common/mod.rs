@@ -46,3 +46,118 @@ pub fn model_path() -> PathBuf {
     })
     .clone()
 }
+
+/// A tiny random llama (2 layers, dim 64, GQA 4/2, untied head) written both as a Hugging Face
+/// directory (f32 safetensors, rotate-half Q/K) and as GGUF (Q/K rows permuted the way
+/// llama.cpp's converter does). Returns `(gguf file, hf directory)`.
+pub fn write_tiny_llama(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    use bitnest::format::gguf::{GgufWriter, Value};
+    use bitnest::format::safetensors::{hf_name, permute_qk};
+    use bitnest::quant::ggml::GgmlType;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    let (dim, heads, kv_heads, hd, ffn, layers, vocab) =
+        (64usize, 4usize, 2usize, 16usize, 96usize, 2usize, 128usize);
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |name: &str, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| offset + scale * rng.random_range(-1.0f32..1.0))
+            .collect();
+        tensors.push((name.to_string(), shape, data));
+    };
+    add("token_embd.weight", vec![vocab, dim], 1.0, 0.0);
+    add("output.weight", vec![vocab, dim], 0.2, 0.0);
+    add("output_norm.weight", vec![dim], 0.1, 1.0);
+    for l in 0..layers {
+        let p = format!("blk.{l}");
+        add(&format!("{p}.attn_norm.weight"), vec![dim], 0.1, 1.0);
+        add(&format!("{p}.ffn_norm.weight"), vec![dim], 0.1, 1.0);
+        add(
+            &format!("{p}.attn_q.weight"),
+            vec![heads * hd, dim],
+            0.3,
+            0.0,
+        );
+        add(
+            &format!("{p}.attn_k.weight"),
+            vec![kv_heads * hd, dim],
+            0.3,
+            0.0,
+        );
+        add(
+            &format!("{p}.attn_v.weight"),
+            vec![kv_heads * hd, dim],
+            0.2,
+            0.0,
+        );
+        add(
+            &format!("{p}.attn_output.weight"),
+            vec![dim, heads * hd],
+            0.2,
+            0.0,
+        );
+        add(&format!("{p}.ffn_gate.weight"), vec![ffn, dim], 0.2, 0.0);
+        add(&format!("{p}.ffn_up.weight"), vec![ffn, dim], 0.2, 0.0);
+        add(&format!("{p}.ffn_down.weight"), vec![dim, ffn], 0.2, 0.0);
+    }
+
+    // Hugging Face directory.
+    let hf = dir.join("tiny-hf");
+    std::fs::create_dir_all(&hf).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": dim, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "vocab_size": vocab, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                hf_name(n).unwrap(),
+                s.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &hf.join("model.safetensors")).unwrap();
+
+    // GGUF file.
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", Value::String("llama".into()))
+        .meta("llama.block_count", Value::U32(layers as u32))
+        .meta("llama.embedding_length", Value::U32(dim as u32))
+        .meta("llama.feed_forward_length", Value::U32(ffn as u32))
+        .meta("llama.attention.head_count", Value::U32(heads as u32))
+        .meta("llama.attention.head_count_kv", Value::U32(kv_heads as u32))
+        .meta("llama.rope.freq_base", Value::F32(10000.0))
+        .meta("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
+        .meta("llama.context_length", Value::U32(256))
+        .meta("llama.vocab_size", Value::U32(vocab as u32));
+    for (name, shape, data) in &tensors {
+        let data = if name.contains("attn_q") {
+            permute_qk(data, heads, dim)
+        } else if name.contains("attn_k") {
+            permute_qk(data, kv_heads, dim)
+        } else {
+            data.clone()
+        };
+        w.tensor(name, shape, GgmlType::F32, GgmlType::F32.quantize(&data));
+    }
+    let gguf = dir.join("tiny.gguf");
+    w.write(&gguf).unwrap();
+    (gguf, hf)
+}
