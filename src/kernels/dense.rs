@@ -280,10 +280,10 @@ mod avx2 {
             unsafe {
                 let xv: [__m256; T] =
                     std::array::from_fn(|j| _mm256_loadu_ps(xp.add((t + j) * cols + k)));
-                for i in 0..R {
+                for (i, acc_row) in acc.iter_mut().enumerate() {
                     let wv = _mm256_loadu_ps(wp.add((r + i) * cols + k));
-                    for j in 0..T {
-                        acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+                    for (a, xj) in acc_row.iter_mut().zip(&xv) {
+                        *a = _mm256_fmadd_ps(wv, *xj, *a);
                     }
                 }
             }

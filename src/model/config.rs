@@ -149,13 +149,13 @@ impl LlamaConfig {
             c.vocab_size
         );
         ensure!(
-            c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0,
+            c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads),
             "{} heads cannot be grouped over {} KV heads",
             c.n_heads,
             c.n_kv_heads
         );
         ensure!(
-            c.head_dim > 0 && c.head_dim % 2 == 0 && c.head_dim <= 1024,
+            c.head_dim > 0 && c.head_dim.is_multiple_of(2) && c.head_dim <= 1024,
             "head size {} must be even and ≤ 1024",
             c.head_dim
         );

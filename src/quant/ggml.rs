@@ -70,7 +70,7 @@ impl GgmlType {
     /// Decodes `src` (whole blocks) into `dst`; lengths must agree exactly.
     pub fn dequantize(self, src: &[u8], dst: &mut [f32]) -> Result<()> {
         ensure!(
-            dst.len() % self.block_size() == 0
+            dst.len().is_multiple_of(self.block_size())
                 && src.len() == dst.len() / self.block_size() * self.block_bytes(),
             "{self:?}: {} bytes cannot hold {} weights",
             src.len(),
