@@ -12,7 +12,7 @@ const LLAMA_CPP_PPL: f64 = 23.2992;
 #[test]
 fn wikitext_ppl_within_one_percent_of_llama_cpp() {
     let e = Engine::load(&common::model_path()).unwrap();
-    let text = std::fs::read_to_string(common::WIKITEXT).unwrap();
+    let text = std::fs::read_to_string(common::shared("data/wikitext-2-raw-test.txt")).unwrap();
     let tokens = e.tokenizer.encode(&text, false).unwrap();
     let bos = e
         .tokenizer

@@ -1,3 +1,8 @@
-//! Weight encodings: the ggml formats we import (and, later, bitnest's own bit-plane formats).
+//! Weight encodings: the ggml formats we import, and bitnest's own nested bit-plane format.
 
+pub mod bitplane;
+pub mod dtype;
 pub mod ggml;
+
+pub use bitplane::{BitPlanes, QuantConfig};
+pub use dtype::GroupDtype;

@@ -1,0 +1,479 @@
+//! Group quantization into nested codes, and their storage as bit planes.
+//!
+//! Each group of `group` weights along a row picks the datatype (and scale) that minimizes a
+//! weighted sum of squared errors over the precisions it will be read at, so the low-bit
+//! slices that draft tokens stay good, not only the full-precision view (MatGPTQ's idea, with
+//! round-to-nearest instead of GPTQ). Codes are then split into planes, most significant
+//! first: plane `p` holds bit `m − 1 − p` of every code, one bit per weight, row-major, rows
+//! padded to 64 bits. Reading the first `r` planes is reading the `r`-bit model.
+
+use anyhow::{Result, ensure};
+use half::f16;
+use rayon::prelude::*;
+
+use super::dtype::{GroupDtype, MAX_BITS};
+
+/// How to quantize: group size, master width, candidate datatypes, objective.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QuantConfig {
+    pub group: usize,
+    pub master_bits: u32,
+    pub dtypes: Vec<GroupDtype>,
+    /// `(r, λ_r)`: the objective is `Σ_r λ_r · ‖w − view_r(w)‖²`.
+    pub objective: Vec<(u32, f32)>,
+    /// Multipliers of the min-max (or absmax) scale tried per group; clipping a little often
+    /// lowers the error of the coarse views.
+    pub scale_search: Vec<f32>,
+}
+
+impl QuantConfig {
+    /// Objective weights for a master of `m` bits: the master itself plus the 4-, 3- and 2-bit
+    /// views below it, the ones that serve as low-precision models and drafts.
+    pub fn default_objective(m: u32) -> Vec<(u32, f32)> {
+        let mut o = vec![(m, 1.0)];
+        for r in [4, 3, 2] {
+            if r < m {
+                o.push((r, 1.0 / (1u32 << (2 * (m.min(4) - r))) as f32));
+            }
+        }
+        o
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.group >= 8 && self.group <= 4096 && self.group.is_multiple_of(8),
+            "group size {} must be a multiple of 8 in 8..=4096",
+            self.group
+        );
+        ensure!(
+            (2..=MAX_BITS).contains(&self.master_bits),
+            "master bits {} must be in 2..={MAX_BITS}",
+            self.master_bits
+        );
+        ensure!(!self.dtypes.is_empty(), "no datatypes to choose from");
+        for d in &self.dtypes {
+            ensure!(
+                d.native_bits() <= self.master_bits,
+                "datatype {d:?} needs at least {} master bits, have {}",
+                d.native_bits(),
+                self.master_bits
+            );
+        }
+        ensure!(!self.objective.is_empty(), "empty objective");
+        for &(r, l) in &self.objective {
+            ensure!(
+                r >= 1 && r <= self.master_bits && l >= 0.0 && l.is_finite(),
+                "objective term ({r}, {l}) is invalid"
+            );
+        }
+        ensure!(
+            !self.scale_search.is_empty()
+                && self.scale_search.iter().all(|s| *s > 0.0 && s.is_finite()),
+            "scale search multipliers must be positive"
+        );
+        Ok(())
+    }
+}
+
+/// A quantized `rows × cols` matrix as bit planes plus per-group metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BitPlanes {
+    pub rows: usize,
+    pub cols: usize,
+    pub group: usize,
+    pub master_bits: u32,
+    /// `master_bits` planes, each `rows × row_bytes`.
+    pub planes: Vec<Vec<u8>>,
+    /// Per (row, group), row-major: scale, offset (f16 bits) and datatype id.
+    pub scales: Vec<u16>,
+    pub offsets: Vec<u16>,
+    pub dtypes: Vec<u8>,
+}
+
+/// Bytes per row of one plane: `cols` bits padded to a multiple of 64.
+pub fn row_bytes(cols: usize) -> usize {
+    cols.div_ceil(64) * 8
+}
+
+impl BitPlanes {
+    pub fn groups_per_row(&self) -> usize {
+        self.cols.div_ceil(self.group)
+    }
+
+    /// Quantizes `w` (`rows × cols`, row-major).
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, cfg: &QuantConfig) -> Result<Self> {
+        cfg.validate()?;
+        ensure!(
+            w.len() == rows * cols,
+            "weights have {} values, expected {rows} × {cols}",
+            w.len()
+        );
+        ensure!(
+            w.iter().all(|v| v.is_finite()),
+            "weights contain NaN or infinity"
+        );
+        let gpr = cols.div_ceil(cfg.group);
+        let rb = row_bytes(cols);
+        let m = cfg.master_bits as usize;
+        // Per row: codes packed into planes, and group metadata.
+        let per_row: Vec<(Vec<u8>, Vec<(u16, u16, u8)>)> = w
+            .par_chunks(cols)
+            .map(|row| {
+                let mut bits = vec![0u8; m * rb];
+                let mut meta = Vec::with_capacity(gpr);
+                let mut codes = vec![0u8; cfg.group];
+                for (g, x) in row.chunks(cfg.group).enumerate() {
+                    let (d, s, o) = quantize_group(x, cfg, &mut codes[..x.len()]);
+                    meta.push((s.to_bits(), o.to_bits(), d.id()));
+                    for (i, &q) in codes[..x.len()].iter().enumerate() {
+                        let col = g * cfg.group + i;
+                        for p in 0..m {
+                            if (q >> (m - 1 - p)) & 1 == 1 {
+                                bits[p * rb + col / 8] |= 1 << (col % 8);
+                            }
+                        }
+                    }
+                }
+                (bits, meta)
+            })
+            .collect();
+        let mut planes = vec![Vec::with_capacity(rows * rb); m];
+        let (mut scales, mut offsets, mut dtypes) = (Vec::new(), Vec::new(), Vec::new());
+        for (bits, meta) in per_row {
+            for (p, plane) in planes.iter_mut().enumerate() {
+                plane.extend_from_slice(&bits[p * rb..(p + 1) * rb]);
+            }
+            for (s, o, d) in meta {
+                scales.push(s);
+                offsets.push(o);
+                dtypes.push(d);
+            }
+        }
+        Ok(BitPlanes {
+            rows,
+            cols,
+            group: cfg.group,
+            master_bits: cfg.master_bits,
+            planes,
+            scales,
+            offsets,
+            dtypes,
+        })
+    }
+
+    /// The master code of weight (`row`, `col`) as far as the first `r` planes tell.
+    #[inline]
+    pub fn code(&self, row: usize, col: usize, r: u32) -> u32 {
+        let rb = row_bytes(self.cols);
+        let mut q = 0u32;
+        for plane in &self.planes[..r as usize] {
+            q = (q << 1) | ((plane[row * rb + col / 8] >> (col % 8)) & 1) as u32;
+        }
+        q
+    }
+
+    /// Reference decode of the `r`-plane view into `out` (`rows × cols`). This is the meaning
+    /// of the format; fast kernels are tested against it.
+    pub fn dequantize(&self, r: u32, out: &mut [f32]) -> Result<()> {
+        ensure!(
+            r >= 1 && r <= self.master_bits,
+            "cannot read {r} planes of a {}-plane tensor",
+            self.master_bits
+        );
+        ensure!(
+            out.len() == self.rows * self.cols,
+            "output has the wrong size"
+        );
+        let gpr = self.groups_per_row();
+        let m = self.master_bits;
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .try_for_each(|(row, o)| -> Result<()> {
+                for g in 0..gpr {
+                    let meta = row * gpr + g;
+                    let dtype = GroupDtype::from_id(self.dtypes[meta])?;
+                    ensure!(
+                        dtype.native_bits() <= m,
+                        "group datatype {dtype:?} does not fit {m} master bits"
+                    );
+                    let grid = dtype.grid(m);
+                    let s = f16::from_bits(self.scales[meta]).to_f32();
+                    let off = f16::from_bits(self.offsets[meta]).to_f32();
+                    let end = ((g + 1) * self.group).min(self.cols);
+                    for col in g * self.group..end {
+                        // Top r bits of the code, shifted back to master position for decode().
+                        let q = self.code(row, col, r) << (m - r);
+                        o[col] = s * grid.decode(q, r) + off;
+                    }
+                }
+                Ok(())
+            })
+    }
+
+    /// Stored bits per weight at precision `r`, everything counted: `r` planes (with row
+    /// padding) plus 40 bits of metadata (f16 scale, f16 offset, u8 datatype) per group.
+    pub fn bits_per_weight(&self, r: u32) -> f64 {
+        let plane_bits = (row_bytes(self.cols) * 8 * self.rows) as f64 * r as f64;
+        let meta_bits = (self.scales.len() * 40) as f64;
+        (plane_bits + meta_bits) / (self.rows * self.cols) as f64
+    }
+}
+
+/// Quantizes one group; writes master codes and returns the chosen datatype, scale, offset.
+pub fn quantize_group(x: &[f32], cfg: &QuantConfig, codes: &mut [u8]) -> (GroupDtype, f16, f16) {
+    let m = cfg.master_bits;
+    let (min, max) = x
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let absmax = min.abs().max(max.abs());
+    let mut best: Option<(f64, GroupDtype, f16, f16)> = None;
+    for &d in &cfg.dtypes {
+        let grid = d.grid(m);
+        let (base_s, base_o) = if d.is_int() {
+            let lv = grid.master();
+            ((max - min) / (lv[lv.len() - 1] - lv[0]), (max + min) / 2.0)
+        } else {
+            (absmax / d.native_absmax(), 0.0)
+        };
+        for &mult in &cfg.scale_search {
+            let (s, o) = stored_scale(base_s * mult, base_o);
+            let err: f64 = x
+                .iter()
+                .map(|&v| objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective))
+                .sum();
+            if best.is_none_or(|b| err < b.0) {
+                best = Some((err, d, f16::from_f32(s), f16::from_f32(o)));
+            }
+        }
+    }
+    let (_, d, s16, o16) = best.expect("at least one datatype");
+    let (s, o) = (s16.to_f32(), o16.to_f32());
+    let grid = d.grid(m);
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = best_code(v, grid, s, o, &cfg.objective) as u8;
+    }
+    (d, s16, o16)
+}
+
+/// Rounds scale and offset to what will be stored (f16), keeping the scale usable.
+fn stored_scale(s: f32, o: f32) -> (f32, f32) {
+    let s = f16::from_f32(s).to_f32();
+    let s = if s.is_finite() && s > 0.0 {
+        s
+    } else {
+        f16::MIN_POSITIVE_SUBNORMAL.to_f32()
+    };
+    (s, f16::from_f32(o).to_f32())
+}
+
+#[inline]
+fn objective(v: f32, q: u32, grid: &super::dtype::Grid, s: f32, o: f32, obj: &[(u32, f32)]) -> f64 {
+    let m = grid.master_bits;
+    obj.iter()
+        .map(|&(r, l)| {
+            let e = (v - (s * grid.decode(q >> (m - r) << (m - r), r) + o)) as f64;
+            l as f64 * e * e
+        })
+        .sum()
+}
+
+/// The code minimizing the objective: the nearest master code, or the nearest code inside a
+/// neighbouring coarse bucket when moving across the bucket boundary helps the coarse views.
+fn best_code(v: f32, grid: &super::dtype::Grid, s: f32, o: f32, obj: &[(u32, f32)]) -> u32 {
+    let m = grid.master_bits;
+    let q0 = grid.nearest((v - o) / s);
+    let mut best = (objective(v, q0, grid, s, o, obj), q0);
+    for &(r, _) in obj {
+        if r >= m {
+            continue;
+        }
+        let d = m - r;
+        let bucket = q0 >> d;
+        for b in [bucket.wrapping_sub(1), bucket + 1] {
+            if b >= (1 << r) {
+                continue;
+            }
+            let q = q0.clamp(b << d, ((b + 1) << d) - 1);
+            let e = objective(v, q, grid, s, o, obj);
+            if e < best.0 {
+                best = (e, q);
+            }
+        }
+    }
+    best.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bitmod4() -> QuantConfig {
+        QuantConfig {
+            group: 8,
+            master_bits: 4,
+            dtypes: vec![
+                GroupDtype::Fp4ErPos,
+                GroupDtype::Fp4ErNeg,
+                GroupDtype::Fp4EaPos,
+                GroupDtype::Fp4EaNeg,
+            ],
+            objective: vec![(4, 1.0)],
+            scale_search: vec![1.0],
+        }
+    }
+
+    fn bitmod3() -> QuantConfig {
+        QuantConfig {
+            master_bits: 3,
+            dtypes: vec![
+                GroupDtype::Fp3ErPos,
+                GroupDtype::Fp3ErNeg,
+                GroupDtype::Fp3EaPos,
+                GroupDtype::Fp3EaNeg,
+            ],
+            objective: vec![(3, 1.0)],
+            ..bitmod4()
+        }
+    }
+
+    /// The notes' test vectors (BitMoD RTN selection, §1.2): type, scale, codes.
+    fn check(cfg: &QuantConfig, w: [f32; 8], want: GroupDtype, scale: f32, q: [f32; 8]) {
+        let mut codes = [0u8; 8];
+        let (d, s, o) = quantize_group(&w, cfg, &mut codes);
+        assert_eq!(d, want, "{w:?}");
+        assert!(
+            (s.to_f32() - scale).abs() < scale * 1e-3,
+            "scale {} vs {scale}",
+            s.to_f32()
+        );
+        assert_eq!(o.to_f32(), 0.0);
+        let grid = d.grid(cfg.master_bits);
+        let got: Vec<f32> = codes
+            .iter()
+            .map(|&c| grid.decode(c as u32, cfg.master_bits))
+            .collect();
+        assert_eq!(got, q);
+    }
+
+    #[test]
+    fn bitmod_selection_reproduces_the_reference_vectors() {
+        check(
+            &bitmod4(),
+            [1.0, 0.5, 0.25, -0.5, -0.75, 0.75, 0.375, -0.1875],
+            GroupDtype::Fp4EaPos,
+            0.0625,
+            [16., 8., 4., -8., -12., 12., 6., -3.],
+        );
+        check(
+            &bitmod4(),
+            [
+                -1.0,
+                -10.0 / 12.0,
+                0.5,
+                0.25,
+                -0.25,
+                2.0 / 12.0,
+                8.0 / 12.0,
+                -1.0 / 12.0,
+            ],
+            GroupDtype::Fp4ErNeg,
+            1.0 / 12.0,
+            [-12., -10., 6., 3., -3., 2., 8., -1.],
+        );
+        check(
+            &bitmod3(),
+            [1.0, 0.75, -0.5, 0.25, -1.0, 0.0, 0.5, -0.25],
+            GroupDtype::Fp3ErPos,
+            0.25,
+            [4., 3., -2., 1., -4., 0., 2., -1.],
+        );
+        let w = [0.8, 0.11, -0.23, 0.37, 0.05, -0.14, 0.52, -0.31];
+        check(
+            &bitmod4(),
+            w,
+            GroupDtype::Fp4ErPos,
+            0.8 / 12.0,
+            [12., 2., -3., 6., 1., -2., 8., -4.],
+        );
+        check(
+            &bitmod3(),
+            w,
+            GroupDtype::Fp3EaPos,
+            0.8 / 6.0,
+            [6., 1., -2., 2., 0., -1., 4., -2.],
+        );
+    }
+
+    fn cfg_all(m: u32, group: usize) -> QuantConfig {
+        let dtypes = super::super::dtype::ALL
+            .iter()
+            .copied()
+            .filter(|d| d.native_bits() <= m)
+            .collect();
+        QuantConfig {
+            group,
+            master_bits: m,
+            dtypes,
+            objective: QuantConfig::default_objective(m),
+            scale_search: vec![1.0, 0.9],
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Nesting: for every datatype, master width and r, the r-plane view of each weight is
+        /// exactly the r-bit decode of its stored code's top r bits.
+        #[test]
+        fn planes_nest(m in 2u32..=8, rows in 1usize..4, groups in 1usize..4, tail in 0usize..2, seed in any::<u64>()) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let cols = groups * 16 + tail * 8;
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-2.0f32..2.0).powi(3)).collect();
+            let cfg = cfg_all(m, 16);
+            let bp = BitPlanes::quantize(&w, rows, cols, &cfg).unwrap();
+            let gpr = bp.groups_per_row();
+            for r in 1..=m {
+                let mut out = vec![0f32; rows * cols];
+                bp.dequantize(r, &mut out).unwrap();
+                for row in 0..rows {
+                    for col in 0..cols {
+                        let meta = row * gpr + col / 16;
+                        let d = GroupDtype::from_id(bp.dtypes[meta]).unwrap();
+                        let full = bp.code(row, col, m);
+                        let want = f16::from_bits(bp.scales[meta]).to_f32() * d.grid(m).view(r)[(full >> (m - r)) as usize] + f16::from_bits(bp.offsets[meta]).to_f32();
+                        prop_assert_eq!(out[row * cols + col], want);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn more_planes_never_hurt_on_average() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (rows, cols) = (64, 256);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0f32..1.0) * rng.random_range(0.0f32..1.0))
+            .collect();
+        for cfg in [cfg_all(8, 128), cfg_all(4, 128)] {
+            let bp = BitPlanes::quantize(&w, rows, cols, &cfg).unwrap();
+            let mut prev = f64::INFINITY;
+            for r in 2..=cfg.master_bits {
+                let mut out = vec![0f32; rows * cols];
+                bp.dequantize(r, &mut out).unwrap();
+                let mse: f64 = w
+                    .iter()
+                    .zip(&out)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+                    / w.len() as f64;
+                assert!(mse < prev, "m={} r={r}: {mse} ≥ {prev}", cfg.master_bits);
+                prev = mse;
+            }
+        }
+    }
+}
