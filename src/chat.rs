@@ -32,10 +32,7 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -75,11 +72,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, template.to_string())
             .map_err(|e| anyhow!("invalid chat template: {e}"))?;
-        Ok(Self {
-            env,
-            bos_token: bos_token.to_string(),
-            eos_token: eos_token.to_string(),
-        })
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
 
     /// The prompt text for `messages`; with `add_generation_prompt`, it ends with the opening of
@@ -88,10 +81,7 @@ impl ChatTemplate {
     /// The text contains special tokens written out (`<|im_start|>`), so tokenize it with
     /// special-token parsing on.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|e| anyhow!("chat template: {e}"))?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| anyhow!("chat template: {e}"))?;
         template
             .render(context! {
                 messages => messages,
@@ -125,44 +115,31 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
     };
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     let (item_sep, key_sep) = match separators.as_deref() {
-        None => (
-            if indent.is_some() { "," } else { ", " }.to_string(),
-            ": ".to_string(),
-        ),
+        None => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
         Some([item, key]) => (item.clone(), key.clone()),
         Some(_) => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "separators must be a pair",
-            ));
+            return Err(Error::new(ErrorKind::InvalidOperation, "separators must be a pair"));
         }
     };
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
 
-    let style = JsonStyle {
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys: sort_keys.unwrap_or(false),
-    };
+    let style = JsonStyle { indent, item_sep, key_sep, sort_keys: sort_keys.unwrap_or(false) };
     let mut out = String::new();
     style.write(&mut out, value, 0)?;
     if ensure_ascii.unwrap_or(false) {
         // Non-ASCII can only occur inside strings, so escaping it afterwards is safe.
-        out = out
-            .chars()
-            .fold(String::with_capacity(out.len()), |mut s, c| {
-                if c.is_ascii() {
-                    s.push(c);
-                } else {
-                    for unit in c.encode_utf16(&mut [0; 2]) {
-                        let _ = write!(s, "\\u{unit:04x}");
-                    }
+        out = out.chars().fold(String::with_capacity(out.len()), |mut s, c| {
+            if c.is_ascii() {
+                s.push(c);
+            } else {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    let _ = write!(s, "\\u{unit:04x}");
                 }
-                s
-            });
+            }
+            s
+        });
     }
     Ok(Value::from(out))
 }
@@ -190,20 +167,14 @@ impl JsonStyle {
 
     fn write(&self, out: &mut String, value: &Value, depth: usize) -> Result<(), Error> {
         if depth > MAX_JSON_DEPTH {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "value nested too deeply for tojson",
-            ));
+            return Err(Error::new(ErrorKind::InvalidOperation, "value nested too deeply for tojson"));
         }
         match value.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
             ValueKind::Number => push_json(out, value)?,
             ValueKind::String => push_json(out, value.as_str().unwrap_or_default())?,
-            ValueKind::Bytes => push_json(
-                out,
-                &String::from_utf8_lossy(value.as_bytes().unwrap_or_default()),
-            )?,
+            ValueKind::Bytes => push_json(out, &String::from_utf8_lossy(value.as_bytes().unwrap_or_default()))?,
             ValueKind::Map => {
                 let mut keys: Vec<Value> = value.try_iter()?.collect();
                 if self.sort_keys {
@@ -260,8 +231,7 @@ impl JsonStyle {
 
 /// Scalars go through serde_json, whose escaping matches Python's `ensure_ascii=False` output.
 fn push_json<T: Serialize + ?Sized>(out: &mut String, v: &T) -> Result<(), Error> {
-    let json = serde_json::to_string(v)
-        .map_err(|e| Error::new(ErrorKind::BadSerialization, e.to_string()))?;
+    let json = serde_json::to_string(v).map_err(|e| Error::new(ErrorKind::BadSerialization, e.to_string()))?;
     out.push_str(&json);
     Ok(())
 }
@@ -269,10 +239,7 @@ fn push_json<T: Serialize + ?Sized>(out: &mut String, v: &T) -> Result<(), Error
 /// The current date and time (UTC) formatted with the common `strftime` directives; templates
 /// use it to tell the model today's date. Unknown directives are copied through, as glibc does.
 fn strftime_now(format: String) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime(&format, secs)
 }
 
@@ -290,15 +257,7 @@ const MONTHS: [&str; 12] = [
     "November",
     "December",
 ];
-const WEEKDAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 
 /// Proleptic Gregorian (year, month 1-12, day 1-31) for days since 1970-01-01, via the
 /// era-based decomposition (400-year cycles have a fixed length).
@@ -378,13 +337,8 @@ mod tests {
     #[test]
     fn chatml_fallback_renders() {
         let t = ChatTemplate::new(CHATML_TEMPLATE, "", "").unwrap();
-        let out = t
-            .render(&msgs(&[("system", "S"), ("user", "Hi")]), true)
-            .unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        let out = t.render(&msgs(&[("system", "S"), ("user", "Hi")]), true).unwrap();
+        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
         let out = t.render(&msgs(&[("user", "Hi")]), false).unwrap();
         assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n");
     }
@@ -393,21 +347,14 @@ mod tests {
     fn blocks_are_trimmed_like_transformers() {
         let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}\n";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(
-            t.render(&msgs(&[("user", "a"), ("user", "b")]), false)
-                .unwrap(),
-            "[a]\n[b]\n"
-        );
+        assert_eq!(t.render(&msgs(&[("user", "a"), ("user", "b")]), false).unwrap(), "[a]\n[b]\n");
     }
 
     #[test]
     fn python_methods_and_special_tokens() {
         let src = "{{ bos_token }}{% for m in messages %}{{ m['content'].strip().upper() }}{% endfor %}{{ eos_token }}";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
-        assert_eq!(
-            t.render(&msgs(&[("user", "  hi  ")]), false).unwrap(),
-            "<s>HI</s>"
-        );
+        assert_eq!(t.render(&msgs(&[("user", "  hi  ")]), false).unwrap(), "<s>HI</s>");
     }
 
     #[test]
@@ -428,30 +375,15 @@ mod tests {
             t.render(&msgs(&[("user", "<b>&'é\"\n")]), false).unwrap()
         };
         // json.dumps(..., ensure_ascii=False): no HTML escaping, Python's separators.
-        assert_eq!(
-            render("{{ messages[0].content | tojson }}"),
-            r#""<b>&'é\"\n""#
-        );
-        assert_eq!(
-            render("{{ [1, 'a', none, true] | tojson }}"),
-            r#"[1, "a", null, true]"#
-        );
-        assert_eq!(
-            render("{{ {'b': 1, 'a': [2]} | tojson(sort_keys=true) }}"),
-            r#"{"a": [2], "b": 1}"#
-        );
+        assert_eq!(render("{{ messages[0].content | tojson }}"), r#""<b>&'é\"\n""#);
+        assert_eq!(render("{{ [1, 'a', none, true] | tojson }}"), r#"[1, "a", null, true]"#);
+        assert_eq!(render("{{ {'b': 1, 'a': [2]} | tojson(sort_keys=true) }}"), r#"{"a": [2], "b": 1}"#);
         assert_eq!(
             render("{{ {'a': [1, 2], 'e': {}} | tojson(indent=2, sort_keys=true) }}"),
             "{\n  \"a\": [\n    1,\n    2\n  ],\n  \"e\": {}\n}"
         );
-        assert_eq!(
-            render("{{ [1, 2] | tojson(separators=[',', ':']) }}"),
-            "[1,2]"
-        );
-        assert_eq!(
-            render("{{ 'é🚀' | tojson(ensure_ascii=true) }}"),
-            r#""\u00e9\ud83d\ude80""#
-        );
+        assert_eq!(render("{{ [1, 2] | tojson(separators=[',', ':']) }}"), "[1,2]");
+        assert_eq!(render("{{ 'é🚀' | tojson(ensure_ascii=true) }}"), r#""\u00e9\ud83d\ude80""#);
         assert_eq!(render("{{ 1.5 | tojson }}"), "1.5");
     }
 
@@ -460,10 +392,7 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let t = 1_709_211_909;
         assert_eq!(strftime("%d %b %Y", t), "29 Feb 2024");
-        assert_eq!(
-            strftime("%A %B %e, %y %H:%M:%S %I%p %j %%%q", t),
-            "Thursday February 29, 24 13:05:09 01PM 060 %%q"
-        );
+        assert_eq!(strftime("%A %B %e, %y %H:%M:%S %I%p %j %%%q", t), "Thursday February 29, 24 13:05:09 01PM 060 %%q");
         assert_eq!(strftime("%F %a %w %u", 0), "1970-01-01 Thu 4 4");
         assert_eq!(strftime("%F", -86_400), "1969-12-31");
         assert_eq!(strftime("trailing %", 0), "trailing %");

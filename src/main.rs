@@ -12,14 +12,12 @@ use bitnest::chat::Message;
 use bitnest::engine::Engine;
 use bitnest::fetch::{DEFAULT_MODEL, resolve_model};
 use bitnest::generate::generate;
+use bitnest::model::BitsPlan;
+use bitnest::quant::{GroupDtype, QuantConfig};
 use bitnest::sampling::{Sampler, SamplingParams};
 
 #[derive(Parser)]
-#[command(
-    name = "bitnest",
-    version,
-    about = "One quantized model file, every precision: CPU LLM inference"
-)]
+#[command(name = "bitnest", version, about = "One quantized model file, every precision: CPU LLM inference")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,6 +33,34 @@ enum Cmd {
     Ppl(PplArgs),
     /// Show the model's architecture, tensors, tokenizer and chat template.
     Inspect(InspectArgs),
+    /// Quantize a model into one .bnest file that runs at every precision (--bits r).
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// Source model: GGUF file, Hugging Face directory, known name, or a .bnest file.
+    input: String,
+    /// Output .bnest file (written atomically).
+    #[arg(long, short = 'o')]
+    output: PathBuf,
+    /// Weights per group along the input dimension (a multiple of 8).
+    #[arg(long, default_value_t = 128)]
+    group: usize,
+    /// Planes stored: the highest precision the file can be read at.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=8))]
+    master_bits: u32,
+    /// Datatype families each group may choose from: int, bitmod, or int,bitmod.
+    #[arg(long, default_value = "int,bitmod")]
+    dtypes: String,
+    /// Objective weights as `r:λ,...` (default: the master plus its 4/3/2-bit views).
+    #[arg(long)]
+    objective: Option<String>,
+    /// Scale multipliers tried per group, comma-separated.
+    #[arg(long, default_value = "1,0.9")]
+    scale_search: String,
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -46,6 +72,22 @@ struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
+    /// Bit planes to read from a .bnest model (default: all it stores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=8))]
+    bits: Option<u32>,
+    /// Per-layer precision plan for a .bnest model: lines of `TENSOR-PREFIX BITS`.
+    #[arg(long)]
+    bits_plan: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn plan(&self) -> Result<Option<BitsPlan>> {
+        Ok(match (&self.bits_plan, self.bits) {
+            (Some(f), b) => Some(BitsPlan::from_file(f, b)?),
+            (None, Some(b)) => Some(BitsPlan::uniform(Some(b))),
+            (None, None) => None,
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -169,20 +211,69 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Chat(a) => cmd_chat(a),
         Cmd::Ppl(a) => cmd_ppl(a),
         Cmd::Inspect(a) => cmd_inspect(a),
+        Cmd::Quantize(a) => cmd_quantize(a),
     }
 }
 
 /// Sets the thread count and loads the model named by `--model`.
 fn load(m: &ModelArgs) -> Result<Engine> {
-    if let Some(n) = m.threads {
-        anyhow::ensure!(n >= 1, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("cannot set up the thread pool")?;
-    }
+    set_threads(m.threads)?;
+    let plan = m.plan()?;
     let path = resolve_model(&m.model)?;
-    Engine::load(&path)
+    Engine::load(&path, plan)
+}
+
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot set up the thread pool")?;
+    }
+    Ok(())
+}
+
+fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let mut dtypes = Vec::new();
+    for fam in a.dtypes.split(',').map(str::trim) {
+        match fam {
+            "int" => dtypes.push(GroupDtype::Int),
+            "bitmod" => dtypes
+                .extend(bitnest::quant::dtype::ALL.iter().filter(|d| !d.is_int() && d.native_bits() <= a.master_bits)),
+            other => bail!("unknown datatype family {other:?} (int, bitmod)"),
+        }
+    }
+    let objective = match &a.objective {
+        None => QuantConfig::default_objective(a.master_bits),
+        Some(s) => s
+            .split(',')
+            .map(|t| {
+                let (r, l) = t.split_once(':').with_context(|| format!("objective term {t:?} is not r:λ"))?;
+                Ok((r.trim().parse::<u32>()?, l.trim().parse::<f32>()?))
+            })
+            .collect::<Result<Vec<_>>>()
+            .context("bad --objective")?,
+    };
+    let scale_search = a
+        .scale_search
+        .split(',')
+        .map(|t| t.trim().parse::<f32>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("bad --scale-search")?;
+    let cfg = QuantConfig { group: a.group, master_bits: a.master_bits, dtypes, objective, scale_search };
+    cfg.validate()?;
+    let path = resolve_model(&a.input)?;
+    let source = bitnest::model::ModelSource::open(&path, None)?;
+    let t0 = std::time::Instant::now();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    bitnest::quantize::quantize_model(&source, &name, &cfg, &a.output, true)?;
+    let size = std::fs::metadata(&a.output)?.len();
+    eprintln!(
+        "wrote {} ({:.1} MiB) in {:.1} s",
+        a.output.display(),
+        size as f64 / 1048576.0,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn context_size(engine: &Engine, ctx: Option<usize>) -> Result<usize> {
@@ -246,11 +337,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         writeln!(out)?;
         eprintln!(
             "[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | {:?}]",
-            stats.prompt_tokens,
-            stats.prefill_tok_s,
-            stats.generated_tokens,
-            stats.decode_tok_s,
-            stats.finish
+            stats.prompt_tokens, stats.prefill_tok_s, stats.generated_tokens, stats.decode_tok_s, stats.finish
         );
     }
     Ok(())
@@ -262,19 +349,12 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let ctx = context_size(&engine, a.ctx)?;
     let mut session = engine.model.new_session(ctx, 512);
     let mut sampler = Sampler::new(params);
-    let mut messages: Vec<Message> = a
-        .system
-        .iter()
-        .map(|s| Message::new("system", s.as_str()))
-        .collect();
+    let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s.as_str())).collect();
     // Tokens currently in the KV cache, so each turn only prefills what is new.
     let mut cached: Vec<u32> = Vec::new();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
-    eprintln!(
-        "bitnest chat: {} — empty line or Ctrl-D to quit, /reset to start over",
-        engine.path.display()
-    );
+    eprintln!("bitnest chat: {} — empty line or Ctrl-D to quit, /reset to start over", engine.path.display());
     loop {
         write!(out, "> ")?;
         out.flush()?;
@@ -294,12 +374,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         }
         messages.push(Message::new("user", line));
         let ids = engine.chat_prompt(&messages)?;
-        let common = cached
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(ids.len() - 1);
+        let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
         session.truncate(common);
         cached.truncate(common);
         let mut stream = engine.tokenizer.stream();
@@ -342,21 +417,11 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 
 fn cmd_ppl(a: PplArgs) -> Result<()> {
     let engine = load(&a.model)?;
-    let text = std::fs::read_to_string(&a.file)
-        .with_context(|| format!("cannot read {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let tokens = engine.tokenizer.encode(&text, false)?;
-    let bos = engine
-        .tokenizer
-        .add_bos()
-        .then(|| engine.tokenizer.bos_id())
-        .flatten();
+    let bos = engine.tokenizer.add_bos().then(|| engine.tokenizer.bos_id()).flatten();
     let n_chunks = (tokens.len() / a.ctx.max(1)).min(a.chunks.unwrap_or(usize::MAX));
-    eprintln!(
-        "bitnest ppl: {} tokens, ctx {}, {} chunks",
-        tokens.len(),
-        a.ctx,
-        n_chunks
-    );
+    eprintln!("bitnest ppl: {} tokens, ctx {}, {} chunks", tokens.len(), a.ctx, n_chunks);
     let t0 = std::time::Instant::now();
     let text_mode = matches!(a.format, OutputFormat::Text);
     let r = bitnest::ppl::perplexity(&engine.model, &tokens, a.ctx, a.chunks, bos, |p| {
@@ -384,25 +449,56 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     Ok(())
 }
 
+fn inspect_bnest(b: &bitnest::format::bnest::BnestFile, all: bool) {
+    use bitnest::format::bnest::Encoding;
+    let h = &b.header;
+    println!(
+        "format: .bnest v{} from {} ({:.1} MiB): group {}, {} master bits, datatypes {:?}, objective {:?}",
+        h.format_version,
+        h.source,
+        b.file_bytes() as f64 / 1048576.0,
+        h.quant.group,
+        h.quant.master_bits,
+        h.quant.dtypes,
+        h.quant.objective
+    );
+    // All-in bits per weight at each precision: planes read + group metadata, over all matrices.
+    let (mut weights, mut meta_bits, mut row_bits) = (0f64, 0f64, 0f64);
+    for t in &h.tensors {
+        if let Encoding::Planes { group, .. } = &t.encoding {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            weights += (rows * cols) as f64;
+            meta_bits += (rows * cols.div_ceil(*group) * 40) as f64;
+            row_bits += (rows * bitnest::quant::bitplane::row_bytes(cols) * 8) as f64;
+        }
+        if all {
+            let enc = match &t.encoding {
+                Encoding::F32 { .. } => "f32".to_string(),
+                Encoding::Planes { group, master_bits, .. } => format!("{master_bits} planes, group {group}"),
+            };
+            println!("  {:<28} {:?} {enc}", t.name, t.shape);
+        }
+    }
+    for r in (1..=h.quant.master_bits).rev() {
+        println!(
+            "  read at {r} bits: {:.3} bits/weight all-in over {:.1} M plane weights",
+            (row_bits * r as f64 + meta_bits) / weights,
+            weights / 1e6
+        );
+    }
+}
+
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let path = resolve_model(&a.model.model)?;
-    let source = bitnest::model::ModelSource::open(&path)?;
+    let source = bitnest::model::ModelSource::open(&path, a.model.plan()?)?;
     let cfg = source.config()?;
     println!("model: {}", path.display());
     println!("architecture: {}", serde_json::to_string_pretty(&cfg)?);
     match &source {
         bitnest::model::ModelSource::Gguf(g) => {
-            println!(
-                "format: GGUF v{} (alignment {}), {} metadata keys",
-                g.version,
-                g.alignment,
-                g.metadata.len()
-            );
+            println!("format: GGUF v{} (alignment {}), {} metadata keys", g.version, g.alignment, g.metadata.len());
             for (k, v) in &g.metadata {
-                println!(
-                    "  {k} = {}",
-                    bitnest::format::gguf::GgufFile::describe_value(v)
-                );
+                println!("  {k} = {}", bitnest::format::gguf::GgufFile::describe_value(v));
             }
             let total: usize = g.tensors.iter().map(|t| t.n_elements()).sum();
             let bytes: usize = g.tensors.iter().map(|t| t.size_bytes).sum();
@@ -415,17 +511,10 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             );
             if a.tensors {
                 for t in &g.tensors {
-                    println!(
-                        "  {:<28} {:<10} {:?} {} bytes",
-                        t.name,
-                        format!("{:?}", t.dtype),
-                        t.shape,
-                        t.size_bytes
-                    );
+                    println!("  {:<28} {:<10} {:?} {} bytes", t.name, format!("{:?}", t.dtype), t.shape, t.size_bytes);
                 }
             } else {
-                let mut by_type: std::collections::BTreeMap<String, (usize, usize, usize)> =
-                    Default::default();
+                let mut by_type: std::collections::BTreeMap<String, (usize, usize, usize)> = Default::default();
                 for t in &g.tensors {
                     let e = by_type.entry(format!("{:?}", t.dtype)).or_default();
                     e.0 += 1;
@@ -433,10 +522,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                     e.2 += t.size_bytes;
                 }
                 for (ty, (n, el, b)) in by_type {
-                    println!(
-                        "  {ty:<6} {n:>4} tensors {el:>12} weights {:>8.1} MiB",
-                        b as f64 / 1048576.0
-                    );
+                    println!("  {ty:<6} {n:>4} tensors {el:>12} weights {:>8.1} MiB", b as f64 / 1048576.0);
                 }
             }
         }
@@ -449,17 +535,11 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
                 names.iter().for_each(|n| println!("  {n}"));
             }
         }
+        bitnest::model::ModelSource::Bnest(b, _) => inspect_bnest(b, a.tensors),
     }
-    let engine_tok = match &source {
-        bitnest::model::ModelSource::Gguf(g) => bitnest::tokenizer::Tokenizer::from_gguf(g)?,
-        bitnest::model::ModelSource::HfDir(d) => bitnest::tokenizer::Tokenizer::from_json_file(
-            &d.dir.join("tokenizer.json"),
-            Some(&d.config),
-        )?,
-    };
+    let engine_tok = source.tokenizer()?;
     let name = |id: Option<u32>| {
-        id.map(|i| format!("{i} {:?}", engine_tok.token_str(i).unwrap_or_default()))
-            .unwrap_or("none".into())
+        id.map(|i| format!("{i} {:?}", engine_tok.token_str(i).unwrap_or_default())).unwrap_or("none".into())
     };
     println!(
         "tokenizer: {} tokens, bos {}, eos {}, adds bos: {}",

@@ -40,10 +40,7 @@ pub fn perplexity(
     bos: Option<u32>,
     mut on_chunk: impl FnMut(&Perplexity),
 ) -> Result<Perplexity> {
-    ensure!(
-        ctx >= 4,
-        "context {ctx} is too small for perplexity (need ≥ 4)"
-    );
+    ensure!(ctx >= 4, "context {ctx} is too small for perplexity (need ≥ 4)");
     ensure!(
         tokens.len() >= 2 * ctx,
         "the text has {} tokens; perplexity at ctx {ctx} needs at least {}",
@@ -83,12 +80,7 @@ mod tests {
 
     #[test]
     fn ppl_and_stderr_follow_llamacpp_formula() {
-        let p = Perplexity {
-            chunks: 1,
-            tokens_scored: 4,
-            sum_nll: 4.0,
-            sum_nll2: 4.0 + 4.0 * 0.25,
-        };
+        let p = Perplexity { chunks: 1, tokens_scored: 4, sum_nll: 4.0, sum_nll2: 4.0 + 4.0 * 0.25 };
         assert!((p.ppl() - 1f64.exp()).abs() < 1e-12);
         // var = 0.25, stderr = e · sqrt(0.25 / 3)
         assert!((p.stderr() - 1f64.exp() * (0.25f64 / 3.0).sqrt()).abs() < 1e-12);

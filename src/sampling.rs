@@ -66,15 +66,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Deterministic decoding: always the most likely token, no penalty.
     pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: None,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repeat_penalty: 1.0, repeat_last_n: 64, seed: None }
     }
 
     /// Reject settings that have no sensible meaning. [`Sampler`] never panics on bad values
@@ -140,12 +132,7 @@ impl Sampler {
                 StdRng::seed_from_u64(nanos ^ u64::from(std::process::id()))
             }),
         };
-        Self {
-            params,
-            rng,
-            candidates: Vec::new(),
-            window: Vec::new(),
-        }
+        Self { params, rng, candidates: Vec::new(), window: Vec::new() }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -155,10 +142,8 @@ impl Sampler {
     /// Grow the scratch buffers for a vocabulary of `n_vocab` now, so that even the first
     /// [`Sampler::sample`] call does not allocate.
     pub fn reserve(&mut self, n_vocab: usize) {
-        self.candidates
-            .reserve(n_vocab.saturating_sub(self.candidates.len()));
-        self.window
-            .reserve(self.params.repeat_last_n.saturating_sub(self.window.len()));
+        self.candidates.reserve(n_vocab.saturating_sub(self.candidates.len()));
+        self.window.reserve(self.params.repeat_last_n.saturating_sub(self.window.len()));
     }
 
     /// Pick the next token id. `history` is the ids generated or read so far (only its tail
@@ -208,12 +193,7 @@ impl Sampler {
         let p = &self.params;
         let cands = &mut self.candidates;
         cands.clear();
-        cands.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, sanitize(l))),
-        );
+        cands.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, sanitize(l))));
 
         if p.penalty_active() {
             let start = history.len().saturating_sub(p.repeat_last_n);
@@ -230,11 +210,8 @@ impl Sampler {
             }
         }
 
-        let (best, max) = cands
-            .iter()
-            .fold((0u32, f32::NEG_INFINITY), |(bi, bv), &(i, v)| {
-                if v > bv { (i, v) } else { (bi, bv) }
-            });
+        let (best, max) =
+            cands.iter().fold((0u32, f32::NEG_INFINITY), |(bi, bv), &(i, v)| if v > bv { (i, v) } else { (bi, bv) });
         if p.is_greedy() || max == f32::NEG_INFINITY {
             // All-masked logits have no distribution; fall back to the argmax rule (id 0).
             cands.clear();
@@ -281,11 +258,7 @@ fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 
 /// NaN can never be chosen; +inf must not poison `l - max` with `inf - inf`.
 fn sanitize(l: f32) -> f32 {
-    if l.is_nan() {
-        f32::NEG_INFINITY
-    } else {
-        l.min(f32::MAX)
-    }
+    if l.is_nan() { f32::NEG_INFINITY } else { l.min(f32::MAX) }
 }
 
 /// Keep the smallest most-likely prefix whose temperature-1 mass reaches `top_p`.
@@ -340,17 +313,10 @@ pub fn log_softmax_at(logits: &[f32], id: u32) -> f64 {
         return f64::NEG_INFINITY;
     };
     let as_f64 = |l: f32| {
-        if l.is_nan() {
-            f64::NEG_INFINITY
-        } else {
-            f64::from(l)
-        }
+        if l.is_nan() { f64::NEG_INFINITY } else { f64::from(l) }
     };
     let l_id = as_f64(l_id);
-    let max = logits
-        .iter()
-        .map(|&l| as_f64(l))
-        .fold(f64::NEG_INFINITY, f64::max);
+    let max = logits.iter().map(|&l| as_f64(l)).fold(f64::NEG_INFINITY, f64::max);
     if max == f64::NEG_INFINITY || l_id == f64::NEG_INFINITY {
         return f64::NEG_INFINITY;
     }
@@ -374,22 +340,12 @@ mod tests {
     /// Upper 0.001 quantiles of the chi-square distribution for df = 1..=10 (standard table
     /// values, e.g. NIST/SEMATECH e-Handbook 1.3.6.7.4). A correct sampler exceeds them with
     /// probability 0.1%; the seeds are fixed, so each test is deterministic.
-    const CHI2_999: [f64; 10] = [
-        10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588,
-    ];
+    const CHI2_999: [f64; 10] = [10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588];
     const N_DRAWS: usize = 20_000;
     const LOGITS: [f32; 6] = [2.0, 1.0, 0.5, 0.0, -1.0, -3.0];
 
     fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: Some(seed),
-        }
+        SamplingParams { temperature, top_k, top_p, min_p, repeat_penalty: 1.0, repeat_last_n: 64, seed: Some(seed) }
     }
 
     /// Reference softmax of `logits / t` restricted to `keep`, in f64.
@@ -423,10 +379,7 @@ mod tests {
                 continue;
             }
             let e = p * n as f64;
-            assert!(
-                e >= 5.0,
-                "expected count {e} too small for the chi-square approximation"
-            );
+            assert!(e >= 5.0, "expected count {e} too small for the chi-square approximation");
             stat += (c as f64 - e).powi(2) / e;
             cells += 1;
         }
@@ -437,10 +390,7 @@ mod tests {
         let c = counts(params.clone(), logits);
         let (stat, df) = chi_square(&c, expected);
         let crit = CHI2_999[df - 1];
-        assert!(
-            stat < crit,
-            "chi2 = {stat:.2} >= {crit} (df {df}) for {params:?}: counts {c:?} expected {expected:?}"
-        );
+        assert!(stat < crit, "chi2 = {stat:.2} >= {crit} (df {df}) for {params:?}: counts {c:?} expected {expected:?}");
         // The exposed distribution must be the one drawn from.
         let mut s = Sampler::new(params);
         let probs = s.probabilities(logits, &[]);
@@ -543,11 +493,7 @@ mod tests {
     #[test]
     fn degenerate_filters_reduce_to_argmax() {
         let logits = [0.3, 1.9, 1.8, -0.5, 1.7];
-        for p in [
-            params(1.5, 1, 1.0, 0.0, 1),
-            params(1.5, 0, 1e-6, 0.0, 2),
-            params(1.5, 0, 1.0, 1.0, 3),
-        ] {
+        for p in [params(1.5, 1, 1.0, 0.0, 1), params(1.5, 0, 1e-6, 0.0, 2), params(1.5, 0, 1.0, 1.0, 3)] {
             let mut s = Sampler::new(p.clone());
             for _ in 0..200 {
                 assert_eq!(s.sample(&logits, &[]), 1, "{p:?}");
@@ -557,11 +503,7 @@ mod tests {
     }
 
     fn penalized(penalty: f32, last_n: usize) -> Sampler {
-        Sampler::new(SamplingParams {
-            repeat_penalty: penalty,
-            repeat_last_n: last_n,
-            ..SamplingParams::greedy()
-        })
+        Sampler::new(SamplingParams { repeat_penalty: penalty, repeat_last_n: last_n, ..SamplingParams::greedy() })
     }
 
     #[test]
@@ -584,10 +526,7 @@ mod tests {
     #[test]
     fn repetition_penalty_lowers_sampled_probability() {
         let logits = [1.0, 1.0, 1.0];
-        let mut s = Sampler::new(SamplingParams {
-            repeat_penalty: 1.3,
-            ..params(1.0, 0, 1.0, 0.0, 5)
-        });
+        let mut s = Sampler::new(SamplingParams { repeat_penalty: 1.3, ..params(1.0, 0, 1.0, 0.0, 5) });
         let probs = s.probabilities(&logits, &[2]).to_vec();
         let p2 = probs.iter().find(|&&(id, _)| id == 2).unwrap().1;
         let p0 = probs.iter().find(|&&(id, _)| id == 0).unwrap().1;
@@ -613,34 +552,13 @@ mod tests {
     fn invalid_params_degrade_instead_of_panicking() {
         let logits = [0.5, 2.0, 1.0];
         for p in [
-            SamplingParams {
-                temperature: f32::NAN,
-                ..Default::default()
-            },
-            SamplingParams {
-                temperature: f32::INFINITY,
-                ..Default::default()
-            },
-            SamplingParams {
-                top_p: f32::NAN,
-                ..Default::default()
-            },
-            SamplingParams {
-                top_p: -1.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                min_p: 7.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                repeat_penalty: f32::NAN,
-                ..Default::default()
-            },
-            SamplingParams {
-                repeat_penalty: -2.0,
-                ..Default::default()
-            },
+            SamplingParams { temperature: f32::NAN, ..Default::default() },
+            SamplingParams { temperature: f32::INFINITY, ..Default::default() },
+            SamplingParams { top_p: f32::NAN, ..Default::default() },
+            SamplingParams { top_p: -1.0, ..Default::default() },
+            SamplingParams { min_p: 7.0, ..Default::default() },
+            SamplingParams { repeat_penalty: f32::NAN, ..Default::default() },
+            SamplingParams { repeat_penalty: -2.0, ..Default::default() },
         ] {
             assert!(p.validate().is_err(), "{p:?}");
             let mut s = Sampler::new(SamplingParams { seed: Some(1), ..p });
@@ -655,47 +573,16 @@ mod tests {
         assert!(SamplingParams::default().validate().is_ok());
         assert!(SamplingParams::greedy().validate().is_ok());
         let bad = [
-            SamplingParams {
-                temperature: -0.1,
-                ..Default::default()
-            },
-            SamplingParams {
-                temperature: f32::NAN,
-                ..Default::default()
-            },
-            SamplingParams {
-                top_p: 0.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                top_p: 1.01,
-                ..Default::default()
-            },
-            SamplingParams {
-                min_p: -0.01,
-                ..Default::default()
-            },
-            SamplingParams {
-                min_p: 1.5,
-                ..Default::default()
-            },
-            SamplingParams {
-                repeat_penalty: 0.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                repeat_penalty: -1.0,
-                ..Default::default()
-            },
+            SamplingParams { temperature: -0.1, ..Default::default() },
+            SamplingParams { temperature: f32::NAN, ..Default::default() },
+            SamplingParams { top_p: 0.0, ..Default::default() },
+            SamplingParams { top_p: 1.01, ..Default::default() },
+            SamplingParams { min_p: -0.01, ..Default::default() },
+            SamplingParams { min_p: 1.5, ..Default::default() },
+            SamplingParams { repeat_penalty: 0.0, ..Default::default() },
+            SamplingParams { repeat_penalty: -1.0, ..Default::default() },
         ];
-        let fields = [
-            "temperature",
-            "temperature",
-            "top_p",
-            "top_p",
-            "min_p",
-            "min_p",
-        ];
+        let fields = ["temperature", "temperature", "top_p", "top_p", "min_p", "min_p"];
         for (i, p) in bad.iter().enumerate() {
             let msg = p.validate().unwrap_err().to_string();
             let field = fields.get(i).copied().unwrap_or("repeat_penalty");
@@ -724,31 +611,20 @@ mod tests {
         assert_eq!(log_softmax_at(&[1.0, f32::NAN], 1), f64::NEG_INFINITY);
         assert_eq!(log_softmax_at(&[1.0], 3), f64::NEG_INFINITY);
         assert!((log_softmax_at(&[1.0, f32::NAN], 0)).abs() < 1e-12);
-        assert!(
-            (log_softmax_at(&[f32::INFINITY, 0.0, f32::INFINITY], 2) + 2f64.ln()).abs() < 1e-12
-        );
+        assert!((log_softmax_at(&[f32::INFINITY, 0.0, f32::INFINITY], 2) + 2f64.ln()).abs() < 1e-12);
     }
 
     #[test]
     fn reserved_buffers_are_not_regrown() {
-        let logits: Vec<f32> = (0..49_152)
-            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
-            .collect();
+        let logits: Vec<f32> = (0..49_152).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
         let history: Vec<u32> = (0..200).collect();
-        let mut s = Sampler::new(SamplingParams {
-            repeat_penalty: 1.1,
-            seed: Some(1),
-            ..Default::default()
-        });
+        let mut s = Sampler::new(SamplingParams { repeat_penalty: 1.1, seed: Some(1), ..Default::default() });
         s.reserve(logits.len());
         let (cap_c, cap_w) = (s.candidates.capacity(), s.window.capacity());
         for _ in 0..5 {
             s.sample(&logits, &history);
         }
-        assert_eq!(
-            (s.candidates.capacity(), s.window.capacity()),
-            (cap_c, cap_w)
-        );
+        assert_eq!((s.candidates.capacity(), s.window.capacity()), (cap_c, cap_w));
     }
 
     fn arb_params() -> impl Strategy<Value = SamplingParams> {
@@ -761,19 +637,9 @@ mod tests {
             0usize..80,
             any::<u64>(),
         )
-            .prop_map(
-                |(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)| {
-                    SamplingParams {
-                        temperature,
-                        top_k,
-                        top_p,
-                        min_p,
-                        repeat_penalty,
-                        repeat_last_n,
-                        seed: Some(seed),
-                    }
-                },
-            )
+            .prop_map(|(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)| {
+                SamplingParams { temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed: Some(seed) }
+            })
     }
 
     proptest! {

@@ -47,12 +47,7 @@ struct PreTokenizerSpec {
 
 impl PreTokenizerSpec {
     const fn new(regexes: &'static [&'static str]) -> Self {
-        Self {
-            regexes,
-            ignore_merges: false,
-            add_bos: false,
-            no_bos: false,
-        }
+        Self { regexes, ignore_merges: false, add_bos: false, no_bos: false }
     }
 }
 
@@ -61,45 +56,25 @@ impl PreTokenizerSpec {
 /// a near-miss split silently changes ids.
 fn pre_tokenizer_spec(name: &str) -> Option<PreTokenizerSpec> {
     let spec = match name {
-        "default" => PreTokenizerSpec::new(&[
-            r"[\p{P}\$\+<=>\^~\|]+",
-            RE_GPT2,
-            r"\p{N}+",
-            "[0-9][0-9][0-9]",
-        ]),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => PreTokenizerSpec {
-            ignore_merges: true,
-            add_bos: true,
-            ..PreTokenizerSpec::new(&[RE_LLAMA3])
-        },
-        "dbrx" | "smaug-bpe" => PreTokenizerSpec::new(&[RE_LLAMA3]),
-        "chatglm-bpe" => PreTokenizerSpec {
-            no_bos: true,
-            ..PreTokenizerSpec::new(&[RE_LLAMA3])
-        },
-        "falcon" => PreTokenizerSpec::new(&[r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, "[0-9][0-9][0-9]"]),
-        "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "jina-es" | "jina-de" | "gigachat"
-        | "jina-v1-en" | "jina-v2-es" | "jina-v2-de" | "jina-v2-code" | "roberta-bpe" => {
-            PreTokenizerSpec::new(&[RE_GPT2])
+        "default" => PreTokenizerSpec::new(&[r"[\p{P}\$\+<=>\^~\|]+", RE_GPT2, r"\p{N}+", "[0-9][0-9][0-9]"]),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => {
+            PreTokenizerSpec { ignore_merges: true, add_bos: true, ..PreTokenizerSpec::new(&[RE_LLAMA3]) }
         }
+        "dbrx" | "smaug-bpe" => PreTokenizerSpec::new(&[RE_LLAMA3]),
+        "chatglm-bpe" => PreTokenizerSpec { no_bos: true, ..PreTokenizerSpec::new(&[RE_LLAMA3]) },
+        "falcon" => PreTokenizerSpec::new(&[r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, "[0-9][0-9][0-9]"]),
+        "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en"
+        | "jina-v2-es" | "jina-v2-de" | "jina-v2-code" | "roberta-bpe" => PreTokenizerSpec::new(&[RE_GPT2]),
         "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => {
             PreTokenizerSpec::new(&[RE_DIGIT, RE_GPT2])
         }
         "qwen2" | "stablelm2" | "megrez" => PreTokenizerSpec::new(&[RE_QWEN2]),
         "poro-chat" | "bloom" | "gpt3-finnish" => PreTokenizerSpec::new(&[RE_BLOOM]),
         "viking" => PreTokenizerSpec::new(&[RE_BLOOM, RE_DIGIT]),
-        "tekken" => PreTokenizerSpec {
-            ignore_merges: true,
-            add_bos: true,
-            ..PreTokenizerSpec::new(&[RE_TEKKEN])
-        },
-        "deepseek-coder" => PreTokenizerSpec::new(&[
-            r"[\r\n]",
-            r"\s?\p{L}+",
-            r"\s?\p{P}+",
-            "[一-龥ࠀ-一가-퟿]+",
-            RE_DIGIT,
-        ]),
+        "tekken" => PreTokenizerSpec { ignore_merges: true, add_bos: true, ..PreTokenizerSpec::new(&[RE_TEKKEN]) },
+        "deepseek-coder" => {
+            PreTokenizerSpec::new(&[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", RE_DIGIT])
+        }
         _ => return None,
     };
     Some(spec)
@@ -146,10 +121,7 @@ fn tk_err(e: tokenizers::Error) -> anyhow::Error {
 fn meta_str<'a>(gguf: &'a GgufFile, key: &str) -> Result<Option<&'a str>> {
     match gguf.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_str()
-            .map(Some)
-            .with_context(|| format!("GGUF key {key} is not a string")),
+        Some(v) => v.as_str().map(Some).with_context(|| format!("GGUF key {key} is not a string")),
     }
 }
 
@@ -159,13 +131,7 @@ fn meta_str_array<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
         .with_context(|| format!("GGUF has no {key}"))?
         .as_array()
         .with_context(|| format!("GGUF key {key} is not an array"))?;
-    arr.iter()
-        .enumerate()
-        .map(|(i, v)| {
-            v.as_str()
-                .with_context(|| format!("{key}[{i}] is not a string"))
-        })
-        .collect()
+    arr.iter().enumerate().map(|(i, v)| v.as_str().with_context(|| format!("{key}[{i}] is not a string"))).collect()
 }
 
 /// A special-token id from the metadata; like llama.cpp, an id outside the vocabulary is
@@ -178,32 +144,23 @@ fn meta_token_id(gguf: &GgufFile, key: &str, n_vocab: usize) -> Option<u32> {
 impl Tokenizer {
     /// Builds the tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
-        let model =
-            meta_str(gguf, "tokenizer.ggml.model")?.context("GGUF has no tokenizer.ggml.model")?;
+        let model = meta_str(gguf, "tokenizer.ggml.model")?.context("GGUF has no tokenizer.ggml.model")?;
         match model {
             "gpt2" => {}
-            "llama" => bail!(
-                "SentencePiece tokenizers (tokenizer.ggml.model = \"llama\") are not supported yet"
-            ),
+            "llama" => bail!("SentencePiece tokenizers (tokenizer.ggml.model = \"llama\") are not supported yet"),
             other => bail!("unsupported tokenizer model {other:?}"),
         }
         // llama.cpp falls back to "default" (with a loud warning) for files made before the key existed.
         let pre = meta_str(gguf, "tokenizer.ggml.pre")?.unwrap_or("default");
-        let spec = pre_tokenizer_spec(pre)
-            .with_context(|| format!("unsupported pre-tokenizer {pre:?}"))?;
+        let spec = pre_tokenizer_spec(pre).with_context(|| format!("unsupported pre-tokenizer {pre:?}"))?;
 
         let tokens = meta_str_array(gguf, "tokenizer.ggml.tokens")?;
         let n_vocab = tokens.len();
-        ensure!(
-            n_vocab > 0 && n_vocab <= u32::MAX as usize,
-            "GGUF vocabulary has {n_vocab} tokens"
-        );
+        ensure!(n_vocab > 0 && n_vocab <= u32::MAX as usize, "GGUF vocabulary has {n_vocab} tokens");
         let types: Vec<Option<u64>> = match gguf.get("tokenizer.ggml.token_type") {
             None => vec![None; n_vocab],
             Some(v) => {
-                let arr = v
-                    .as_array()
-                    .context("tokenizer.ggml.token_type is not an array")?;
+                let arr = v.as_array().context("tokenizer.ggml.token_type is not an array")?;
                 ensure!(
                     arr.len() == n_vocab,
                     "tokenizer.ggml.token_type has {} entries for {n_vocab} tokens",
@@ -217,15 +174,8 @@ impl Tokenizer {
         let mut texts = Vec::with_capacity(n_vocab);
         for (i, t) in tokens.iter().enumerate() {
             // Same placeholder as llama.cpp, so an empty entry cannot collide or match text.
-            let text = if t.is_empty() {
-                format!("[EMPTY_{i}]")
-            } else {
-                (*t).to_string()
-            };
-            ensure!(
-                vocab.insert(text.clone(), i as u32).is_none(),
-                "token {text:?} appears twice in the vocabulary"
-            );
+            let text = if t.is_empty() { format!("[EMPTY_{i}]") } else { (*t).to_string() };
+            ensure!(vocab.insert(text.clone(), i as u32).is_none(), "token {text:?} appears twice in the vocabulary");
             texts.push(text);
         }
 
@@ -256,24 +206,16 @@ impl Tokenizer {
 
         let mut splits = Vec::with_capacity(spec.regexes.len() + 1);
         for re in spec.regexes {
-            let split = Split::new(
-                SplitPattern::Regex((*re).to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| anyhow!("pre-tokenizer regex {re:?}: {e}"))?;
+            let split = Split::new(SplitPattern::Regex((*re).to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| anyhow!("pre-tokenizer regex {re:?}: {e}"))?;
             splits.push(PreTokenizerWrapper::Split(split));
         }
-        splits.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
-            false, false, false,
-        )));
+        splits.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
 
         let mut special = tokenizers::Tokenizer::new(bpe);
         special
             .with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(splits))))
-            .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
-                false, false, false,
-            ))));
+            .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(false, false, false))));
 
         // llama.cpp matches these in the raw text before splitting; control and unknown tokens
         // only when asked to parse specials, user-defined ones always.
@@ -284,23 +226,16 @@ impl Tokenizer {
                 Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN) => {
                     control.push(AddedToken::from(text.clone(), true).normalized(false))
                 }
-                Some(TOKEN_TYPE_USER_DEFINED) => {
-                    user.push(AddedToken::from(text.clone(), false).normalized(false))
-                }
+                Some(TOKEN_TYPE_USER_DEFINED) => user.push(AddedToken::from(text.clone(), false).normalized(false)),
                 _ => {}
             }
         }
         special.add_special_tokens(&control);
         special.add_tokens(&user);
 
-        let bos = if spec.no_bos {
-            None
-        } else {
-            meta_token_id(gguf, "tokenizer.ggml.bos_token_id", n_vocab)
-        };
+        let bos = if spec.no_bos { None } else { meta_token_id(gguf, "tokenizer.ggml.bos_token_id", n_vocab) };
         let eos = meta_token_id(gguf, "tokenizer.ggml.eos_token_id", n_vocab);
-        let flag =
-            |key: &str, default: bool| gguf.get(key).and_then(Value::as_bool).unwrap_or(default);
+        let flag = |key: &str, default: bool| gguf.get(key).and_then(Value::as_bool).unwrap_or(default);
         let add_bos = flag("tokenizer.ggml.add_bos_token", spec.add_bos);
         let add_eos = flag("tokenizer.ggml.add_eos_token", false);
         Self::assemble(special, bos, eos, add_bos, add_eos)
@@ -313,8 +248,8 @@ impl Tokenizer {
     /// `add_bos_token`, BOS is added exactly when the tokenizer's own post-processor adds it,
     /// which is what `transformers` does for a plain prompt.
     pub fn from_json_file(path: &Path, config: Option<&serde_json::Value>) -> Result<Self> {
-        let mut special = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
+        let mut special =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("loading tokenizer {}: {e}", path.display()))?;
         // A tokenizer.json may carry training-time padding or truncation; neither belongs in inference.
         special.with_truncation(None).map_err(tk_err)?;
         special.with_padding(None);
@@ -334,11 +269,7 @@ impl Tokenizer {
         let bos = id_of("bos");
         let eos = id_of("eos");
 
-        let explicit = |key: &str| {
-            config
-                .and_then(|c| c.get(key))
-                .and_then(serde_json::Value::as_bool)
-        };
+        let explicit = |key: &str| config.and_then(|c| c.get(key)).and_then(serde_json::Value::as_bool);
         let probe = |edge_id: Option<u32>, at_start: bool| -> Result<bool> {
             let Some(id) = edge_id else { return Ok(false) };
             let with = special.encode_fast("a", true).map_err(tk_err)?;
@@ -357,6 +288,28 @@ impl Tokenizer {
         Self::assemble(special, bos, eos, add_bos, add_eos)
     }
 
+    /// Everything needed to rebuild this tokenizer, as JSON: how a `.bnest` file carries it so
+    /// the file alone is enough to run.
+    pub fn to_embedded(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "tokenizer_json": self.special.to_string(false).map_err(tk_err)?,
+            "bos": self.bos,
+            "eos": self.eos,
+            "add_bos": self.add_bos,
+            "add_eos": self.add_eos,
+        }))
+    }
+
+    /// Rebuilds a tokenizer from [`Tokenizer::to_embedded`]'s output.
+    pub fn from_embedded(v: &serde_json::Value) -> Result<Self> {
+        let json =
+            v.get("tokenizer_json").and_then(|j| j.as_str()).context("embedded tokenizer lacks tokenizer_json")?;
+        let special: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow!("embedded tokenizer is invalid: {e}"))?;
+        let id = |k: &str| v.get(k).and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok());
+        let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
+        Self::assemble(special, id("bos"), id("eos"), flag("add_bos"), flag("add_eos"))
+    }
+
     fn assemble(
         special: tokenizers::Tokenizer,
         bos: Option<u32>,
@@ -364,24 +317,11 @@ impl Tokenizer {
         add_bos: bool,
         add_eos: bool,
     ) -> Result<Self> {
-        ensure!(
-            !add_bos || bos.is_some(),
-            "the model asks for a BOS token but does not name one"
-        );
-        ensure!(
-            !add_eos || eos.is_some(),
-            "the model asks for an EOS token but does not name one"
-        );
+        ensure!(!add_bos || bos.is_some(), "the model asks for a BOS token but does not name one");
+        ensure!(!add_eos || eos.is_some(), "the model asks for an EOS token but does not name one");
         let mut plain = special.clone();
         plain.set_encode_special_tokens(true);
-        Ok(Self {
-            special,
-            plain,
-            bos,
-            eos,
-            add_bos,
-            add_eos,
-        })
+        Ok(Self { special, plain, bos, eos, add_bos, add_eos })
     }
 
     /// Text to ids, with BOS (and EOS) added when the model asks for them, as llama.cpp's
@@ -389,14 +329,8 @@ impl Tokenizer {
     /// control tokens written in the text (`<|im_start|>`) into their ids; leave it off for
     /// untrusted user text so it cannot forge turn boundaries.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let tk = if parse_special {
-            &self.special
-        } else {
-            &self.plain
-        };
-        let enc = tk
-            .encode_fast(text, false)
-            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        let tk = if parse_special { &self.special } else { &self.plain };
+        let enc = tk.encode_fast(text, false).map_err(|e| anyhow!("tokenizing failed: {e}"))?;
         let mut ids = Vec::with_capacity(enc.len() + 2);
         if self.add_bos {
             ids.extend(self.bos);
@@ -477,12 +411,7 @@ pub struct TokenStream<'a> {
 
 impl<'a> TokenStream<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self {
-            tokenizer,
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-        }
+        Self { tokenizer, ids: Vec::new(), prefix: 0, read: 0 }
     }
 
     /// Adds one generated id and returns the text it completes, if any.
@@ -513,16 +442,11 @@ impl<'a> TokenStream<'a> {
 
     fn decode_window(&self) -> String {
         // Decoding cannot fail for the decoders we build; an error would only lose display text.
-        self.tokenizer
-            .decode(&self.ids[self.prefix..])
-            .unwrap_or_default()
+        self.tokenizer.decode(&self.ids[self.prefix..]).unwrap_or_default()
     }
 
     fn emit(&mut self, text: String) -> Option<String> {
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..self.read])
-            .unwrap_or_default();
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read]).unwrap_or_default();
         // The window's text normally extends the already-emitted text; if a decoder rewrote the
         // overlap, fall back to the longest common prefix that ends on a character boundary.
         let start = if text.starts_with(&before) {
@@ -533,10 +457,7 @@ impl<'a> TokenStream<'a> {
                 .find(|((_, a), b)| a != b)
                 .map_or_else(|| text.len().min(before.len()), |((i, _), _)| i)
         };
-        let start = (0..=start)
-            .rev()
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(0);
+        let start = (0..=start).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
         let new = &text[start..];
         self.prefix = self.read;
         self.read = self.ids.len();
@@ -566,17 +487,11 @@ mod tests {
     /// A tiny byte-level vocabulary: every byte, a few merges, two control tokens and a
     /// user-defined one, written as a real GGUF file.
     fn fixture(pre: Option<&str>, model: &str, add_bos: Option<bool>) -> Result<Tokenizer> {
-        let mut tokens: Vec<String> = vec![
-            "<|endoftext|>".into(),
-            "<|im_start|>".into(),
-            "<|im_end|>".into(),
-        ];
+        let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
         let mut types = vec![3i32, 3, 3];
         tokens.extend((0..=255u8).map(|b| byte_char(b).to_string()));
         types.extend(std::iter::repeat_n(1, 256));
-        let merges = [
-            "h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d",
-        ];
+        let merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"];
         for m in merges {
             let (a, b) = m.split_once(' ').unwrap();
             tokens.push(format!("{a}{b}"));
@@ -589,14 +504,8 @@ mod tests {
         let mut w = GgufWriter::new();
         w.meta("tokenizer.ggml.model", Value::String(model.into()))
             .meta("tokenizer.ggml.tokens", strings(tokens))
-            .meta(
-                "tokenizer.ggml.token_type",
-                Value::Array(types.into_iter().map(Value::I32).collect()),
-            )
-            .meta(
-                "tokenizer.ggml.merges",
-                strings(merges.iter().map(|s| s.to_string()).collect()),
-            )
+            .meta("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect()))
+            .meta("tokenizer.ggml.merges", strings(merges.iter().map(|s| s.to_string()).collect()))
             .meta("tokenizer.ggml.bos_token_id", Value::U32(1))
             .meta("tokenizer.ggml.eos_token_id", Value::U32(2));
         if let Some(pre) = pre {
@@ -633,10 +542,7 @@ mod tests {
         assert_eq!(t.encode("<tool>", true).unwrap(), vec![tool]);
 
         assert_eq!(t.decode(&ids).unwrap(), "hello");
-        assert_eq!(
-            t.decode_with_special(&ids).unwrap(),
-            "<|im_start|>hello<|im_end|>"
-        );
+        assert_eq!(t.decode_with_special(&ids).unwrap(), "<|im_start|>hello<|im_end|>");
     }
 
     #[test]
@@ -664,16 +570,9 @@ mod tests {
 
     #[test]
     fn unsupported_configurations_are_errors() {
-        let err = fixture(Some("no-such-pre"), "gpt2", None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("unsupported pre-tokenizer \"no-such-pre\""),
-            "{err}"
-        );
-        let err = fixture(Some("smollm"), "llama", None)
-            .unwrap_err()
-            .to_string();
+        let err = fixture(Some("no-such-pre"), "gpt2", None).unwrap_err().to_string();
+        assert!(err.contains("unsupported pre-tokenizer \"no-such-pre\""), "{err}");
+        let err = fixture(Some("smollm"), "llama", None).unwrap_err().to_string();
         assert!(err.contains("not supported yet"), "{err}");
         assert!(fixture(Some("smollm"), "bert", None).is_err());
         // Missing pre name: llama.cpp's "default" split.
@@ -746,43 +645,30 @@ mod tests {
         // Special tokens named by text; no post-processor, so no BOS.
         let cfg = serde_json::json!({"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"});
         let j = Tokenizer::from_json_file(&path, Some(&cfg)).unwrap();
-        assert_eq!(
-            (j.bos_id(), j.eos_id(), j.add_bos()),
-            (Some(1), Some(2), false)
-        );
+        assert_eq!((j.bos_id(), j.eos_id(), j.add_bos()), (Some(1), Some(2), false));
         assert_eq!(j.encode(text, true).unwrap(), t.encode(text, true).unwrap());
-        assert_eq!(
-            j.encode(text, false).unwrap(),
-            t.encode(text, false).unwrap()
-        );
+        assert_eq!(j.encode(text, false).unwrap(), t.encode(text, false).unwrap());
 
         // A post-processor that prepends BOS turns add_bos on; training-time truncation is ignored.
-        let mut json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         json["post_processor"] = serde_json::json!({
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}
         });
-        json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0});
+        json["truncation"] =
+            serde_json::json!({"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0});
         std::fs::write(&path, json.to_string()).unwrap();
         let cfg = serde_json::json!({"bos_token_id": 1, "eos_token_id": [2, 0]});
         let j = Tokenizer::from_json_file(&path, Some(&cfg)).unwrap();
-        assert_eq!(
-            (j.bos_id(), j.eos_id(), j.add_bos()),
-            (Some(1), Some(2), true)
-        );
+        assert_eq!((j.bos_id(), j.eos_id(), j.add_bos()), (Some(1), Some(2), true));
         let ids = j.encode("hello world 42", false).unwrap();
         assert_eq!(ids[0], 1);
         assert_eq!(ids[1..], t.encode("hello world 42", false).unwrap()[..]);
         // An explicit add_bos_token wins over the probe.
         let cfg = serde_json::json!({"bos_token_id": 1, "add_bos_token": false});
-        assert!(
-            !Tokenizer::from_json_file(&path, Some(&cfg))
-                .unwrap()
-                .add_bos()
-        );
+        assert!(!Tokenizer::from_json_file(&path, Some(&cfg)).unwrap().add_bos());
         // No config: no ids, so nothing can be added.
         let j = Tokenizer::from_json_file(&path, None).unwrap();
         assert_eq!((j.bos_id(), j.eos_id(), j.add_bos()), (None, None, false));

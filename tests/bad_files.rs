@@ -17,32 +17,12 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 
 /// The CLI must exit non-zero with an error line, not a panic message.
 fn assert_cli_rejects(model: &Path, expect: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
-        .args(["inspect", "--model"])
-        .arg(model)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnest")).args(["inspect", "--model"]).arg(model).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "{}: expected failure",
-        model.display()
-    );
-    assert!(
-        err.contains("bitnest: error:"),
-        "{}: stderr was {err}",
-        model.display()
-    );
-    assert!(
-        !err.contains("panicked"),
-        "{}: panicked: {err}",
-        model.display()
-    );
-    assert!(
-        err.contains(expect),
-        "{}: stderr {err:?} lacks {expect:?}",
-        model.display()
-    );
+    assert!(!out.status.success(), "{}: expected failure", model.display());
+    assert!(err.contains("bitnest: error:"), "{}: stderr was {err}", model.display());
+    assert!(!err.contains("panicked"), "{}: panicked: {err}", model.display());
+    assert!(err.contains(expect), "{}: stderr {err:?} lacks {expect:?}", model.display());
 }
 
 fn tiny_gguf_bytes(dir: &Path) -> Vec<u8> {
@@ -60,16 +40,9 @@ fn every_truncation_of_a_gguf_is_an_error() {
     let cuts = (0..header_end).chain((header_end..full.len()).step_by(997));
     for cut in cuts {
         let p = write(dir.path(), "cut.gguf", &full[..cut]);
-        assert!(
-            GgufFile::open(&p).is_err(),
-            "truncation at {cut} of {} was accepted",
-            full.len()
-        );
+        assert!(GgufFile::open(&p).is_err(), "truncation at {cut} of {} was accepted", full.len());
     }
-    assert_cli_rejects(
-        &write(dir.path(), "half.gguf", &full[..full.len() / 2]),
-        "truncated",
-    );
+    assert_cli_rejects(&write(dir.path(), "half.gguf", &full[..full.len() / 2]), "truncated");
 }
 
 #[test]
@@ -82,10 +55,7 @@ fn bad_magic_and_wrong_version_are_rejected() {
     for v in [1u32, 4, 0xffff_ffff] {
         let mut bad = full.clone();
         bad[4..8].copy_from_slice(&v.to_le_bytes());
-        assert_cli_rejects(
-            &write(dir.path(), "version.gguf", &bad),
-            "unsupported GGUF version",
-        );
+        assert_cli_rejects(&write(dir.path(), "version.gguf", &bad), "unsupported GGUF version");
     }
 }
 
@@ -99,18 +69,9 @@ fn absurd_sizes_are_rejected_without_allocating() {
         b[at..at + 8].copy_from_slice(&v.to_le_bytes());
         b
     };
-    assert_cli_rejects(
-        &write(dir.path(), "tensors.gguf", &patch(8, u64::MAX)),
-        "tensor count",
-    );
-    assert_cli_rejects(
-        &write(dir.path(), "kv.gguf", &patch(16, 1 << 60)),
-        "metadata count",
-    );
-    assert_cli_rejects(
-        &write(dir.path(), "key.gguf", &patch(24, u64::MAX)),
-        "exceeds",
-    );
+    assert_cli_rejects(&write(dir.path(), "tensors.gguf", &patch(8, u64::MAX)), "tensor count");
+    assert_cli_rejects(&write(dir.path(), "kv.gguf", &patch(16, 1 << 60)), "metadata count");
+    assert_cli_rejects(&write(dir.path(), "key.gguf", &patch(24, u64::MAX)), "exceeds");
 
     // An array whose declared length is enormous: hand-built file.
     let mut b = Vec::new();
@@ -127,22 +88,11 @@ fn absurd_sizes_are_rejected_without_allocating() {
 
     // A tensor with an absurd dimension, and one whose data lies past the end of the file.
     let mut w = bitnest::format::gguf::GgufWriter::new();
-    w.meta(
-        "general.architecture",
-        bitnest::format::gguf::Value::String("llama".into()),
-    );
-    w.tensor(
-        "t",
-        &[4, 32],
-        bitnest::quant::ggml::GgmlType::F32,
-        vec![0u8; 4 * 32 * 4],
-    );
+    w.meta("general.architecture", bitnest::format::gguf::Value::String("llama".into()));
+    w.tensor("t", &[4, 32], bitnest::quant::ggml::GgmlType::F32, vec![0u8; 4 * 32 * 4]);
     let good = w.to_bytes();
     // Locate the tensor info: name "t" (len 1) follows the metadata.
-    let name_at = good
-        .windows(9)
-        .position(|w| w == [1, 0, 0, 0, 0, 0, 0, 0, b't'])
-        .unwrap();
+    let name_at = good.windows(9).position(|w| w == [1, 0, 0, 0, 0, 0, 0, 0, b't']).unwrap();
     let first_dim = name_at + 9 + 4;
     let mut huge = good.clone();
     huge[first_dim..first_dim + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -153,10 +103,7 @@ fn absurd_sizes_are_rejected_without_allocating() {
     assert_cli_rejects(&write(dir.path(), "offset.gguf", &past), "truncated");
     let mut bad_type = good.clone();
     bad_type[first_dim + 16..first_dim + 20].copy_from_slice(&999u32.to_le_bytes());
-    assert_cli_rejects(
-        &write(dir.path(), "type.gguf", &bad_type),
-        "unknown ggml type",
-    );
+    assert_cli_rejects(&write(dir.path(), "type.gguf", &bad_type), "unknown ggml type");
 }
 
 #[test]
@@ -165,14 +112,11 @@ fn broken_safetensors_are_rejected() {
     let (_, hf) = common::write_tiny_llama(dir.path());
     let st = hf.join("model.safetensors");
     let full = std::fs::read(&st).unwrap();
-    assert!(ModelSource::open(&hf).is_ok());
+    assert!(ModelSource::open(&hf, None).is_ok());
 
     for cut in [0usize, 4, 8, 100, full.len() / 2, full.len() - 1] {
         std::fs::write(&st, &full[..cut]).unwrap();
-        assert!(
-            ModelSource::open(&hf).and_then(|s| s.load_f32()).is_err(),
-            "cut at {cut} accepted"
-        );
+        assert!(ModelSource::open(&hf, None).and_then(|s| s.load_f32()).is_err(), "cut at {cut} accepted");
     }
     let mut huge = full.clone();
     huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -193,10 +137,7 @@ fn broken_safetensors_are_rejected() {
 
 #[test]
 fn missing_model_and_bad_options_fail_cleanly() {
-    assert_cli_rejects(
-        Path::new("/nonexistent/model.gguf"),
-        "neither an existing file",
-    );
+    assert_cli_rejects(Path::new("/nonexistent/model.gguf"), "neither an existing file");
     let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
         .args(["run", "--prompt", "hi", "--temperature", "-1"])
         .output()

@@ -10,7 +10,7 @@ mod common;
 const TOKENS: [u32; 7] = [5, 17, 99, 3, 64, 127, 0];
 
 fn logits(path: &std::path::Path) -> Vec<f32> {
-    let m = ModelSource::open(path).unwrap().load_f32().unwrap();
+    let m = ModelSource::open(path, None).unwrap().load_f32().unwrap();
     let mut s = m.new_session(32, 8);
     m.forward(&mut s, &TOKENS, TOKENS.len()).unwrap().to_vec()
 }
@@ -27,20 +27,10 @@ fn gguf_and_safetensors_give_identical_logits() {
 
 /// Plain float64 llama forward over HF tensors, rotate-half RoPE, no KV cache tricks.
 fn reference_forward(d: &SafetensorsDir, tokens: &[u32]) -> Vec<f64> {
-    let get = |n: &str| -> Vec<f64> {
-        d.tensor_f32(n)
-            .unwrap()
-            .unwrap()
-            .1
-            .into_iter()
-            .map(|v| v as f64)
-            .collect()
-    };
+    let get = |n: &str| -> Vec<f64> { d.tensor_f32(n).unwrap().unwrap().1.into_iter().map(|v| v as f64).collect() };
     let (dim, heads, kvh, hd, layers, vocab) = (64, 4, 2, 16, 2, 128);
     let matvec = |w: &[f64], x: &[f64]| -> Vec<f64> {
-        w.chunks(x.len())
-            .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
-            .collect()
+        w.chunks(x.len()).map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
     };
     let norm = |x: &[f64], g: &[f64]| -> Vec<f64> {
         let r = (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + 1e-5).sqrt();
@@ -57,19 +47,13 @@ fn reference_forward(d: &SafetensorsDir, tokens: &[u32]) -> Vec<f64> {
         }
     };
     let emb = get("model.embed_tokens.weight");
-    let mut xs: Vec<Vec<f64>> = tokens
-        .iter()
-        .map(|&t| emb[t as usize * dim..(t as usize + 1) * dim].to_vec())
-        .collect();
+    let mut xs: Vec<Vec<f64>> =
+        tokens.iter().map(|&t| emb[t as usize * dim..(t as usize + 1) * dim].to_vec()).collect();
     for l in 0..layers {
         let p = format!("model.layers.{l}");
         let w = |n: &str| get(&format!("{p}.{n}.weight"));
-        let (wq, wk, wv, wo) = (
-            w("self_attn.q_proj"),
-            w("self_attn.k_proj"),
-            w("self_attn.v_proj"),
-            w("self_attn.o_proj"),
-        );
+        let (wq, wk, wv, wo) =
+            (w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj"), w("self_attn.o_proj"));
         let (g1, g2) = (w("input_layernorm"), w("post_attention_layernorm"));
         let (wg, wu, wd) = (w("mlp.gate_proj"), w("mlp.up_proj"), w("mlp.down_proj"));
         let mut ks = Vec::new();
@@ -89,12 +73,7 @@ fn reference_forward(d: &SafetensorsDir, tokens: &[u32]) -> Vec<f64> {
             for h in 0..heads {
                 let g = h / (heads / kvh);
                 let s: Vec<f64> = (0..=t)
-                    .map(|p| {
-                        (0..hd)
-                            .map(|i| qs[t][h * hd + i] * ks[p][g * hd + i])
-                            .sum::<f64>()
-                            / (hd as f64).sqrt()
-                    })
+                    .map(|p| (0..hd).map(|i| qs[t][h * hd + i] * ks[p][g * hd + i]).sum::<f64>() / (hd as f64).sqrt())
                     .collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
@@ -104,24 +83,16 @@ fn reference_forward(d: &SafetensorsDir, tokens: &[u32]) -> Vec<f64> {
                     }
                 }
             }
-            x.iter_mut()
-                .zip(matvec(&wo, &att))
-                .for_each(|(a, b)| *a += b);
+            x.iter_mut().zip(matvec(&wo, &att)).for_each(|(a, b)| *a += b);
             let xn = norm(x, &g2);
             let (gate, up) = (matvec(&wg, &xn), matvec(&wu, &xn));
-            let h: Vec<f64> = gate
-                .iter()
-                .zip(&up)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
+            let h: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
             x.iter_mut().zip(matvec(&wd, &h)).for_each(|(a, b)| *a += b);
         }
     }
     let (gn, head) = (get("model.norm.weight"), get("lm_head.weight"));
     assert_eq!(head.len(), vocab * dim);
-    xs.iter()
-        .flat_map(|x| matvec(&head, &norm(x, &gn)))
-        .collect()
+    xs.iter().flat_map(|x| matvec(&head, &norm(x, &gn))).collect()
 }
 
 #[test]
@@ -131,11 +102,7 @@ fn both_loaders_match_an_independent_rotate_half_reference() {
     let want = reference_forward(&SafetensorsDir::open(&hf).unwrap(), &TOKENS);
     for path in [&gguf, &hf] {
         let got = logits(path);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - b).abs())
-            .fold(0.0, f64::max);
+        let worst = got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
         assert!(worst < 1e-3, "{}: max |Δlogit| {worst}", path.display());
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use common::{golden, model_path};
 
 fn engine() -> Engine {
-    Engine::load(&model_path()).expect("load the default model")
+    Engine::load(&model_path(), None).expect("load the default model")
 }
 
 /// Teacher-forced over `prompt + greedy`: our argmax must equal llama.cpp's token wherever the
@@ -22,32 +22,18 @@ fn greedy_tokens_and_logits_match_reference() {
         all.extend(&g.greedy_ids);
         let mut s = e.model.new_session(all.len(), 64);
         let n = g.greedy_ids.len();
-        let logits = e
-            .model
-            .forward(&mut s, &all[..all.len() - 1], n)
-            .unwrap()
-            .to_vec();
+        let logits = e.model.forward(&mut s, &all[..all.len() - 1], n).unwrap().to_vec();
         let mut worst = 0f32;
         for i in 0..n {
             let row = &logits[i * vocab..(i + 1) * vocab];
             if g.ref_margin[i] > 0.02 {
-                assert_eq!(
-                    argmax(row),
-                    g.greedy_ids[i],
-                    "{}: position {i} (margin {})",
-                    g.name,
-                    g.ref_margin[i]
-                );
+                assert_eq!(argmax(row), g.greedy_ids[i], "{}: position {i} (margin {})", g.name, g.ref_margin[i]);
             }
             for (id, want) in g.ref_top5_ids[i].iter().zip(&g.ref_top5_logits[i]) {
                 worst = worst.max((row[*id as usize] - want).abs());
             }
         }
-        assert!(
-            worst < 0.05,
-            "{}: logits differ from the f64 reference by up to {worst}",
-            g.name
-        );
+        assert!(worst < 0.05, "{}: logits differ from the f64 reference by up to {worst}", g.name);
         eprintln!("{}: max |Δlogit| = {worst:.5}", g.name);
     }
 }
@@ -77,22 +63,13 @@ fn greedy_generation_matches_llama_cpp() {
         )
         .unwrap();
         // Positions after the first near-tie may legitimately diverge.
-        let trusted = g
-            .ref_margin
-            .iter()
-            .position(|&m| m <= 0.02)
-            .unwrap_or(g.greedy_ids.len());
+        let trusted = g.ref_margin.iter().position(|&m| m <= 0.02).unwrap_or(g.greedy_ids.len());
         let want: Vec<u32> = g.greedy_ids.iter().copied().filter(|&t| t != 2).collect();
         let k = trusted.min(want.len());
         assert_eq!(&out[..k.min(out.len())], &want[..k], "{}", g.name);
         if trusted == g.greedy_ids.len() {
             assert_eq!(out, want, "{}: full continuation", g.name);
-            assert_eq!(
-                e.tokenizer.decode(&out).unwrap(),
-                g.greedy_text,
-                "{}",
-                g.name
-            );
+            assert_eq!(e.tokenizer.decode(&out).unwrap(), g.greedy_text, "{}", g.name);
         }
     }
 }

@@ -11,14 +11,10 @@ const LLAMA_CPP_PPL: f64 = 23.2992;
 
 #[test]
 fn wikitext_ppl_within_one_percent_of_llama_cpp() {
-    let e = Engine::load(&common::model_path()).unwrap();
+    let e = Engine::load(&common::model_path(), None).unwrap();
     let text = std::fs::read_to_string(common::shared("data/wikitext-2-raw-test.txt")).unwrap();
     let tokens = e.tokenizer.encode(&text, false).unwrap();
-    let bos = e
-        .tokenizer
-        .add_bos()
-        .then(|| e.tokenizer.bos_id())
-        .flatten();
+    let bos = e.tokenizer.add_bos().then(|| e.tokenizer.bos_id()).flatten();
     let r = bitnest::ppl::perplexity(&e.model, &tokens, 512, Some(80), bos, |_| {}).unwrap();
     assert_eq!(r.chunks, 80);
     assert_eq!(r.tokens_scored, 80 * 255);
@@ -29,10 +25,5 @@ fn wikitext_ppl_within_one_percent_of_llama_cpp() {
         r.stderr(),
         100.0 * (r.ppl() / LLAMA_CPP_PPL - 1.0)
     );
-    assert!(
-        rel < 0.01,
-        "PPL {:.4} is {:.2}% away from llama.cpp's {LLAMA_CPP_PPL}",
-        r.ppl(),
-        rel * 100.0
-    );
+    assert!(rel < 0.01, "PPL {:.4} is {:.2}% away from llama.cpp's {LLAMA_CPP_PPL}", r.ppl(), rel * 100.0);
 }

@@ -107,19 +107,9 @@ impl Value {
             Value::String(s) => format!("{s:?}"),
             Value::Array(a) => {
                 let head: Vec<String> = a.iter().take(4).map(|v| v.short()).collect();
-                format!(
-                    "[{}{}] ({} items)",
-                    head.join(", "),
-                    if a.len() > 4 { ", …" } else { "" },
-                    a.len()
-                )
+                format!("[{}{}] ({} items)", head.join(", "), if a.len() > 4 { ", …" } else { "" }, a.len())
             }
-            v => format!("{v:?}")
-                .split('(')
-                .nth(1)
-                .unwrap_or("")
-                .trim_end_matches(')')
-                .to_string(),
+            v => format!("{v:?}").split('(').nth(1).unwrap_or("").trim_end_matches(')').to_string(),
         }
     }
 }
@@ -160,20 +150,14 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
         let remaining = (self.buf.len() - self.pos) as u64;
         if n > remaining {
-            bail!(
-                "file truncated: {what} needs {n} bytes at offset {} but only {remaining} remain",
-                self.pos
-            );
+            bail!("file truncated: {what} needs {n} bytes at offset {} but only {remaining} remain", self.pos);
         }
         let s = &self.buf[self.pos..self.pos + n as usize];
         self.pos += n as usize;
         Ok(s)
     }
     fn arr<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        Ok(self
-            .take(N as u64, what)?
-            .try_into()
-            .expect("length checked"))
+        Ok(self.take(N as u64, what)?.try_into().expect("length checked"))
     }
     fn u32(&mut self, what: &str) -> Result<u32> {
         Ok(u32::from_le_bytes(self.arr(what)?))
@@ -183,13 +167,9 @@ impl<'a> Cursor<'a> {
     }
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.u64(what)?;
-        ensure!(
-            len <= MAX_STRING,
-            "{what}: string length {len} exceeds the {MAX_STRING}-byte limit"
-        );
+        ensure!(len <= MAX_STRING, "{what}: string length {len} exceeds the {MAX_STRING}-byte limit");
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .with_context(|| format!("{what}: string is not valid UTF-8"))
+        String::from_utf8(bytes.to_vec()).with_context(|| format!("{what}: string is not valid UTF-8"))
     }
     fn value(&mut self, ty: u32, depth: u32, what: &str) -> Result<Value> {
         Ok(match ty {
@@ -207,16 +187,10 @@ impl<'a> Cursor<'a> {
             },
             8 => Value::String(self.string(what)?),
             9 => {
-                ensure!(
-                    depth < MAX_NESTING,
-                    "{what}: arrays nested deeper than {MAX_NESTING}"
-                );
+                ensure!(depth < MAX_NESTING, "{what}: arrays nested deeper than {MAX_NESTING}");
                 let elem_ty = self.u32(what)?;
                 let len = self.u64(what)?;
-                ensure!(
-                    len <= MAX_ARRAY,
-                    "{what}: array of {len} items exceeds the {MAX_ARRAY} limit"
-                );
+                ensure!(len <= MAX_ARRAY, "{what}: array of {len} items exceeds the {MAX_ARRAY} limit");
                 // Every element takes at least one byte, so a count larger than the rest of
                 // the file is a lie; refuse before reserving memory for it.
                 let remaining = (self.buf.len() - self.pos) as u64;
@@ -243,39 +217,22 @@ impl GgufFile {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the map is read-only; the file is not expected to change while we run, and
         // every access below is bounds-checked against the map's length.
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
         Self::parse(mmap).with_context(|| format!("invalid GGUF file {}", path.display()))
     }
 
     fn parse(mmap: Mmap) -> Result<Self> {
-        let mut c = Cursor {
-            buf: &mmap[..],
-            pos: 0,
-        };
+        let mut c = Cursor { buf: &mmap[..], pos: 0 };
         let magic = c.arr::<4>("magic")?;
-        ensure!(
-            &magic == MAGIC,
-            "bad magic {:?}: not a GGUF file",
-            String::from_utf8_lossy(&magic)
-        );
+        ensure!(&magic == MAGIC, "bad magic {:?}: not a GGUF file", String::from_utf8_lossy(&magic));
         let version = c.u32("version")?;
-        ensure!(
-            version == 2 || version == 3,
-            "unsupported GGUF version {version} (supported: 2, 3)"
-        );
+        ensure!(version == 2 || version == 3, "unsupported GGUF version {version} (supported: 2, 3)");
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         let len = mmap.len() as u64;
         // A metadata entry is at least 13 bytes and a tensor info at least 24.
-        ensure!(
-            n_kv.saturating_mul(13) <= len,
-            "metadata count {n_kv} cannot fit in a {len}-byte file"
-        );
-        ensure!(
-            n_tensors.saturating_mul(24) <= len,
-            "tensor count {n_tensors} cannot fit in a {len}-byte file"
-        );
+        ensure!(n_kv.saturating_mul(13) <= len, "metadata count {n_kv} cannot fit in a {len}-byte file");
+        ensure!(n_tensors.saturating_mul(24) <= len, "tensor count {n_tensors} cannot fit in a {len}-byte file");
 
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
@@ -290,10 +247,7 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => {
                 let a = v.as_u64().context("general.alignment is not an integer")?;
-                ensure!(
-                    a.is_power_of_two() && a <= 1 << 16,
-                    "general.alignment {a} is not a power of two ≤ 65536"
-                );
+                ensure!(a.is_power_of_two() && a <= 1 << 16, "general.alignment {a} is not a power of two ≤ 65536");
                 a
             }
         };
@@ -302,17 +256,11 @@ impl GgufFile {
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor #{i} name"))?;
             let n_dims = c.u32(&name)?;
-            ensure!(
-                (1..=MAX_DIMS).contains(&n_dims),
-                "tensor {name}: {n_dims} dimensions (1..={MAX_DIMS} allowed)"
-            );
+            ensure!((1..=MAX_DIMS).contains(&n_dims), "tensor {name}: {n_dims} dimensions (1..={MAX_DIMS} allowed)");
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 let d = c.u64(&name)?;
-                ensure!(
-                    d > 0 && d <= 1 << 32,
-                    "tensor {name}: dimension {d} out of range"
-                );
+                ensure!(d > 0 && d <= 1 << 32, "tensor {name}: dimension {d} out of range");
                 dims.push(d);
             }
             let ty = c.u32(&name)?;
@@ -321,19 +269,13 @@ impl GgufFile {
             raw.push((name, dims, dtype, off));
         }
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
-        ensure!(
-            data_start <= len,
-            "file truncated before the tensor data section"
-        );
+        ensure!(data_start <= len, "file truncated before the tensor data section");
 
         let mut tensors = Vec::with_capacity(raw.len());
         let mut names = std::collections::HashSet::new();
         for (name, dims, dtype, off) in raw {
             ensure!(names.insert(name.clone()), "duplicate tensor name {name}");
-            let n: u64 = dims
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .context("tensor size overflows")?;
+            let n: u64 = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).context("tensor size overflows")?;
             ensure!(n <= 1 << 40, "tensor {name}: {n} elements is absurd");
             ensure!(
                 dims[0] % dtype.block_size() as u64 == 0,
@@ -343,18 +285,10 @@ impl GgufFile {
                 dtype.block_size()
             );
             let size = n / dtype.block_size() as u64 * dtype.block_bytes() as u64;
-            ensure!(
-                off % alignment == 0,
-                "tensor {name}: offset {off} is not aligned to {alignment}"
-            );
-            let start = data_start
-                .checked_add(off)
-                .context("tensor offset overflows")?;
+            ensure!(off % alignment == 0, "tensor {name}: offset {off} is not aligned to {alignment}");
+            let start = data_start.checked_add(off).context("tensor offset overflows")?;
             let end = start.checked_add(size).context("tensor size overflows")?;
-            ensure!(
-                end <= len,
-                "file truncated: tensor {name} needs bytes {start}..{end} but the file has {len}"
-            );
+            ensure!(end <= len, "file truncated: tensor {name} needs bytes {start}..{end} but the file has {len}");
             tensors.push(TensorInfo {
                 name,
                 shape: dims.iter().rev().map(|&d| d as usize).collect(),
@@ -363,13 +297,7 @@ impl GgufFile {
                 size_bytes: size as usize,
             });
         }
-        Ok(GgufFile {
-            version,
-            metadata,
-            tensors,
-            alignment,
-            mmap,
-        })
+        Ok(GgufFile { version, metadata, tensors, alignment, mmap })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -414,15 +342,8 @@ impl GgufWriter {
         self
     }
     /// Adds an already-encoded tensor; `shape` is row-major (outermost first).
-    pub fn tensor(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        dtype: GgmlType,
-        bytes: Vec<u8>,
-    ) -> &mut Self {
-        self.tensors
-            .push((name.to_string(), shape.to_vec(), dtype, bytes));
+    pub fn tensor(&mut self, name: &str, shape: &[usize], dtype: GgmlType, bytes: Vec<u8>) -> &mut Self {
+        self.tensors.push((name.to_string(), shape.to_vec(), dtype, bytes));
         self
     }
 

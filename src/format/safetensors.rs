@@ -29,30 +29,24 @@ pub struct SafetensorsDir {
 impl SafetensorsDir {
     pub fn open(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg_text = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-        let config: serde_json::Value = serde_json::from_str(&cfg_text)
-            .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let cfg_text =
+            std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&cfg_text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot list {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
             .collect();
         files.sort();
-        ensure!(
-            !files.is_empty(),
-            "no *.safetensors files in {}",
-            dir.display()
-        );
+        ensure!(!files.is_empty(), "no *.safetensors files in {}", dir.display());
         let mut shards = Vec::new();
         let mut index = HashMap::new();
         for (i, path) in files.iter().enumerate() {
             let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: read-only map; every access goes through safetensors' bounds checks.
-            let mmap = unsafe { Mmap::map(&f) }
-                .with_context(|| format!("cannot map {}", path.display()))?;
-            check_header(&mmap)
-                .with_context(|| format!("invalid safetensors file {}", path.display()))?;
+            let mmap = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+            check_header(&mmap).with_context(|| format!("invalid safetensors file {}", path.display()))?;
             let st = SafeTensors::deserialize(&mmap)
                 .with_context(|| format!("invalid safetensors file {}", path.display()))?;
             for name in st.names() {
@@ -62,12 +56,7 @@ impl SafetensorsDir {
             }
             shards.push(mmap);
         }
-        Ok(SafetensorsDir {
-            dir: dir.to_path_buf(),
-            config,
-            shards,
-            index,
-        })
+        Ok(SafetensorsDir { dir: dir.to_path_buf(), config, shards, index })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -83,18 +72,9 @@ impl SafetensorsDir {
         let t = st.tensor(name)?;
         let bytes = t.data();
         let data: Vec<f32> = match t.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             d => bail!("tensor {name}: dtype {d:?} is not supported (f32, f16, bf16 are)"),
         };
         Ok(Some((t.shape().to_vec(), data)))
@@ -103,18 +83,10 @@ impl SafetensorsDir {
 
 /// Rejects absurd header lengths before the safetensors crate allocates for them.
 fn check_header(buf: &[u8]) -> Result<()> {
-    ensure!(
-        buf.len() >= 8,
-        "file truncated: {} bytes, no header",
-        buf.len()
-    );
+    ensure!(buf.len() >= 8, "file truncated: {} bytes, no header", buf.len());
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
     ensure!(n <= MAX_HEADER, "header length {n} is absurd");
-    ensure!(
-        8 + n <= buf.len() as u64,
-        "file truncated: header needs {n} bytes, file has {}",
-        buf.len() - 8
-    );
+    ensure!(8 + n <= buf.len() as u64, "file truncated: header needs {n} bytes, file has {}", buf.len() - 8);
     Ok(())
 }
 
@@ -158,8 +130,7 @@ pub fn permute_qk(data: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
             for j in 0..half {
                 let src = h * head_dim + s * half + j;
                 let dst = h * head_dim + 2 * j + s;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -172,27 +143,15 @@ mod tests {
 
     #[test]
     fn names_map_both_ways_for_a_block() {
-        assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
-            "model.layers.3.self_attn.q_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_k.bias").unwrap(),
-            "model.layers.0.self_attn.k_proj.bias"
-        );
-        assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
+        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias").unwrap(), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
         assert!(hf_name("blk.0.nonsense.weight").is_none());
     }
 
     #[test]
     fn permute_pairs_halves_into_neighbours() {
         // one head of dim 4, cols 1: [a0 a1 | b0 b1] → [a0 b0 a1 b1]
-        assert_eq!(
-            permute_qk(&[0.0, 1.0, 10.0, 11.0], 1, 1),
-            vec![0.0, 10.0, 1.0, 11.0]
-        );
+        assert_eq!(permute_qk(&[0.0, 1.0, 10.0, 11.0], 1, 1), vec![0.0, 10.0, 1.0, 11.0]);
     }
 }

@@ -17,14 +17,7 @@ pub struct HeadView<'a> {
 ///
 /// The arithmetic only uses plain multiply and add in a fixed order, so the AVX2 build of this
 /// function and the baseline build give identical results; the dispatch only changes speed.
-pub fn attend(
-    q: &[f32],
-    kv: HeadView,
-    len: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+pub fn attend(q: &[f32], kv: HeadView, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
@@ -37,26 +30,12 @@ pub fn attend(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(
-    q: &[f32],
-    kv: HeadView,
-    len: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+unsafe fn attend_avx2(q: &[f32], kv: HeadView, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
     attend_body(q, kv, len, scale, scores, out)
 }
 
 #[inline(always)]
-fn attend_body(
-    q: &[f32],
-    kv: HeadView,
-    len: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_body(q: &[f32], kv: HeadView, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
     let hd = q.len();
     let at = |p: usize| p * kv.stride + kv.offset..p * kv.stride + kv.offset + hd;
     for (p, sc) in scores[..len].iter_mut().enumerate() {
@@ -76,47 +55,24 @@ mod tests {
     #[test]
     fn matches_naive_f64_attention() {
         let (hd, stride, offset, len) = (16, 48, 16, 13);
-        let keys: Vec<f32> = (0..len * stride)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-            .collect();
-        let values: Vec<f32> = (0..len * stride)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2)
-            .collect();
+        let keys: Vec<f32> = (0..len * stride).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+        let values: Vec<f32> = (0..len * stride).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2).collect();
         let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.3).sin()).collect();
         let mut scores = vec![0f32; len];
         let mut out = vec![0f32; hd];
-        let kv = HeadView {
-            keys: &keys,
-            values: &values,
-            stride,
-            offset,
-        };
+        let kv = HeadView { keys: &keys, values: &values, stride, offset };
         attend(&q, kv, len, 0.25, &mut scores, &mut out);
         let s: Vec<f64> = (0..len)
-            .map(|p| {
-                (0..hd)
-                    .map(|d| q[d] as f64 * keys[p * stride + offset + d] as f64)
-                    .sum::<f64>()
-                    * 0.25
-            })
+            .map(|p| (0..hd).map(|d| q[d] as f64 * keys[p * stride + offset + d] as f64).sum::<f64>() * 0.25)
             .collect();
         let m = s.iter().cloned().fold(f64::MIN, f64::max);
         let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
         for d in 0..hd {
-            let want: f64 = (0..len)
-                .map(|p| (s[p] - m).exp() / z * values[p * stride + offset + d] as f64)
-                .sum();
-            assert!(
-                (out[d] as f64 - want).abs() < 1e-5,
-                "dim {d}: {} vs {want}",
-                out[d]
-            );
+            let want: f64 = (0..len).map(|p| (s[p] - m).exp() / z * values[p * stride + offset + d] as f64).sum();
+            assert!((out[d] as f64 - want).abs() < 1e-5, "dim {d}: {} vs {want}", out[d]);
         }
         let mut base = vec![0f32; hd];
         attend_body(&q, kv, len, 0.25, &mut scores, &mut base);
-        assert_eq!(
-            out, base,
-            "dispatched path equals the baseline build bit for bit"
-        );
+        assert_eq!(out, base, "dispatched path equals the baseline build bit for bit");
     }
 }

@@ -37,12 +37,7 @@ impl DenseF32 {
         if let Some(b) = &bias {
             assert_eq!(b.len(), rows, "bias length must equal rows");
         }
-        DenseF32 {
-            w,
-            bias,
-            rows,
-            cols,
-        }
+        DenseF32 { w, bias, rows, cols }
     }
 
     pub fn weights(&self) -> &[f32] {
@@ -59,14 +54,7 @@ impl Linear for DenseF32 {
     }
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         assert!(x.len() >= n * self.cols && y.len() >= n * self.rows);
-        matmul(
-            &self.w,
-            self.rows,
-            self.cols,
-            &x[..n * self.cols],
-            n,
-            &mut y[..n * self.rows],
-        );
+        matmul(&self.w, self.rows, self.cols, &x[..n * self.cols], n, &mut y[..n * self.rows]);
         if let Some(b) = &self.bias {
             for row in y[..n * self.rows].chunks_exact_mut(self.rows) {
                 row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
@@ -115,16 +103,7 @@ pub fn matmul(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut 
 /// # Safety
 /// `out` must point to an `n × rows` buffer and no other thread may write rows `[r0, r1)`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_rows(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    n: usize,
-    out: OutPtr,
-    r0: usize,
-    r1: usize,
-) {
+unsafe fn matmul_rows(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, out: OutPtr, r0: usize, r1: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -132,20 +111,7 @@ unsafe fn matmul_rows(
             return unsafe { avx2::matmul_rows(w, rows, cols, x, n, out, r0, r1) };
         }
     }
-    unsafe {
-        drive(
-            w,
-            rows,
-            cols,
-            x,
-            n,
-            out,
-            r0,
-            r1,
-            tile_scalar::<TR, TT>,
-            tile_scalar::<1, 1>,
-        )
-    }
+    unsafe { drive(w, rows, cols, x, n, out, r0, r1, tile_scalar::<TR, TT>, tile_scalar::<1, 1>) }
 }
 
 /// Walks the output in `TR × TT` tiles (edges one element at a time) with the given tile kernels.
@@ -208,13 +174,7 @@ fn finish(a: &[f32; LANES], wr: &[f32], xr: &[f32], full: usize) -> f32 {
 
 /// Scalar reference tile: dot products of `R` weight rows from `r` with `T` token rows from
 /// `t`, eight interleaved partial sums each, exactly as the SIMD lanes compute them.
-fn tile_scalar<const R: usize, const T: usize>(
-    w: &[f32],
-    cols: usize,
-    x: &[f32],
-    r: usize,
-    t: usize,
-) -> [[f32; T]; R] {
+fn tile_scalar<const R: usize, const T: usize>(w: &[f32], cols: usize, x: &[f32], r: usize, t: usize) -> [[f32; T]; R] {
     let full = cols / LANES * LANES;
     let mut res = [[0f32; T]; R];
     for (i, res_row) in res.iter_mut().enumerate() {
@@ -251,12 +211,8 @@ mod avx2 {
         r1: usize,
     ) {
         // SAFETY: this function only runs when AVX2 and FMA are present.
-        let full = |w: &[f32], c: usize, x: &[f32], r: usize, t: usize| unsafe {
-            tile::<TR, TT>(w, c, x, r, t)
-        };
-        let one = |w: &[f32], c: usize, x: &[f32], r: usize, t: usize| unsafe {
-            tile::<1, 1>(w, c, x, r, t)
-        };
+        let full = |w: &[f32], c: usize, x: &[f32], r: usize, t: usize| unsafe { tile::<TR, TT>(w, c, x, r, t) };
+        let one = |w: &[f32], c: usize, x: &[f32], r: usize, t: usize| unsafe { tile::<1, 1>(w, c, x, r, t) };
         unsafe { drive(w, rows, cols, x, n, out, r0, r1, full, one) }
     }
 
@@ -278,8 +234,7 @@ mod avx2 {
         while k < full {
             // SAFETY: k + 8 ≤ cols and the rows were bounds-checked above.
             unsafe {
-                let xv: [__m256; T] =
-                    std::array::from_fn(|j| _mm256_loadu_ps(xp.add((t + j) * cols + k)));
+                let xv: [__m256; T] = std::array::from_fn(|j| _mm256_loadu_ps(xp.add((t + j) * cols + k)));
                 for (i, acc_row) in acc.iter_mut().enumerate() {
                     let wv = _mm256_loadu_ps(wp.add((r + i) * cols + k));
                     for (a, xj) in acc_row.iter_mut().zip(&xv) {
@@ -313,9 +268,7 @@ mod tests {
         let mut y = vec![0f64; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                y[t * rows + r] = (0..cols)
-                    .map(|k| w[r * cols + k] as f64 * x[t * cols + k] as f64)
-                    .sum();
+                y[t * rows + r] = (0..cols).map(|k| w[r * cols + k] as f64 * x[t * cols + k] as f64).sum();
             }
         }
         y
@@ -324,25 +277,14 @@ mod tests {
     #[test]
     fn matches_f64_reference_on_odd_shapes() {
         let mut rng = StdRng::seed_from_u64(7);
-        for &(rows, cols, n) in &[
-            (1, 1, 1),
-            (5, 13, 2),
-            (37, 64, 7),
-            (96, 577, 4),
-            (130, 96, 1),
-        ] {
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
+        for &(rows, cols, n) in &[(1, 1, 1), (5, 13, 2), (37, 64, 7), (96, 577, 4), (130, 96, 1)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
             let mut y = vec![0f32; n * rows];
             matmul(&w, rows, cols, &x, n, &mut y);
             let r = reference(&w, rows, cols, &x, n);
             for (a, b) in y.iter().zip(&r) {
-                assert!(
-                    (*a as f64 - b).abs() < 1e-4 * (cols as f64).sqrt(),
-                    "{a} vs {b} at {rows}x{cols}x{n}"
-                );
+                assert!((*a as f64 - b).abs() < 1e-4 * (cols as f64).sqrt(), "{a} vs {b} at {rows}x{cols}x{n}");
             }
         }
     }
@@ -351,26 +293,13 @@ mod tests {
     fn simd_path_equals_portable_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(3);
         let (rows, cols, n) = (45, 203, 5);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut fast = vec![0f32; n * rows];
         let mut slow = vec![0f32; n * rows];
         matmul(&w, rows, cols, &x, n, &mut fast);
         unsafe {
-            drive(
-                &w,
-                rows,
-                cols,
-                &x,
-                n,
-                OutPtr(slow.as_mut_ptr()),
-                0,
-                rows,
-                tile_scalar::<TR, TT>,
-                tile_scalar::<1, 1>,
-            )
+            drive(&w, rows, cols, &x, n, OutPtr(slow.as_mut_ptr()), 0, rows, tile_scalar::<TR, TT>, tile_scalar::<1, 1>)
         };
         assert_eq!(fast, slow);
     }
@@ -379,9 +308,7 @@ mod tests {
     fn batch_invariant_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(11);
         let (rows, cols, n) = (70, 576, 9);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut all = vec![0f32; n * rows];
         matmul(&w, rows, cols, &x, n, &mut all);

@@ -2,11 +2,11 @@
 //! `config.json`, and checked for consistency before any weight is touched.
 
 use anyhow::{Context, Result, ensure};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::format::gguf::GgufFile;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
     /// Architecture name as the source file spells it (`llama`, `qwen2`, `mistral`…).
     pub arch: String,
@@ -29,11 +29,8 @@ impl LlamaConfig {
     }
 
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let arch = g
-            .get("general.architecture")
-            .and_then(|v| v.as_str())
-            .context("missing general.architecture")?
-            .to_string();
+        let arch =
+            g.get("general.architecture").and_then(|v| v.as_str()).context("missing general.architecture")?.to_string();
         ensure!(
             matches!(arch.as_str(), "llama" | "qwen2" | "mistral"),
             "architecture {arch:?} is not supported (llama, qwen2, mistral are)"
@@ -112,42 +109,20 @@ impl LlamaConfig {
             head_dim: int("head_dim").unwrap_or(dim / n_heads),
             ffn_dim: int("intermediate_size")?,
             vocab_size: int("vocab_size")?,
-            rope_base: v
-                .get("rope_theta")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(10000.0),
-            rms_eps: v
-                .get("rms_norm_eps")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(1e-5) as f32,
+            rope_base: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
+            rms_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5) as f32,
             max_seq: int("max_position_embeddings").unwrap_or(2048),
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let c = self;
-        ensure!(
-            c.n_layers > 0 && c.n_layers <= 1024,
-            "layer count {} out of range",
-            c.n_layers
-        );
-        ensure!(
-            c.dim > 0 && c.dim <= 1 << 16,
-            "embedding size {} out of range",
-            c.dim
-        );
-        ensure!(
-            c.ffn_dim > 0 && c.ffn_dim <= 1 << 18,
-            "feed-forward size {} out of range",
-            c.ffn_dim
-        );
-        ensure!(
-            c.vocab_size > 0 && c.vocab_size <= 1 << 21,
-            "vocabulary size {} out of range",
-            c.vocab_size
-        );
+        ensure!(c.n_layers > 0 && c.n_layers <= 1024, "layer count {} out of range", c.n_layers);
+        ensure!(c.dim > 0 && c.dim <= 1 << 16, "embedding size {} out of range", c.dim);
+        ensure!(c.ffn_dim > 0 && c.ffn_dim <= 1 << 18, "feed-forward size {} out of range", c.ffn_dim);
+        ensure!(c.vocab_size > 0 && c.vocab_size <= 1 << 21, "vocabulary size {} out of range", c.vocab_size);
         ensure!(
             c.n_kv_heads > 0 && c.n_heads.is_multiple_of(c.n_kv_heads),
             "{} heads cannot be grouped over {} KV heads",
@@ -159,16 +134,8 @@ impl LlamaConfig {
             "head size {} must be even and ≤ 1024",
             c.head_dim
         );
-        ensure!(
-            c.rope_base.is_finite() && c.rope_base > 0.0,
-            "RoPE base {} is not positive",
-            c.rope_base
-        );
-        ensure!(
-            c.rms_eps.is_finite() && c.rms_eps >= 0.0,
-            "RMSNorm epsilon {} is invalid",
-            c.rms_eps
-        );
+        ensure!(c.rope_base.is_finite() && c.rope_base > 0.0, "RoPE base {} is not positive", c.rope_base);
+        ensure!(c.rms_eps.is_finite() && c.rms_eps >= 0.0, "RMSNorm epsilon {} is invalid", c.rms_eps);
         ensure!(c.max_seq > 0, "context length is 0");
         Ok(())
     }

@@ -119,19 +119,10 @@ impl Llama {
 
     /// Runs `tokens` at positions `s.pos..` and returns the logits of the last `n_logits` of
     /// them (`n_logits × vocab`, row-major). Long inputs are split into `max_batch` chunks.
-    pub fn forward<'s>(
-        &self,
-        s: &'s mut Session,
-        tokens: &[u32],
-        n_logits: usize,
-    ) -> Result<&'s [f32]> {
+    pub fn forward<'s>(&self, s: &'s mut Session, tokens: &[u32], n_logits: usize) -> Result<&'s [f32]> {
         let c = &self.config;
         ensure!(!tokens.is_empty(), "forward needs at least one token");
-        ensure!(
-            n_logits <= tokens.len(),
-            "asked for {n_logits} logit rows from {} tokens",
-            tokens.len()
-        );
+        ensure!(n_logits <= tokens.len(), "asked for {n_logits} logit rows from {} tokens", tokens.len());
         ensure!(
             s.pos + tokens.len() <= s.capacity,
             "context full: {} tokens already, {} more would exceed the context size {}",
@@ -140,10 +131,7 @@ impl Llama {
             s.capacity
         );
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            anyhow::bail!(
-                "token id {bad} is outside the vocabulary of {}",
-                c.vocab_size
-            );
+            anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
         }
         let need = n_logits * c.vocab_size;
         if s.logits.len() < need {
@@ -160,15 +148,9 @@ impl Llama {
                 let n = hi - lo;
                 for (i, row) in (lo - done..hi - done).enumerate() {
                     let src = &s.x[row * c.dim..(row + 1) * c.dim];
-                    rms_norm(
-                        src,
-                        &self.norm,
-                        c.rms_eps,
-                        &mut s.tmp[i * c.dim..(i + 1) * c.dim],
-                    );
+                    rms_norm(src, &self.norm, c.rms_eps, &mut s.tmp[i * c.dim..(i + 1) * c.dim]);
                 }
-                let out = &mut s.logits
-                    [(lo - first_logit) * c.vocab_size..(lo - first_logit + n) * c.vocab_size];
+                let out = &mut s.logits[(lo - first_logit) * c.vocab_size..(lo - first_logit + n) * c.vocab_size];
                 self.head.forward(&s.tmp, n, out);
             }
             done = hi;
@@ -189,12 +171,7 @@ impl Llama {
         for (l, b) in self.blocks.iter().enumerate() {
             // Attention.
             for t in 0..n {
-                rms_norm(
-                    &s.x[t * dim..(t + 1) * dim],
-                    &b.attn_norm,
-                    c.rms_eps,
-                    &mut s.xn[t * dim..(t + 1) * dim],
-                );
+                rms_norm(&s.x[t * dim..(t + 1) * dim], &b.attn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
             }
             b.wq.forward(&s.xn, n, &mut s.q);
             b.wk.forward(&s.xn, n, &mut s.k);
@@ -210,28 +187,17 @@ impl Llama {
             }
             self.attention(s, l, n);
             b.wo.forward(&s.att, n, &mut s.tmp);
-            s.x[..n * dim]
-                .iter_mut()
-                .zip(&s.tmp)
-                .for_each(|(x, d)| *x += d);
+            s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
 
             // MLP.
             for t in 0..n {
-                rms_norm(
-                    &s.x[t * dim..(t + 1) * dim],
-                    &b.ffn_norm,
-                    c.rms_eps,
-                    &mut s.xn[t * dim..(t + 1) * dim],
-                );
+                rms_norm(&s.x[t * dim..(t + 1) * dim], &b.ffn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
             }
             b.w_gate.forward(&s.xn, n, &mut s.gate);
             b.w_up.forward(&s.xn, n, &mut s.up);
             silu_mul(&mut s.gate[..n * c.ffn_dim], &s.up);
             b.w_down.forward(&s.gate, n, &mut s.tmp);
-            s.x[..n * dim]
-                .iter_mut()
-                .zip(&s.tmp)
-                .for_each(|(x, d)| *x += d);
+            s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
         }
         s.pos += n;
     }
@@ -250,18 +216,11 @@ impl Llama {
         let att = SyncPtr(s.att.as_mut_ptr());
         let start = s.pos;
         let work = |(h, scores): (usize, &mut [f32])| {
-            let kv = HeadView {
-                keys: kc,
-                values: vc,
-                stride: kv_dim,
-                offset: (h / group) * hd,
-            };
+            let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: (h / group) * hd };
             for t in 0..n {
                 let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                 // SAFETY: head h owns columns [h·hd, (h+1)·hd) of every att row; rows < n.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(att.get().add(t * q_dim + h * hd), hd)
-                };
+                let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(t * q_dim + h * hd), hd) };
                 attend(qh, kv, start + t + 1, scale, scores, out);
             }
         };

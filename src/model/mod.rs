@@ -2,8 +2,10 @@
 
 pub mod config;
 pub mod llama;
+pub mod plan;
 pub mod source;
 
 pub use config::LlamaConfig;
 pub use llama::{Llama, Session};
+pub use plan::BitsPlan;
 pub use source::ModelSource;

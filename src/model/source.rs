@@ -10,22 +10,38 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::config::LlamaConfig;
 use super::llama::{Block, Llama};
+use super::plan::BitsPlan;
+use crate::format::bnest::{BnestFile, Encoding};
 use crate::format::gguf::GgufFile;
 use crate::format::safetensors::{SafetensorsDir, hf_name, permute_qk};
 use crate::kernels::ops::Rope;
 use crate::kernels::{DenseF32, Linear};
+use crate::tokenizer::Tokenizer;
 
 /// An opened model file or directory, before its weights are materialized.
+#[allow(clippy::large_enum_variant)] // one per process; boxing buys nothing
 pub enum ModelSource {
     Gguf(GgufFile),
     HfDir(SafetensorsDir),
+    /// A bit-plane file, read at the precision `plan` asks for.
+    Bnest(BnestFile, BitsPlan),
 }
 
 impl ModelSource {
-    /// A directory is read as a Hugging Face checkpoint; a file must be GGUF.
-    pub fn open(path: &Path) -> Result<Self> {
+    /// A directory is read as a Hugging Face checkpoint; a file is `.bnest` or GGUF. `plan`
+    /// picks the precision of a `.bnest` file and must be absent for the others.
+    pub fn open(path: &Path, plan: Option<BitsPlan>) -> Result<Self> {
+        let bnest = path.is_file() && BnestFile::sniff(path);
+        if plan.is_some() && !bnest {
+            bail!(
+                "--bits and --bits-plan need a .bnest file (make one with `bitnest quantize`); {} is not one",
+                path.display()
+            );
+        }
         if path.is_dir() {
             Ok(Self::HfDir(SafetensorsDir::open(path)?))
+        } else if bnest {
+            Ok(Self::Bnest(BnestFile::open(path)?, plan.unwrap_or_default()))
         } else if path.is_file() {
             Ok(Self::Gguf(GgufFile::open(path)?))
         } else {
@@ -37,23 +53,34 @@ impl ModelSource {
         match self {
             Self::Gguf(g) => LlamaConfig::from_gguf(g),
             Self::HfDir(d) => LlamaConfig::from_hf_json(&d.config),
+            Self::Bnest(b, _) => Ok(b.header.config.clone()),
+        }
+    }
+
+    /// The tokenizer the model ships with.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            Self::Gguf(g) => Tokenizer::from_gguf(g),
+            Self::HfDir(d) => {
+                let tc = std::fs::read_to_string(d.dir.join("tokenizer_config.json"))
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+                Tokenizer::from_json_file(&d.dir.join("tokenizer.json"), tc.as_ref().or(Some(&d.config)))
+            }
+            Self::Bnest(b, _) => Tokenizer::from_embedded(&b.header.tokenizer),
         }
     }
 
     /// The Jinja chat template the model ships with, if any.
     pub fn chat_template(&self) -> Option<String> {
         match self {
-            Self::Gguf(g) => g
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.as_str())
-                .map(str::to_string),
+            Self::Gguf(g) => g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
             Self::HfDir(d) => {
                 let cfg = std::fs::read_to_string(d.dir.join("tokenizer_config.json")).ok()?;
                 let v: serde_json::Value = serde_json::from_str(&cfg).ok()?;
-                v.get("chat_template")
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string)
+                v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
             }
+            Self::Bnest(b, _) => b.header.chat_template.clone(),
         }
     }
 
@@ -62,11 +89,9 @@ impl ModelSource {
         match self {
             Self::Gguf(g) => match g.tensor(name) {
                 None => Ok(None),
-                Some(info) => Ok(Some((
-                    info.shape.clone(),
-                    g.tensor_f32(info)
-                        .with_context(|| format!("tensor {name}"))?,
-                ))),
+                Some(info) => {
+                    Ok(Some((info.shape.clone(), g.tensor_f32(info).with_context(|| format!("tensor {name}"))?)))
+                }
             },
             Self::HfDir(d) => {
                 let Some(hf) = hf_name(name) else {
@@ -96,6 +121,20 @@ impl ModelSource {
                     None => (shape, data),
                 }))
             }
+            Self::Bnest(b, plan) => {
+                let Some(t) = b.tensor(name) else { return Ok(None) };
+                let data = match &t.encoding {
+                    Encoding::F32 { .. } => b.f32_data(t)?,
+                    Encoding::Planes { master_bits, .. } => {
+                        let r = plan.bits_for(name, *master_bits)?;
+                        let planes = b.planes(t, r)?;
+                        let mut out = vec![0f32; planes.rows * planes.cols];
+                        planes.dequantize(r, &mut out).with_context(|| format!("tensor {name}"))?;
+                        out
+                    }
+                };
+                Ok(Some((t.shape.clone(), data)))
+            }
         }
     }
 
@@ -103,6 +142,7 @@ impl ModelSource {
         match self {
             Self::Gguf(g) => g.tensor(name).is_some(),
             Self::HfDir(d) => hf_name(name).is_some_and(|hf| d.names().any(|n| n == hf)),
+            Self::Bnest(b, _) => b.tensor(name).is_some(),
         }
     }
 
@@ -110,33 +150,20 @@ impl ModelSource {
     pub fn load_f32(&self) -> Result<Llama> {
         let cfg = self.config()?;
         let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let (s, d) = self
-                .tensor(name, &cfg)?
-                .with_context(|| format!("missing tensor {name}"))?;
-            ensure!(
-                s == shape,
-                "tensor {name} has shape {s:?}, expected {shape:?}"
-            );
+            let (s, d) = self.tensor(name, &cfg)?.with_context(|| format!("missing tensor {name}"))?;
+            ensure!(s == shape, "tensor {name} has shape {s:?}, expected {shape:?}");
             Ok(d)
         };
         let opt_bias = |name: &str, len: usize| -> Result<Option<Vec<f32>>> {
             match self.tensor(name, &cfg)? {
                 None => Ok(None),
                 Some((s, d)) => {
-                    ensure!(
-                        s == [len],
-                        "tensor {name} has shape {s:?}, expected [{len}]"
-                    );
+                    ensure!(s == [len], "tensor {name} has shape {s:?}, expected [{len}]");
                     Ok(Some(d))
                 }
             }
         };
-        let (dim, q_dim, kv_dim, ffn) = (
-            cfg.dim,
-            cfg.n_heads * cfg.head_dim,
-            cfg.kv_dim(),
-            cfg.ffn_dim,
-        );
+        let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn_dim);
         let dense = |name: &str, rows: usize, cols: usize| -> Result<Box<dyn Linear>> {
             let w = get(&format!("{name}.weight"), &[rows, cols])?;
             let b = opt_bias(&format!("{name}.bias"), rows)?;
@@ -164,13 +191,6 @@ impl ModelSource {
         }
         let norm = get("output_norm.weight", &[dim])?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq);
-        Ok(Llama {
-            config: cfg,
-            embed,
-            blocks,
-            norm,
-            head,
-            rope,
-        })
+        Ok(Llama { config: cfg, embed, blocks, norm, head, rope })
     }
 }

@@ -67,13 +67,15 @@ impl QuantConfig {
             );
         }
         ensure!(
-            !self.scale_search.is_empty()
-                && self.scale_search.iter().all(|s| *s > 0.0 && s.is_finite()),
+            !self.scale_search.is_empty() && self.scale_search.iter().all(|s| *s > 0.0 && s.is_finite()),
             "scale search multipliers must be positive"
         );
         Ok(())
     }
 }
+
+/// Scale bits, offset bits and datatype id of one group.
+type GroupMeta = (u16, u16, u8);
 
 /// A quantized `rows × cols` matrix as bit planes plus per-group metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,20 +105,13 @@ impl BitPlanes {
     /// Quantizes `w` (`rows × cols`, row-major).
     pub fn quantize(w: &[f32], rows: usize, cols: usize, cfg: &QuantConfig) -> Result<Self> {
         cfg.validate()?;
-        ensure!(
-            w.len() == rows * cols,
-            "weights have {} values, expected {rows} × {cols}",
-            w.len()
-        );
-        ensure!(
-            w.iter().all(|v| v.is_finite()),
-            "weights contain NaN or infinity"
-        );
+        ensure!(w.len() == rows * cols, "weights have {} values, expected {rows} × {cols}", w.len());
+        ensure!(w.iter().all(|v| v.is_finite()), "weights contain NaN or infinity");
         let gpr = cols.div_ceil(cfg.group);
         let rb = row_bytes(cols);
         let m = cfg.master_bits as usize;
         // Per row: codes packed into planes, and group metadata.
-        let per_row: Vec<(Vec<u8>, Vec<(u16, u16, u8)>)> = w
+        let per_row: Vec<(Vec<u8>, Vec<GroupMeta>)> = w
             .par_chunks(cols)
             .map(|row| {
                 let mut bits = vec![0u8; m * rb];
@@ -149,16 +144,7 @@ impl BitPlanes {
                 dtypes.push(d);
             }
         }
-        Ok(BitPlanes {
-            rows,
-            cols,
-            group: cfg.group,
-            master_bits: cfg.master_bits,
-            planes,
-            scales,
-            offsets,
-            dtypes,
-        })
+        Ok(BitPlanes { rows, cols, group: cfg.group, master_bits: cfg.master_bits, planes, scales, offsets, dtypes })
     }
 
     /// The master code of weight (`row`, `col`) as far as the first `r` planes tell.
@@ -175,39 +161,27 @@ impl BitPlanes {
     /// Reference decode of the `r`-plane view into `out` (`rows × cols`). This is the meaning
     /// of the format; fast kernels are tested against it.
     pub fn dequantize(&self, r: u32, out: &mut [f32]) -> Result<()> {
-        ensure!(
-            r >= 1 && r <= self.master_bits,
-            "cannot read {r} planes of a {}-plane tensor",
-            self.master_bits
-        );
-        ensure!(
-            out.len() == self.rows * self.cols,
-            "output has the wrong size"
-        );
+        ensure!(r >= 1 && r <= self.master_bits, "cannot read {r} planes of a {}-plane tensor", self.master_bits);
+        ensure!(out.len() == self.rows * self.cols, "output has the wrong size");
         let gpr = self.groups_per_row();
         let m = self.master_bits;
-        out.par_chunks_mut(self.cols)
-            .enumerate()
-            .try_for_each(|(row, o)| -> Result<()> {
-                for g in 0..gpr {
-                    let meta = row * gpr + g;
-                    let dtype = GroupDtype::from_id(self.dtypes[meta])?;
-                    ensure!(
-                        dtype.native_bits() <= m,
-                        "group datatype {dtype:?} does not fit {m} master bits"
-                    );
-                    let grid = dtype.grid(m);
-                    let s = f16::from_bits(self.scales[meta]).to_f32();
-                    let off = f16::from_bits(self.offsets[meta]).to_f32();
-                    let end = ((g + 1) * self.group).min(self.cols);
-                    for col in g * self.group..end {
-                        // Top r bits of the code, shifted back to master position for decode().
-                        let q = self.code(row, col, r) << (m - r);
-                        o[col] = s * grid.decode(q, r) + off;
-                    }
+        out.par_chunks_mut(self.cols).enumerate().try_for_each(|(row, o)| -> Result<()> {
+            for g in 0..gpr {
+                let meta = row * gpr + g;
+                let dtype = GroupDtype::from_id(self.dtypes[meta])?;
+                ensure!(dtype.native_bits() <= m, "group datatype {dtype:?} does not fit {m} master bits");
+                let grid = dtype.grid(m);
+                let s = f16::from_bits(self.scales[meta]).to_f32();
+                let off = f16::from_bits(self.offsets[meta]).to_f32();
+                let end = ((g + 1) * self.group).min(self.cols);
+                for (col, v) in o.iter_mut().enumerate().take(end).skip(g * self.group) {
+                    // Top r bits of the code, shifted back to master position for decode().
+                    let q = self.code(row, col, r) << (m - r);
+                    *v = s * grid.decode(q, r) + off;
                 }
-                Ok(())
-            })
+            }
+            Ok(())
+        })
     }
 
     /// Stored bits per weight at precision `r`, everything counted: `r` planes (with row
@@ -222,11 +196,7 @@ impl BitPlanes {
 /// Quantizes one group; writes master codes and returns the chosen datatype, scale, offset.
 pub fn quantize_group(x: &[f32], cfg: &QuantConfig, codes: &mut [u8]) -> (GroupDtype, f16, f16) {
     let m = cfg.master_bits;
-    let (min, max) = x
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
+    let (min, max) = x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
     let absmax = min.abs().max(max.abs());
     let mut best: Option<(f64, GroupDtype, f16, f16)> = None;
     for &d in &cfg.dtypes {
@@ -239,10 +209,7 @@ pub fn quantize_group(x: &[f32], cfg: &QuantConfig, codes: &mut [u8]) -> (GroupD
         };
         for &mult in &cfg.scale_search {
             let (s, o) = stored_scale(base_s * mult, base_o);
-            let err: f64 = x
-                .iter()
-                .map(|&v| objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective))
-                .sum();
+            let err: f64 = x.iter().map(|&v| objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective)).sum();
             if best.is_none_or(|b| err < b.0) {
                 best = Some((err, d, f16::from_f32(s), f16::from_f32(o)));
             }
@@ -260,11 +227,7 @@ pub fn quantize_group(x: &[f32], cfg: &QuantConfig, codes: &mut [u8]) -> (GroupD
 /// Rounds scale and offset to what will be stored (f16), keeping the scale usable.
 fn stored_scale(s: f32, o: f32) -> (f32, f32) {
     let s = f16::from_f32(s).to_f32();
-    let s = if s.is_finite() && s > 0.0 {
-        s
-    } else {
-        f16::MIN_POSITIVE_SUBNORMAL.to_f32()
-    };
+    let s = if s.is_finite() && s > 0.0 { s } else { f16::MIN_POSITIVE_SUBNORMAL.to_f32() };
     (s, f16::from_f32(o).to_f32())
 }
 
@@ -314,12 +277,7 @@ mod tests {
         QuantConfig {
             group: 8,
             master_bits: 4,
-            dtypes: vec![
-                GroupDtype::Fp4ErPos,
-                GroupDtype::Fp4ErNeg,
-                GroupDtype::Fp4EaPos,
-                GroupDtype::Fp4EaNeg,
-            ],
+            dtypes: vec![GroupDtype::Fp4ErPos, GroupDtype::Fp4ErNeg, GroupDtype::Fp4EaPos, GroupDtype::Fp4EaNeg],
             objective: vec![(4, 1.0)],
             scale_search: vec![1.0],
         }
@@ -328,12 +286,7 @@ mod tests {
     fn bitmod3() -> QuantConfig {
         QuantConfig {
             master_bits: 3,
-            dtypes: vec![
-                GroupDtype::Fp3ErPos,
-                GroupDtype::Fp3ErNeg,
-                GroupDtype::Fp3EaPos,
-                GroupDtype::Fp3EaNeg,
-            ],
+            dtypes: vec![GroupDtype::Fp3ErPos, GroupDtype::Fp3ErNeg, GroupDtype::Fp3EaPos, GroupDtype::Fp3EaNeg],
             objective: vec![(3, 1.0)],
             ..bitmod4()
         }
@@ -344,17 +297,10 @@ mod tests {
         let mut codes = [0u8; 8];
         let (d, s, o) = quantize_group(&w, cfg, &mut codes);
         assert_eq!(d, want, "{w:?}");
-        assert!(
-            (s.to_f32() - scale).abs() < scale * 1e-3,
-            "scale {} vs {scale}",
-            s.to_f32()
-        );
+        assert!((s.to_f32() - scale).abs() < scale * 1e-3, "scale {} vs {scale}", s.to_f32());
         assert_eq!(o.to_f32(), 0.0);
         let grid = d.grid(cfg.master_bits);
-        let got: Vec<f32> = codes
-            .iter()
-            .map(|&c| grid.decode(c as u32, cfg.master_bits))
-            .collect();
+        let got: Vec<f32> = codes.iter().map(|&c| grid.decode(c as u32, cfg.master_bits)).collect();
         assert_eq!(got, q);
     }
 
@@ -369,16 +315,7 @@ mod tests {
         );
         check(
             &bitmod4(),
-            [
-                -1.0,
-                -10.0 / 12.0,
-                0.5,
-                0.25,
-                -0.25,
-                2.0 / 12.0,
-                8.0 / 12.0,
-                -1.0 / 12.0,
-            ],
+            [-1.0, -10.0 / 12.0, 0.5, 0.25, -0.25, 2.0 / 12.0, 8.0 / 12.0, -1.0 / 12.0],
             GroupDtype::Fp4ErNeg,
             1.0 / 12.0,
             [-12., -10., 6., 3., -3., 2., 8., -1.],
@@ -391,28 +328,12 @@ mod tests {
             [4., 3., -2., 1., -4., 0., 2., -1.],
         );
         let w = [0.8, 0.11, -0.23, 0.37, 0.05, -0.14, 0.52, -0.31];
-        check(
-            &bitmod4(),
-            w,
-            GroupDtype::Fp4ErPos,
-            0.8 / 12.0,
-            [12., 2., -3., 6., 1., -2., 8., -4.],
-        );
-        check(
-            &bitmod3(),
-            w,
-            GroupDtype::Fp3EaPos,
-            0.8 / 6.0,
-            [6., 1., -2., 2., 0., -1., 4., -2.],
-        );
+        check(&bitmod4(), w, GroupDtype::Fp4ErPos, 0.8 / 12.0, [12., 2., -3., 6., 1., -2., 8., -4.]);
+        check(&bitmod3(), w, GroupDtype::Fp3EaPos, 0.8 / 6.0, [6., 1., -2., 2., 0., -1., 4., -2.]);
     }
 
     fn cfg_all(m: u32, group: usize) -> QuantConfig {
-        let dtypes = super::super::dtype::ALL
-            .iter()
-            .copied()
-            .filter(|d| d.native_bits() <= m)
-            .collect();
+        let dtypes = super::super::dtype::ALL.iter().copied().filter(|d| d.native_bits() <= m).collect();
         QuantConfig {
             group,
             master_bits: m,
@@ -456,21 +377,15 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let (rows, cols) = (64, 256);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.random_range(-1.0f32..1.0) * rng.random_range(0.0f32..1.0))
-            .collect();
+        let w: Vec<f32> =
+            (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0) * rng.random_range(0.0f32..1.0)).collect();
         for cfg in [cfg_all(8, 128), cfg_all(4, 128)] {
             let bp = BitPlanes::quantize(&w, rows, cols, &cfg).unwrap();
             let mut prev = f64::INFINITY;
             for r in 2..=cfg.master_bits {
                 let mut out = vec![0f32; rows * cols];
                 bp.dequantize(r, &mut out).unwrap();
-                let mse: f64 = w
-                    .iter()
-                    .zip(&out)
-                    .map(|(a, b)| ((a - b) as f64).powi(2))
-                    .sum::<f64>()
-                    / w.len() as f64;
+                let mse: f64 = w.iter().zip(&out).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / w.len() as f64;
                 assert!(mse < prev, "m={} r={r}: {mse} ≥ {prev}", cfg.master_bits);
                 prev = mse;
             }

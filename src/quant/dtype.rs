@@ -31,18 +31,10 @@ pub enum GroupDtype {
 }
 
 /// BitMoD's grids, in the paper's code units (FP4 values are twice E2M1's).
-pub const FP4_ER_POS: [f32; 16] = [
-    -12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 10., 12.,
-];
-pub const FP4_ER_NEG: [f32; 16] = [
-    -12., -10., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 12.,
-];
-pub const FP4_EA_POS: [f32; 16] = [
-    -12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 12., 16.,
-];
-pub const FP4_EA_NEG: [f32; 16] = [
-    -16., -12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 12.,
-];
+pub const FP4_ER_POS: [f32; 16] = [-12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 10., 12.];
+pub const FP4_ER_NEG: [f32; 16] = [-12., -10., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 12.];
+pub const FP4_EA_POS: [f32; 16] = [-12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 12., 16.];
+pub const FP4_EA_NEG: [f32; 16] = [-16., -12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 12.];
 pub const FP3_ER_POS: [f32; 8] = [-4., -2., -1., 0., 1., 2., 3., 4.];
 pub const FP3_ER_NEG: [f32; 8] = [-4., -3., -2., -1., 0., 1., 2., 4.];
 pub const FP3_EA_POS: [f32; 8] = [-4., -2., -1., 0., 1., 2., 4., 6.];
@@ -133,11 +125,7 @@ impl Grid {
         let native = dtype.native();
         let nb = dtype.native_bits();
         if m < nb {
-            return Grid {
-                dtype,
-                master_bits: m,
-                views: vec![],
-            };
+            return Grid { dtype, master_bits: m, views: vec![] };
         }
         let k = m - nb;
         let sub = 1usize << k;
@@ -145,16 +133,8 @@ impl Grid {
         for (i, &v) in native.iter().enumerate() {
             // Half-width of the cell: the distance to the nearer neighbour's midpoint, so that
             // subdivided cells never overlap and codes stay sorted by value.
-            let lo = if i > 0 {
-                (v - native[i - 1]) / 2.0
-            } else {
-                f32::INFINITY
-            };
-            let hi = if i + 1 < native.len() {
-                (native[i + 1] - v) / 2.0
-            } else {
-                f32::INFINITY
-            };
+            let lo = if i > 0 { (v - native[i - 1]) / 2.0 } else { f32::INFINITY };
+            let hi = if i + 1 < native.len() { (native[i + 1] - v) / 2.0 } else { f32::INFINITY };
             let h = lo.min(hi);
             for j in 0..sub {
                 master.push(v + h * ((2 * j + 1) as f32 / sub as f32 - 1.0));
@@ -168,11 +148,7 @@ impl Grid {
                 .map(|b| (b.iter().map(|&x| x as f64).sum::<f64>() / width as f64) as f32)
                 .collect();
         }
-        Grid {
-            dtype,
-            master_bits: m,
-            views,
-        }
+        Grid { dtype, master_bits: m, views }
     }
 
     /// Values of the `r`-bit buckets, sorted ascending.
@@ -222,15 +198,8 @@ mod tests {
             assert_eq!(neg, n);
         }
         // FP4 E2M1 (×2) plus exactly one special value: ±10 (ER) or ±16 (EA).
-        let e2m1 = [
-            -12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 12.,
-        ];
-        for (g, sv) in [
-            (FP4_ER_POS, 10.),
-            (FP4_ER_NEG, -10.),
-            (FP4_EA_POS, 16.),
-            (FP4_EA_NEG, -16.),
-        ] {
+        let e2m1 = [-12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 12.];
+        for (g, sv) in [(FP4_ER_POS, 10.), (FP4_ER_NEG, -10.), (FP4_EA_POS, 16.), (FP4_EA_NEG, -16.)] {
             let rest: Vec<f32> = g.iter().copied().filter(|&v| v != sv).collect();
             assert_eq!(rest, e2m1);
         }
@@ -245,10 +214,7 @@ mod tests {
             for m in d.native_bits().max(1)..=MAX_BITS {
                 let g = d.grid(m);
                 assert_eq!(g.view(d.native_bits()), d.native(), "{d:?} m={m}");
-                assert!(
-                    g.master().windows(2).all(|w| w[0] < w[1]),
-                    "{d:?} m={m}: master levels sorted"
-                );
+                assert!(g.master().windows(2).all(|w| w[0] < w[1]), "{d:?} m={m}: master levels sorted");
             }
         }
     }
@@ -260,20 +226,13 @@ mod tests {
             let g = GroupDtype::Int.grid(m);
             for q in 0..(1u32 << m) {
                 let full = g.decode(q, m) as f64;
-                assert!(
-                    (full - (2.0 * q as f64 + 1.0 - (1u64 << m) as f64) / (1u64 << m) as f64).abs()
-                        < 1e-6
-                );
+                assert!((full - (2.0 * q as f64 + 1.0 - (1u64 << m) as f64) / (1u64 << m) as f64).abs() < 1e-6);
                 for r in 1..=m {
                     let d = m - r;
-                    let centre = (((q >> d) << d) as f64 + ((1u64 << d) as f64 - 1.0) / 2.0) * 2.0
-                        / (1u64 << m) as f64
+                    let centre = (((q >> d) << d) as f64 + ((1u64 << d) as f64 - 1.0) / 2.0) * 2.0 / (1u64 << m) as f64
                         + 1.0 / (1u64 << m) as f64
                         - 1.0;
-                    assert!(
-                        (g.decode(q, r) as f64 - centre).abs() < 1e-6,
-                        "m={m} q={q} r={r}"
-                    );
+                    assert!((g.decode(q, r) as f64 - centre).abs() < 1e-6, "m={m} q={q} r={r}");
                 }
             }
         }
@@ -284,11 +243,7 @@ mod tests {
         let g = GroupDtype::Fp4ErPos.grid(4);
         assert_eq!(g.master()[g.nearest(9.1) as usize], 10.0);
         assert_eq!(g.master()[g.nearest(8.9) as usize], 8.0);
-        assert_eq!(
-            g.master()[g.nearest(9.0) as usize],
-            8.0,
-            "ties go to the lower level, as BitMoD"
-        );
+        assert_eq!(g.master()[g.nearest(9.0) as usize], 8.0, "ties go to the lower level, as BitMoD");
         assert_eq!(g.nearest(-100.0), 0);
         assert_eq!(g.nearest(100.0), 15);
     }

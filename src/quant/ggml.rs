@@ -99,21 +99,11 @@ impl GgmlType {
     /// Encodes f32 weights (length a multiple of the block size) with round-to-nearest, as
     /// ggml's reference quantizers do. Used to write test fixtures and exports.
     pub fn quantize(self, src: &[f32]) -> Vec<u8> {
-        assert_eq!(
-            src.len() % self.block_size(),
-            0,
-            "length must be whole blocks"
-        );
+        assert_eq!(src.len() % self.block_size(), 0, "length must be whole blocks");
         match self {
             Self::F32 => src.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Self::F16 => src
-                .iter()
-                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                .collect(),
-            Self::BF16 => src
-                .iter()
-                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-                .collect(),
+            Self::F16 => src.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+            Self::BF16 => src.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
             Self::Q8_0 => encode_blocks::<Q8_0>(src),
             Self::Q4_0 => encode_blocks::<Q4_0>(src),
             Self::Q4_1 => encode_blocks::<Q4_1>(src),
@@ -130,10 +120,7 @@ pub trait BlockFormat {
 }
 
 fn decode_blocks<B: BlockFormat>(src: &[u8], dst: &mut [f32]) {
-    for (b, o) in src
-        .chunks_exact(B::BYTES)
-        .zip(dst.chunks_exact_mut(B::WEIGHTS))
-    {
+    for (b, o) in src.chunks_exact(B::BYTES).zip(dst.chunks_exact_mut(B::WEIGHTS)) {
         B::decode(b, o);
     }
 }
@@ -185,9 +172,7 @@ impl BlockFormat for Q4_0 {
     }
     fn encode(x: &[f32], out: &mut Vec<u8>) {
         // ggml: the scale maps the signed extreme to -8.
-        let max = x
-            .iter()
-            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
         let d = max / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         out.extend(f16::from_f32(d).to_le_bytes());
@@ -242,9 +227,7 @@ mod tests {
     #[test]
     fn quantize_roundtrip_error_within_ggml_bounds() {
         // Same input as ggml's test-quantize-fns: 0.1 + 2cos(i + offset).
-        let x: Vec<f32> = (0..4096)
-            .map(|i| 0.1 + 2.0 * (i as f32 + 0.3).cos())
-            .collect();
+        let x: Vec<f32> = (0..4096).map(|i| 0.1 + 2.0 * (i as f32 + 0.3).cos()).collect();
         assert!(roundtrip_rmse(GgmlType::Q8_0, &x) < 0.01);
         assert!(roundtrip_rmse(GgmlType::Q4_0, &x) < 0.2);
         assert!(roundtrip_rmse(GgmlType::Q4_1, &x) < 0.1);

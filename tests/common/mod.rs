@@ -6,14 +6,13 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 
-pub const GOLDEN: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/golden/smollm2-135m-instruct.jsonl"
-);
-pub const WIKITEXT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/wikitext-2-raw-test.txt"
-);
+/// The project's shared data: `$BITNEST_SHARED`, else `../shared` beside the checkout.
+pub fn shared(rel: &str) -> PathBuf {
+    let base = std::env::var_os("BITNEST_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared")));
+    base.join(rel)
+}
 
 #[derive(Deserialize, Clone)]
 pub struct Golden {
@@ -28,8 +27,8 @@ pub struct Golden {
 }
 
 pub fn golden() -> Vec<Golden> {
-    let text =
-        std::fs::read_to_string(GOLDEN).unwrap_or_else(|e| panic!("cannot read {GOLDEN}: {e}"));
+    let path = shared("golden/smollm2-135m-instruct.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("golden line parses"))
@@ -41,8 +40,7 @@ pub fn model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| match std::env::var_os("BITNEST_TEST_MODEL") {
         Some(p) => PathBuf::from(p),
-        None => bitnest::fetch::resolve_model(bitnest::fetch::DEFAULT_MODEL)
-            .expect("fetch the default model"),
+        None => bitnest::fetch::resolve_model(bitnest::fetch::DEFAULT_MODEL).expect("fetch the default model"),
     })
     .clone()
 }
@@ -56,15 +54,12 @@ pub fn write_tiny_llama(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     use bitnest::quant::ggml::GgmlType;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
-    let (dim, heads, kv_heads, hd, ffn, layers, vocab) =
-        (64usize, 4usize, 2usize, 16usize, 96usize, 2usize, 128usize);
+    let (dim, heads, kv_heads, hd, ffn, layers, vocab) = (64usize, 4usize, 2usize, 16usize, 96usize, 2usize, 128usize);
     let mut rng = StdRng::seed_from_u64(42);
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     let mut add = |name: &str, shape: Vec<usize>, scale: f32, offset: f32| {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|_| offset + scale * rng.random_range(-1.0f32..1.0))
-            .collect();
+        let data: Vec<f32> = (0..n).map(|_| offset + scale * rng.random_range(-1.0f32..1.0)).collect();
         tensors.push((name.to_string(), shape, data));
     };
     add("token_embd.weight", vec![vocab, dim], 1.0, 0.0);
@@ -74,30 +69,10 @@ pub fn write_tiny_llama(dir: &std::path::Path) -> (PathBuf, PathBuf) {
         let p = format!("blk.{l}");
         add(&format!("{p}.attn_norm.weight"), vec![dim], 0.1, 1.0);
         add(&format!("{p}.ffn_norm.weight"), vec![dim], 0.1, 1.0);
-        add(
-            &format!("{p}.attn_q.weight"),
-            vec![heads * hd, dim],
-            0.3,
-            0.0,
-        );
-        add(
-            &format!("{p}.attn_k.weight"),
-            vec![kv_heads * hd, dim],
-            0.3,
-            0.0,
-        );
-        add(
-            &format!("{p}.attn_v.weight"),
-            vec![kv_heads * hd, dim],
-            0.2,
-            0.0,
-        );
-        add(
-            &format!("{p}.attn_output.weight"),
-            vec![dim, heads * hd],
-            0.2,
-            0.0,
-        );
+        add(&format!("{p}.attn_q.weight"), vec![heads * hd, dim], 0.3, 0.0);
+        add(&format!("{p}.attn_k.weight"), vec![kv_heads * hd, dim], 0.3, 0.0);
+        add(&format!("{p}.attn_v.weight"), vec![kv_heads * hd, dim], 0.2, 0.0);
+        add(&format!("{p}.attn_output.weight"), vec![dim, heads * hd], 0.2, 0.0);
         add(&format!("{p}.ffn_gate.weight"), vec![ffn, dim], 0.2, 0.0);
         add(&format!("{p}.ffn_up.weight"), vec![ffn, dim], 0.2, 0.0);
         add(&format!("{p}.ffn_down.weight"), vec![dim, ffn], 0.2, 0.0);
@@ -115,22 +90,12 @@ pub fn write_tiny_llama(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     std::fs::write(hf.join("config.json"), config.to_string()).unwrap();
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(n, s, d)| {
-            (
-                hf_name(n).unwrap(),
-                s.clone(),
-                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
+        .map(|(n, s, d)| (hf_name(n).unwrap(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
         .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
         })
         .collect();
     safetensors::serialize_to_file(views, None, &hf.join("model.safetensors")).unwrap();

@@ -1,0 +1,274 @@
+//! The `.bnest` file: one model, every precision. Specified in `docs/FORMAT.md`.
+//!
+//! Layout: a 32-byte preamble, a JSON header (config, tokenizer, chat template, quantization
+//! settings, tensor descriptors), then 64-byte-aligned data sections. Every section carries a
+//! CRC-32 checked at load. Bit planes of a tensor are separate sections, most significant
+//! first, so reading `r` planes touches only the first `r` of them.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use memmap2::Mmap;
+use serde::{Deserialize, Serialize};
+
+use crate::model::LlamaConfig;
+use crate::quant::bitplane::{BitPlanes, QuantConfig, row_bytes};
+use crate::quant::dtype::MAX_BITS;
+
+pub const MAGIC: &[u8; 8] = b"BITNEST\0";
+pub const VERSION: u32 = 1;
+const PREAMBLE: usize = 32;
+const ALIGN: u64 = 64;
+/// A header larger than this is not a header.
+const MAX_HEADER: u64 = 256 << 20;
+
+/// A byte range of the data section with its checksum.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Section {
+    pub offset: u64,
+    pub len: u64,
+    pub crc32: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Encoding {
+    /// Plain little-endian f32 (norms, biases).
+    F32 { data: Section },
+    /// Nested bit planes with per-group f16 scale, f16 offset and u8 datatype id.
+    Planes { group: usize, master_bits: u32, planes: Vec<Section>, scales: Section, offsets: Section, dtypes: Section },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TensorDesc {
+    /// GGUF naming (`blk.3.attn_q.weight`).
+    pub name: String,
+    /// Row-major shape (`[rows, cols]` for matrices).
+    pub shape: Vec<usize>,
+    pub encoding: Encoding,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Header {
+    pub format_version: u32,
+    pub config: LlamaConfig,
+    /// See [`crate::tokenizer::Tokenizer::to_embedded`].
+    pub tokenizer: serde_json::Value,
+    pub chat_template: Option<String>,
+    pub quant: QuantConfig,
+    /// Where the weights came from (file name), for provenance.
+    pub source: String,
+    pub tensors: Vec<TensorDesc>,
+}
+
+/// Tensor payloads handed to the writer.
+pub enum TensorData {
+    F32(Vec<f32>),
+    Planes(BitPlanes),
+}
+
+/// Writes a `.bnest` file atomically (temporary file, then rename).
+pub fn write(path: &Path, mut header: Header, tensors: Vec<(String, Vec<usize>, TensorData)>) -> Result<()> {
+    // Lay out the sections first, so the header can name their offsets.
+    let mut blobs: Vec<Vec<u8>> = Vec::new();
+    let mut cursor = 0u64;
+    let mut place = |bytes: Vec<u8>, blobs: &mut Vec<Vec<u8>>| -> Section {
+        let s = Section { offset: cursor, len: bytes.len() as u64, crc32: crc32fast::hash(&bytes) };
+        cursor += (bytes.len() as u64).div_ceil(ALIGN) * ALIGN;
+        blobs.push(bytes);
+        s
+    };
+    header.tensors.clear();
+    for (name, shape, data) in tensors {
+        let encoding = match data {
+            TensorData::F32(v) => {
+                Encoding::F32 { data: place(v.iter().flat_map(|x| x.to_le_bytes()).collect(), &mut blobs) }
+            }
+            TensorData::Planes(bp) => {
+                ensure!(
+                    shape == [bp.rows, bp.cols],
+                    "tensor {name}: planes are {}×{}, shape {shape:?}",
+                    bp.rows,
+                    bp.cols
+                );
+                let planes = bp.planes.into_iter().map(|p| place(p, &mut blobs)).collect();
+                let scales = place(bp.scales.iter().flat_map(|x| x.to_le_bytes()).collect(), &mut blobs);
+                let offsets = place(bp.offsets.iter().flat_map(|x| x.to_le_bytes()).collect(), &mut blobs);
+                let dtypes = place(bp.dtypes, &mut blobs);
+                Encoding::Planes { group: bp.group, master_bits: bp.master_bits, planes, scales, offsets, dtypes }
+            }
+        };
+        header.tensors.push(TensorDesc { name, shape, encoding });
+    }
+    let json = serde_json::to_vec(&header)?;
+    let data_start = (PREAMBLE as u64 + json.len() as u64).div_ceil(ALIGN) * ALIGN;
+    crate::format::write_atomic(path, |w| {
+        w.write_all(MAGIC)?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&0u32.to_le_bytes())?;
+        w.write_all(&(json.len() as u64).to_le_bytes())?;
+        w.write_all(&crc32fast::hash(&json).to_le_bytes())?;
+        w.write_all(&0u32.to_le_bytes())?;
+        w.write_all(&json)?;
+        let mut pos = PREAMBLE as u64 + json.len() as u64;
+        let pad = |w: &mut dyn Write, pos: &mut u64| -> std::io::Result<()> {
+            let target = pos.div_ceil(ALIGN) * ALIGN;
+            w.write_all(&vec![0u8; (target - *pos) as usize])?;
+            *pos = target;
+            Ok(())
+        };
+        pad(w, &mut pos)?;
+        debug_assert_eq!(pos, data_start);
+        for b in &blobs {
+            w.write_all(b)?;
+            pos += b.len() as u64;
+            pad(w, &mut pos)?;
+        }
+        Ok(())
+    })
+}
+
+/// An opened, validated `.bnest` file.
+pub struct BnestFile {
+    pub header: Header,
+    mmap: Mmap,
+    data_start: u64,
+}
+
+impl BnestFile {
+    /// True when `path` starts with the `.bnest` magic.
+    pub fn sniff(path: &Path) -> bool {
+        let mut buf = [0u8; 8];
+        File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)).is_ok() && &buf == MAGIC
+    }
+
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: read-only map; all accesses are bounds-checked below.
+        let mmap = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+        Self::parse(mmap).with_context(|| format!("invalid .bnest file {}", path.display()))
+    }
+
+    fn parse(mmap: Mmap) -> Result<Self> {
+        let len = mmap.len() as u64;
+        ensure!(len >= PREAMBLE as u64, "file truncated: {len} bytes, no preamble");
+        ensure!(&mmap[..8] == MAGIC, "bad magic: not a .bnest file");
+        let version = u32::from_le_bytes(mmap[8..12].try_into().unwrap());
+        ensure!(version == VERSION, "unsupported .bnest version {version} (this build reads {VERSION})");
+        let hlen = u64::from_le_bytes(mmap[16..24].try_into().unwrap());
+        ensure!(hlen <= MAX_HEADER, "header length {hlen} is absurd");
+        ensure!(PREAMBLE as u64 + hlen <= len, "file truncated: header needs {hlen} bytes");
+        let json = &mmap[PREAMBLE..PREAMBLE + hlen as usize];
+        let crc = u32::from_le_bytes(mmap[24..28].try_into().unwrap());
+        ensure!(crc32fast::hash(json) == crc, "header checksum mismatch (file corrupted)");
+        let header: Header = serde_json::from_slice(json).context("header is not valid JSON for this version")?;
+        header.config.validate()?;
+        header.quant.validate()?;
+        let data_start = (PREAMBLE as u64 + hlen).div_ceil(ALIGN) * ALIGN;
+        let file = BnestFile { header, mmap, data_start };
+        for t in &file.header.tensors {
+            file.validate_tensor(t).with_context(|| format!("tensor {}", t.name))?;
+        }
+        Ok(file)
+    }
+
+    fn section(&self, s: &Section) -> Result<&[u8]> {
+        ensure!(s.offset.is_multiple_of(ALIGN), "section offset {} is not {ALIGN}-aligned", s.offset);
+        let start = self.data_start.checked_add(s.offset).context("section offset overflows")?;
+        let end = start.checked_add(s.len).context("section length overflows")?;
+        ensure!(
+            end <= self.mmap.len() as u64,
+            "file truncated: section {start}..{end} beyond {} bytes",
+            self.mmap.len()
+        );
+        let bytes = &self.mmap[start as usize..end as usize];
+        ensure!(crc32fast::hash(bytes) == s.crc32, "checksum mismatch in section at {start} (file corrupted)");
+        Ok(bytes)
+    }
+
+    fn validate_tensor(&self, t: &TensorDesc) -> Result<()> {
+        let n: usize = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).context("shape overflows")?;
+        ensure!(!t.shape.is_empty() && n > 0 && n <= 1 << 40, "shape {:?} is invalid", t.shape);
+        match &t.encoding {
+            Encoding::F32 { data } => {
+                ensure!(data.len == n as u64 * 4, "f32 data has {} bytes for {n} values", data.len);
+                self.section(data)?;
+            }
+            Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes } => {
+                ensure!(t.shape.len() == 2, "bit planes need a 2-D shape");
+                ensure!(
+                    (1..=MAX_BITS).contains(master_bits) && planes.len() == *master_bits as usize,
+                    "{} planes for {master_bits} master bits",
+                    planes.len()
+                );
+                ensure!(*group >= 8 && group.is_multiple_of(8), "group size {group} invalid");
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let groups = (rows * cols.div_ceil(*group)) as u64;
+                for p in planes {
+                    ensure!(
+                        p.len == (rows * row_bytes(cols)) as u64,
+                        "plane has {} bytes, expected {}",
+                        p.len,
+                        rows * row_bytes(cols)
+                    );
+                    self.section(p)?;
+                }
+                ensure!(
+                    scales.len == groups * 2 && offsets.len == groups * 2 && dtypes.len == groups,
+                    "group metadata sizes do not match {groups} groups"
+                );
+                self.section(scales)?;
+                self.section(offsets)?;
+                self.section(dtypes)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorDesc> {
+        self.header.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The f32 values of an `F32` tensor, or an error for other encodings.
+    pub fn f32_data(&self, t: &TensorDesc) -> Result<Vec<f32>> {
+        match &t.encoding {
+            Encoding::F32 { data } => {
+                Ok(self.section(data)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+            }
+            _ => bail!("tensor {} is not stored as f32", t.name),
+        }
+    }
+
+    /// The bit planes of a `Planes` tensor, reading only the first `r` planes (the others
+    /// are left empty: they are never touched).
+    pub fn planes(&self, t: &TensorDesc, r: u32) -> Result<BitPlanes> {
+        let Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes } = &t.encoding else {
+            bail!("tensor {} is not stored as bit planes", t.name)
+        };
+        ensure!(r >= 1 && r <= *master_bits, "tensor {} has {master_bits} planes; cannot read {r}", t.name);
+        let u16s = |s: &Section| -> Result<Vec<u16>> {
+            Ok(self.section(s)?.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+        };
+        let mut pl = Vec::with_capacity(*master_bits as usize);
+        for (i, p) in planes.iter().enumerate() {
+            pl.push(if i < r as usize { self.section(p)?.to_vec() } else { Vec::new() });
+        }
+        Ok(BitPlanes {
+            rows: t.shape[0],
+            cols: t.shape[1],
+            group: *group,
+            master_bits: *master_bits,
+            planes: pl,
+            scales: u16s(scales)?,
+            offsets: u16s(offsets)?,
+            dtypes: self.section(dtypes)?.to_vec(),
+        })
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_bytes(&self) -> usize {
+        self.mmap.len()
+    }
+}
