@@ -19,7 +19,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 
 /// Dot product with eight interleaved partial sums, so the compiler vectorizes it on any
 /// target while the summation order stays fixed (and results reproducible).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let full = n / 8 * 8;
@@ -37,7 +37,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a · x`, element-wise.
-#[inline]
+#[inline(always)]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
 }

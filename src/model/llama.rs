@@ -10,9 +10,9 @@ use anyhow::{Result, ensure};
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
-use crate::kernels::Linear;
 use crate::kernels::attention::{HeadView, attend};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
+use crate::kernels::{DenseF32, Linear};
 
 /// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
 pub struct Block {
@@ -30,10 +30,10 @@ pub struct Block {
 pub struct Llama {
     pub config: LlamaConfig,
     /// Token embedding table, `vocab × dim`; shared with the head when the model ties them.
-    pub embed: Arc<[f32]>,
+    pub embed: Arc<DenseF32>,
     pub blocks: Vec<Block>,
     pub norm: Vec<f32>,
-    pub head: Box<dyn Linear>,
+    pub head: Arc<dyn Linear>,
     pub rope: Rope,
 }
 
@@ -165,8 +165,7 @@ impl Llama {
         let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
         let q_dim = c.n_heads * hd;
         for (t, &tok) in tokens.iter().enumerate() {
-            let row = tok as usize * dim;
-            s.x[t * dim..(t + 1) * dim].copy_from_slice(&self.embed[row..row + dim]);
+            self.embed.row(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
         }
         for (l, b) in self.blocks.iter().enumerate() {
             // Attention.
@@ -244,6 +243,8 @@ impl Llama {
                     + (b.attn_norm.len() + b.ffn_norm.len()) * 4
             })
             .sum();
-        blocks + self.embed.len() * 4 + self.head.weight_bytes() + self.norm.len() * 4
+        let tied = std::ptr::addr_eq(Arc::as_ptr(&self.head), Arc::as_ptr(&self.embed));
+        let head = if tied { 0 } else { self.head.weight_bytes() };
+        blocks + self.embed.weight_bytes() + head + self.norm.len() * 4
     }
 }

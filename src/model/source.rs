@@ -167,12 +167,13 @@ impl ModelSource {
         let dense = |name: &str, rows: usize, cols: usize| -> Result<Box<dyn Linear>> {
             let w = get(&format!("{name}.weight"), &[rows, cols])?;
             let b = opt_bias(&format!("{name}.bias"), rows)?;
-            Ok(Box::new(DenseF32::new(w.into(), rows, cols, b)))
+            Ok(Box::new(DenseF32::new(&w, rows, cols, b)))
         };
-        let embed: Arc<[f32]> = get("token_embd.weight", &[cfg.vocab_size, dim])?.into();
-        let head: Box<dyn Linear> = match self.has_tensor("output.weight") {
-            true => dense("output", cfg.vocab_size, dim)?,
-            false => Box::new(DenseF32::new(embed.clone(), cfg.vocab_size, dim, None)),
+        let embed =
+            Arc::new(DenseF32::new(&get("token_embd.weight", &[cfg.vocab_size, dim])?, cfg.vocab_size, dim, None));
+        let head: Arc<dyn Linear> = match self.has_tensor("output.weight") {
+            true => Arc::from(dense("output", cfg.vocab_size, dim)?),
+            false => embed.clone(),
         };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
