@@ -440,9 +440,14 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         );
         println!("PPL = {:.4} ± {:.4}", r.ppl(), r.stderr());
     } else {
+        let path = resolve_model(&a.model.model)?;
+        let bpw = match bitnest::format::bnest::BnestFile::sniff(&path) {
+            true => Some(bitnest::format::bnest::BnestFile::open(&path)?.bits_per_weight(&a.model.plan()?.unwrap_or_default())?),
+            false => None,
+        };
         let v = serde_json::json!({
             "ppl": r.ppl(), "stderr": r.stderr(), "chunks": r.chunks, "ctx": a.ctx,
-            "tokens_scored": r.tokens_scored, "seconds": secs,
+            "tokens_scored": r.tokens_scored, "seconds": secs, "bits_per_weight": bpw,
         });
         println!("{v}");
     }

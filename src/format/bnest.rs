@@ -267,6 +267,25 @@ impl BnestFile {
         })
     }
 
+    /// All-in bits per weight when read with `plan`: the planes read (with row padding), every
+    /// group's metadata and every f32 tensor, over all parameters.
+    pub fn bits_per_weight(&self, plan: &crate::model::BitsPlan) -> Result<f64> {
+        let (mut bits, mut params) = (0f64, 0f64);
+        for t in &self.header.tensors {
+            let n: usize = t.shape.iter().product();
+            params += n as f64;
+            bits += match &t.encoding {
+                Encoding::F32 { .. } => 32.0 * n as f64,
+                Encoding::Planes { group, master_bits, .. } => {
+                    let r = plan.bits_for(&t.name, *master_bits)?;
+                    let (rows, cols) = (t.shape[0], t.shape[1]);
+                    (rows * row_bytes(cols) * 8) as f64 * r as f64 + (rows * cols.div_ceil(*group)) as f64 * 40.0
+                }
+            };
+        }
+        Ok(bits / params)
+    }
+
     /// Size of the file in bytes.
     pub fn file_bytes(&self) -> usize {
         self.mmap.len()
