@@ -29,7 +29,8 @@ fn main() {
     let (rows, cols) = (256, 4096);
     let mut rng = StdRng::seed_from_u64(2025);
     let w: Vec<f32> = (0..rows * cols).map(|_| student_t(&mut rng, 5)).collect();
-    let bitmod = |m: u32| -> Vec<GroupDtype> { ALL.iter().copied().filter(|d| !d.is_int() && d.native_bits() <= m).collect() };
+    let bitmod =
+        |m: u32| -> Vec<GroupDtype> { ALL.iter().copied().filter(|d| !d.is_int() && d.native_bits() <= m).collect() };
     let both = |m: u32| -> Vec<GroupDtype> { ALL.iter().copied().filter(|d| d.native_bits() <= m).collect() };
     let cfg = |m: u32, dtypes: Vec<GroupDtype>, objective: Vec<(u32, f32)>, scales: Vec<f32>| QuantConfig {
         group: 128,
@@ -38,7 +39,9 @@ fn main() {
         objective,
         scale_search: scales,
     };
-    let master = BitPlanes::quantize(&w, rows, cols, &cfg(8, both(8), QuantConfig::default_objective(8), vec![1.0, 0.9])).unwrap();
+    let master =
+        BitPlanes::quantize(&w, rows, cols, &cfg(8, both(8), QuantConfig::default_objective(8), vec![1.0, 0.9]))
+            .unwrap();
     println!("| r | (a) INT-asym RTN | (b) BitMoD | (c) nested view of 8-bit master | (d) direct r-bit (INT+BitMoD) |");
     println!("|---|---|---|---|---|");
     for r in [8u32, 6, 5, 4, 3, 2] {

@@ -442,7 +442,10 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
     } else {
         let path = resolve_model(&a.model.model)?;
         let bpw = match bitnest::format::bnest::BnestFile::sniff(&path) {
-            true => Some(bitnest::format::bnest::BnestFile::open(&path)?.bits_per_weight(&a.model.plan()?.unwrap_or_default())?),
+            true => Some(
+                bitnest::format::bnest::BnestFile::open(&path)?
+                    .bits_per_weight(&a.model.plan()?.unwrap_or_default())?,
+            ),
             false => None,
         };
         let v = serde_json::json!({

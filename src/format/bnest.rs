@@ -291,3 +291,127 @@ impl BnestFile {
         self.mmap.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::dtype::ALL;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn config() -> LlamaConfig {
+        LlamaConfig {
+            arch: "llama".into(),
+            n_layers: 1,
+            dim: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            ffn_dim: 96,
+            vocab_size: 128,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+            max_seq: 256,
+        }
+    }
+
+    fn quant() -> QuantConfig {
+        QuantConfig {
+            group: 32,
+            master_bits: 6,
+            dtypes: ALL.to_vec(),
+            objective: QuantConfig::default_objective(6),
+            scale_search: vec![1.0, 0.9],
+        }
+    }
+
+    /// Writes a file with one plane tensor and one f32 tensor; returns it and the originals.
+    fn sample(dir: &Path) -> (std::path::PathBuf, BitPlanes, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (rows, cols) = (24, 80);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
+        let planes = BitPlanes::quantize(&w, rows, cols, &quant()).unwrap();
+        let norm: Vec<f32> = (0..64).map(|i| 1.0 + i as f32 / 100.0).collect();
+        let header = Header {
+            format_version: VERSION,
+            config: config(),
+            tokenizer: serde_json::json!({"note": "not needed by the format layer"}),
+            chat_template: Some("{{ messages }}".into()),
+            quant: quant(),
+            source: "test".into(),
+            tensors: vec![],
+        };
+        let path = dir.join("t.bnest");
+        let tensors = vec![
+            ("blk.0.attn_q.weight".to_string(), vec![rows, cols], TensorData::Planes(planes.clone())),
+            ("blk.0.attn_norm.weight".to_string(), vec![64], TensorData::F32(norm.clone())),
+        ];
+        write(&path, header, tensors).unwrap();
+        (path, planes, norm)
+    }
+
+    #[test]
+    fn write_then_read_is_bit_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, planes, norm) = sample(dir.path());
+        let f = BnestFile::open(&path).unwrap();
+        assert_eq!(f.header.config, config());
+        assert_eq!(f.header.chat_template.as_deref(), Some("{{ messages }}"));
+        let t = f.tensor("blk.0.attn_q.weight").unwrap();
+        assert_eq!(f.planes(t, 6).unwrap(), planes);
+        // Reading fewer planes returns exactly the leading planes.
+        let three = f.planes(t, 3).unwrap();
+        assert_eq!(&three.planes[..3], &planes.planes[..3]);
+        assert!(three.planes[3..].iter().all(|p| p.is_empty()));
+        let n = f.tensor("blk.0.attn_norm.weight").unwrap();
+        assert_eq!(f.f32_data(n).unwrap(), norm);
+        assert!(f.planes(t, 7).is_err());
+        assert!(f.f32_data(t).is_err());
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _, _) = sample(dir.path());
+        let full = std::fs::read(&path).unwrap();
+        let bad = dir.path().join("bad.bnest");
+        let step = (full.len() / 400).max(1);
+        for cut in (0..full.len()).step_by(step) {
+            std::fs::write(&bad, &full[..cut]).unwrap();
+            assert!(BnestFile::open(&bad).is_err(), "truncation at {cut} accepted");
+        }
+        // Flip one bit anywhere in the header or a section: the checksums must notice.
+        let good = BnestFile::open(&path).unwrap();
+        let hlen = u64::from_le_bytes(full[16..24].try_into().unwrap()) as usize;
+        let mut covered: Vec<std::ops::Range<usize>> = vec![0..12, 16..28, PREAMBLE..PREAMBLE + hlen];
+        for t in &good.header.tensors {
+            let secs: Vec<Section> = match &t.encoding {
+                Encoding::F32 { data } => vec![*data],
+                Encoding::Planes { planes, scales, offsets, dtypes, .. } => {
+                    planes.iter().copied().chain([*scales, *offsets, *dtypes]).collect()
+                }
+            };
+            for s in secs {
+                let start = (good.data_start + s.offset) as usize;
+                covered.push(start..start + s.len as usize);
+            }
+        }
+        for at in (0..full.len()).step_by(step) {
+            let mut b = full.clone();
+            b[at] ^= 0x10;
+            std::fs::write(&bad, &b).unwrap();
+            if covered.iter().any(|r| r.contains(&at)) {
+                assert!(BnestFile::open(&bad).is_err(), "corruption at byte {at} undetected");
+            }
+        }
+        let mut b = full.clone();
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        std::fs::write(&bad, &b).unwrap();
+        assert!(format!("{:#}", BnestFile::open(&bad).err().unwrap()).contains("unsupported .bnest version"));
+        let mut b = full.clone();
+        b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&bad, &b).unwrap();
+        assert!(format!("{:#}", BnestFile::open(&bad).err().unwrap()).contains("absurd"));
+    }
+}
