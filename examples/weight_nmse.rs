@@ -55,4 +55,24 @@ fn main() {
         let d = BitPlanes::quantize(&w, rows, cols, &cfg(r, both(r), vec![(r, 1.0)], vec![1.0, 0.9])).unwrap();
         println!("| {r} | {:.5} | {b} | {:.5} | {:.5} |", nmse(&w, &a, r), nmse(&w, &master, r), nmse(&w, &d, r));
     }
+
+    // The objective's trade-off: how much 8-bit fidelity each weighting of the low views costs.
+    println!();
+    println!("Objective trade-off for an 8-bit master (INT+BitMoD, scale search {{1, 0.9}}): NMSE of each view.");
+    println!();
+    println!("| objective | r = 8 | r = 6 | r = 4 | r = 3 | r = 2 |");
+    println!("|---|---|---|---|---|---|");
+    let objectives: [&[(u32, f32)]; 5] = [
+        &[(8, 1.0)],
+        &[(8, 1.0), (4, 0.01), (3, 0.0025), (2, 0.000625)],
+        &[(8, 1.0), (4, 0.1), (3, 0.025), (2, 0.00625)],
+        &[(8, 1.0), (4, 1.0), (3, 0.25), (2, 0.0625)],
+        &[(8, 1.0), (4, 1.0), (3, 1.0), (2, 1.0)],
+    ];
+    for obj in objectives {
+        let bp = BitPlanes::quantize(&w, rows, cols, &cfg(8, both(8), obj.to_vec(), vec![1.0, 0.9])).unwrap();
+        let name: Vec<String> = obj.iter().map(|(r, l)| format!("{r}:{l}")).collect();
+        let cells: Vec<String> = [8, 6, 4, 3, 2].iter().map(|&r| format!("{:.5}", nmse(&w, &bp, r))).collect();
+        println!("| `{}` | {} |", name.join(","), cells.join(" | "));
+    }
 }
