@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::Linear;
+use super::{Linear, SyncPtr};
 
 /// Output rows per panel (two AVX2 vectors).
 pub const NR: usize = 16;
@@ -81,21 +81,9 @@ impl Linear for DenseF32 {
     }
 }
 
-/// Raw pointer wrapper so parallel tasks can write disjoint columns of `y`.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    // A method (not field access) so closures capture the whole Send wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `y[t, r] = Σ_k w[r, k] · x[t, k]` over packed weights, parallel over panels.
 fn matmul_packed(packed: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, y: &mut [f32]) {
-    let out = OutPtr(y.as_mut_ptr());
+    let out = SyncPtr(y.as_mut_ptr());
     let panels = rows.div_ceil(NR);
     let tasks = panels.div_ceil(PANELS_PER_TASK);
     let run = move |task: usize| {
@@ -116,7 +104,7 @@ fn matmul_packed(packed: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, 
 ///
 /// # Safety
 /// `out` points to an `n × rows` buffer and no one else writes rows `[r0, r0 + NR)`.
-unsafe fn panel_rows(panel: &[f32], cols: usize, x: &[f32], n: usize, out: OutPtr, rows: usize, r0: usize) {
+unsafe fn panel_rows(panel: &[f32], cols: usize, x: &[f32], n: usize, out: SyncPtr, rows: usize, r0: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -132,7 +120,7 @@ unsafe fn panel_rows(panel: &[f32], cols: usize, x: &[f32], n: usize, out: OutPt
 /// # Safety
 /// As for [`panel_rows`].
 #[inline(always)]
-unsafe fn store(res: &[[f32; NR]], t0: usize, out: OutPtr, rows: usize, r0: usize) {
+unsafe fn store(res: &[[f32; NR]], t0: usize, out: SyncPtr, rows: usize, r0: usize) {
     let live = (rows - r0).min(NR);
     for (j, row) in res.iter().enumerate() {
         // SAFETY: t0 + j < n and r0 + live ≤ rows.
@@ -144,7 +132,7 @@ unsafe fn store(res: &[[f32; NR]], t0: usize, out: OutPtr, rows: usize, r0: usiz
 ///
 /// # Safety
 /// As for [`panel_rows`].
-unsafe fn panel_rows_scalar(panel: &[f32], cols: usize, x: &[f32], n: usize, out: OutPtr, rows: usize, r0: usize) {
+unsafe fn panel_rows_scalar(panel: &[f32], cols: usize, x: &[f32], n: usize, out: SyncPtr, rows: usize, r0: usize) {
     for t in 0..n {
         let xr = &x[t * cols..(t + 1) * cols];
         let mut acc = [0f32; NR];
@@ -164,7 +152,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn panel_rows(panel: &[f32], cols: usize, x: &[f32], n: usize, out: OutPtr, rows: usize, r0: usize) {
+    pub unsafe fn panel_rows(panel: &[f32], cols: usize, x: &[f32], n: usize, out: SyncPtr, rows: usize, r0: usize) {
         let mut t = 0;
         while t < n {
             let m = (n - t).min(MR);
@@ -190,7 +178,7 @@ mod avx2 {
         cols: usize,
         x: &[f32],
         t0: usize,
-        out: OutPtr,
+        out: SyncPtr,
         rows: usize,
         r0: usize,
     ) {
@@ -261,7 +249,7 @@ mod tests {
             d.forward(&x, n, &mut fast);
             for p in 0..rows.div_ceil(NR) {
                 let panel = &d.packed[p * cols * NR..(p + 1) * cols * NR];
-                unsafe { panel_rows_scalar(panel, cols, &x, n, OutPtr(slow.as_mut_ptr()), rows, p * NR) };
+                unsafe { panel_rows_scalar(panel, cols, &x, n, SyncPtr(slow.as_mut_ptr()), rows, p * NR) };
             }
             assert_eq!(fast, slow, "{rows}x{cols}x{n}");
         }

@@ -22,3 +22,17 @@ pub trait Linear: Send + Sync {
     /// Short human name of the storage format, for `inspect`.
     fn format_name(&self) -> String;
 }
+
+/// A raw pointer that parallel tasks share to write *disjoint* parts of one buffer (rows of an
+/// output, heads of an attention result). Whoever dereferences it promises disjointness.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: the pointer is only used for disjoint writes, as each user documents.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    /// A method rather than field access so closures capture the whole `Send` wrapper.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::config::LlamaConfig;
 use crate::kernels::attention::{HeadView, attend};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
-use crate::kernels::{DenseF32, Linear};
+use crate::kernels::{DenseF32, Linear, SyncPtr};
 
 /// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
 pub struct Block {
@@ -75,18 +75,6 @@ impl Session {
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
         (self.k_cache.len() + self.v_cache.len()) * 4
-    }
-}
-
-/// Lets parallel tasks write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    // A method (not field access) so closures capture the whole Send wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
