@@ -236,7 +236,7 @@ fn objective(v: f32, q: u32, grid: &super::dtype::Grid, s: f32, o: f32, obj: &[(
     let m = grid.master_bits;
     obj.iter()
         .map(|&(r, l)| {
-            let e = (v - (s * grid.decode(q >> (m - r) << (m - r), r) + o)) as f64;
+            let e = (v - (s * grid.view(r)[(q >> (m - r)) as usize] + o)) as f64;
             l as f64 * e * e
         })
         .sum()

@@ -118,14 +118,21 @@ pub struct Grid {
     pub master_bits: u32,
     /// `views[r]` has `2^r` entries: the value of each `r`-bit bucket (`views[0]` is unused).
     views: Vec<Vec<f32>>,
+    /// Search accelerator for [`Grid::nearest`]: for each of `LUT_BINS` equal bins over the
+    /// master range, the number of master levels below the bin's left edge.
+    lut: Vec<u16>,
+    lut_lo: f32,
+    lut_scale: f32,
 }
+
+const LUT_BINS: usize = 4096;
 
 impl Grid {
     fn build(dtype: GroupDtype, m: u32) -> Grid {
         let native = dtype.native();
         let nb = dtype.native_bits();
         if m < nb {
-            return Grid { dtype, master_bits: m, views: vec![] };
+            return Grid { dtype, master_bits: m, views: vec![], lut: vec![], lut_lo: 0.0, lut_scale: 0.0 };
         }
         let k = m - nb;
         let sub = 1usize << k;
@@ -148,10 +155,19 @@ impl Grid {
                 .map(|b| (b.iter().map(|&x| x as f64).sum::<f64>() / width as f64) as f32)
                 .collect();
         }
-        Grid { dtype, master_bits: m, views }
+        let (lo, hi) = (master[0], master[master.len() - 1]);
+        let lut_scale = LUT_BINS as f32 / (hi - lo);
+        let lut = (0..LUT_BINS)
+            .map(|b| {
+                let edge = lo + b as f32 / lut_scale;
+                master.partition_point(|&v| v < edge) as u16
+            })
+            .collect();
+        Grid { dtype, master_bits: m, views, lut, lut_lo: lo, lut_scale }
     }
 
     /// Values of the `r`-bit buckets, sorted ascending.
+    #[inline]
     pub fn view(&self, r: u32) -> &[f32] {
         &self.views[r as usize]
     }
@@ -167,7 +183,13 @@ impl Grid {
     /// The master code whose level is nearest to `x` (ties to the lower code).
     pub fn nearest(&self, x: f32) -> u32 {
         let m = self.master();
-        let i = m.partition_point(|&v| v < x);
+        // Start from the count below the bin's left edge (≤ the answer), then step up: the same
+        // result as a binary search, in one or two comparisons.
+        let bin = ((x - self.lut_lo) * self.lut_scale).clamp(0.0, (LUT_BINS - 1) as f32) as usize;
+        let mut i = if x.is_nan() { 0 } else { self.lut[bin] as usize };
+        while i < m.len() && m[i] < x {
+            i += 1;
+        }
         if i == 0 {
             0
         } else if i == m.len() {
@@ -233,6 +255,24 @@ mod tests {
                         + 1.0 / (1u64 << m) as f64
                         - 1.0;
                     assert!((g.decode(q, r) as f64 - centre).abs() < 1e-6, "m={m} q={q} r={r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nearest_equals_a_full_scan() {
+        for d in ALL {
+            for m in [d.native_bits(), 4.max(d.native_bits()), 8] {
+                let g = d.grid(m);
+                let lv = g.master();
+                let span = lv[lv.len() - 1] - lv[0];
+                for i in 0..20000 {
+                    let x = lv[0] - span * 0.1 + span * 1.2 * i as f32 / 20000.0;
+                    let want = (0..lv.len())
+                        .min_by(|&a, &b| (lv[a] - x).abs().total_cmp(&(lv[b] - x).abs()).then(a.cmp(&b)))
+                        .unwrap();
+                    assert_eq!(g.nearest(x) as usize, want, "{d:?} m={m} x={x}");
                 }
             }
         }
