@@ -196,7 +196,25 @@ struct InspectArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let threads = match &cli.cmd {
+        Cmd::Run(a) => a.model.threads,
+        Cmd::Chat(a) => a.model.threads,
+        Cmd::Ppl(a) => a.model.threads,
+        Cmd::Inspect(a) => a.model.threads,
+        Cmd::Quantize(a) => a.threads,
+    };
+    // The whole command runs on a worker of its own pool: parallel kernels called from a pool
+    // thread push their jobs to its local queue, which (unlike injection from outside the
+    // pool) allocates nothing per call, keeping the decode loop allocation-free.
+    let result = match threads {
+        Some(0) => Err(anyhow::anyhow!("--threads must be at least 1")),
+        _ => rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.unwrap_or(0))
+            .build()
+            .context("cannot set up the thread pool")
+            .and_then(|pool| pool.install(|| run(cli))),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bitnest: error: {e:#}");
@@ -217,22 +235,12 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Sets the thread count and loads the model named by `--model`.
 fn load(m: &ModelArgs) -> Result<Engine> {
-    set_threads(m.threads)?;
     let plan = m.plan()?;
     let path = resolve_model(&m.model)?;
     Engine::load(&path, plan)
 }
 
-fn set_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(n) = threads {
-        anyhow::ensure!(n >= 1, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot set up the thread pool")?;
-    }
-    Ok(())
-}
-
 fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
-    set_threads(a.threads)?;
     let mut dtypes = Vec::new();
     for fam in a.dtypes.split(',').map(str::trim) {
         match fam {

@@ -1,0 +1,52 @@
+//! The decode loop's forward pass allocates nothing per token: every buffer lives in the
+//! `Session`, sized once. Counted with a global allocator wrapper.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bitnest::model::ModelSource;
+
+mod common;
+
+struct Counting;
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn decode_forward_allocates_nothing_per_token() {
+    // The real model, so the multi-threaded kernel paths run as they do in production.
+    let m = ModelSource::open(&common::model_path(), None).unwrap().load_f32().unwrap();
+    let mut s = m.new_session(200, 32);
+    // As the CLI does: run on a pool worker, so kernels' parallel jobs use its local queue.
+    let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
+    pool.install(|| {
+        // Warm up: prefill (parallel paths) and a few decode steps start the thread pool.
+        m.forward(&mut s, &(0..40).collect::<Vec<u32>>(), 1).unwrap();
+        for t in 0..4 {
+            m.forward(&mut s, &[t], 1).unwrap();
+        }
+        let before = ALLOCS.load(Ordering::Relaxed);
+        for t in 0..30u32 {
+            let logits = m.forward(&mut s, &[t * 7], 1).unwrap();
+            assert!(logits[0].is_finite());
+        }
+        let n = ALLOCS.load(Ordering::Relaxed) - before;
+        assert_eq!(n, 0, "{n} allocations in 30 decode steps");
+    });
+}
