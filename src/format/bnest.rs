@@ -188,6 +188,13 @@ impl BnestFile {
         Ok(bytes)
     }
 
+    /// A section's bytes after [`BnestFile::open`] has checked its bounds and checksum, so
+    /// reading tensors does not pay for a second CRC pass.
+    fn bytes(&self, s: &Section) -> Result<&[u8]> {
+        let start = (self.data_start + s.offset) as usize;
+        self.mmap.get(start..start + s.len as usize).context("section outside the file")
+    }
+
     fn validate_tensor(&self, t: &TensorDesc) -> Result<()> {
         let n: usize = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).context("shape overflows")?;
         ensure!(!t.shape.is_empty() && n > 0 && n <= 1 << 40, "shape {:?} is invalid", t.shape);
@@ -235,7 +242,7 @@ impl BnestFile {
     pub fn f32_data(&self, t: &TensorDesc) -> Result<Vec<f32>> {
         match &t.encoding {
             Encoding::F32 { data } => {
-                Ok(self.section(data)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+                Ok(self.bytes(data)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
             }
             _ => bail!("tensor {} is not stored as f32", t.name),
         }
@@ -249,11 +256,11 @@ impl BnestFile {
         };
         ensure!(r >= 1 && r <= *master_bits, "tensor {} has {master_bits} planes; cannot read {r}", t.name);
         let u16s = |s: &Section| -> Result<Vec<u16>> {
-            Ok(self.section(s)?.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+            Ok(self.bytes(s)?.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
         };
         let mut pl = Vec::with_capacity(*master_bits as usize);
         for (i, p) in planes.iter().enumerate() {
-            pl.push(if i < r as usize { self.section(p)?.to_vec() } else { Vec::new() });
+            pl.push(if i < r as usize { self.bytes(p)?.to_vec() } else { Vec::new() });
         }
         Ok(BitPlanes {
             rows: t.shape[0],
@@ -263,7 +270,7 @@ impl BnestFile {
             planes: pl,
             scales: u16s(scales)?,
             offsets: u16s(offsets)?,
-            dtypes: self.section(dtypes)?.to_vec(),
+            dtypes: self.bytes(dtypes)?.to_vec(),
         })
     }
 
