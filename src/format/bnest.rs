@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
 use memmap2::Mmap;
@@ -133,8 +134,21 @@ pub fn write(path: &Path, mut header: Header, tensors: Vec<(String, Vec<usize>, 
 /// An opened, validated `.bnest` file.
 pub struct BnestFile {
     pub header: Header,
-    mmap: Mmap,
+    /// Shared so that bit-plane layers can compute straight from the mapping (zero copy).
+    mmap: Arc<Mmap>,
     data_start: u64,
+}
+
+/// Where a plane tensor's bytes lie in the mapped file, for kernels that read them in place.
+pub struct PlaneRanges {
+    pub map: Arc<Mmap>,
+    pub group: usize,
+    pub master_bits: u32,
+    /// Byte ranges of every stored plane, most significant first.
+    pub planes: Vec<std::ops::Range<usize>>,
+    pub scales: std::ops::Range<usize>,
+    pub offsets: std::ops::Range<usize>,
+    pub dtypes: std::ops::Range<usize>,
 }
 
 impl BnestFile {
@@ -167,7 +181,7 @@ impl BnestFile {
         header.config.validate()?;
         header.quant.validate()?;
         let data_start = (PREAMBLE as u64 + hlen).div_ceil(ALIGN) * ALIGN;
-        let file = BnestFile { header, mmap, data_start };
+        let file = BnestFile { header, mmap: Arc::new(mmap), data_start };
         for t in &file.header.tensors {
             file.validate_tensor(t).with_context(|| format!("tensor {}", t.name))?;
         }
@@ -185,6 +199,15 @@ impl BnestFile {
         );
         let bytes = &self.mmap[start as usize..end as usize];
         ensure!(crc32fast::hash(bytes) == s.crc32, "checksum mismatch in section at {start} (file corrupted)");
+        // Checking the sum faulted the section in; give the pages back so that resident memory
+        // reflects only what inference reads (fewer planes, less memory), not the whole file.
+        #[cfg(unix)]
+        // SAFETY: the map is read-only and file-backed, so dropped pages are simply read again
+        // from the file on the next access; no data can be lost.
+        unsafe {
+            let _ =
+                self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start as usize, s.len as usize);
+        }
         Ok(bytes)
     }
 
@@ -271,6 +294,29 @@ impl BnestFile {
             scales: u16s(scales)?,
             offsets: u16s(offsets)?,
             dtypes: self.bytes(dtypes)?.to_vec(),
+        })
+    }
+
+    /// The byte ranges of a `Planes` tensor inside the shared mapping (bounds and checksums
+    /// were checked at open).
+    pub fn plane_ranges(&self, t: &TensorDesc) -> Result<PlaneRanges> {
+        let Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes } = &t.encoding else {
+            bail!("tensor {} is not stored as bit planes", t.name)
+        };
+        let range = |s: &Section| -> Result<std::ops::Range<usize>> {
+            let start = (self.data_start + s.offset) as usize;
+            let end = start + s.len as usize;
+            ensure!(end <= self.mmap.len(), "section outside the file");
+            Ok(start..end)
+        };
+        Ok(PlaneRanges {
+            map: self.mmap.clone(),
+            group: *group,
+            master_bits: *master_bits,
+            planes: planes.iter().map(range).collect::<Result<_>>()?,
+            scales: range(scales)?,
+            offsets: range(offsets)?,
+            dtypes: range(dtypes)?,
         })
     }
 

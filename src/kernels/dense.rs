@@ -76,6 +76,9 @@ impl Linear for DenseF32 {
     fn weight_bytes(&self) -> usize {
         self.rows * self.cols * 4
     }
+    fn row(&self, i: usize, out: &mut [f32]) {
+        DenseF32::row(self, i, out)
+    }
     fn format_name(&self) -> String {
         "f32".into()
     }

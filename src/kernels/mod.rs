@@ -4,8 +4,10 @@
 pub mod attention;
 pub mod dense;
 pub mod ops;
+pub mod planes;
 
 pub use dense::DenseF32;
+pub use planes::PlaneLinear;
 
 /// A linear layer `y = W·x (+ b)` applied to a batch of token rows.
 ///
@@ -21,6 +23,9 @@ pub trait Linear: Send + Sync {
     fn weight_bytes(&self) -> usize;
     /// Short human name of the storage format, for `inspect`.
     fn format_name(&self) -> String;
+    /// Decodes weight row `i` into `out` (`in_dim` values): the embedding lookup of a table
+    /// stored as a layer, which tied heads share.
+    fn row(&self, i: usize, out: &mut [f32]);
 }
 
 /// A raw pointer that parallel tasks share to write *disjoint* parts of one buffer (rows of an

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::config::LlamaConfig;
 use crate::kernels::attention::{HeadView, attend};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
-use crate::kernels::{DenseF32, Linear, SyncPtr};
+use crate::kernels::{Linear, SyncPtr};
 
 /// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
 pub struct Block {
@@ -30,7 +30,7 @@ pub struct Block {
 pub struct Llama {
     pub config: LlamaConfig,
     /// Token embedding table, `vocab × dim`; shared with the head when the model ties them.
-    pub embed: Arc<DenseF32>,
+    pub embed: Arc<dyn Linear>,
     pub blocks: Vec<Block>,
     pub norm: Vec<f32>,
     pub head: Arc<dyn Linear>,

@@ -15,7 +15,7 @@ use crate::format::bnest::{BnestFile, Encoding};
 use crate::format::gguf::GgufFile;
 use crate::format::safetensors::{SafetensorsDir, hf_name, permute_qk};
 use crate::kernels::ops::Rope;
-use crate::kernels::{DenseF32, Linear};
+use crate::kernels::{DenseF32, Linear, PlaneLinear, planes};
 use crate::tokenizer::Tokenizer;
 
 /// An opened model file or directory, before its weights are materialized.
@@ -138,6 +138,30 @@ impl ModelSource {
         }
     }
 
+    /// A bit-plane tensor as a layer that computes on its planes in place, at the precision
+    /// the plan gives it; `None` for other sources and encodings, and for group sizes the
+    /// kernel does not take (those are dequantized to f32 instead).
+    fn plane_linear(&self, name: &str, rows: usize, cols: usize) -> Result<Option<PlaneLinear>> {
+        let Self::Bnest(b, plan) = self else { return Ok(None) };
+        let Some(t) = b.tensor(name) else { return Ok(None) };
+        let Encoding::Planes { group, master_bits, .. } = &t.encoding else { return Ok(None) };
+        if planes::unsupported(*group).is_some() {
+            return Ok(None);
+        }
+        ensure!(t.shape == [rows, cols], "tensor {name} has shape {:?}, expected [{rows}, {cols}]", t.shape);
+        let r = plan.bits_for(name, *master_bits)?;
+        let pr = b.plane_ranges(t)?;
+        let bytes = &pr.map[..];
+        let u16s = |rg: &std::ops::Range<usize>| -> Vec<u16> {
+            bytes[rg.clone()].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+        };
+        let (scales, offsets) = (u16s(&pr.scales), u16s(&pr.offsets));
+        let dtypes = bytes[pr.dtypes.clone()].to_vec();
+        let l = PlaneLinear::new(pr.map.clone(), pr.planes, rows, cols, *group, &scales, &offsets, &dtypes, r)
+            .with_context(|| format!("tensor {name}"))?;
+        Ok(Some(l))
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         match self {
             Self::Gguf(g) => g.tensor(name).is_some(),
@@ -165,12 +189,15 @@ impl ModelSource {
         };
         let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn_dim);
         let dense = |name: &str, rows: usize, cols: usize| -> Result<Box<dyn Linear>> {
-            let w = get(&format!("{name}.weight"), &[rows, cols])?;
             let b = opt_bias(&format!("{name}.bias"), rows)?;
+            let name = format!("{name}.weight");
+            if let Some(l) = self.plane_linear(&name, rows, cols)? {
+                return Ok(Box::new(l.with_bias(b)));
+            }
+            let w = get(&name, &[rows, cols])?;
             Ok(Box::new(DenseF32::new(&w, rows, cols, b)))
         };
-        let embed =
-            Arc::new(DenseF32::new(&get("token_embd.weight", &[cfg.vocab_size, dim])?, cfg.vocab_size, dim, None));
+        let embed: Arc<dyn Linear> = Arc::from(dense("token_embd", cfg.vocab_size, dim)?);
         let head: Arc<dyn Linear> = match self.has_tensor("output.weight") {
             true => Arc::from(dense("output", cfg.vocab_size, dim)?),
             false => embed.clone(),

@@ -1,0 +1,926 @@
+//! Bit-serial linear layer: computes straight from the bit planes of a `.bnest` tensor, so the
+//! work and the bytes read fall with the number of planes.
+//!
+//! For every output row and weight group the kernel
+//! 1. rebuilds the `r`-bit codes of 64 weights from `r` plane words, one masked byte add per
+//!    plane (AVX-512: `kmov` + `vpaddb{k}`), so the cost is linear in `r`;
+//! 2. maps codes to unsigned 8-bit *levels* through the group datatype's table at `r` bits
+//!    (`vpermb` / `vpermi2b`; skipped for uniform INT groups, whose table is the identity);
+//! 3. takes the exact integer dot product with the activations, quantized to int8 once per
+//!    matmul per group (`vpdpbusd`, u8 × s8);
+//! 4. turns the group's integer sum into f32 with the group's scale and offset.
+//!
+//! A level stands for `μ·(level − z)` in the datatype's native units, with `μ` and `z` per
+//! (datatype, `r`). Uniform grids and BitMoD grids at or below their native width map onto
+//! 8-bit levels exactly; BitMoD views wider than their native grid (5–8 bits of an FP4 group)
+//! are rounded to the nearest of 256 evenly spaced levels, at most half a level off.
+//!
+//! Because the integer part is exact and the float part is the same short sequence of scalar
+//! or lane-wise operations in every path, the AVX-512, AVX2 and scalar paths agree bit for bit,
+//! and a token's result does not depend on the other tokens of the batch.
+
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::{Linear, SyncPtr};
+use crate::quant::bitplane::{BitPlanes, row_bytes};
+use crate::quant::dtype::{ALL, GroupDtype, MAX_BITS};
+
+/// Rows computed together: they share the activation loads and one transpose-reduce.
+pub const TILE: usize = 4;
+/// Largest group the kernel takes: keeps every group's integer sum exact in f32 (< 2^24).
+pub const MAX_GROUP: usize = 512;
+
+/// The code → level table of one datatype read at `r` bits, and what a level means.
+#[repr(C, align(64))]
+pub struct Levels {
+    pub table: [u8; 256],
+    /// A level `l` stands for `mu · (l − z)` native units.
+    pub mu: f32,
+    pub z: f32,
+    /// The table is `l = code` (uniform grids), so the lookup can be skipped.
+    pub identity: bool,
+    /// Every level is represented exactly.
+    pub exact: bool,
+}
+
+impl Levels {
+    fn build(values: &[f32]) -> Levels {
+        let (lo, hi) = (values[0], values[values.len() - 1]);
+        let mut table = [0u8; 256];
+        // Evenly spaced levels (uniform INT at any width) are the codes themselves.
+        let step = if values.len() > 1 { values[1] - values[0] } else { 1.0 };
+        if values.windows(2).all(|w| w[1] - w[0] == step) {
+            for (i, t) in table.iter_mut().enumerate().take(values.len()) {
+                *t = i as u8;
+            }
+            return Levels { table, mu: step, z: -lo / step, identity: true, exact: true };
+        }
+        // Exact when some power of two turns every value into an integer spanning ≤ 255.
+        for k in 0..=16 {
+            let f = (1u32 << k) as f64;
+            let ints: Vec<f64> = values.iter().map(|&v| v as f64 * f).collect();
+            if ints.iter().all(|x| x.fract() == 0.0) && ints[ints.len() - 1] - ints[0] <= 255.0 {
+                for (t, x) in table.iter_mut().zip(&ints) {
+                    *t = (x - ints[0]) as u8;
+                }
+                let identity = table.iter().take(values.len()).enumerate().all(|(i, &t)| t as usize == i);
+                return Levels { table, mu: (1.0 / f) as f32, z: (-ints[0]) as f32, identity, exact: true };
+            }
+        }
+        let mu = (hi - lo) / 255.0;
+        for (t, &v) in table.iter_mut().zip(values) {
+            *t = ((v - lo) / mu).round().clamp(0.0, 255.0) as u8;
+        }
+        Levels { table, mu, z: -lo / mu, identity: false, exact: false }
+    }
+
+    /// Tables of datatype `d` with an `m`-bit master, read at `r` bits (cached).
+    pub fn get(d: GroupDtype, m: u32, r: u32) -> &'static Levels {
+        static ALL_LEVELS: OnceLock<Vec<Option<Levels>>> = OnceLock::new();
+        let all = ALL_LEVELS.get_or_init(|| {
+            let mut v = Vec::new();
+            for d in ALL {
+                for m in 1..=MAX_BITS {
+                    for r in 1..=MAX_BITS {
+                        v.push((m >= d.native_bits() && r <= m).then(|| Levels::build(d.grid(m).view(r))));
+                    }
+                }
+            }
+            v
+        });
+        let i = (d.id() as usize * MAX_BITS as usize + (m - 1) as usize) * MAX_BITS as usize + (r - 1) as usize;
+        all[i].as_ref().expect("datatype tables exist for every valid (master, r)")
+    }
+}
+
+/// Activations of `n` tokens quantized to int8 per weight group, with what the kernel needs
+/// besides the codes: the group's scale `d` and `d·Σq` (for offsets and level zero points).
+#[derive(Default)]
+pub struct QuantActs {
+    /// `n × padded_cols`, zero past `cols`.
+    pub q: Vec<i8>,
+    /// `n × groups`.
+    pub d: Vec<f32>,
+    pub dsum: Vec<f32>,
+    pub padded: usize,
+    pub groups: usize,
+}
+
+impl QuantActs {
+    /// Quantizes `x` (`n × cols`) with one int8 scale per `group` columns: `q = round(x·127/amax)`.
+    pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize, group: usize) {
+        let padded = row_bytes(cols) * 8;
+        let groups = cols.div_ceil(group);
+        self.padded = padded;
+        self.groups = groups;
+        // Grows once to the largest batch; never shrinks, so decoding does not allocate.
+        if self.q.len() < n * padded {
+            self.q.resize(n * padded, 0);
+        }
+        if self.d.len() < n * groups {
+            self.d.resize(n * groups, 0.0);
+            self.dsum.resize(n * groups, 0.0);
+        }
+        for t in 0..n {
+            let xr = &x[t * cols..(t + 1) * cols];
+            let qr = &mut self.q[t * padded..(t + 1) * padded];
+            for g in 0..groups {
+                let cols_g = g * group..((g + 1) * group).min(cols);
+                let amax = xr[cols_g.clone()].iter().fold(0f32, |a, v| a.max(v.abs()));
+                let (d, id) = if amax > 0.0 { (amax / 127.0, 127.0 / amax) } else { (0.0, 0.0) };
+                let mut sum = 0i32;
+                for (q, &v) in qr[cols_g.clone()].iter_mut().zip(&xr[cols_g]) {
+                    let qi = (v * id).round().clamp(-127.0, 127.0) as i8;
+                    *q = qi;
+                    sum += qi as i32;
+                }
+                self.d[t * groups + g] = d;
+                self.dsum[t * groups + g] = d * sum as f32;
+            }
+            qr[cols..].fill(0);
+        }
+    }
+}
+
+/// Per-group metadata of one tile of [`TILE`] rows, stored together so one load serves the tile.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct TileMeta {
+    scale: [u16; TILE],
+    offset: [u16; TILE],
+    dtype: [u8; TILE],
+}
+
+/// Bytes of planes: borrowed from a mapped `.bnest` file or owned.
+type Store = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A `rows × cols` matrix stored as bit planes, computed on directly at any precision `r`
+/// up to the planes stored.
+pub struct PlaneLinear {
+    rows: usize,
+    cols: usize,
+    group: usize,
+    master_bits: u32,
+    /// Precision used by [`Linear::forward`].
+    bits: u32,
+    store: Store,
+    planes: Vec<Range<usize>>,
+    row_bytes: usize,
+    /// `tiles × groups`, rows past `rows` padded with zero scale and offset.
+    meta: Vec<TileMeta>,
+    bias: Option<Vec<f32>>,
+}
+
+/// Why a plane tensor cannot use this kernel (it then falls back to f32).
+pub fn unsupported(group: usize) -> Option<String> {
+    (!group.is_multiple_of(64) || group > MAX_GROUP)
+        .then(|| format!("group size {group} (the bit-serial kernel needs a multiple of 64 up to {MAX_GROUP})"))
+}
+
+impl PlaneLinear {
+    /// Wraps planes lying in `store` (each range one plane, most significant first) with their
+    /// per-group metadata (f16 scale and offset bits, datatype ids), read at `bits` planes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        planes: Vec<Range<usize>>,
+        rows: usize,
+        cols: usize,
+        group: usize,
+        scales: &[u16],
+        offsets: &[u16],
+        dtypes: &[u8],
+        bits: u32,
+    ) -> anyhow::Result<Self> {
+        use anyhow::ensure;
+        if let Some(why) = unsupported(group) {
+            anyhow::bail!("{why}");
+        }
+        let master_bits = planes.len() as u32;
+        ensure!((1..=MAX_BITS).contains(&master_bits), "{master_bits} planes");
+        ensure!(bits >= 1 && bits <= master_bits, "cannot read {bits} planes of {master_bits}");
+        let rb = row_bytes(cols);
+        let len = (*store).as_ref().len();
+        for p in &planes {
+            ensure!(p.len() == rows * rb && p.end <= len, "plane range {p:?} does not hold {rows} rows");
+        }
+        let gpr = cols.div_ceil(group);
+        ensure!(
+            scales.len() == rows * gpr && offsets.len() == rows * gpr && dtypes.len() == rows * gpr,
+            "group metadata does not match {rows} × {gpr} groups"
+        );
+        let tiles = rows.div_ceil(TILE);
+        let mut meta = vec![TileMeta::default(); tiles * gpr];
+        for row in 0..rows {
+            for g in 0..gpr {
+                let d = GroupDtype::from_id(dtypes[row * gpr + g])?;
+                ensure!(d.native_bits() <= master_bits, "datatype {d:?} does not fit {master_bits} planes");
+                let m = &mut meta[(row / TILE) * gpr + g];
+                m.scale[row % TILE] = scales[row * gpr + g];
+                m.offset[row % TILE] = offsets[row * gpr + g];
+                m.dtype[row % TILE] = d.id();
+            }
+        }
+        Ok(PlaneLinear { rows, cols, group, master_bits, bits, store, planes, row_bytes: rb, meta, bias: None })
+    }
+
+    /// Owned copy of in-memory [`BitPlanes`] (tests, freshly quantized tensors).
+    pub fn from_bitplanes(bp: &BitPlanes, bits: u32) -> anyhow::Result<Self> {
+        let mut bytes = Vec::with_capacity(bp.planes.iter().map(Vec::len).sum());
+        let mut ranges = Vec::new();
+        for p in &bp.planes {
+            ranges.push(bytes.len()..bytes.len() + p.len());
+            bytes.extend_from_slice(p);
+        }
+        PlaneLinear::new(Arc::new(bytes), ranges, bp.rows, bp.cols, bp.group, &bp.scales, &bp.offsets, &bp.dtypes, bits)
+    }
+
+    pub fn with_bias(mut self, bias: Option<Vec<f32>>) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+    pub fn master_bits(&self) -> u32 {
+        self.master_bits
+    }
+
+    /// `y = W_r·x (+ b)` for `n` tokens at `r` planes with the given instruction set.
+    pub fn forward_with(&self, x: &[f32], n: usize, y: &mut [f32], r: u32, isa: Isa) {
+        assert!(r >= 1 && r <= self.master_bits, "cannot read {r} planes of {}", self.master_bits);
+        assert!(x.len() >= n * self.cols && y.len() >= n * self.rows);
+        thread_local! {
+            static ACTS: std::cell::RefCell<QuantActs> = std::cell::RefCell::new(QuantActs::default());
+        }
+        ACTS.with_borrow_mut(|acts| {
+            acts.quantize(&x[..n * self.cols], n, self.cols, self.group);
+            self.matmul(acts, n, &mut y[..n * self.rows], r, isa);
+        });
+        if let Some(b) = &self.bias {
+            for row in y[..n * self.rows].chunks_exact_mut(self.rows) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
+    }
+
+    fn matmul(&self, acts: &QuantActs, n: usize, y: &mut [f32], r: u32, isa: Isa) {
+        let tiles = self.rows.div_ceil(TILE);
+        let ctx = Ctx::new(self, r);
+        let out = SyncPtr(y.as_mut_ptr());
+        // Enough tasks to balance the threads, few enough that each streams a long stretch.
+        let tasks = (rayon::current_num_threads() * 4).min(tiles).max(1);
+        let per = tiles.div_ceil(tasks);
+        (0..tiles.div_ceil(per)).into_par_iter().for_each(|task| {
+            for tile in task * per..((task + 1) * per).min(tiles) {
+                // SAFETY: tiles write disjoint rows of `y`.
+                unsafe { ctx.tile(tile, acts, n, out, isa) };
+            }
+        });
+    }
+
+    /// Decodes row `i` at `r` planes with exact f32 levels (embedding lookups).
+    pub fn row_at(&self, i: usize, out: &mut [f32], r: u32) {
+        let gpr = self.cols.div_ceil(self.group);
+        let bytes = (*self.store).as_ref();
+        for (g, og) in out[..self.cols].chunks_mut(self.group).enumerate() {
+            let m = &self.meta[(i / TILE) * gpr + g];
+            let d = GroupDtype::from_id(m.dtype[i % TILE]).expect("validated at construction");
+            let view = d.grid(self.master_bits).view(r);
+            let s = f16::from_bits(m.scale[i % TILE]).to_f32();
+            let o = f16::from_bits(m.offset[i % TILE]).to_f32();
+            for (j, v) in og.iter_mut().enumerate() {
+                let col = g * self.group + j;
+                let mut c = 0usize;
+                for p in &self.planes[..r as usize] {
+                    let byte = bytes[p.start + i * self.row_bytes + col / 8];
+                    c = (c << 1) | ((byte >> (col % 8)) & 1) as usize;
+                }
+                *v = s * view[c] + o;
+            }
+        }
+    }
+}
+
+impl Linear for PlaneLinear {
+    fn in_dim(&self) -> usize {
+        self.cols
+    }
+    fn out_dim(&self) -> usize {
+        self.rows
+    }
+    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.forward_with(x, n, y, self.bits, Isa::detect());
+    }
+    fn weight_bytes(&self) -> usize {
+        self.rows * self.row_bytes * self.bits as usize + self.meta.len() * std::mem::size_of::<TileMeta>()
+    }
+    fn format_name(&self) -> String {
+        format!("planes {}/{} g{}", self.bits, self.master_bits, self.group)
+    }
+    fn row(&self, i: usize, out: &mut [f32]) {
+        self.row_at(i, out, self.bits);
+    }
+}
+
+/// Instruction sets the kernel has a path for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The best path this CPU runs (detected once).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let forced = std::env::var("BITNEST_ISA").ok();
+            let best = Isa::available().last().copied().unwrap_or(Isa::Scalar);
+            match forced.as_deref() {
+                Some("scalar") => Isa::Scalar,
+                Some("avx2") if Isa::available().contains(&Isa::Avx2) => Isa::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// Every path this CPU can run, worst first.
+    pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+                v.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vbmi")
+                && is_x86_feature_detected!("f16c")
+            {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+}
+
+/// Everything a tile needs, resolved once per matmul.
+struct Ctx<'a> {
+    bytes: &'a [u8],
+    /// Start of each plane read, most significant first.
+    planes: Vec<usize>,
+    row_bytes: usize,
+    rows: usize,
+    cols: usize,
+    group: usize,
+    gpr: usize,
+    meta: &'a [TileMeta],
+    r: u32,
+    /// Per datatype id: its tables at `r`.
+    levels: [&'static Levels; ALL.len()],
+}
+
+impl<'a> Ctx<'a> {
+    fn new(l: &'a PlaneLinear, r: u32) -> Self {
+        let levels = std::array::from_fn(|d| {
+            let dt = ALL[d];
+            // Datatypes wider than the master never occur (checked at construction); give
+            // them any table.
+            if dt.native_bits() <= l.master_bits {
+                Levels::get(dt, l.master_bits, r)
+            } else {
+                Levels::get(ALL[0], l.master_bits, r)
+            }
+        });
+        Ctx {
+            bytes: (*l.store).as_ref(),
+            planes: l.planes[..r as usize].iter().map(|p| p.start).collect(),
+            row_bytes: l.row_bytes,
+            rows: l.rows,
+            cols: l.cols,
+            group: l.group,
+            gpr: l.cols.div_ceil(l.group),
+            meta: &l.meta,
+            r,
+            levels,
+        }
+    }
+
+    /// Chunks of 64 columns in group `g`.
+    fn chunks(&self, g: usize) -> Range<usize> {
+        let start = g * self.group / 64;
+        start..((g + 1) * self.group).min(self.cols).div_ceil(64)
+    }
+
+    /// The plane word holding columns `64·ch..` of `row` in plane `p`.
+    #[inline(always)]
+    fn word(&self, p: usize, row: usize, ch: usize) -> u64 {
+        let at = self.planes[p] + row * self.row_bytes + ch * 8;
+        u64::from_le_bytes(self.bytes[at..at + 8].try_into().unwrap())
+    }
+
+    /// The float part shared by every path: group scale and offset applied to an exact
+    /// integer sum, accumulated in group order. `a` and `b` come from [`Ctx::ab`].
+    #[inline(always)]
+    fn term(dot: i32, a: f32, b: f32, d: f32, dsum: f32) -> f32 {
+        (dot as f32) * (a * d) + b * dsum
+    }
+
+    /// `(A, B)` of one row's group: level `l` times `A` plus `B` is the weight.
+    #[inline(always)]
+    fn ab(&self, m: &TileMeta, i: usize) -> (f32, f32) {
+        let lv = self.levels[m.dtype[i] as usize];
+        let s = f16::from_bits(m.scale[i]).to_f32();
+        let o = f16::from_bits(m.offset[i]).to_f32();
+        let a = s * lv.mu;
+        (a, o - a * lv.z)
+    }
+
+    /// # Safety
+    /// `out` must point to an `n × rows` buffer of which this call alone writes the tile's rows.
+    unsafe fn tile(&self, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr, isa: Isa) {
+        let full = (tile + 1) * TILE <= self.rows;
+        #[cfg(target_arch = "x86_64")]
+        if full {
+            match isa {
+                Isa::Avx512 => return unsafe { x86::tile_avx512(self, tile, acts, n, out) },
+                Isa::Avx2 => return unsafe { x86::tile_avx2(self, tile, acts, n, out) },
+                Isa::Scalar => {}
+            }
+        }
+        let _ = (full, isa);
+        unsafe { self.tile_scalar(tile, acts, n, out) }
+    }
+
+    /// The reference: plain loops over rows, tokens, groups and columns.
+    unsafe fn tile_scalar(&self, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+        let r = self.r as usize;
+        for i in 0..TILE {
+            let row = tile * TILE + i;
+            if row >= self.rows {
+                break;
+            }
+            for t in 0..n {
+                let mut acc = 0f32;
+                for g in 0..self.gpr {
+                    let m = &self.meta[tile * self.gpr + g];
+                    let table = &self.levels[m.dtype[i] as usize].table;
+                    let mut dot = 0i32;
+                    for ch in self.chunks(g) {
+                        let words: [u64; MAX_BITS as usize] =
+                            std::array::from_fn(|p| if p < r { self.word(p, row, ch) } else { 0 });
+                        for j in 0..64 {
+                            let mut c = 0usize;
+                            for w in &words[..r] {
+                                c = (c << 1) | ((w >> j) & 1) as usize;
+                            }
+                            dot += table[c] as i32 * acts.q[t * acts.padded + ch * 64 + j] as i32;
+                        }
+                    }
+                    let (a, b) = self.ab(m, i);
+                    let k = t * acts.groups + g;
+                    acc += Ctx::term(dot, a, b, acts.d[k], acts.dsum[k]);
+                }
+                unsafe { *out.get().add(t * self.rows + row) = acc };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Ctx, QuantActs, SyncPtr, TILE};
+
+    /// Largest number of 64-column chunks in a group.
+    const MAX_CH: usize = super::MAX_GROUP / 64;
+
+    /// Float part for four rows at once, lane `i` doing exactly [`Ctx::term`] for row `i`.
+    #[inline(always)]
+    unsafe fn terms4(dot: __m128i, a: __m128, b: __m128, d: f32, dsum: f32) -> __m128 {
+        unsafe {
+            let ad = _mm_mul_ps(a, _mm_set1_ps(d));
+            _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(dot), ad), _mm_mul_ps(b, _mm_set1_ps(dsum)))
+        }
+    }
+
+    /// `A` and `B` of the tile's four rows (see [`Ctx::ab`]), lane-wise identical to it.
+    #[inline(always)]
+    unsafe fn ab4(ctx: &Ctx, m: &super::TileMeta) -> (__m128, __m128) {
+        unsafe {
+            let s = _mm_cvtph_ps(_mm_loadl_epi64(m.scale.as_ptr() as *const __m128i));
+            let o = _mm_cvtph_ps(_mm_loadl_epi64(m.offset.as_ptr() as *const __m128i));
+            let lv = |i: usize| ctx.levels[m.dtype[i] as usize];
+            let mu = _mm_setr_ps(lv(0).mu, lv(1).mu, lv(2).mu, lv(3).mu);
+            let z = _mm_setr_ps(lv(0).z, lv(1).z, lv(2).z, lv(3).z);
+            let a = _mm_mul_ps(s, mu);
+            (a, _mm_sub_ps(o, _mm_mul_ps(a, z)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn add_out(out: SyncPtr, at: usize, v: __m128, first: bool) {
+        unsafe {
+            let p = out.get().add(at);
+            // The first group starts from zero, as the reference's accumulator does.
+            let acc = if first { _mm_setzero_ps() } else { _mm_loadu_ps(p) };
+            _mm_storeu_ps(p, _mm_add_ps(acc, v));
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI/VBMI and F16C present; the tile's rows exist and `out` is exclusive to them.
+    pub unsafe fn tile_avx512(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+        // One instantiation per plane count, so the plane loop unrolls.
+        unsafe {
+            match ctx.r {
+                1 => tile512::<1>(ctx, tile, acts, n, out),
+                2 => tile512::<2>(ctx, tile, acts, n, out),
+                3 => tile512::<3>(ctx, tile, acts, n, out),
+                4 => tile512::<4>(ctx, tile, acts, n, out),
+                5 => tile512::<5>(ctx, tile, acts, n, out),
+                6 => tile512::<6>(ctx, tile, acts, n, out),
+                7 => tile512::<7>(ctx, tile, acts, n, out),
+                _ => tile512::<8>(ctx, tile, acts, n, out),
+            }
+        }
+    }
+
+    /// Codes of 64 weights rebuilt from `R` plane words and mapped to levels.
+    #[inline(always)]
+    unsafe fn codes512<const R: usize>(base: &[*const u8; 8], ch: usize, lv: &super::Levels) -> __m512i {
+        unsafe {
+            let mut c = _mm512_setzero_si512();
+            for (p, b) in base.iter().enumerate().take(R) {
+                let bits = (b.add(ch * 8) as *const u64).read_unaligned();
+                c = _mm512_mask_add_epi8(c, bits, c, _mm512_set1_epi8((1u32 << (R - 1 - p)) as i8));
+            }
+            if lv.identity {
+                return c;
+            }
+            let tp = lv.table.as_ptr() as *const __m512i;
+            // `Levels` is 64-byte aligned and 256 bytes long.
+            match R {
+                1..=6 => _mm512_permutexvar_epi8(c, _mm512_load_si512(tp)),
+                7 => _mm512_permutex2var_epi8(_mm512_load_si512(tp), c, _mm512_load_si512(tp.add(1))),
+                _ => {
+                    let lo = _mm512_permutex2var_epi8(_mm512_load_si512(tp), c, _mm512_load_si512(tp.add(1)));
+                    let hi = _mm512_permutex2var_epi8(_mm512_load_si512(tp.add(2)), c, _mm512_load_si512(tp.add(3)));
+                    _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), lo, hi)
+                }
+            }
+        }
+    }
+
+    /// Lane `i` of the result is the sum of the 16 lanes of `acc[i]`.
+    #[inline(always)]
+    unsafe fn reduce4(acc: &[__m512i; TILE]) -> __m128i {
+        unsafe {
+            let t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[0], acc[1]), _mm512_unpackhi_epi32(acc[0], acc[1]));
+            let t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[2], acc[3]), _mm512_unpackhi_epi32(acc[2], acc[3]));
+            let s = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+            let h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
+            _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma")]
+    unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+        // Start of each row's data in each plane (bounds were checked at construction).
+        let base: [[*const u8; 8]; TILE] = std::array::from_fn(|i| {
+            std::array::from_fn(|p| {
+                let p = p.min(R - 1);
+                unsafe { ctx.bytes.as_ptr().add(ctx.planes[p] + (tile * TILE + i) * ctx.row_bytes) }
+            })
+        });
+        let mut codes = [[_mm512_setzero_si512(); MAX_CH]; TILE];
+        for g in 0..ctx.gpr {
+            let m = &ctx.meta[tile * ctx.gpr + g];
+            let chunks = ctx.chunks(g);
+            let lv: [&super::Levels; TILE] = std::array::from_fn(|i| ctx.levels[m.dtype[i] as usize]);
+            let (a, b) = unsafe { ab4(ctx, m) };
+            if n == 1 {
+                // Decoding: each weight is used once, so fuse code building and the dot product.
+                let qp = unsafe { acts.q.as_ptr().add(chunks.start * 64) };
+                let mut acc = [_mm512_setzero_si512(); TILE];
+                for (k, ch) in chunks.clone().enumerate() {
+                    let q = unsafe { _mm512_loadu_si512(qp.add(k * 64) as *const __m512i) };
+                    for i in 0..TILE {
+                        let c = unsafe { codes512::<R>(&base[i], ch, lv[i]) };
+                        acc[i] = _mm512_dpbusd_epi32(acc[i], c, q);
+                    }
+                }
+                unsafe {
+                    let v = terms4(reduce4(&acc), a, b, acts.d[g], acts.dsum[g]);
+                    add_out(out, tile * TILE, v, g == 0);
+                }
+                continue;
+            }
+            // A batch: rebuild the codes once and use them for every token.
+            for (i, row_codes) in codes.iter_mut().enumerate() {
+                for (k, ch) in chunks.clone().enumerate() {
+                    row_codes[k] = unsafe { codes512::<R>(&base[i], ch, lv[i]) };
+                }
+            }
+            let nch = chunks.len();
+            for t in 0..n {
+                let qp = unsafe { acts.q.as_ptr().add(t * acts.padded + chunks.start * 64) };
+                let mut acc = [_mm512_setzero_si512(); TILE];
+                for k in 0..nch {
+                    let q = unsafe { _mm512_loadu_si512(qp.add(k * 64) as *const __m512i) };
+                    for i in 0..TILE {
+                        acc[i] = _mm512_dpbusd_epi32(acc[i], codes[i][k], q);
+                    }
+                }
+                let k = t * acts.groups + g;
+                unsafe {
+                    let v = terms4(reduce4(&acc), a, b, acts.d[k], acts.dsum[k]);
+                    add_out(out, t * ctx.rows + tile * TILE, v, g == 0);
+                }
+            }
+        }
+    }
+
+    /// Expands 32 plane bits into 32 bytes of 0xff / 0x00.
+    #[inline(always)]
+    unsafe fn bits_to_bytes(bits: u32) -> __m256i {
+        unsafe {
+            let spread = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+            );
+            let v = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+            let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel)
+        }
+    }
+
+    /// Codes → levels with 16-entry `vpshufb` tables, one per value of the code's high nibble.
+    #[inline(always)]
+    unsafe fn lookup_avx2(c: __m256i, table: &[u8; 256], r: usize) -> __m256i {
+        unsafe {
+            let lo = _mm256_and_si256(c, _mm256_set1_epi8(0x0f));
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(c), _mm256_set1_epi8(0x0f));
+            let mut res = _mm256_setzero_si256();
+            for j in 0..(1usize << r.saturating_sub(4)) {
+                let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr().add(16 * j) as *const __m128i));
+                let hit = _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(j as i8));
+                res = _mm256_or_si256(res, _mm256_and_si256(hit, _mm256_shuffle_epi8(t, lo)));
+            }
+            res
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and F16C present; the tile's rows exist and `out` is exclusive to them.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+        let r = ctx.r as usize;
+        let bitval: [__m256i; 8] = std::array::from_fn(|p| _mm256_set1_epi8((1u32 << (r.max(p + 1) - 1 - p)) as i8));
+        // Two 32-byte halves per 64-column chunk.
+        let mut codes = [[_mm256_setzero_si256(); 2 * MAX_CH]; TILE];
+        for g in 0..ctx.gpr {
+            let m = &ctx.meta[tile * ctx.gpr + g];
+            let chunks = ctx.chunks(g);
+            let nch = chunks.len();
+            for (i, row_codes) in codes.iter_mut().enumerate() {
+                let row = tile * TILE + i;
+                let lv = ctx.levels[m.dtype[i] as usize];
+                for (k, ch) in chunks.clone().enumerate() {
+                    for h in 0..2 {
+                        let mut c = _mm256_setzero_si256();
+                        for (p, bv) in bitval.iter().enumerate().take(r) {
+                            let bits = (ctx.word(p, row, ch) >> (32 * h)) as u32;
+                            c = _mm256_or_si256(c, _mm256_and_si256(unsafe { bits_to_bytes(bits) }, *bv));
+                        }
+                        if !lv.identity {
+                            c = unsafe { lookup_avx2(c, &lv.table, r) };
+                        }
+                        row_codes[2 * k + h] = c;
+                    }
+                }
+            }
+            let (a, b) = unsafe { ab4(ctx, m) };
+            for t in 0..n {
+                let qp = unsafe { acts.q.as_ptr().add(t * acts.padded + chunks.start * 64) };
+                let mut acc = [_mm256_setzero_si256(); TILE];
+                for k in 0..2 * nch {
+                    let q = unsafe { _mm256_loadu_si256(qp.add(k * 32) as *const __m256i) };
+                    let (ql, qh) = (
+                        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                        _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
+                    );
+                    for i in 0..TILE {
+                        let c = codes[i][k];
+                        let cl = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
+                        let chh = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
+                        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(cl, ql));
+                        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(chh, qh));
+                    }
+                }
+                let h01 = _mm256_hadd_epi32(acc[0], acc[1]);
+                let h23 = _mm256_hadd_epi32(acc[2], acc[3]);
+                let h = _mm256_hadd_epi32(h01, h23);
+                let dot = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                let k = t * acts.groups + g;
+                unsafe {
+                    let v = terms4(dot, a, b, acts.d[k], acts.dsum[k]);
+                    add_out(out, t * ctx.rows + tile * TILE, v, g == 0);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::quant::bitplane::QuantConfig;
+
+    fn heavy(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u: f32 = rng.random_range(-1.0..1.0);
+                u * u * u * 2.0
+            })
+            .collect()
+    }
+
+    fn layer(rng: &mut StdRng, rows: usize, cols: usize, group: usize, m: u32, dtypes: &[GroupDtype]) -> BitPlanes {
+        let w = heavy(rng, rows * cols);
+        let cfg = QuantConfig {
+            group,
+            master_bits: m,
+            dtypes: dtypes.to_vec(),
+            objective: QuantConfig::default_objective(m),
+            scale_search: vec![1.0],
+        };
+        BitPlanes::quantize(&w, rows, cols, &cfg).unwrap()
+    }
+
+    #[test]
+    fn levels_are_exact_where_promised() {
+        for d in ALL {
+            for m in d.native_bits()..=MAX_BITS {
+                for r in 1..=m {
+                    let lv = Levels::get(d, m, r);
+                    let view = d.grid(m).view(r);
+                    let step = view.windows(2).fold(f32::INFINITY, |a, w| a.min(w[1] - w[0]));
+                    for (c, &v) in view.iter().enumerate() {
+                        let back = lv.mu * (lv.table[c] as f32 - lv.z);
+                        if lv.exact {
+                            assert!((back - v).abs() <= 1e-6 * v.abs().max(1.0), "{d:?} m{m} r{r} code {c}");
+                        } else {
+                            assert!((back - v).abs() <= lv.mu * 0.5 + 1e-5, "{d:?} m{m} r{r} code {c}");
+                        }
+                    }
+                    // Uniform grids always fit, and so does any view at or below native width.
+                    if d.is_int() || r <= d.native_bits() {
+                        assert!(lv.exact, "{d:?} m{m} r{r} should be exact (step {step})");
+                    }
+                    if d.is_int() {
+                        assert!(lv.identity);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The kernel computes `Σ level·q` exactly; check it against f64 over the exact levels.
+    #[test]
+    fn matches_dequantized_reference_where_levels_are_exact() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for &(rows, cols, group) in &[(8, 128, 64), (13, 200, 128), (4, 576, 128)] {
+            let bp =
+                layer(&mut rng, rows, cols, group, 4, &[GroupDtype::Int, GroupDtype::Fp4ErPos, GroupDtype::Fp4EaNeg]);
+            let lin = PlaneLinear::from_bitplanes(&bp, 4).unwrap();
+            for r in 1..=4 {
+                let n = 3;
+                let x = heavy(&mut rng, n * cols);
+                let mut y = vec![0f32; n * rows];
+                lin.forward_with(&x, n, &mut y, r, Isa::Scalar);
+                let mut w = vec![0f32; rows * cols];
+                bp.dequantize(r, &mut w).unwrap();
+                for t in 0..n {
+                    for o in 0..rows {
+                        let exact: f64 =
+                            (0..cols).map(|k| w[o * cols + k] as f64 * x[t * cols + k] as f64).sum::<f64>();
+                        let mag: f64 =
+                            (0..cols).map(|k| (w[o * cols + k] as f64 * x[t * cols + k] as f64).abs()).sum::<f64>();
+                        // int8 activations: ≤ half a step of 127 per element.
+                        let err = (y[t * rows + o] as f64 - exact).abs();
+                        assert!(
+                            err <= 0.01 * mag + 1e-4,
+                            "r{r} {rows}x{cols} t{t} o{o}: {} vs {exact}",
+                            y[t * rows + o]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_equals_the_scalar_reference_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let all = ALL.to_vec();
+        for &(rows, cols, group, m) in &[
+            (4, 64, 64, 8),
+            (12, 576, 128, 8),
+            (9, 1000, 192, 6),
+            (20, 1536, 512, 5),
+            (16, 130, 64, 4),
+            (8, 128, 128, 3),
+        ] {
+            let dts: Vec<GroupDtype> = all.iter().copied().filter(|d| d.native_bits() <= m).collect();
+            let bp = layer(&mut rng, rows, cols, group, m, &dts);
+            let lin = PlaneLinear::from_bitplanes(&bp, m).unwrap();
+            for r in 1..=m {
+                for n in [1, 3, 7] {
+                    let x = heavy(&mut rng, n * cols);
+                    let mut want = vec![0f32; n * rows];
+                    lin.forward_with(&x, n, &mut want, r, Isa::Scalar);
+                    for isa in Isa::available() {
+                        let mut got = vec![1f32; n * rows];
+                        lin.forward_with(&x, n, &mut got, r, isa);
+                        let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{isa:?} differs: {rows}x{cols} g{group} m{m} r{r} n{n}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batch_invariant_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (rows, cols) = (36, 576);
+        let bp = layer(&mut rng, rows, cols, 128, 8, &ALL);
+        let lin = PlaneLinear::from_bitplanes(&bp, 8).unwrap();
+        let n = 9;
+        let x = heavy(&mut rng, n * cols);
+        for r in [2, 4, 8] {
+            let mut batch = vec![0f32; n * rows];
+            lin.forward_with(&x, n, &mut batch, r, Isa::detect());
+            for t in 0..n {
+                let mut one = vec![0f32; rows];
+                lin.forward_with(&x[t * cols..(t + 1) * cols], 1, &mut one, r, Isa::detect());
+                assert!(one.iter().zip(&batch[t * rows..]).all(|(a, b)| a.to_bits() == b.to_bits()), "r{r} token {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn row_decodes_like_bitplanes() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let bp = layer(&mut rng, 10, 320, 64, 6, &ALL[..5]);
+        let lin = PlaneLinear::from_bitplanes(&bp, 6).unwrap();
+        for r in 1..=6 {
+            let mut w = vec![0f32; 10 * 320];
+            bp.dequantize(r, &mut w).unwrap();
+            for i in 0..10 {
+                let mut row = vec![0f32; 320];
+                lin.row_at(i, &mut row, r);
+                assert_eq!(row, &w[i * 320..(i + 1) * 320]);
+            }
+        }
+    }
+
+    #[test]
+    fn odd_group_sizes_are_refused() {
+        assert!(unsupported(32).is_some());
+        assert!(unsupported(1024).is_some());
+        assert!(unsupported(128).is_none());
+    }
+
+    #[test]
+    fn activation_quantization_round_trips_within_half_a_step() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (n, cols, group) = (3, 300, 128);
+        let x = heavy(&mut rng, n * cols);
+        let mut a = QuantActs::default();
+        a.quantize(&x, n, cols, group);
+        for t in 0..n {
+            for c in 0..cols {
+                let d = a.d[t * a.groups + c / group];
+                let back = a.q[t * a.padded + c] as f32 * d;
+                assert!((back - x[t * cols + c]).abs() <= 0.5 * d + 1e-7);
+            }
+            assert!(a.q[t * a.padded + cols..(t + 1) * a.padded].iter().all(|&q| q == 0));
+        }
+        let _ = rng.random::<u8>();
+    }
+}
