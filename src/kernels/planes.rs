@@ -30,7 +30,7 @@ use crate::quant::bitplane::{BitPlanes, row_bytes};
 use crate::quant::dtype::{ALL, GroupDtype, MAX_BITS};
 
 /// Rows computed together: they share the activation loads and one transpose-reduce.
-pub const TILE: usize = 4;
+pub const TILE: usize = 16;
 /// Largest group the kernel takes: keeps every group's integer sum exact in f32 (< 2^24).
 pub const MAX_GROUP: usize = 512;
 
@@ -153,6 +153,8 @@ struct TileMeta {
     scale: [u16; TILE],
     offset: [u16; TILE],
     dtype: [u8; TILE],
+    /// Bit `i` set when row `i`'s group is not uniform INT (its codes need a table lookup).
+    nonint: u16,
 }
 
 /// Bytes of planes: borrowed from a mapped `.bnest` file or owned.
@@ -223,6 +225,9 @@ impl PlaneLinear {
                 m.scale[row % TILE] = scales[row * gpr + g];
                 m.offset[row % TILE] = offsets[row * gpr + g];
                 m.dtype[row % TILE] = d.id();
+                if !d.is_int() {
+                    m.nonint |= 1 << (row % TILE);
+                }
             }
         }
         Ok(PlaneLinear { rows, cols, group, master_bits, bits, store, planes, row_bytes: rb, meta, bias: None })
@@ -388,6 +393,9 @@ struct Ctx<'a> {
     r: u32,
     /// Per datatype id: its tables at `r`.
     levels: [&'static Levels; ALL.len()],
+    /// `mu` and `z` of every datatype id at `r`, padded to 16 lanes for a vector permute.
+    mu: [f32; 16],
+    z: [f32; 16],
 }
 
 impl<'a> Ctx<'a> {
@@ -402,7 +410,11 @@ impl<'a> Ctx<'a> {
                 Levels::get(ALL[0], l.master_bits, r)
             }
         });
+        let mu = std::array::from_fn(|d| if d < ALL.len() { levels[d].mu } else { 0.0 });
+        let z = std::array::from_fn(|d| if d < ALL.len() { levels[d].z } else { 0.0 });
         Ctx {
+            mu,
+            z,
             bytes: (*l.store).as_ref(),
             planes: l.planes[..r as usize].iter().map(|p| p.start).collect(),
             row_bytes: l.row_bytes,
@@ -439,11 +451,11 @@ impl<'a> Ctx<'a> {
     /// `(A, B)` of one row's group: level `l` times `A` plus `B` is the weight.
     #[inline(always)]
     fn ab(&self, m: &TileMeta, i: usize) -> (f32, f32) {
-        let lv = self.levels[m.dtype[i] as usize];
+        let d = m.dtype[i] as usize;
         let s = f16::from_bits(m.scale[i]).to_f32();
         let o = f16::from_bits(m.offset[i]).to_f32();
-        let a = s * lv.mu;
-        (a, o - a * lv.z)
+        let a = s * self.mu[d];
+        (a, o - a * self.z[d])
     }
 
     /// # Safety
@@ -501,43 +513,10 @@ impl<'a> Ctx<'a> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Ctx, QuantActs, SyncPtr, TILE};
+    use super::{Ctx, Levels, QuantActs, SyncPtr, TILE, TileMeta};
 
     /// Largest number of 64-column chunks in a group.
     const MAX_CH: usize = super::MAX_GROUP / 64;
-
-    /// Float part for four rows at once, lane `i` doing exactly [`Ctx::term`] for row `i`.
-    #[inline(always)]
-    unsafe fn terms4(dot: __m128i, a: __m128, b: __m128, d: f32, dsum: f32) -> __m128 {
-        unsafe {
-            let ad = _mm_mul_ps(a, _mm_set1_ps(d));
-            _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(dot), ad), _mm_mul_ps(b, _mm_set1_ps(dsum)))
-        }
-    }
-
-    /// `A` and `B` of the tile's four rows (see [`Ctx::ab`]), lane-wise identical to it.
-    #[inline(always)]
-    unsafe fn ab4(ctx: &Ctx, m: &super::TileMeta) -> (__m128, __m128) {
-        unsafe {
-            let s = _mm_cvtph_ps(_mm_loadl_epi64(m.scale.as_ptr() as *const __m128i));
-            let o = _mm_cvtph_ps(_mm_loadl_epi64(m.offset.as_ptr() as *const __m128i));
-            let lv = |i: usize| ctx.levels[m.dtype[i] as usize];
-            let mu = _mm_setr_ps(lv(0).mu, lv(1).mu, lv(2).mu, lv(3).mu);
-            let z = _mm_setr_ps(lv(0).z, lv(1).z, lv(2).z, lv(3).z);
-            let a = _mm_mul_ps(s, mu);
-            (a, _mm_sub_ps(o, _mm_mul_ps(a, z)))
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn add_out(out: SyncPtr, at: usize, v: __m128, first: bool) {
-        unsafe {
-            let p = out.get().add(at);
-            // The first group starts from zero, as the reference's accumulator does.
-            let acc = if first { _mm_setzero_ps() } else { _mm_loadu_ps(p) };
-            _mm_storeu_ps(p, _mm_add_ps(acc, v));
-        }
-    }
 
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI/VBMI and F16C present; the tile's rows exist and `out` is exclusive to them.
@@ -557,16 +536,28 @@ mod x86 {
         }
     }
 
-    /// Codes of 64 weights rebuilt from `R` plane words and mapped to levels.
-    #[inline(always)]
-    unsafe fn codes512<const R: usize>(base: &[*const u8; 8], ch: usize, lv: &super::Levels) -> __m512i {
+    /// Codes of 64 weights rebuilt from `R` plane words, mapped to levels when `lookup`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Levels, lookup: bool) -> __m512i {
         unsafe {
             let mut c = _mm512_setzero_si512();
-            for (p, b) in base.iter().enumerate().take(R) {
-                let bits = (b.add(ch * 8) as *const u64).read_unaligned();
-                c = _mm512_mask_add_epi8(c, bits, c, _mm512_set1_epi8((1u32 << (R - 1 - p)) as i8));
+            for (p, b) in planes.iter().enumerate() {
+                let bits = (b.add(off) as *const u64).read_unaligned();
+                let bv = _mm512_set1_epi8((1u32 << (R - 1 - p)) as i8);
+                // One masked byte add per plane. Written out because LLVM otherwise turns
+                // `_mm512_mask_add_epi8` into an OR plus a masked move, a third more work.
+                std::arch::asm!(
+                    "kmovq {k}, {bits}",
+                    "vpaddb {c}{{{k}}}, {c}, {bv}",
+                    k = out(kreg) _,
+                    bits = in(reg) bits,
+                    c = inout(zmm_reg) c,
+                    bv = in(zmm_reg) bv,
+                    options(pure, nomem, nostack),
+                );
             }
-            if lv.identity {
+            if !lookup {
                 return c;
             }
             let tp = lv.table.as_ptr() as *const __m512i;
@@ -583,70 +574,126 @@ mod x86 {
         }
     }
 
-    /// Lane `i` of the result is the sum of the 16 lanes of `acc[i]`.
+    /// Interleaved pairwise sums of `a` and `b` (first step of [`reduce16`]).
     #[inline(always)]
-    unsafe fn reduce4(acc: &[__m512i; TILE]) -> __m128i {
+    unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
+        unsafe { _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)) }
+    }
+
+    /// Second step of [`reduce16`]: each 128-bit lane holds partial sums of four rows.
+    #[inline(always)]
+    unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
+        unsafe { _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)) }
+    }
+
+    /// Lane `i` of the result is the sum of the 16 lanes of `acc[i]`. (No closures here:
+    /// they would be compiled without the caller's target features.)
+    #[inline(always)]
+    unsafe fn reduce16(acc: &[__m512i; TILE]) -> __m512i {
         unsafe {
-            let t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[0], acc[1]), _mm512_unpackhi_epi32(acc[0], acc[1]));
-            let t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[2], acc[3]), _mm512_unpackhi_epi32(acc[2], acc[3]));
-            let s = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
-            let h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
-            _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+            let v0 = quad(pair(acc[0], acc[1]), pair(acc[2], acc[3]));
+            let v1 = quad(pair(acc[4], acc[5]), pair(acc[6], acc[7]));
+            let v2 = quad(pair(acc[8], acc[9]), pair(acc[10], acc[11]));
+            let v3 = quad(pair(acc[12], acc[13]), pair(acc[14], acc[15]));
+            let s01 = _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v1),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v1),
+            );
+            let s23 = _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(v2, v3),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(v2, v3),
+            );
+            _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(s01, s23),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(s01, s23),
+            )
+        }
+    }
+
+    /// `A` and `B` of the tile's 16 rows, lane-wise the same operations as [`Ctx::ab`].
+    #[inline(always)]
+    unsafe fn ab16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512) {
+        unsafe {
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(m.scale.as_ptr() as *const __m256i));
+            let o = _mm512_cvtph_ps(_mm256_loadu_si256(m.offset.as_ptr() as *const __m256i));
+            let d = _mm512_cvtepu8_epi32(_mm_loadu_si128(m.dtype.as_ptr() as *const __m128i));
+            let mu = _mm512_permutexvar_ps(d, _mm512_loadu_ps(ctx.mu.as_ptr()));
+            let z = _mm512_permutexvar_ps(d, _mm512_loadu_ps(ctx.z.as_ptr()));
+            let a = _mm512_mul_ps(s, mu);
+            (a, _mm512_sub_ps(o, _mm512_mul_ps(a, z)))
+        }
+    }
+
+    /// [`Ctx::term`] for 16 rows.
+    #[inline(always)]
+    unsafe fn terms16(dot: __m512i, a: __m512, b: __m512, d: f32, dsum: f32) -> __m512 {
+        unsafe {
+            let ad = _mm512_mul_ps(a, _mm512_set1_ps(d));
+            _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), ad), _mm512_mul_ps(b, _mm512_set1_ps(dsum)))
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma")]
     unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
-        // Start of each row's data in each plane (bounds were checked at construction).
-        let base: [[*const u8; 8]; TILE] = std::array::from_fn(|i| {
-            std::array::from_fn(|p| {
-                let p = p.min(R - 1);
-                unsafe { ctx.bytes.as_ptr().add(ctx.planes[p] + (tile * TILE + i) * ctx.row_bytes) }
-            })
-        });
+        // Start of each plane, and of each row within a plane (bounds checked at construction).
+        let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { ctx.bytes.as_ptr().add(ctx.planes[p]) });
+        let row0 = tile * TILE * ctx.row_bytes;
+        let rb = ctx.row_bytes;
+        if n == 1 {
+            // Decoding: every weight is used once, so fuse code building and the dot product,
+            // and keep the 16 row sums in a register across groups.
+            let mut sum = _mm512_setzero_ps();
+            for g in 0..ctx.gpr {
+                let m = &ctx.meta[tile * ctx.gpr + g];
+                let chunks = ctx.chunks(g);
+                let mut acc = [_mm512_setzero_si512(); TILE];
+                for ch in chunks {
+                    let q = unsafe { _mm512_loadu_si512(acts.q.as_ptr().add(ch * 64) as *const __m512i) };
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let lookup = m.nonint & (1 << i) != 0;
+                        let lv = ctx.levels[m.dtype[i] as usize];
+                        let c = unsafe { codes512::<R>(&planes, row0 + i * rb + ch * 8, lv, lookup) };
+                        *a = _mm512_dpbusd_epi32(*a, c, q);
+                    }
+                }
+                unsafe {
+                    let (a, b) = ab16(ctx, m);
+                    sum = _mm512_add_ps(sum, terms16(reduce16(&acc), a, b, acts.d[g], acts.dsum[g]));
+                }
+            }
+            unsafe { _mm512_storeu_ps(out.get().add(tile * TILE), sum) };
+            return;
+        }
+        // A batch: rebuild each group's codes once and use them for every token.
         let mut codes = [[_mm512_setzero_si512(); MAX_CH]; TILE];
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
             let chunks = ctx.chunks(g);
-            let lv: [&super::Levels; TILE] = std::array::from_fn(|i| ctx.levels[m.dtype[i] as usize]);
-            let (a, b) = unsafe { ab4(ctx, m) };
-            if n == 1 {
-                // Decoding: each weight is used once, so fuse code building and the dot product.
-                let qp = unsafe { acts.q.as_ptr().add(chunks.start * 64) };
-                let mut acc = [_mm512_setzero_si512(); TILE];
-                for (k, ch) in chunks.clone().enumerate() {
-                    let q = unsafe { _mm512_loadu_si512(qp.add(k * 64) as *const __m512i) };
-                    for i in 0..TILE {
-                        let c = unsafe { codes512::<R>(&base[i], ch, lv[i]) };
-                        acc[i] = _mm512_dpbusd_epi32(acc[i], c, q);
-                    }
-                }
-                unsafe {
-                    let v = terms4(reduce4(&acc), a, b, acts.d[g], acts.dsum[g]);
-                    add_out(out, tile * TILE, v, g == 0);
-                }
-                continue;
-            }
-            // A batch: rebuild the codes once and use them for every token.
-            for (i, row_codes) in codes.iter_mut().enumerate() {
-                for (k, ch) in chunks.clone().enumerate() {
-                    row_codes[k] = unsafe { codes512::<R>(&base[i], ch, lv[i]) };
-                }
-            }
             let nch = chunks.len();
+            for (i, row_codes) in codes.iter_mut().enumerate() {
+                let lookup = m.nonint & (1 << i) != 0;
+                let lv = ctx.levels[m.dtype[i] as usize];
+                for (k, ch) in chunks.clone().enumerate() {
+                    row_codes[k] = unsafe { codes512::<R>(&planes, row0 + i * rb + ch * 8, lv, lookup) };
+                }
+            }
+            let (a, b) = unsafe { ab16(ctx, m) };
             for t in 0..n {
                 let qp = unsafe { acts.q.as_ptr().add(t * acts.padded + chunks.start * 64) };
                 let mut acc = [_mm512_setzero_si512(); TILE];
                 for k in 0..nch {
                     let q = unsafe { _mm512_loadu_si512(qp.add(k * 64) as *const __m512i) };
-                    for i in 0..TILE {
-                        acc[i] = _mm512_dpbusd_epi32(acc[i], codes[i][k], q);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_dpbusd_epi32(*a, codes[i][k], q);
                     }
                 }
                 let k = t * acts.groups + g;
                 unsafe {
-                    let v = terms4(reduce4(&acc), a, b, acts.d[k], acts.dsum[k]);
-                    add_out(out, t * ctx.rows + tile * TILE, v, g == 0);
+                    let v = terms16(reduce16(&acc), a, b, acts.d[k], acts.dsum[k]);
+                    let p = out.get().add(t * ctx.rows + tile * TILE);
+                    // The first group starts from zero, as the reference's accumulator does.
+                    let prev = if g == 0 { _mm512_setzero_ps() } else { _mm512_loadu_ps(p) };
+                    _mm512_storeu_ps(p, _mm512_add_ps(prev, v));
                 }
             }
         }
@@ -686,56 +733,66 @@ mod x86 {
     #[target_feature(enable = "avx2,f16c,fma")]
     pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
         let r = ctx.r as usize;
-        let bitval: [__m256i; 8] = std::array::from_fn(|p| _mm256_set1_epi8((1u32 << (r.max(p + 1) - 1 - p)) as i8));
-        // Two 32-byte halves per 64-column chunk.
-        let mut codes = [[_mm256_setzero_si256(); 2 * MAX_CH]; TILE];
+        // Four rows at a time; two 32-byte halves per 64-column chunk.
+        let mut codes = [[_mm256_setzero_si256(); 2 * MAX_CH]; 4];
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
             let chunks = ctx.chunks(g);
             let nch = chunks.len();
-            for (i, row_codes) in codes.iter_mut().enumerate() {
-                let row = tile * TILE + i;
-                let lv = ctx.levels[m.dtype[i] as usize];
-                for (k, ch) in chunks.clone().enumerate() {
-                    for h in 0..2 {
-                        let mut c = _mm256_setzero_si256();
-                        for (p, bv) in bitval.iter().enumerate().take(r) {
-                            let bits = (ctx.word(p, row, ch) >> (32 * h)) as u32;
-                            c = _mm256_or_si256(c, _mm256_and_si256(unsafe { bits_to_bytes(bits) }, *bv));
-                        }
-                        if !lv.identity {
-                            c = unsafe { lookup_avx2(c, &lv.table, r) };
-                        }
-                        row_codes[2 * k + h] = c;
-                    }
-                }
+            let mut ab = [[0f32; TILE]; 2];
+            for i in 0..TILE {
+                (ab[0][i], ab[1][i]) = ctx.ab(m, i);
             }
-            let (a, b) = unsafe { ab4(ctx, m) };
-            for t in 0..n {
-                let qp = unsafe { acts.q.as_ptr().add(t * acts.padded + chunks.start * 64) };
-                let mut acc = [_mm256_setzero_si256(); TILE];
-                for k in 0..2 * nch {
-                    let q = unsafe { _mm256_loadu_si256(qp.add(k * 32) as *const __m256i) };
-                    let (ql, qh) = (
-                        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                        _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                    );
-                    for i in 0..TILE {
-                        let c = codes[i][k];
-                        let cl = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
-                        let chh = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
-                        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(cl, ql));
-                        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(chh, qh));
+            for sub in 0..TILE / 4 {
+                for (j, row_codes) in codes.iter_mut().enumerate() {
+                    let i = 4 * sub + j;
+                    let row = tile * TILE + i;
+                    let lv = ctx.levels[m.dtype[i] as usize];
+                    for (k, ch) in chunks.clone().enumerate() {
+                        for h in 0..2 {
+                            let mut c = _mm256_setzero_si256();
+                            for p in 0..r {
+                                let bits = (ctx.word(p, row, ch) >> (32 * h)) as u32;
+                                let bv = _mm256_set1_epi8((1u32 << (r - 1 - p)) as i8);
+                                c = _mm256_or_si256(c, _mm256_and_si256(unsafe { bits_to_bytes(bits) }, bv));
+                            }
+                            if m.nonint & (1 << i) != 0 {
+                                c = unsafe { lookup_avx2(c, &lv.table, r) };
+                            }
+                            row_codes[2 * k + h] = c;
+                        }
                     }
                 }
-                let h01 = _mm256_hadd_epi32(acc[0], acc[1]);
-                let h23 = _mm256_hadd_epi32(acc[2], acc[3]);
-                let h = _mm256_hadd_epi32(h01, h23);
-                let dot = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-                let k = t * acts.groups + g;
-                unsafe {
-                    let v = terms4(dot, a, b, acts.d[k], acts.dsum[k]);
-                    add_out(out, t * ctx.rows + tile * TILE, v, g == 0);
+                let (a, b) =
+                    unsafe { (_mm_loadu_ps(ab[0].as_ptr().add(4 * sub)), _mm_loadu_ps(ab[1].as_ptr().add(4 * sub))) };
+                for t in 0..n {
+                    let qp = unsafe { acts.q.as_ptr().add(t * acts.padded + chunks.start * 64) };
+                    let mut acc = [_mm256_setzero_si256(); 4];
+                    for k in 0..2 * nch {
+                        let q = unsafe { _mm256_loadu_si256(qp.add(k * 32) as *const __m256i) };
+                        let ql = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                        let qh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let c = codes[j][k];
+                            let cl = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
+                            let chh = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
+                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(cl, ql));
+                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(chh, qh));
+                        }
+                    }
+                    let h01 = _mm256_hadd_epi32(acc[0], acc[1]);
+                    let h23 = _mm256_hadd_epi32(acc[2], acc[3]);
+                    let h = _mm256_hadd_epi32(h01, h23);
+                    let dot = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                    let k = t * acts.groups + g;
+                    unsafe {
+                        let ad = _mm_mul_ps(a, _mm_set1_ps(acts.d[k]));
+                        let v =
+                            _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(dot), ad), _mm_mul_ps(b, _mm_set1_ps(acts.dsum[k])));
+                        let p = out.get().add(t * ctx.rows + tile * TILE + 4 * sub);
+                        let prev = if g == 0 { _mm_setzero_ps() } else { _mm_loadu_ps(p) };
+                        _mm_storeu_ps(p, _mm_add_ps(prev, v));
+                    }
                 }
             }
         }
