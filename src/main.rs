@@ -446,13 +446,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let engine = load(&a.model)?;
     let ctx = context_size(&engine, a.ctx)?;
-    let opts = repl::ChatOptions {
-        path: engine.path.clone(),
-        system: a.system,
-        max_tokens: a.max_tokens,
-        ctx,
-        params,
-    };
+    let opts = repl::ChatOptions { path: engine.path.clone(), system: a.system, max_tokens: a.max_tokens, ctx, params };
     repl::chat(engine, opts)
 }
 

@@ -120,7 +120,11 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                         s.prefill_tok_s,
                         s.generated_tokens,
                         s.decode_tok_s,
-                        if *stopped { "stopped by Ctrl-C".to_string() } else { format!("{:?}", s.finish).to_lowercase() },
+                        if *stopped {
+                            "stopped by Ctrl-C".to_string()
+                        } else {
+                            format!("{:?}", s.finish).to_lowercase()
+                        },
                         session.pos,
                         session.capacity()
                     ),

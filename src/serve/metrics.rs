@@ -72,7 +72,12 @@ impl Metrics {
                 ("{outcome=\"failed\"}", g(&self.requests_failed) as f64),
             ],
         );
-        metric("bitnest_prompt_tokens_total", "counter", "Prompt tokens received.", &[("", g(&self.prompt_tokens) as f64)]);
+        metric(
+            "bitnest_prompt_tokens_total",
+            "counter",
+            "Prompt tokens received.",
+            &[("", g(&self.prompt_tokens) as f64)],
+        );
         metric(
             "bitnest_prompt_tokens_cached_total",
             "counter",
@@ -91,7 +96,12 @@ impl Metrics {
             "Time in prompt forward passes.",
             &[("", secs(&self.prefill_us))],
         );
-        metric("bitnest_decode_seconds_total", "counter", "Time in decode forward passes.", &[("", secs(&self.decode_us))]);
+        metric(
+            "bitnest_decode_seconds_total",
+            "counter",
+            "Time in decode forward passes.",
+            &[("", secs(&self.decode_us))],
+        );
         metric(
             "bitnest_prefill_tokens_per_second",
             "gauge",

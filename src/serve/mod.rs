@@ -82,7 +82,10 @@ pub fn serve(engine: Engine, opts: ServeOptions) -> Result<()> {
             .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
         let addr = listener.local_addr()?;
         // Tests and scripts wait for this line (and read the port from it with --port 0).
-        println!("bitnest serve: listening on http://{addr} (model {}, ctx {}, parallel {}, queue {})", opts.model_id, opts.ctx, cfg.parallel, opts.queue);
+        println!(
+            "bitnest serve: listening on http://{addr} (model {}, ctx {}, parallel {}, queue {})",
+            opts.model_id, opts.ctx, cfg.parallel, opts.queue
+        );
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let app = routes::router(state, opts.max_body);

@@ -194,7 +194,7 @@ async fn start(
         echo,
     };
     if reply.params.stream {
-        let stream = SseStream { rx, reply, queue: VecDeque::new(), started: false, done: false };
+        let stream = SseStream { rx, reply, queue: VecDeque::new(), started: false, done: false, sent: 0 };
         Sse::new(stream).into_response()
     } else {
         whole(rx, reply).await
@@ -337,6 +337,8 @@ struct SseStream {
     queue: VecDeque<SseEvent>,
     started: bool,
     done: bool,
+    /// Bytes of text sent so far (completions' `text_offset`).
+    sent: usize,
 }
 
 impl SseStream {
@@ -344,18 +346,19 @@ impl SseStream {
         self.queue.push_back(SseEvent::default().data(v.to_string()));
     }
 
-    /// Text emitted so far, for completions' `text_offset`.
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
             Some(Event::Text { text, logprobs }) => {
-                let v = self.reply.chunk(Some(&text), &logprobs, 0, None);
+                let v = self.reply.chunk(Some(&text), &logprobs, self.sent, None);
+                self.sent += text.len();
                 self.push(&v);
             }
             Some(Event::Done { finish, usage }) => {
                 let v = self.reply.chunk(None, &[], 0, Some(finish));
                 self.push(&v);
                 if self.reply.params.include_usage {
-                    let object = if self.reply.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+                    let object =
+                        if self.reply.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
                     let mut v = self.reply.envelope(object, json!([]));
                     v["usage"] = usage_json(&usage);
                     self.push(&v);
@@ -388,7 +391,10 @@ impl Stream for SseStream {
                     let choice = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
                     Some(this.reply.envelope("chat.completion.chunk", json!([choice])))
                 }
-                Kind::Completion => this.reply.echo.clone().map(|e| this.reply.chunk(Some(&e), &[], 0, None)),
+                Kind::Completion => this.reply.echo.clone().map(|e| {
+                    this.sent = e.len();
+                    this.reply.chunk(Some(&e), &[], 0, None)
+                }),
             };
             if let Some(v) = first {
                 this.push(&v);
@@ -447,7 +453,11 @@ async fn tokenize(State(st): St, b: Result<Bytes, BytesRejection>) -> Response {
             // `encode` adds BOS when the model asks for it; llama.cpp's endpoint only does with
             // `add_special`.
             let bos = engine.tokenizer.bos_id();
-            if !req.add_special.unwrap_or(false) && engine.tokenizer.add_bos() && bos.is_some() && ids.first() == bos.as_ref() {
+            if !req.add_special.unwrap_or(false)
+                && engine.tokenizer.add_bos()
+                && bos.is_some()
+                && ids.first() == bos.as_ref()
+            {
                 ids.remove(0);
             }
             Ok::<_, anyhow::Error>(ids)
@@ -469,7 +479,10 @@ async fn detokenize(State(st): St, b: Result<Bytes, BytesRejection>) -> Response
         let req: api::DetokenizeRequest = api::parse(&b)?;
         let vocab = st.engine.model.config.vocab_size;
         if let Some(bad) = req.tokens.iter().find(|&&id| id as usize >= vocab) {
-            return Err(ApiError::invalid(format!("token id {bad} is outside the vocabulary of {vocab}"), Some("tokens")));
+            return Err(ApiError::invalid(
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+                Some("tokens"),
+            ));
         }
         st.engine.tokenizer.decode(&req.tokens).map_err(|e| ApiError::invalid(format!("{e:#}"), Some("tokens")))
     }

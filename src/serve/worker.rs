@@ -66,8 +66,14 @@ pub struct Usage {
 pub enum Event {
     /// New text (never part of a stop string), with the log-probabilities of the tokens that
     /// completed it when they were asked for.
-    Text { text: String, logprobs: Vec<TokenLogprob> },
-    Done { finish: FinishReason, usage: Usage },
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
     Error(String),
 }
 
@@ -289,7 +295,13 @@ fn admit<'e>(engine: &'e Engine, job: Job, mut slot: Slot, metrics: &Metrics) ->
 }
 
 impl Active<'_> {
-    fn step(&mut self, engine: &Engine, stop_ids: &[u32], cfg: WorkerConfig, metrics: &Metrics) -> anyhow::Result<Step> {
+    fn step(
+        &mut self,
+        engine: &Engine,
+        stop_ids: &[u32],
+        cfg: WorkerConfig,
+        metrics: &Metrics,
+    ) -> anyhow::Result<Step> {
         let model = &engine.model;
         let prompt = &self.job.prompt;
         let t0 = Instant::now();
@@ -368,11 +380,8 @@ impl Active<'_> {
 pub fn token_logprob(logits: &[f32], id: u32, n: usize) -> TokenLogprob {
     let clean = |l: f32| if l.is_nan() { f64::NEG_INFINITY } else { f64::from(l) };
     let max = logits.iter().map(|&l| clean(l)).fold(f64::NEG_INFINITY, f64::max);
-    let lse = if max.is_finite() {
-        max + logits.iter().map(|&l| (clean(l) - max).exp()).sum::<f64>().ln()
-    } else {
-        max
-    };
+    let lse =
+        if max.is_finite() { max + logits.iter().map(|&l| (clean(l) - max).exp()).sum::<f64>().ln() } else { max };
     let lp = |l: f32| (clean(l) - lse) as f32;
     let logprob = logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
     let mut top = Vec::new();

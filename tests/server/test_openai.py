@@ -279,29 +279,43 @@ def test_errors():
     still_serving()
 
 
-def test_cancel():
-    """A streaming client that disconnects frees its slot: generation stops."""
-    before = metric("bitnest_requests_finished_total{outcome=\"cancelled\"}")
+def wait_cancelled(before, what):
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if metric("bitnest_requests_finished_total{outcome=\"cancelled\"}") > before and metric("bitnest_active_requests") == 0:
+            return
+        time.sleep(0.2)
+    check(False, f"{what}: the disconnected request was not cancelled")
+
+
+def raw_post(path, body):
     u = urlparse(ARGS.base_url)
     s = socket.create_connection((u.hostname, u.port), timeout=60)
-    body = json.dumps({"messages": MSGS, "max_tokens": 400, "stream": True, "temperature": 1.0, "seed": 1, "stop": ["never-seen"]})
+    body = json.dumps(body)
     s.sendall(
-        (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
          f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
     )
+    return s
+
+
+def test_cancel():
+    """A client that disconnects frees its slot: generation stops (streaming or not)."""
+    cancelled = "bitnest_requests_finished_total{outcome=\"cancelled\"}"
+    before = metric(cancelled)
+    s = raw_post("/v1/chat/completions", {"messages": MSGS, "max_tokens": 400, "stream": True, "temperature": 1.0, "seed": 1, "stop": ["never-seen"]})
     got = b""
     while got.count(b"data:") < 3:
         chunk = s.recv(4096)
         check(chunk, "stream ended early")
         got += chunk
     s.close()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if metric("bitnest_requests_finished_total{outcome=\"cancelled\"}") > before and metric("bitnest_active_requests") == 0:
-            break
-        time.sleep(0.2)
-    else:
-        check(False, "disconnected stream was not cancelled")
+    wait_cancelled(before, "streaming")
+    before = metric(cancelled)
+    s = raw_post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 400, "stop": ["never-seen"]})
+    time.sleep(1.0)
+    s.close()
+    wait_cancelled(before, "non-streaming")
     still_serving()
 
 
