@@ -193,7 +193,7 @@ struct ServeArgs {
     /// Requests that may wait for a slot; beyond that the server answers 503.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     queue: u32,
-    /// Largest request body accepted, in bytes (larger: 413).
+    /// Largest request body accepted, in bytes (larger: 400, `request_too_large`).
     #[arg(long, default_value_t = 1 << 20)]
     max_body: usize,
     /// Prompt tokens computed per scheduling step (a long prompt yields to the others between chunks).

@@ -71,12 +71,16 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:x}{nanos:08x}{n:04x}", now())
 }
 
-/// The body, or a JSON error (413 for an oversized one) instead of axum's plain-text rejection.
+/// The body, or a JSON error instead of axum's plain-text rejection. An oversized body is a
+/// 400 like every other request-size limit (the contract), with its own `code`.
 fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     b.map_err(|r| {
-        let status = r.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
-        ApiError::invalid(r.body_text(), None).with_status(status).with_code(code)
+        let e = ApiError::invalid(r.body_text(), None);
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            e.with_code("request_too_large")
+        } else {
+            e.with_status(r.status()).with_code("invalid_body")
+        }
     })
 }
 

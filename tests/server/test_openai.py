@@ -259,7 +259,8 @@ def test_errors():
     assert_error(status, body, 400, "prompt", "oversized completion prompt")
     # Oversized body: over --max-body.
     status, _, body = http("POST", chat, raw=b'{"messages": "' + b"x" * (ARGS.max_body + 10) + b'"}')
-    assert_error(status, body, 413, None, "oversized body")
+    assert_error(status, body, 400, None, "oversized body")
+    check(body["error"]["code"] == "request_too_large", f"{body}")
     status, _, body = http("GET", "/v1/nope")
     assert_error(status, body, 404, None, "unknown endpoint")
     status, _, body = http("GET", "/v1/chat/completions")
