@@ -1,6 +1,9 @@
-//! The `bitnest` command line: run, chat, ppl, inspect.
+//! The `bitnest` command line: run, chat, serve, ppl, inspect, quantize.
 
-use std::io::{BufRead, Write};
+mod repl;
+mod serve;
+
+use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +32,8 @@ enum Cmd {
     Run(RunArgs),
     /// Interactive multi-turn chat using the model's template.
     Chat(ChatArgs),
+    /// OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...).
+    Serve(ServeArgs),
     /// Perplexity of a text file, measured as llama-perplexity does.
     Ppl(PplArgs),
     /// Show the model's architecture, tensors, tokenizer and chat template.
@@ -170,6 +175,42 @@ struct ChatArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Context size per request in tokens (prompt + answer); each slot's KV cache holds this many.
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// Requests generated at once (round-robin, one KV cache each).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    parallel: u32,
+    /// Requests that may wait for a slot; beyond that the server answers 503.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    queue: u32,
+    /// Largest request body accepted, in bytes (larger: 400, `request_too_large`).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body: usize,
+    /// Prompt tokens computed per scheduling step (a long prompt yields to the others between chunks).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    prefill_chunk: u32,
+    /// Speculative decoding mode; only `none` is available yet.
+    #[arg(long, default_value = "none")]
+    spec: String,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    grace: u64,
+    /// Model id reported to clients (default: the --model name or file name).
+    #[arg(long)]
+    alias: Option<String>,
+}
+
+#[derive(Args)]
 struct PplArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -196,12 +237,17 @@ struct InspectArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The server builds its own compute pool (for its worker thread) and async runtime.
+    if let Cmd::Serve(a) = cli.cmd {
+        return exit(cmd_serve(a));
+    }
     let threads = match &cli.cmd {
         Cmd::Run(a) => a.model.threads,
         Cmd::Chat(a) => a.model.threads,
         Cmd::Ppl(a) => a.model.threads,
         Cmd::Inspect(a) => a.model.threads,
         Cmd::Quantize(a) => a.threads,
+        Cmd::Serve(_) => None,
     };
     // The whole command runs on a worker of its own pool: parallel kernels called from a pool
     // thread push their jobs to its local queue, which (unlike injection from outside the
@@ -214,6 +260,10 @@ fn main() -> ExitCode {
             .context("cannot set up the thread pool")
             .and_then(|pool| pool.install(|| run(cli))),
     };
+    exit(result)
+}
+
+fn exit(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -230,7 +280,48 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ppl(a) => cmd_ppl(a),
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Quantize(a) => cmd_quantize(a),
+        Cmd::Serve(a) => cmd_serve(a),
     }
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    if a.spec != "none" {
+        bail!("--spec {}: speculative decoding is not available yet; only --spec none", a.spec);
+    }
+    if a.model.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let model_id = a.alias.clone().unwrap_or_else(|| {
+        let p = std::path::Path::new(&a.model.model);
+        match p.file_name() {
+            Some(f) if p.exists() => f.to_string_lossy().into_owned(),
+            _ => a.model.model.clone(),
+        }
+    });
+    let engine = load(&a.model)?;
+    let ctx = context_size(&engine, Some(a.ctx))?;
+    let slot_bytes = engine.model.new_session(1, 1).kv_bytes() * ctx;
+    eprintln!(
+        "bitnest serve: {} loaded; KV cache {:.1} MiB per slot, at most {:.1} MiB for {} slots",
+        engine.path.display(),
+        slot_bytes as f64 / 1048576.0,
+        (slot_bytes * a.parallel as usize) as f64 / 1048576.0,
+        a.parallel
+    );
+    let opts = serve::ServeOptions {
+        host: a.host,
+        port: a.port,
+        model_id,
+        threads: a.model.threads,
+        ctx,
+        parallel: a.parallel as usize,
+        queue: a.queue as usize,
+        max_body: a.max_body,
+        prefill_chunk: a.prefill_chunk as usize,
+        spec: a.spec,
+        grace: std::time::Duration::from_secs(a.grace),
+    };
+    serve::serve(engine, opts)
 }
 
 /// Sets the thread count and loads the model named by `--model`.
@@ -355,72 +446,8 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let engine = load(&a.model)?;
     let ctx = context_size(&engine, a.ctx)?;
-    let mut session = engine.model.new_session(ctx, 512);
-    let mut sampler = Sampler::new(params);
-    let mut messages: Vec<Message> = a.system.iter().map(|s| Message::new("system", s.as_str())).collect();
-    // Tokens currently in the KV cache, so each turn only prefills what is new.
-    let mut cached: Vec<u32> = Vec::new();
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
-    eprintln!("bitnest chat: {} — empty line or Ctrl-D to quit, /reset to start over", engine.path.display());
-    loop {
-        write!(out, "> ")?;
-        out.flush()?;
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            break;
-        }
-        let line = line.trim_end_matches(['\n', '\r']);
-        if line.is_empty() {
-            break;
-        }
-        if line == "/reset" {
-            messages.retain(|m| m.role == "system");
-            cached.clear();
-            session.reset();
-            continue;
-        }
-        messages.push(Message::new("user", line));
-        let ids = engine.chat_prompt(&messages)?;
-        let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
-        session.truncate(common);
-        cached.truncate(common);
-        let mut stream = engine.tokenizer.stream();
-        let mut answer = Vec::new();
-        let result = generate(
-            &engine.model,
-            &mut session,
-            &ids[common..],
-            a.max_tokens,
-            &mut sampler,
-            &engine.stop_ids(),
-            &mut cached,
-            |id| {
-                answer.push(id);
-                if let Some(t) = stream.push(id) {
-                    print!("{t}");
-                    let _ = std::io::stdout().flush();
-                }
-                ControlFlow::Continue(())
-            },
-        );
-        match result {
-            Ok(_) => {
-                if let Some(t) = stream.finish() {
-                    print!("{t}");
-                }
-                println!();
-                messages.push(Message::new("assistant", engine.tokenizer.decode(&answer)?));
-            }
-            Err(e) => {
-                eprintln!("bitnest: {e:#}; use /reset or a larger --ctx");
-                messages.pop();
-            }
-        }
-        // `generate` appended prompt and answer ids; keep `cached` equal to the session's content.
-        cached.truncate(session.pos);
-    }
-    Ok(())
+    let opts = repl::ChatOptions { path: engine.path.clone(), system: a.system, max_tokens: a.max_tokens, ctx, params };
+    repl::chat(engine, opts)
 }
 
 fn cmd_ppl(a: PplArgs) -> Result<()> {
