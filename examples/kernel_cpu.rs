@@ -32,7 +32,11 @@ fn main() {
         let bp = BitPlanes::quantize(&w, rows, cols, &cfg).unwrap();
         let lin = PlaneLinear::from_bitplanes(&bp, 8).unwrap();
         let mut y = vec![0f32; rows * 64];
+        let only_n: Option<usize> = std::env::var("KERNEL_N").ok().and_then(|v| v.parse().ok());
         for n in [1usize, 64] {
+            if only_n.is_some_and(|o| o != n) {
+                continue;
+            }
             for r in [2u32, 3, 4, 6, 8] {
                 let iters = if n == 1 { 4000 } else { 100 };
                 let t0 = cpu_seconds();
