@@ -649,14 +649,17 @@ mod x86 {
                 let m = &ctx.meta[tile * ctx.gpr + g];
                 let chunks = ctx.chunks(g);
                 let mut acc = [_mm512_setzero_si512(); TILE];
-                for ch in chunks {
-                    let q = unsafe { _mm512_loadu_si512(acts.q.as_ptr().add(ch * 64) as *const __m512i) };
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let lookup = m.nonint & (1 << i) != 0;
-                        let lv = ctx.levels[m.dtype[i] as usize];
+                // Row by row, so each row's sum stays in a register across its chunks.
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let lookup = m.nonint & (1 << i) != 0;
+                    let lv = ctx.levels[m.dtype[i] as usize];
+                    let mut sum = _mm512_setzero_si512();
+                    for ch in chunks.clone() {
+                        let q = unsafe { _mm512_loadu_si512(acts.q.as_ptr().add(ch * 64) as *const __m512i) };
                         let c = unsafe { codes512::<R>(&planes, row0 + i * rb + ch * 8, lv, lookup) };
-                        *a = _mm512_dpbusd_epi32(*a, c, q);
+                        sum = _mm512_dpbusd_epi32(sum, c, q);
                     }
+                    *a = sum;
                 }
                 unsafe {
                     let (a, b) = ab16(ctx, m);
