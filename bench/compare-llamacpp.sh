@@ -100,7 +100,7 @@ build_llamacpp() {
   log "built llama.cpp in $((SECONDS - start)) s: $BIN"
 }
 
-build_llamacpp
+[ "$ONLY" = bitnest ] || build_llamacpp
 [ "$ONLY" = build ] && exit 0
 
 # ---------------------------------------------------------------- models
@@ -158,7 +158,7 @@ if [ "$ONLY" != bitnest ]; then
     m=$(llama_model "$ty")
     log "llama-bench $ty"
     with_rss "$BIN/llama-bench" -m "$m" -t "$T" -p "$P" -n "$N" -r "$R" -o json | python3 -c '
-import json, sys
+import json, os, sys
 w = json.load(sys.stdin)
 if w["rc"] != 0:
     sys.exit("llama-bench failed")
@@ -169,10 +169,10 @@ for r in rows:
     d[key + "_tok_s"], d[key + "_std"] = r["avg_ts"], r["stddev_ts"]
     d["n_prompt" if key == "pp" else "n_gen"] = r["n_prompt"] or r["n_gen"]
     d["bits_per_weight"] = r["model_size"] * 8 / r["model_n_params"]
-    d["file_mb"] = r["model_size"] / 2**20
+    d["file_mb"] = os.path.getsize(sys.argv[2]) / 2**20
     d["threads"] = r["n_threads"]
     d["build"] = r.get("build_commit")
-print(json.dumps(d))' "$ty" "$m" >>"$RAW"
+print(json.dumps(d))' "$ty" "$m" >>"$RAW" || die "llama-bench $ty failed"
   done
 fi
 
@@ -184,15 +184,17 @@ import json, sys
 d = json.load(sys.stdin)
 d.update(engine="bitnest", name="bitnest r=" + sys.argv[1], pp_tok_s=d["pp512_tok_s"], pp_std=d["pp512_std"],
          tg_tok_s=d["tg128_tok_s"], tg_std=d["tg128_std"], bits_per_weight=d.get("bits_per_weight"))
-print(json.dumps(d))' "$r" >>"$RAW"
+print(json.dumps(d))' "$r" >>"$RAW" || die "bitnest bench --bits $r failed"
   done
 fi
 
 # ---------------------------------------------------------------- report
 MD=$RESULTS/compare-$STAMP.md
-python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$(uname -m)" "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs || true)" <<'PY'
+CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs || uname -m)
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)
+python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" <<'PY'
 import json, sys
-raw, md, t, r, p, n, src, arch, cpu = sys.argv[1:]
+raw, md, t, r, p, n, src, cpu, commit = sys.argv[1:]
 rows = [json.loads(l) for l in open(raw) if l.strip()]
 ref = next((d for d in rows if d["engine"] == "llama.cpp" and d["name"] == "Q4_0"), None)
 def f(x, nd=1):
@@ -203,17 +205,24 @@ def ratio(d, k):
     return f"{d[k] / ref[k]:.2f}×"
 out = []
 out.append(f"# bitnest vs llama.cpp: pp{p} / tg{n}, {t} threads, {r} repetitions\n")
-out.append(f"Source model: `{src.split('/')[-1]}`. Machine: {cpu or arch}. "
-           f"Produced by `bash bench/compare-llamacpp.sh` ({raw.split('/')[-1]} holds the raw numbers). "
-           "Peak RSS is MiB (VmHWM for bitnest, getrusage max RSS of the llama-bench process).\n")
-out.append(f"| engine / type | bits/weight | pp{p} tok/s | tg{n} tok/s | peak RSS MiB | pp vs Q4_0 | tg vs Q4_0 |")
-out.append("|---|---|---|---|---|---|---|")
+builds = sorted({d["build"] for d in rows if d.get("build")})
+out.append(f"Source model: `{src.split('/')[-1]}`. Machine: {cpu}. bitnest {commit}"
+           + (f", llama.cpp {', '.join(builds)}" if builds else "") + ". "
+           f"Produced by `bash bench/compare-llamacpp.sh`; raw numbers in `{raw.split('/')[-1]}`. "
+           "Sizes are MiB; peak RSS is VmHWM for bitnest and the getrusage max RSS of the llama-bench process "
+           "(which runs both tests). Ratios are tok/s over llama.cpp Q4_0's from the same run.\n")
+out.append(f"| engine / type | bits/weight | file MiB | pp{p} tok/s | tg{n} tok/s | peak RSS MiB | pp vs Q4_0 | tg vs Q4_0 |")
+out.append("|---|---|---|---|---|---|---|---|")
 for d in rows:
     out.append(
-        f"| {d['name']} | {f(d.get('bits_per_weight'), 2)} "
+        f"| {d['name']} | {f(d.get('bits_per_weight'), 2)} | {f(d.get('file_mb'))} "
         f"| {f(d.get('pp_tok_s'))} ± {f(d.get('pp_std'))} | {f(d.get('tg_tok_s'))} ± {f(d.get('tg_std'))} "
         f"| {f(d.get('peak_rss_mb'), 0)} | {ratio(d, 'pp_tok_s')} | {ratio(d, 'tg_tok_s')} |")
 out.append("")
+if any(d["engine"] == "bitnest" for d in rows):
+    out.append("bitnest peak RSS against the budget file + KV cache + 64 MiB: " + ", ".join(
+        f"r={d['bits']}: {d['peak_rss_mb']:.0f} / {d['file_mb'] + d['kv_mb'] + 64:.0f}"
+        for d in rows if d["engine"] == "bitnest" and d.get("peak_rss_mb") is not None) + ".\n")
 open(md, "w").write("\n".join(out))
 print("\n".join(out))
 PY
