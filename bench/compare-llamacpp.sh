@@ -12,6 +12,7 @@
 # Settings (environment):
 #   T=2 R=3 P=512 N=128                 threads, repetitions, prompt and generated tokens
 #   BITS="8 6 5 4 3 2"                  bitnest views of the .bnest file
+#   BITNEST_F32=1                       also a bitnest row for SRC itself (0 leaves it out)
 #   LLAMA_TYPES="Q4_0 IQ4_NL Q8_0"      llama.cpp types, re-quantized from SRC
 #   SRC=<gguf>                          source GGUF (default: bitnest's cached SmolLM2 Q4_1)
 #   BNEST=<file>                        bitnest model (default: made from SRC with default settings)
@@ -23,6 +24,7 @@
 # Nothing from llama.cpp is written inside the repository; it needs network only for PyPI (the
 # llama-cpp-python source package, and cmake if it is missing) and for the model on first use.
 set -euo pipefail
+{ # Parsed whole before it runs, so editing this file during a (long) run cannot derail it.
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
@@ -176,16 +178,23 @@ print(json.dumps(d))' "$ty" "$m" >>"$RAW" || die "llama-bench $ty failed"
   done
 fi
 
-if [ "$ONLY" != llamacpp ]; then
-  for r in $BITS; do
-    log "bitnest bench --bits $r"
-    $B bench --model "$BNEST" --bits "$r" --threads "$T" -p "$P" -n "$N" -r "$R" --format json | python3 -c '
+bitnest_row() { # row name, bench args...
+  local name=$1; shift
+  log "bitnest bench $*"
+  $B bench "$@" --threads "$T" -p "$P" -n "$N" -r "$R" --format json | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
-d.update(engine="bitnest", name="bitnest r=" + sys.argv[1], pp_tok_s=d["pp512_tok_s"], pp_std=d["pp512_std"],
-         tg_tok_s=d["tg128_tok_s"], tg_std=d["tg128_std"], bits_per_weight=d.get("bits_per_weight"))
-print(json.dumps(d))' "$r" >>"$RAW" || die "bitnest bench --bits $r failed"
+d.update(engine="bitnest", name=sys.argv[1], pp_tok_s=d["pp512_tok_s"], pp_std=d["pp512_std"],
+         tg_tok_s=d["tg128_tok_s"], tg_std=d["tg128_std"])
+print(json.dumps(d))' "$name" >>"$RAW" || die "bitnest bench $* failed"
+}
+
+if [ "$ONLY" != llamacpp ]; then
+  for r in $BITS; do
+    bitnest_row "bitnest r=$r" --model "$BNEST" --bits "$r"
   done
+  # The source GGUF as bitnest runs it today (dequantized to f32 at load): the baseline.
+  [ "${BITNEST_F32:-1}" = 0 ] || bitnest_row "bitnest f32 (GGUF)" --model "$SRC"
 fi
 
 # ---------------------------------------------------------------- report
@@ -221,9 +230,11 @@ for d in rows:
 out.append("")
 if any(d["engine"] == "bitnest" for d in rows):
     out.append("bitnest peak RSS against the budget file + KV cache + 64 MiB: " + ", ".join(
-        f"r={d['bits']}: {d['peak_rss_mb']:.0f} / {d['file_mb'] + d['kv_mb'] + 64:.0f}"
+        f"{d['name']}: {d['peak_rss_mb']:.0f} / {d['file_mb'] + d['kv_mb'] + 64:.0f}"
         for d in rows if d["engine"] == "bitnest" and d.get("peak_rss_mb") is not None) + ".\n")
 open(md, "w").write("\n".join(out))
 print("\n".join(out))
 PY
 log "wrote $MD"
+exit 0
+}
