@@ -66,17 +66,22 @@ build_llamacpp() {
   command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || die "no C compiler (install gcc/g++)"
   find_cmake
   mkdir -p "$LC/dl"
-  local sdist
-  sdist=$(ls "$LC"/dl/llama_cpp_python-*.tar.gz 2>/dev/null | head -1 || true)
-  if [ -z "$sdist" ]; then
+  local sdist=$LC/dl/llama_cpp_python-$LLAMACPP_VERSION.tar.gz
+  if [ ! -f "$sdist" ]; then
     log "downloading the llama-cpp-python $LLAMACPP_VERSION source package from PyPI (it vendors llama.cpp)"
+    # Only this package from source: its build backend then comes as a wheel, so pip can read the
+    # sdist's metadata in seconds instead of compiling the backend (and cmake) from source first.
     python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$LC/dl" \
       "llama-cpp-python==$LLAMACPP_VERSION" || die "pip download llama-cpp-python failed"
-    sdist=$(ls "$LC"/dl/llama_cpp_python-*.tar.gz | head -1)
+    [ -f "$sdist" ] || die "pip did not produce $sdist"
   fi
-  rm -rf "$LC/src"
-  mkdir -p "$LC/src"
-  tar -xzf "$sdist" -C "$LC/src" --strip-components=1
+  # Unpacked once per version, so an interrupted build resumes where it stopped.
+  if [ "$(cat "$LC/src/.version" 2>/dev/null)" != "$LLAMACPP_VERSION" ]; then
+    rm -rf "$LC/src" "$LC/build"
+    mkdir -p "$LC/src"
+    tar -xzf "$sdist" -C "$LC/src" --strip-components=1
+    echo "$LLAMACPP_VERSION" >"$LC/src/.version"
+  fi
   local src=$LC/src/vendor/llama.cpp
   [ -f "$src/CMakeLists.txt" ] || die "no vendor/llama.cpp in $sdist"
   log "configuring llama.cpp ($src) with $CMAKE"
