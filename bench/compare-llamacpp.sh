@@ -111,6 +111,7 @@ build_llamacpp() {
 [ "$ONLY" = build ] && exit 0
 
 # ---------------------------------------------------------------- models
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)
 cargo build --release --quiet --bin bitnest
 mkdir -p "$LC/models"
 # A copy, so a rebuild while this runs cannot change the binary midway.
@@ -205,7 +206,6 @@ fi
 # ---------------------------------------------------------------- report
 MD=$RESULTS/compare-$STAMP.md
 CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs || uname -m)
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)
 python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" <<'PY'
 import json, sys
 raw, md, t, r, p, n, src, cpu, commit = sys.argv[1:]
