@@ -140,6 +140,11 @@ llama_model() { # type -> path of the re-quantized GGUF (made once)
 }
 
 BNEST=${BNEST:-$LC/models/$NAME.bnest}
+if [ "$ONLY" != llamacpp ] && [ -f "$BNEST" ] && [ "$BNEST" = "$LC/models/$NAME.bnest" ] &&
+  ! $B inspect --model "$BNEST" >/dev/null 2>&1; then
+  log "the cached $BNEST does not open with this bitnest (format changed?): making it again"
+  rm -f "$BNEST"
+fi
 if [ "$ONLY" != llamacpp ] && [ ! -f "$BNEST" ]; then
   log "bitnest quantize $SRC -> $BNEST (default settings)"
   $B quantize "$SRC" -o "$BNEST" >&2
