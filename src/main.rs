@@ -1,4 +1,4 @@
-//! The `bitnest` command line: run, chat, serve, ppl, inspect, quantize.
+//! The `bitnest` command line: run, chat, serve, ppl, inspect, quantize, bench.
 
 mod repl;
 mod serve;
@@ -40,6 +40,8 @@ enum Cmd {
     Inspect(InspectArgs),
     /// Quantize a model into one .bnest file that runs at every precision (--bits r).
     Quantize(QuantizeArgs),
+    /// Prompt-processing and generation speed, measured as llama-bench does (pp512, tg128).
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -227,6 +229,23 @@ struct PplArgs {
 }
 
 #[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens processed in one pass (llama-bench -p); 0 skips the test.
+    #[arg(long, short = 'p', default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens generated one pass at a time (llama-bench -n); 0 skips the test.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    n_gen: usize,
+    /// Timed repetitions of each test, after one warm-up (llama-bench -r).
+    #[arg(long, short = 'r', default_value_t = 3)]
+    reps: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -248,6 +267,7 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => a.model.threads,
         Cmd::Quantize(a) => a.threads,
         Cmd::Serve(_) => None,
+        Cmd::Bench(a) => a.model.threads,
     };
     // The whole command runs on a worker of its own pool: parallel kernels called from a pool
     // thread push their jobs to its local queue, which (unlike injection from outside the
@@ -281,6 +301,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Inspect(a) => cmd_inspect(a),
         Cmd::Quantize(a) => cmd_quantize(a),
         Cmd::Serve(a) => cmd_serve(a),
+        Cmd::Bench(a) => cmd_bench(a),
     }
 }
 
@@ -490,6 +511,99 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         println!("{v}");
     }
     Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let path = resolve_model(&a.model.model)?;
+    let plan = a.model.plan()?;
+    let file_bytes = model_bytes(&path)?;
+    let t0 = std::time::Instant::now();
+    let engine = Engine::load(&path, plan.clone())?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let bos = engine.tokenizer.add_bos().then(|| engine.tokenizer.bos_id()).flatten();
+    let opts = bitnest::bench::BenchOptions { n_prompt: a.n_prompt, n_gen: a.n_gen, reps: a.reps, bos, max_batch: 512 };
+    let r = bitnest::bench::run_bench(&engine.model, &opts)?;
+    let mib = |b: f64| b / 1048576.0;
+    let peak_rss_mb = bitnest::bench::peak_rss_bytes().map(|b| mib(b as f64));
+    // Only after the peak RSS is taken: opening the file again must not count towards it.
+    let bpw = if bitnest::format::bnest::BnestFile::sniff(&path) {
+        Some(bitnest::format::bnest::BnestFile::open(&path)?.bits_per_weight(&plan.unwrap_or_default())?)
+    } else {
+        None
+    };
+    let (file_mb, kv_mb) = (mib(file_bytes as f64), mib(r.kv_bytes as f64));
+    let weights_mb = mib(engine.model.weight_bytes() as f64);
+    let bits = match (&a.model.bits_plan, a.model.bits) {
+        (Some(f), _) => serde_json::json!(format!("plan:{}", f.display())),
+        (None, b) => serde_json::json!(b),
+    };
+    let rate = |x: &Option<bitnest::bench::Rate>| x.as_ref().map(|r| (r.tok_s, r.std, r.samples.clone()));
+    let (pp, tg) = (rate(&r.pp), rate(&r.tg));
+    if matches!(a.format, OutputFormat::Json) {
+        let v = serde_json::json!({
+            "model": path.display().to_string(),
+            "bits": bits,
+            "bits_per_weight": bpw,
+            "threads": r.threads,
+            "n_prompt": a.n_prompt,
+            "n_gen": a.n_gen,
+            "reps": a.reps,
+            "pp512_tok_s": pp.as_ref().map(|p| p.0),
+            "pp512_std": pp.as_ref().map(|p| p.1),
+            "pp512_samples": pp.as_ref().map(|p| p.2.clone()),
+            "tg128_tok_s": tg.as_ref().map(|p| p.0),
+            "tg128_std": tg.as_ref().map(|p| p.1),
+            "tg128_samples": tg.as_ref().map(|p| p.2.clone()),
+            "peak_rss_mb": peak_rss_mb,
+            "file_mb": file_mb,
+            "kv_mb": kv_mb,
+            "weights_mb": weights_mb,
+            "load_s": load_s,
+            "units": "tok/s; *_mb are MiB; peak_rss_mb is VmHWM",
+        });
+        println!("{v}");
+    } else {
+        let cell = |x: &Option<(f64, f64, Vec<f64>)>| match x {
+            Some((m, s, _)) => format!("{m:>10.2} ± {s:<8.2}"),
+            None => format!("{:>10}   {:<8}", "-", ""),
+        };
+        let bits_txt = match &bits {
+            serde_json::Value::Null => "all".to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let bpw_txt = bpw.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into());
+        println!("model: {} ({file_mb:.1} MiB file, {weights_mb:.1} MiB weights in memory)", path.display());
+        println!("| bits | bits/weight | threads | test    | {:^21} |", "tok/s");
+        println!("|------|-------------|---------|---------|-----------------------|");
+        let row = |name: String, c: String| {
+            println!("| {bits_txt:<4} | {bpw_txt:>11} | {:>7} | {name:<7} | {c} |", r.threads);
+        };
+        row(format!("pp{}", a.n_prompt), cell(&pp));
+        row(format!("tg{}", a.n_gen), cell(&tg));
+        let rss = peak_rss_mb.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "n/a".into());
+        println!(
+            "peak RSS (VmHWM): {rss}; KV cache {kv_mb:.1} MiB; load {load_s:.2} s; {} reps after 1 warm-up",
+            a.reps
+        );
+    }
+    Ok(())
+}
+
+/// Size on disk of a model: the file, or every file of a Hugging Face directory.
+fn model_bytes(path: &std::path::Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(meta.len());
+    }
+    let mut total = 0;
+    for e in std::fs::read_dir(path)? {
+        let m = e?.metadata()?;
+        if m.is_file() {
+            total += m.len();
+        }
+    }
+    Ok(total)
 }
 
 fn inspect_bnest(b: &bitnest::format::bnest::BnestFile, all: bool) {

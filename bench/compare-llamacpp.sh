@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# Side-by-side speed of bitnest and llama.cpp on the same model, machine, thread count and run:
+# `llama-bench -p 512 -n 128 -r $R` for llama.cpp types and `bitnest bench` for each r-bit view
+# of one .bnest file. Writes a markdown table and the raw JSON to bench/results/.
+#
+#   bash bench/compare-llamacpp.sh                   # everything (builds llama.cpp once, ~30 min on 2 cores)
+#   T=4 R=5 BITS="8 4 2" bash bench/compare-llamacpp.sh
+#   ONLY=build bash bench/compare-llamacpp.sh         # only build llama.cpp into the cache
+#   ONLY=llamacpp bash bench/compare-llamacpp.sh      # only the llama.cpp rows
+#   ONLY=bitnest bash bench/compare-llamacpp.sh       # only the bitnest rows
+#
+# Settings (environment):
+#   T=2 R=3 P=512 N=128                 threads, repetitions, prompt and generated tokens
+#   BITS="8 6 5 4 3 2"                  bitnest views of the .bnest file
+#   BITNEST_F32=1                       also a bitnest row for SRC itself (0 leaves it out)
+#   LLAMA_TYPES="Q4_0 IQ4_NL Q8_0"      llama.cpp types, re-quantized from SRC
+#   SRC=<gguf>                          source GGUF (default: bitnest's cached SmolLM2 Q4_1)
+#   BNEST=<file>                        bitnest model (default: made from SRC with default settings)
+#   BITNEST_CACHE=~/.cache/bitnest      where bitnest keeps downloaded models
+#   BITNEST_LLAMACPP=$BITNEST_CACHE/llama.cpp   llama.cpp source, build and quantized models
+#   LLAMACPP_VERSION=0.3.36             version of the llama-cpp-python sdist that vendors llama.cpp
+#   JOBS=2                              parallel compile jobs
+#
+# Nothing from llama.cpp is written inside the repository; it needs network only for PyPI (the
+# llama-cpp-python source package, and cmake if it is missing) and for the model on first use.
+set -euo pipefail
+{ # Parsed whole before it runs, so editing this file during a (long) run cannot derail it.
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+T=${T:-2}
+R=${R:-3}
+P=${P:-512}
+N=${N:-128}
+BITS=${BITS:-8 6 5 4 3 2}
+LLAMA_TYPES=${LLAMA_TYPES:-Q4_0 IQ4_NL Q8_0}
+JOBS=${JOBS:-2}
+ONLY=${ONLY:-}
+BITNEST_CACHE=${BITNEST_CACHE:-$HOME/.cache/bitnest}
+export BITNEST_CACHE
+LC=${BITNEST_LLAMACPP:-$HOME/.cache/bitnest/llama.cpp}
+LLAMACPP_VERSION=${LLAMACPP_VERSION:-0.3.36}
+BIN=$LC/bin
+STAMP=$(date +%Y%m%d-%H%M%S)
+RESULTS=${RESULTS:-$REPO/bench/results}
+
+log() { echo "[compare] $*" >&2; }
+die() { echo "[compare] error: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- llama.cpp build (cached)
+find_cmake() {
+  if command -v cmake >/dev/null 2>&1; then CMAKE=$(command -v cmake); return; fi
+  if [ -x "$LC/cmake-venv/bin/cmake" ]; then CMAKE=$LC/cmake-venv/bin/cmake; return; fi
+  log "cmake not found: installing it from PyPI into $LC/cmake-venv (python3 -m pip install cmake)"
+  mkdir -p "$LC"
+  python3 -m venv "$LC/cmake-venv" || die "python3 -m venv failed; install cmake (apt-get install cmake) and retry"
+  "$LC/cmake-venv/bin/python" -m pip install --quiet cmake || die "pip install cmake failed"
+  CMAKE=$LC/cmake-venv/bin/cmake
+}
+
+build_llamacpp() {
+  if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-quantize" ]; then
+    log "llama.cpp already built in $BIN"
+    return
+  fi
+  command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || die "no C compiler (install gcc/g++)"
+  find_cmake
+  mkdir -p "$LC/dl"
+  local sdist=$LC/dl/llama_cpp_python-$LLAMACPP_VERSION.tar.gz
+  if [ ! -f "$sdist" ]; then
+    log "downloading the llama-cpp-python $LLAMACPP_VERSION source package from PyPI (it vendors llama.cpp)"
+    # Only this package from source: its build backend then comes as a wheel, so pip can read the
+    # sdist's metadata in seconds instead of compiling the backend (and cmake) from source first.
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$LC/dl" \
+      "llama-cpp-python==$LLAMACPP_VERSION" || die "pip download llama-cpp-python failed"
+    [ -f "$sdist" ] || die "pip did not produce $sdist"
+  fi
+  # Unpacked once per version, so an interrupted build resumes where it stopped.
+  if [ "$(cat "$LC/src/.version" 2>/dev/null)" != "$LLAMACPP_VERSION" ]; then
+    rm -rf "$LC/src" "$LC/build"
+    mkdir -p "$LC/src"
+    tar -xzf "$sdist" -C "$LC/src" --strip-components=1
+    echo "$LLAMACPP_VERSION" >"$LC/src/.version"
+  fi
+  local src=$LC/src/vendor/llama.cpp
+  [ -f "$src/CMakeLists.txt" ] || die "no vendor/llama.cpp in $sdist"
+  log "configuring llama.cpp ($src) with $CMAKE"
+  "$CMAKE" -S "$src" -B "$LC/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >"$LC/configure.log" 2>&1 ||
+    { tail -30 "$LC/configure.log" >&2; die "cmake configure failed (log: $LC/configure.log)"; }
+  # Build the tools this project compares against, where this llama.cpp version has them.
+  local targets=() t
+  local all_targets
+  all_targets=$("$CMAKE" --build "$LC/build" --target help 2>/dev/null || true)
+  for t in llama-bench llama-quantize llama-perplexity llama-cli llama-completion llama-speculative-simple; do
+    if grep -qE "(^|[ .])$t(:|$| )" <<<"$all_targets"; then targets+=("$t"); fi
+  done
+  [ ${#targets[@]} -gt 0 ] || targets=(llama-bench llama-quantize)
+  log "building ${targets[*]} with -j$JOBS (this takes a while; log: $LC/build.log)"
+  local start=$SECONDS
+  "$CMAKE" --build "$LC/build" --config Release -j"$JOBS" --target "${targets[@]}" >"$LC/build.log" 2>&1 ||
+    { tail -30 "$LC/build.log" >&2; die "llama.cpp build failed (log: $LC/build.log)"; }
+  mkdir -p "$BIN"
+  for t in "${targets[@]}"; do
+    [ -x "$LC/build/bin/$t" ] && ln -sf "$LC/build/bin/$t" "$BIN/$t"
+  done
+  log "built llama.cpp in $((SECONDS - start)) s: $BIN"
+}
+
+[ "$ONLY" = bitnest ] || build_llamacpp
+[ "$ONLY" = build ] && exit 0
+
+# ---------------------------------------------------------------- models
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)
+cargo build --release --quiet --bin bitnest
+mkdir -p "$LC/models"
+# A copy, so a rebuild while this runs cannot change the binary midway.
+cp target/release/bitnest "$LC/bitnest-compare"
+B=$LC/bitnest-compare
+
+if [ -z "${SRC:-}" ]; then
+  SRC=$BITNEST_CACHE/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ ! -f "$SRC" ]; then
+    log "fetching the default model into $BITNEST_CACHE"
+    $B inspect --model smollm2-135m >/dev/null
+  fi
+fi
+[ -f "$SRC" ] || die "source GGUF not found: $SRC"
+NAME=$(basename "$SRC" .gguf)
+
+llama_model() { # type -> path of the re-quantized GGUF (made once)
+  local ty=$1 out=$LC/models/$NAME.$1.gguf
+  if [ ! -f "$out" ]; then
+    log "llama-quantize --allow-requantize $NAME -> $ty"
+    "$BIN/llama-quantize" --allow-requantize "$SRC" "$out.tmp" "$ty" >"$LC/models/quantize-$ty.log" 2>&1 ||
+      { tail -20 "$LC/models/quantize-$ty.log" >&2; die "llama-quantize to $ty failed"; }
+    mv "$out.tmp" "$out"
+  fi
+  echo "$out"
+}
+
+BNEST=${BNEST:-$LC/models/$NAME.bnest}
+if [ "$ONLY" != llamacpp ] && [ -f "$BNEST" ] && [ "$BNEST" = "$LC/models/$NAME.bnest" ] &&
+  ! $B inspect --model "$BNEST" >/dev/null 2>&1; then
+  log "the cached $BNEST does not open with this bitnest (format changed?): making it again"
+  rm -f "$BNEST"
+fi
+if [ "$ONLY" != llamacpp ] && [ ! -f "$BNEST" ]; then
+  log "bitnest quantize $SRC -> $BNEST (default settings)"
+  $B quantize "$SRC" -o "$BNEST" >&2
+fi
+
+# ---------------------------------------------------------------- runs
+mkdir -p "$RESULTS"
+RAW=$RESULTS/compare-$STAMP.jsonl
+: >"$RAW"
+log "threads $T, repetitions $R, pp$P / tg$N; raw results: $RAW"
+
+# Peak RSS of a child process (llama-bench has none of its own): getrusage(RUSAGE_CHILDREN).
+with_rss() {
+  python3 - "$@" <<'PY'
+import resource, subprocess, sys, json
+p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE)
+kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+sys.stdout.write(json.dumps({"rc": p.returncode, "peak_rss_mib": kib / 1024, "out": p.stdout.decode()}))
+PY
+}
+
+if [ "$ONLY" != bitnest ]; then
+  for ty in $LLAMA_TYPES; do
+    m=$(llama_model "$ty")
+    log "llama-bench $ty"
+    with_rss "$BIN/llama-bench" -m "$m" -t "$T" -p "$P" -n "$N" -r "$R" -o json | python3 -c '
+import json, os, sys
+w = json.load(sys.stdin)
+if w["rc"] != 0:
+    sys.exit("llama-bench failed")
+rows = json.loads(w["out"])
+d = {"engine": "llama.cpp", "name": sys.argv[1], "file": sys.argv[2], "peak_rss_mb": w["peak_rss_mib"]}
+for r in rows:
+    key = "pp" if r["n_prompt"] > 0 else "tg"
+    d[key + "_tok_s"], d[key + "_std"] = r["avg_ts"], r["stddev_ts"]
+    d["n_prompt" if key == "pp" else "n_gen"] = r["n_prompt"] or r["n_gen"]
+    d["bits_per_weight"] = r["model_size"] * 8 / r["model_n_params"]
+    d["file_mb"] = os.path.getsize(sys.argv[2]) / 2**20
+    d["threads"] = r["n_threads"]
+    d["build"] = r.get("build_commit")
+print(json.dumps(d))' "$ty" "$m" >>"$RAW" || die "llama-bench $ty failed"
+  done
+fi
+
+bitnest_row() { # row name, bench args...
+  local name=$1; shift
+  log "bitnest bench $*"
+  $B bench "$@" --threads "$T" -p "$P" -n "$N" -r "$R" --format json | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+d.update(engine="bitnest", name=sys.argv[1], pp_tok_s=d["pp512_tok_s"], pp_std=d["pp512_std"],
+         tg_tok_s=d["tg128_tok_s"], tg_std=d["tg128_std"])
+print(json.dumps(d))' "$name" >>"$RAW" || die "bitnest bench $* failed"
+}
+
+if [ "$ONLY" != llamacpp ]; then
+  for r in $BITS; do
+    bitnest_row "bitnest r=$r" --model "$BNEST" --bits "$r"
+  done
+  # The source GGUF as bitnest runs it today (dequantized to f32 at load): the baseline.
+  [ "${BITNEST_F32:-1}" = 0 ] || bitnest_row "bitnest f32 (GGUF)" --model "$SRC"
+fi
+
+# ---------------------------------------------------------------- report
+MD=$RESULTS/compare-$STAMP.md
+CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs || uname -m)
+python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" <<'PY'
+import json, sys
+raw, md, t, r, p, n, src, cpu, commit = sys.argv[1:]
+rows = [json.loads(l) for l in open(raw) if l.strip()]
+ref = next((d for d in rows if d["engine"] == "llama.cpp" and d["name"] == "Q4_0"), None)
+def f(x, nd=1):
+    return "–" if x is None else f"{x:.{nd}f}"
+def ratio(d, k):
+    if ref is None or d.get(k) is None:
+        return "–"
+    return f"{d[k] / ref[k]:.2f}×"
+out = []
+out.append(f"# bitnest vs llama.cpp: pp{p} / tg{n}, {t} threads, {r} repetitions\n")
+builds = sorted({d["build"] for d in rows if d.get("build")})
+out.append(f"Source model: `{src.split('/')[-1]}`. Machine: {cpu}. bitnest {commit}"
+           + (f", llama.cpp {', '.join(builds)}" if builds else "") + ". "
+           f"Produced by `bash bench/compare-llamacpp.sh`; raw numbers in `{raw.split('/')[-1]}`. "
+           "Sizes are MiB; peak RSS is VmHWM for bitnest and the getrusage max RSS of the llama-bench process "
+           "(which runs both tests). Ratios are tok/s over llama.cpp Q4_0's from the same run.\n")
+out.append(f"| engine / type | bits/weight | file MiB | pp{p} tok/s | tg{n} tok/s | peak RSS MiB | pp vs Q4_0 | tg vs Q4_0 |")
+out.append("|---|---|---|---|---|---|---|---|")
+for d in rows:
+    out.append(
+        f"| {d['name']} | {f(d.get('bits_per_weight'), 2)} | {f(d.get('file_mb'))} "
+        f"| {f(d.get('pp_tok_s'))} ± {f(d.get('pp_std'))} | {f(d.get('tg_tok_s'))} ± {f(d.get('tg_std'))} "
+        f"| {f(d.get('peak_rss_mb'), 0)} | {ratio(d, 'pp_tok_s')} | {ratio(d, 'tg_tok_s')} |")
+out.append("")
+if any(d["engine"] == "bitnest" for d in rows):
+    out.append("bitnest peak RSS against the budget file + KV cache + 64 MiB: " + ", ".join(
+        f"{d['name']}: {d['peak_rss_mb']:.0f} / {d['file_mb'] + d['kv_mb'] + 64:.0f}"
+        for d in rows if d["engine"] == "bitnest" and d.get("peak_rss_mb") is not None) + ".\n")
+open(md, "w").write("\n".join(out))
+print("\n".join(out))
+PY
+log "wrote $MD"
+exit 0
+}

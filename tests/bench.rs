@@ -1,0 +1,87 @@
+//! `bitnest bench`: llama-bench-style pp/tg measurement, through the library on a tiny model and
+//! through the command line (JSON) on the real one.
+
+use std::process::Command;
+
+use bitnest::bench::{BenchOptions, peak_rss_bytes, run_bench};
+use bitnest::model::ModelSource;
+
+mod common;
+
+fn positive(v: &serde_json::Value, key: &str) -> f64 {
+    let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} missing or not a number in {v}"));
+    assert!(x.is_finite() && x > 0.0, "{key} = {x} should be positive and finite");
+    x
+}
+
+#[test]
+fn library_bench_measures_both_tests_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gguf, _) = common::write_tiny_llama(dir.path());
+    let model = ModelSource::open(&gguf, None).unwrap().load_f32().unwrap();
+    let opts = BenchOptions { n_prompt: 32, n_gen: 8, reps: 3, bos: Some(1), max_batch: 16 };
+    let r = run_bench(&model, &opts).unwrap();
+    for rate in [r.pp.as_ref().unwrap(), r.tg.as_ref().unwrap()] {
+        assert_eq!(rate.samples.len(), 3);
+        assert!(rate.samples.iter().all(|s| s.is_finite() && *s > 0.0), "{:?}", rate.samples);
+        let mean = rate.samples.iter().sum::<f64>() / 3.0;
+        assert!((rate.tok_s - mean).abs() <= 1e-9 * mean);
+        assert!(rate.std.is_finite() && rate.std >= 0.0);
+    }
+    // KV cache for n_prompt + n_gen positions: 2 layers × 40 × kv_dim 32 × (K and V) × 4 bytes.
+    assert_eq!(r.kv_bytes, 2 * 40 * 32 * 2 * 4);
+    assert!(r.threads >= 1);
+
+    // Either test can be skipped; asking for nothing, or for more than the context, is an error.
+    let pp_only = run_bench(&model, &BenchOptions { n_gen: 0, reps: 1, ..opts.clone() }).unwrap();
+    assert!(pp_only.pp.is_some() && pp_only.tg.is_none());
+    assert!(run_bench(&model, &BenchOptions { n_prompt: 0, n_gen: 0, ..opts.clone() }).is_err());
+    assert!(run_bench(&model, &BenchOptions { n_prompt: 200, n_gen: 100, ..opts.clone() }).is_err());
+    assert!(run_bench(&model, &BenchOptions { reps: 0, ..opts }).is_err());
+    if cfg!(target_os = "linux") {
+        assert!(peak_rss_bytes().unwrap() as usize >= model.weight_bytes());
+    }
+}
+
+#[test]
+fn cli_bench_json_reports_speed_and_memory_of_the_real_model() {
+    let model = common::model_path();
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
+        .args(["bench", "-t", "2", "-p", "16", "-n", "4", "-r", "2", "--format", "json", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    positive(&v, "pp512_tok_s");
+    positive(&v, "tg128_tok_s");
+    assert!(v["pp512_std"].as_f64().unwrap() >= 0.0 && v["tg128_std"].as_f64().unwrap() >= 0.0);
+    assert_eq!(v["n_prompt"], 16);
+    assert_eq!(v["n_gen"], 4);
+    assert_eq!(v["threads"], 2);
+    assert_eq!(v["pp512_samples"].as_array().unwrap().len(), 2);
+    let file_mb = positive(&v, "file_mb");
+    let size = std::fs::metadata(&model).unwrap().len() as f64 / 1048576.0;
+    assert!((file_mb - size).abs() < 1e-6, "file_mb {file_mb} vs {size}");
+    // SmolLM2: 30 layers × 20 positions × kv_dim 192 × K and V × 4 bytes.
+    assert!((positive(&v, "kv_mb") - (30 * 20 * 192 * 2 * 4) as f64 / 1048576.0).abs() < 1e-9);
+    // The weights are held in memory (f32 today), so the peak RSS must cover them.
+    let weights_mb = positive(&v, "weights_mb");
+    assert!(weights_mb > 100.0, "SmolLM2-135M has more than 100 MiB of weights, got {weights_mb}");
+    if cfg!(target_os = "linux") {
+        let rss = positive(&v, "peak_rss_mb");
+        assert!(rss >= weights_mb, "peak RSS {rss} MiB below the {weights_mb} MiB of weights");
+    } else {
+        assert!(v["peak_rss_mb"].is_null());
+    }
+    assert!(v["bits"].is_null() && v["bits_per_weight"].is_null(), "a GGUF has no bit planes: {v}");
+
+    let text = Command::new(env!("CARGO_BIN_EXE_bitnest"))
+        .args(["bench", "-t", "1", "-p", "8", "-n", "0", "-r", "1", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    let s = String::from_utf8(text.stdout).unwrap();
+    assert!(s.contains("pp8") && s.contains("peak RSS"), "{s}");
+}
