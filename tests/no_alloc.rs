@@ -4,7 +4,11 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bitnest::kernels::PlaneLinear;
+use bitnest::kernels::planes::Isa;
 use bitnest::model::ModelSource;
+use bitnest::quant::bitplane::{BitPlanes, QuantConfig};
+use bitnest::quant::dtype::ALL;
 
 mod common;
 
@@ -48,5 +52,31 @@ fn decode_forward_allocates_nothing_per_token() {
         }
         let n = ALLOCS.load(Ordering::Relaxed) - before;
         assert_eq!(n, 0, "{n} allocations in 30 decode steps");
+    });
+
+    // The bit-plane kernel (what a .bnest model runs on), at several precisions, in the same
+    // test so that no other test's allocations are counted.
+    let cfg = QuantConfig {
+        group: 128,
+        master_bits: 8,
+        dtypes: ALL.to_vec(),
+        objective: QuantConfig::default_objective(8),
+        scale_search: vec![1.0],
+    };
+    let (rows, cols) = (1536, 576);
+    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let lin = PlaneLinear::from_bitplanes(&BitPlanes::quantize(&w, rows, cols, &cfg).unwrap(), 8).unwrap();
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut y = vec![0f32; rows];
+    pool.install(|| {
+        lin.forward_with(&x, 1, &mut y, 8, Isa::detect());
+        let before = ALLOCS.load(Ordering::Relaxed);
+        for r in [8, 4, 2, 8] {
+            for _ in 0..10 {
+                lin.forward_with(&x, 1, &mut y, r, Isa::detect());
+            }
+        }
+        let n = ALLOCS.load(Ordering::Relaxed) - before;
+        assert_eq!(n, 0, "{n} allocations in 40 bit-plane GEMVs");
     });
 }

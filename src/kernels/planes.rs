@@ -394,8 +394,8 @@ impl Isa {
 /// Everything a tile needs, resolved once per matmul.
 struct Ctx<'a> {
     bytes: &'a [u8],
-    /// Start of each plane read, most significant first.
-    planes: Vec<usize>,
+    /// Start of each plane read, most significant first (the first `r` entries).
+    planes: [usize; MAX_BITS as usize],
     row_bytes: usize,
     rows: usize,
     cols: usize,
@@ -428,7 +428,7 @@ impl<'a> Ctx<'a> {
             mu,
             z,
             bytes: (*l.store).as_ref(),
-            planes: l.planes[..r as usize].iter().map(|p| p.start).collect(),
+            planes: std::array::from_fn(|p| l.planes.get(p).map_or(0, |p| p.start)),
             row_bytes: l.row_bytes,
             rows: l.rows,
             cols: l.cols,
