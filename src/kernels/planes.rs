@@ -524,6 +524,8 @@ impl<'a> Ctx<'a> {
 }
 
 #[cfg(target_arch = "x86_64")]
+// Index loops walk several parallel arrays (codes, accumulators, activations) in step.
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use std::arch::x86_64::*;
 
