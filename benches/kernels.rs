@@ -17,13 +17,7 @@ fn weights(rng: &mut StdRng, n: usize) -> Vec<f32> {
 
 fn planes(rows: usize, cols: usize) -> BitPlanes {
     let mut rng = StdRng::seed_from_u64(1);
-    let cfg = QuantConfig {
-        group: 128,
-        master_bits: 8,
-        dtypes: ALL.to_vec(),
-        objective: QuantConfig::default_objective(8),
-        scale_search: vec![1.0],
-    };
+    let cfg = QuantConfig::new(128, 8, ALL.to_vec());
     BitPlanes::quantize(&weights(&mut rng, rows * cols), rows, cols, &cfg).unwrap()
 }
 

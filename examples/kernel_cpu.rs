@@ -22,13 +22,7 @@ fn main() {
     let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
     let x: Vec<f32> = (0..cols * 64).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     for (name, dtypes) in [("int", vec![GroupDtype::Int]), ("int+bitmod", ALL.to_vec())] {
-        let cfg = QuantConfig {
-            group: 128,
-            master_bits: 8,
-            dtypes,
-            objective: QuantConfig::default_objective(8),
-            scale_search: vec![1.0],
-        };
+        let cfg = QuantConfig::new(128, 8, dtypes);
         let bp = BitPlanes::quantize(&w, rows, cols, &cfg).unwrap();
         let lin = PlaneLinear::from_bitplanes(&bp, 8).unwrap();
         let mut y = vec![0f32; rows * 64];

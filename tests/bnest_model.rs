@@ -34,13 +34,7 @@ fn one_file_runs_at_every_precision() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm2.bnest");
     let source = ModelSource::open(&common::model_path(), None).unwrap();
-    let cfg = QuantConfig {
-        group: 128,
-        master_bits: 8,
-        dtypes: ALL.to_vec(),
-        objective: QuantConfig::default_objective(8),
-        scale_search: vec![1.0],
-    };
+    let cfg = QuantConfig::new(128, 8, ALL.to_vec());
     bitnest::quantize::quantize_model(&source, "smollm2", &cfg, &out, false).unwrap();
 
     let mut agree = Vec::new();

@@ -56,13 +56,7 @@ fn decode_forward_allocates_nothing_per_token() {
 
     // The bit-plane kernel (what a .bnest model runs on), at several precisions, in the same
     // test so that no other test's allocations are counted.
-    let cfg = QuantConfig {
-        group: 128,
-        master_bits: 8,
-        dtypes: ALL.to_vec(),
-        objective: QuantConfig::default_objective(8),
-        scale_search: vec![1.0],
-    };
+    let cfg = QuantConfig::new(128, 8, ALL.to_vec());
     let (rows, cols) = (1536, 576);
     let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
     let lin = PlaneLinear::from_bitplanes(&BitPlanes::quantize(&w, rows, cols, &cfg).unwrap(), 8).unwrap();

@@ -27,6 +27,18 @@ pub struct QuantConfig {
 }
 
 impl QuantConfig {
+    /// The default objective for `master_bits` and no scale search: what tests and benchmarks
+    /// want when only the grid matters.
+    pub fn new(group: usize, master_bits: u32, dtypes: Vec<GroupDtype>) -> Self {
+        QuantConfig {
+            group,
+            master_bits,
+            dtypes,
+            objective: QuantConfig::default_objective(master_bits),
+            scale_search: vec![1.0],
+        }
+    }
+
     /// Objective weights for a master of `m` bits: the master itself plus the 4-, 3- and 2-bit
     /// views below it, the ones that serve as low-precision models and drafts.
     pub fn default_objective(m: u32) -> Vec<(u32, f32)> {

@@ -1,0 +1,323 @@
+//! The x86 paths of the bit-plane kernel: AVX-512 (VNNI, VBMI) and AVX2. Each computes exactly
+//! what [`Ctx::tile_scalar`](super::Ctx) computes; see the parent module for the scheme.
+
+use std::arch::x86_64::*;
+
+use super::{Ctx, Levels, QuantActs, SyncPtr, TILE, TileMeta};
+
+/// Largest number of 64-column chunks in a group.
+const MAX_CH: usize = super::MAX_GROUP / 64;
+
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI/VBMI and F16C present; the tile's rows exist and `out` is exclusive to them.
+pub unsafe fn tile_avx512(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+    // One instantiation per plane count, so the plane loop unrolls.
+    unsafe {
+        match ctx.r {
+            1 => tile512::<1>(ctx, tile, acts, n, out),
+            2 => tile512::<2>(ctx, tile, acts, n, out),
+            3 => tile512::<3>(ctx, tile, acts, n, out),
+            4 => tile512::<4>(ctx, tile, acts, n, out),
+            5 => tile512::<5>(ctx, tile, acts, n, out),
+            6 => tile512::<6>(ctx, tile, acts, n, out),
+            7 => tile512::<7>(ctx, tile, acts, n, out),
+            _ => tile512::<8>(ctx, tile, acts, n, out),
+        }
+    }
+}
+
+/// Codes of 64 weights rebuilt from `R` plane words, mapped to levels when `lookup`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Levels, lookup: bool) -> __m512i {
+    unsafe {
+        let mut c = _mm512_setzero_si512();
+        for (p, b) in planes.iter().enumerate() {
+            let bits = (b.add(off) as *const u64).read_unaligned();
+            let bv = _mm512_set1_epi8((1u32 << (R - 1 - p)) as i8);
+            // One masked byte add per plane. Written out because LLVM otherwise turns
+            // `_mm512_mask_add_epi8` into an OR plus a masked move, a third more work.
+            std::arch::asm!(
+                "kmovq {k}, {bits}",
+                "vpaddb {c}{{{k}}}, {c}, {bv}",
+                k = out(kreg) _,
+                bits = in(reg) bits,
+                c = inout(zmm_reg) c,
+                bv = in(zmm_reg) bv,
+                options(pure, nomem, nostack),
+            );
+        }
+        if !lookup {
+            return c;
+        }
+        let tp = lv.table.as_ptr() as *const __m512i;
+        // `Levels` is 64-byte aligned and 256 bytes long.
+        match R {
+            1..=6 => _mm512_permutexvar_epi8(c, _mm512_load_si512(tp)),
+            7 => _mm512_permutex2var_epi8(_mm512_load_si512(tp), c, _mm512_load_si512(tp.add(1))),
+            _ => {
+                let lo = _mm512_permutex2var_epi8(_mm512_load_si512(tp), c, _mm512_load_si512(tp.add(1)));
+                let hi = _mm512_permutex2var_epi8(_mm512_load_si512(tp.add(2)), c, _mm512_load_si512(tp.add(3)));
+                _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), lo, hi)
+            }
+        }
+    }
+}
+
+/// Interleaved pairwise sums of `a` and `b` (first step of [`reduce16`]).
+#[inline(always)]
+unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
+    unsafe { _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)) }
+}
+
+/// Second step of [`reduce16`]: each 128-bit lane holds partial sums of four rows.
+#[inline(always)]
+unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
+    unsafe { _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)) }
+}
+
+/// `128·hi + lo`, lane-wise: the two halves of the activations recombined before reducing.
+#[inline(always)]
+unsafe fn combine(hi: __m512i, lo: __m512i) -> __m512i {
+    unsafe { _mm512_add_epi32(_mm512_slli_epi32::<7>(hi), lo) }
+}
+
+/// Lane `i` of the result is the sum of the 16 lanes of `acc[i]`. (No closures here:
+/// they would be compiled without the caller's target features.)
+#[inline(always)]
+unsafe fn reduce16(acc: &[__m512i; TILE]) -> __m512i {
+    unsafe {
+        let v0 = quad(pair(acc[0], acc[1]), pair(acc[2], acc[3]));
+        let v1 = quad(pair(acc[4], acc[5]), pair(acc[6], acc[7]));
+        let v2 = quad(pair(acc[8], acc[9]), pair(acc[10], acc[11]));
+        let v3 = quad(pair(acc[12], acc[13]), pair(acc[14], acc[15]));
+        let s01 = _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v1),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v1),
+        );
+        let s23 = _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(v2, v3),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(v2, v3),
+        );
+        _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(s01, s23),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(s01, s23),
+        )
+    }
+}
+
+/// `A` and `B` of the tile's 16 rows, lane-wise the same operations as [`Ctx::ab`].
+#[inline(always)]
+unsafe fn ab16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512) {
+    unsafe {
+        let s = _mm512_cvtph_ps(_mm256_loadu_si256(m.scale.as_ptr() as *const __m256i));
+        let o = _mm512_cvtph_ps(_mm256_loadu_si256(m.offset.as_ptr() as *const __m256i));
+        let d = _mm512_cvtepu8_epi32(_mm_loadu_si128(m.dtype.as_ptr() as *const __m128i));
+        let mu = _mm512_permutexvar_ps(d, _mm512_loadu_ps(ctx.mu.as_ptr()));
+        let z = _mm512_permutexvar_ps(d, _mm512_loadu_ps(ctx.z.as_ptr()));
+        let a = _mm512_mul_ps(s, mu);
+        (a, _mm512_sub_ps(o, _mm512_mul_ps(a, z)))
+    }
+}
+
+/// [`Ctx::term`] for 16 rows.
+#[inline(always)]
+unsafe fn terms16(dot: __m512i, a: __m512, b: __m512, d: f32, dsum: f32) -> __m512 {
+    unsafe {
+        let ad = _mm512_mul_ps(a, _mm512_set1_ps(d));
+        _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), ad), _mm512_mul_ps(b, _mm512_set1_ps(dsum)))
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma")]
+unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+    // Start of each plane, and of each row within a plane (bounds checked at construction).
+    let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { ctx.bytes.as_ptr().add(ctx.planes[p]) });
+    let row0 = tile * TILE * ctx.row_bytes;
+    let rb = ctx.row_bytes;
+    if n == 1 {
+        // Decoding: every weight is used once, so fuse code building and the dot product,
+        // and keep the 16 row sums in a register across groups.
+        let mut sum = _mm512_setzero_ps();
+        for g in 0..ctx.gpr {
+            let m = &ctx.meta[tile * ctx.gpr + g];
+            let chunks = ctx.chunks(g);
+            let mut acc = [_mm512_setzero_si512(); TILE];
+            // Row by row, so each row's sums stay in registers across its chunks.
+            for i in 0..TILE {
+                let lv = ctx.levels[m.dtype[i] as usize];
+                let lookup = !lv.identity;
+                let (mut sh, mut sl) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for ch in chunks.clone() {
+                    let (qh, ql) = unsafe {
+                        (
+                            _mm512_loadu_si512(acts.hi.as_ptr().add(ch * 64) as *const __m512i),
+                            _mm512_loadu_si512(acts.lo.as_ptr().add(ch * 64) as *const __m512i),
+                        )
+                    };
+                    let c = unsafe { codes512::<R>(&planes, row0 + i * rb + ch * 8, lv, lookup) };
+                    sh = _mm512_dpbusd_epi32(sh, c, qh);
+                    sl = _mm512_dpbusd_epi32(sl, c, ql);
+                }
+                acc[i] = unsafe { combine(sh, sl) };
+            }
+            unsafe {
+                let (a, b) = ab16(ctx, m);
+                let t = terms16(reduce16(&acc), a, b, acts.d[g], acts.dsum[g]);
+                sum = _mm512_add_ps(sum, t);
+            }
+        }
+        unsafe { _mm512_storeu_ps(out.get().add(tile * TILE), sum) };
+        return;
+    }
+    // A batch: rebuild each group's codes once and use them for every token.
+    let mut codes = [[_mm512_setzero_si512(); MAX_CH]; TILE];
+    for g in 0..ctx.gpr {
+        let m = &ctx.meta[tile * ctx.gpr + g];
+        let chunks = ctx.chunks(g);
+        let nch = chunks.len();
+        for (i, row_codes) in codes.iter_mut().enumerate() {
+            let lv = ctx.levels[m.dtype[i] as usize];
+            let lookup = !lv.identity;
+            for (k, ch) in chunks.clone().enumerate() {
+                row_codes[k] = unsafe { codes512::<R>(&planes, row0 + i * rb + ch * 8, lv, lookup) };
+            }
+        }
+        let (a, b) = unsafe { ab16(ctx, m) };
+        for t in 0..n {
+            let at = t * acts.padded + chunks.start * 64;
+            let mut acc_hi = [_mm512_setzero_si512(); TILE];
+            let mut acc_lo = [_mm512_setzero_si512(); TILE];
+            for k in 0..nch {
+                let (qh, ql) = unsafe {
+                    (
+                        _mm512_loadu_si512(acts.hi.as_ptr().add(at + k * 64) as *const __m512i),
+                        _mm512_loadu_si512(acts.lo.as_ptr().add(at + k * 64) as *const __m512i),
+                    )
+                };
+                for i in 0..TILE {
+                    acc_hi[i] = _mm512_dpbusd_epi32(acc_hi[i], codes[i][k], qh);
+                    acc_lo[i] = _mm512_dpbusd_epi32(acc_lo[i], codes[i][k], ql);
+                }
+            }
+            let acc: [__m512i; TILE] = std::array::from_fn(|i| unsafe { combine(acc_hi[i], acc_lo[i]) });
+            let k = t * acts.groups + g;
+            unsafe {
+                let v = terms16(reduce16(&acc), a, b, acts.d[k], acts.dsum[k]);
+                let p = out.get().add(t * ctx.rows + tile * TILE);
+                // The first group starts from zero, as the reference's accumulator does.
+                let prev = if g == 0 { _mm512_setzero_ps() } else { _mm512_loadu_ps(p) };
+                _mm512_storeu_ps(p, _mm512_add_ps(prev, v));
+            }
+        }
+    }
+}
+
+/// Expands 32 plane bits into 32 bytes of 0xff / 0x00.
+#[inline(always)]
+unsafe fn bits_to_bytes(bits: u32) -> __m256i {
+    unsafe {
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let v = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+        let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel)
+    }
+}
+
+/// Codes → levels with 16-entry `vpshufb` tables, one per value of the code's high nibble.
+#[inline(always)]
+unsafe fn lookup_avx2(c: __m256i, table: &[u8; 256], r: usize) -> __m256i {
+    unsafe {
+        let lo = _mm256_and_si256(c, _mm256_set1_epi8(0x0f));
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(c), _mm256_set1_epi8(0x0f));
+        let mut res = _mm256_setzero_si256();
+        for j in 0..(1usize << r.saturating_sub(4)) {
+            let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr().add(16 * j) as *const __m128i));
+            let hit = _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(j as i8));
+            res = _mm256_or_si256(res, _mm256_and_si256(hit, _mm256_shuffle_epi8(t, lo)));
+        }
+        res
+    }
+}
+
+/// Lane `j` of the result is the sum of the 8 lanes of `acc[j]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn reduce4_avx2(acc: &[__m256i; 4]) -> __m128i {
+    let h01 = _mm256_hadd_epi32(acc[0], acc[1]);
+    let h23 = _mm256_hadd_epi32(acc[2], acc[3]);
+    let h = _mm256_hadd_epi32(h01, h23);
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+}
+
+/// # Safety
+/// AVX2 and F16C present; the tile's rows exist and `out` is exclusive to them.
+#[target_feature(enable = "avx2,f16c,fma")]
+pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+    let r = ctx.r as usize;
+    // Four rows at a time; two 32-byte halves per 64-column chunk.
+    let mut codes = [[_mm256_setzero_si256(); 2 * MAX_CH]; 4];
+    for g in 0..ctx.gpr {
+        let m = &ctx.meta[tile * ctx.gpr + g];
+        let chunks = ctx.chunks(g);
+        let nch = chunks.len();
+        let mut ab = [[0f32; TILE]; 2];
+        for i in 0..TILE {
+            (ab[0][i], ab[1][i]) = ctx.ab(m, i);
+        }
+        for sub in 0..TILE / 4 {
+            for (j, row_codes) in codes.iter_mut().enumerate() {
+                let i = 4 * sub + j;
+                let row = tile * TILE + i;
+                let lv = ctx.levels[m.dtype[i] as usize];
+                for (k, ch) in chunks.clone().enumerate() {
+                    for h in 0..2 {
+                        let mut c = _mm256_setzero_si256();
+                        for p in 0..r {
+                            let bits = (ctx.word(p, row, ch) >> (32 * h)) as u32;
+                            let bv = _mm256_set1_epi8((1u32 << (r - 1 - p)) as i8);
+                            c = _mm256_or_si256(c, _mm256_and_si256(unsafe { bits_to_bytes(bits) }, bv));
+                        }
+                        if !lv.identity {
+                            c = unsafe { lookup_avx2(c, &lv.table, r) };
+                        }
+                        row_codes[2 * k + h] = c;
+                    }
+                }
+            }
+            let (a, b) =
+                unsafe { (_mm_loadu_ps(ab[0].as_ptr().add(4 * sub)), _mm_loadu_ps(ab[1].as_ptr().add(4 * sub))) };
+            for t in 0..n {
+                let at = t * acts.padded + chunks.start * 64;
+                // [half][row]: sums against the high and the low activation bytes.
+                let mut acc = [[_mm256_setzero_si256(); 4]; 2];
+                for k in 0..2 * nch {
+                    for (half, src) in [&acts.hi, &acts.lo].into_iter().enumerate() {
+                        let q = unsafe { _mm256_loadu_si256(src.as_ptr().add(at + k * 32) as *const __m256i) };
+                        let q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                        let q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
+                        for (j, a) in acc[half].iter_mut().enumerate() {
+                            let c = codes[j][k];
+                            let c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
+                            let c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
+                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c0, q0));
+                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c1, q1));
+                        }
+                    }
+                }
+                let (dh, dl) = unsafe { (reduce4_avx2(&acc[0]), reduce4_avx2(&acc[1])) };
+                let k = t * acts.groups + g;
+                unsafe {
+                    let dot = _mm_cvtepi32_ps(_mm_add_epi32(_mm_slli_epi32::<7>(dh), dl));
+                    let ad = _mm_mul_ps(a, _mm_set1_ps(acts.d[k]));
+                    let v = _mm_add_ps(_mm_mul_ps(dot, ad), _mm_mul_ps(b, _mm_set1_ps(acts.dsum[k])));
+                    let p = out.get().add(t * ctx.rows + tile * TILE + 4 * sub);
+                    let prev = if g == 0 { _mm_setzero_ps() } else { _mm_loadu_ps(p) };
+                    _mm_storeu_ps(p, _mm_add_ps(prev, v));
+                }
+            }
+        }
+    }
+}
