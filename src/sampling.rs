@@ -184,6 +184,9 @@ impl Sampler {
         for c in &mut self.candidates {
             c.1 *= inv;
         }
+        // A subnormal weight can round to zero when normalised (a logit ~100 temperatures
+        // below the max); such a token has no probability worth reporting.
+        self.candidates.retain(|&(_, p)| p > 0.0);
         &self.candidates
     }
 
