@@ -18,33 +18,75 @@ pub struct HeadView<'a> {
 /// The arithmetic only uses plain multiply and add in a fixed order, so the AVX2 build of this
 /// function and the baseline build give identical results; the dispatch only changes speed.
 pub fn attend(q: &[f32], kv: HeadView, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    attend_slots(q, kv, len, &[], scale, scores, out)
+}
+
+/// Attention over positions `0..prefix` followed by the cache slots `extra` (increasing): a
+/// node of a draft tree sees the committed sequence and then its own ancestors.
+///
+/// The positions are visited in the same order as [`attend`] visits a plain sequence, so a tree
+/// node whose ancestors would sit at consecutive positions gets exactly, bit for bit, the
+/// output plain decoding computes there: what makes tree verification lossless.
+pub fn attend_slots(
+    q: &[f32],
+    kv: HeadView,
+    prefix: usize,
+    extra: &[u32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 was just detected.
-            return unsafe { attend_avx2(q, kv, len, scale, scores, out) };
+            return unsafe { attend_avx2(q, kv, prefix, extra, scale, scores, out) };
         }
     }
-    attend_body(q, kv, len, scale, scores, out)
+    attend_body(q, kv, prefix, extra, scale, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(q: &[f32], kv: HeadView, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    attend_body(q, kv, len, scale, scores, out)
+unsafe fn attend_avx2(
+    q: &[f32],
+    kv: HeadView,
+    prefix: usize,
+    extra: &[u32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_body(q, kv, prefix, extra, scale, scores, out)
 }
 
 #[inline(always)]
-fn attend_body(q: &[f32], kv: HeadView, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn attend_body(
+    q: &[f32],
+    kv: HeadView,
+    prefix: usize,
+    extra: &[u32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let hd = q.len();
+    let len = prefix + extra.len();
     let at = |p: usize| p * kv.stride + kv.offset..p * kv.stride + kv.offset + hd;
-    for (p, sc) in scores[..len].iter_mut().enumerate() {
+    let (head, tail) = scores[..len].split_at_mut(prefix);
+    for (p, sc) in head.iter_mut().enumerate() {
         *sc = dot(q, &kv.keys[at(p)]) * scale;
+    }
+    for (&e, sc) in extra.iter().zip(tail.iter_mut()) {
+        *sc = dot(q, &kv.keys[at(e as usize)]) * scale;
     }
     softmax(&mut scores[..len]);
     out.fill(0.0);
-    for (p, &w) in scores[..len].iter().enumerate() {
+    for (p, &w) in scores[..prefix].iter().enumerate() {
         axpy(w, &kv.values[at(p)], out);
+    }
+    for (&e, &w) in extra.iter().zip(&scores[prefix..len]) {
+        axpy(w, &kv.values[at(e as usize)], out);
     }
 }
 
@@ -72,7 +114,12 @@ mod tests {
             assert!((out[d] as f64 - want).abs() < 1e-5, "dim {d}: {} vs {want}", out[d]);
         }
         let mut base = vec![0f32; hd];
-        attend_body(&q, kv, len, 0.25, &mut scores, &mut base);
+        attend_body(&q, kv, len, &[], 0.25, &mut scores, &mut base);
         assert_eq!(out, base, "dispatched path equals the baseline build bit for bit");
+        // The same positions listed as extra slots give the same bits.
+        let slots: Vec<u32> = (5..len as u32).collect();
+        let mut via_slots = vec![0f32; hd];
+        attend_slots(&q, kv, 5, &slots, 0.25, &mut scores, &mut via_slots);
+        assert_eq!(out, via_slots);
     }
 }

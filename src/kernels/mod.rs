@@ -19,6 +19,12 @@ pub trait Linear: Send + Sync {
     fn out_dim(&self) -> usize;
     /// `x` is `n × in_dim` row-major, `y` is `n × out_dim` row-major.
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]);
+    /// [`Linear::forward`] reading at most `max_bits` planes: the low-precision view of the same
+    /// weights that self-speculative decoding drafts with. Formats without planes ignore the cap.
+    fn forward_capped(&self, x: &[f32], n: usize, y: &mut [f32], max_bits: u32) {
+        let _ = max_bits;
+        self.forward(x, n, y)
+    }
     /// Bytes of weight data this layer reads per forward (for memory accounting).
     fn weight_bytes(&self) -> usize;
     /// Short human name of the storage format, for `inspect`.

@@ -330,6 +330,9 @@ impl Linear for PlaneLinear {
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         self.forward_with(x, n, y, self.bits, Isa::detect());
     }
+    fn forward_capped(&self, x: &[f32], n: usize, y: &mut [f32], max_bits: u32) {
+        self.forward_with(x, n, y, self.bits.min(max_bits.max(1)), Isa::detect());
+    }
     fn weight_bytes(&self) -> usize {
         self.rows * self.row_bytes * self.bits as usize + self.meta.len() * std::mem::size_of::<TileMeta>()
     }

@@ -10,7 +10,7 @@ use anyhow::{Result, ensure};
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
-use crate::kernels::attention::{HeadView, attend};
+use crate::kernels::attention::{HeadView, attend_slots};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
 use crate::kernels::{Linear, SyncPtr};
 
@@ -58,7 +58,15 @@ pub struct Session {
     /// `n_heads × capacity` attention scores.
     scores: Vec<f32>,
     logits: Vec<f32>,
+    /// Tree passes: each node's position, and the cache slots of its ancestors and itself
+    /// (`tree_slots[tree_off[i]..tree_off[i + 1]]`, increasing).
+    positions: Vec<usize>,
+    tree_slots: Vec<u32>,
+    tree_off: Vec<usize>,
 }
+
+/// Read every plane a layer holds (no precision cap).
+pub const ALL_BITS: u32 = u32::MAX;
 
 impl Session {
     pub fn capacity(&self) -> usize {
@@ -71,6 +79,29 @@ impl Session {
     /// Drops the tail of the sequence after `pos` (the cache beyond it is simply overwritten).
     pub fn truncate(&mut self, pos: usize) {
         self.pos = self.pos.min(pos);
+    }
+    /// Largest number of tokens (or tree nodes) one pass takes.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+    /// Commits the tree nodes `path` (indices into the last [`Llama::forward_tree`] pass,
+    /// increasing, each the parent of the next) as the next tokens of the sequence: their keys
+    /// and values move to consecutive positions, where plain decoding would have put them.
+    pub fn accept_path(&mut self, path: &[usize], layers: usize) {
+        let kv_dim = self.k_cache.len() / (layers * self.capacity).max(1);
+        for (i, &node) in path.iter().enumerate() {
+            debug_assert!(node >= i, "path nodes are increasing");
+            if node == i {
+                continue;
+            }
+            for l in 0..layers {
+                let base = l * self.capacity * kv_dim;
+                let (from, to) = (base + (self.pos + node) * kv_dim, base + (self.pos + i) * kv_dim);
+                self.k_cache.copy_within(from..from + kv_dim, to);
+                self.v_cache.copy_within(from..from + kv_dim, to);
+            }
+        }
+        self.pos += path.len();
     }
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
@@ -102,15 +133,103 @@ impl Llama {
             up: vec![0.0; b * c.ffn_dim],
             scores: vec![0.0; c.n_heads * capacity],
             logits: vec![0.0; c.vocab_size],
+            positions: Vec::with_capacity(b),
+            tree_slots: Vec::new(),
+            tree_off: Vec::with_capacity(b + 1),
         }
     }
 
     /// Runs `tokens` at positions `s.pos..` and returns the logits of the last `n_logits` of
     /// them (`n_logits × vocab`, row-major). Long inputs are split into `max_batch` chunks.
     pub fn forward<'s>(&self, s: &'s mut Session, tokens: &[u32], n_logits: usize) -> Result<&'s [f32]> {
+        self.forward_capped(s, tokens, n_logits, ALL_BITS)
+    }
+
+    /// [`Llama::forward`] reading at most `max_bits` planes of every layer: the low-precision
+    /// view of the same weights, which drafts tokens for the full view.
+    pub fn forward_capped<'s>(
+        &self,
+        s: &'s mut Session,
+        tokens: &[u32],
+        n_logits: usize,
+        max_bits: u32,
+    ) -> Result<&'s [f32]> {
+        let c = &self.config;
+        self.check_tokens(s, tokens)?;
+        ensure!(n_logits <= tokens.len(), "asked for {n_logits} logit rows from {} tokens", tokens.len());
+        let need = n_logits * c.vocab_size;
+        if s.logits.len() < need {
+            s.logits.resize(need, 0.0);
+        }
+        let first_logit = tokens.len() - n_logits;
+        let mut done = 0;
+        for chunk in tokens.chunks(s.max_batch) {
+            s.positions.clear();
+            s.positions.extend(s.pos..s.pos + chunk.len());
+            self.forward_chunk(s, chunk, max_bits, false);
+            s.pos += chunk.len();
+            // Head over the rows of this chunk whose logits were asked for.
+            let lo = first_logit.max(done);
+            let hi = done + chunk.len();
+            if lo < hi {
+                self.head_rows(s, lo - done..hi - done, lo - first_logit, max_bits);
+            }
+            done = hi;
+        }
+        Ok(&s.logits[..need])
+    }
+
+    /// One pass over a tree of draft tokens: node `i` holds `tokens[i]`, its parent is
+    /// `parents[i]` (`None` for a root, else an earlier node), it sits at cache slot
+    /// `s.pos + i` and position `s.pos + depth`, and attends to the committed sequence and its
+    /// own ancestors. Returns every node's logits (`nodes × vocab`). The sequence does not
+    /// advance; [`Session::accept_path`] commits the nodes that verification keeps.
+    ///
+    /// A node's logits equal, bit for bit, those plain decoding computes for the same tokens,
+    /// since every layer is batch invariant and attention visits the same positions in order.
+    pub fn forward_tree<'s>(
+        &self,
+        s: &'s mut Session,
+        tokens: &[u32],
+        parents: &[Option<usize>],
+        max_bits: u32,
+    ) -> Result<&'s [f32]> {
+        let c = &self.config;
+        self.check_tokens(s, tokens)?;
+        let n = tokens.len();
+        ensure!(parents.len() == n, "{} parents for {n} tree nodes", parents.len());
+        ensure!(n <= s.max_batch, "a tree of {n} nodes exceeds the batch size {}", s.max_batch);
+        s.positions.clear();
+        s.tree_slots.clear();
+        s.tree_off.clear();
+        s.tree_off.push(0);
+        for (i, p) in parents.iter().enumerate() {
+            let start = s.tree_slots.len();
+            match *p {
+                Some(p) => {
+                    ensure!(p < i, "tree node {i} has parent {p}, which does not come before it");
+                    let (a, b) = (s.tree_off[p], s.tree_off[p + 1]);
+                    s.tree_slots.extend_from_within(a..b);
+                    s.positions.push(s.positions[p] + 1);
+                }
+                None => s.positions.push(s.pos),
+            }
+            s.tree_slots.push((s.pos + i) as u32);
+            debug_assert_eq!(s.tree_slots.len() - start, s.positions[i] - s.pos + 1);
+            s.tree_off.push(s.tree_slots.len());
+        }
+        let need = n * c.vocab_size;
+        if s.logits.len() < need {
+            s.logits.resize(need, 0.0);
+        }
+        self.forward_chunk(s, tokens, max_bits, true);
+        self.head_rows(s, 0..n, 0, max_bits);
+        Ok(&s.logits[..need])
+    }
+
+    fn check_tokens(&self, s: &Session, tokens: &[u32]) -> Result<()> {
         let c = &self.config;
         ensure!(!tokens.is_empty(), "forward needs at least one token");
-        ensure!(n_logits <= tokens.len(), "asked for {n_logits} logit rows from {} tokens", tokens.len());
         ensure!(
             s.pos + tokens.len() <= s.capacity,
             "context full: {} tokens already, {} more would exceed the context size {}",
@@ -121,33 +240,25 @@ impl Llama {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
         }
-        let need = n_logits * c.vocab_size;
-        if s.logits.len() < need {
-            s.logits.resize(need, 0.0);
-        }
-        let first_logit = tokens.len() - n_logits;
-        let mut done = 0;
-        for chunk in tokens.chunks(s.max_batch) {
-            self.forward_chunk(s, chunk);
-            // Head over the rows of this chunk whose logits were asked for.
-            let lo = first_logit.max(done);
-            let hi = done + chunk.len();
-            if lo < hi {
-                let n = hi - lo;
-                for (i, row) in (lo - done..hi - done).enumerate() {
-                    let src = &s.x[row * c.dim..(row + 1) * c.dim];
-                    rms_norm(src, &self.norm, c.rms_eps, &mut s.tmp[i * c.dim..(i + 1) * c.dim]);
-                }
-                let out = &mut s.logits[(lo - first_logit) * c.vocab_size..(lo - first_logit + n) * c.vocab_size];
-                self.head.forward(&s.tmp, n, out);
-            }
-            done = hi;
-        }
-        Ok(&s.logits[..need])
+        Ok(())
     }
 
-    /// One pass over at most `max_batch` tokens; leaves the final hidden states in `s.x`.
-    fn forward_chunk(&self, s: &mut Session, tokens: &[u32]) {
+    /// Final norm and output head over hidden rows `rows` of `s.x`, into logit rows from `at`.
+    fn head_rows(&self, s: &mut Session, rows: std::ops::Range<usize>, at: usize, max_bits: u32) {
+        let c = &self.config;
+        let n = rows.len();
+        for (i, row) in rows.enumerate() {
+            let src = &s.x[row * c.dim..(row + 1) * c.dim];
+            rms_norm(src, &self.norm, c.rms_eps, &mut s.tmp[i * c.dim..(i + 1) * c.dim]);
+        }
+        let out = &mut s.logits[at * c.vocab_size..(at + n) * c.vocab_size];
+        self.head.forward_capped(&s.tmp, n, out, max_bits);
+    }
+
+    /// One pass over at most `max_batch` tokens at slots `s.pos..` and positions
+    /// `s.positions`; leaves the final hidden states in `s.x`. With `tree`, each token attends
+    /// to the prefix and its `tree_slots`; otherwise to everything before it.
+    fn forward_chunk(&self, s: &mut Session, tokens: &[u32], max_bits: u32, tree: bool) {
         let c = &self.config;
         let n = tokens.len();
         let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
@@ -160,38 +271,38 @@ impl Llama {
             for t in 0..n {
                 rms_norm(&s.x[t * dim..(t + 1) * dim], &b.attn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
             }
-            b.wq.forward(&s.xn, n, &mut s.q);
-            b.wk.forward(&s.xn, n, &mut s.k);
-            b.wv.forward(&s.xn, n, &mut s.v);
+            b.wq.forward_capped(&s.xn, n, &mut s.q, max_bits);
+            b.wk.forward_capped(&s.xn, n, &mut s.k, max_bits);
+            b.wv.forward_capped(&s.xn, n, &mut s.v, max_bits);
             let layer_base = l * s.capacity * kv_dim;
             for t in 0..n {
-                let pos = s.pos + t;
+                let pos = s.positions[t];
                 self.rope.apply(&mut s.q[t * q_dim..(t + 1) * q_dim], pos);
                 self.rope.apply(&mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
-                let at = layer_base + pos * kv_dim;
+                let at = layer_base + (s.pos + t) * kv_dim;
                 s.k_cache[at..at + kv_dim].copy_from_slice(&s.k[t * kv_dim..(t + 1) * kv_dim]);
                 s.v_cache[at..at + kv_dim].copy_from_slice(&s.v[t * kv_dim..(t + 1) * kv_dim]);
             }
-            self.attention(s, l, n);
-            b.wo.forward(&s.att, n, &mut s.tmp);
+            self.attention(s, l, n, tree);
+            b.wo.forward_capped(&s.att, n, &mut s.tmp, max_bits);
             s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
 
             // MLP.
             for t in 0..n {
                 rms_norm(&s.x[t * dim..(t + 1) * dim], &b.ffn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
             }
-            b.w_gate.forward(&s.xn, n, &mut s.gate);
-            b.w_up.forward(&s.xn, n, &mut s.up);
+            b.w_gate.forward_capped(&s.xn, n, &mut s.gate, max_bits);
+            b.w_up.forward_capped(&s.xn, n, &mut s.up, max_bits);
             silu_mul(&mut s.gate[..n * c.ffn_dim], &s.up);
-            b.w_down.forward(&s.gate, n, &mut s.tmp);
+            b.w_down.forward_capped(&s.gate, n, &mut s.tmp, max_bits);
             s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
         }
-        s.pos += n;
     }
 
-    /// Causal attention of `n` new tokens (already in the cache) over everything before them.
-    /// Parallel over heads; each head writes only its own slice of every `att` row.
-    fn attention(&self, s: &mut Session, layer: usize, n: usize) {
+    /// Attention of `n` new tokens (already in the cache): causal over everything before them,
+    /// or with `tree`, over the prefix and each node's ancestors. Parallel over heads; each head
+    /// writes only its own slice of every `att` row.
+    fn attention(&self, s: &mut Session, layer: usize, n: usize, tree: bool) {
         let c = &self.config;
         let (hd, kv_dim, cap) = (c.head_dim, c.kv_dim(), s.capacity);
         let q_dim = c.n_heads * hd;
@@ -202,13 +313,18 @@ impl Llama {
         let q = &s.q;
         let att = SyncPtr(s.att.as_mut_ptr());
         let start = s.pos;
+        let (slots, off) = (&s.tree_slots, &s.tree_off);
         let work = |(h, scores): (usize, &mut [f32])| {
             let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: (h / group) * hd };
             for t in 0..n {
                 let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                 // SAFETY: head h owns columns [h·hd, (h+1)·hd) of every att row; rows < n.
                 let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(t * q_dim + h * hd), hd) };
-                attend(qh, kv, start + t + 1, scale, scores, out);
+                if tree {
+                    attend_slots(qh, kv, start, &slots[off[t]..off[t + 1]], scale, scores, out);
+                } else {
+                    attend_slots(qh, kv, start + t + 1, &[], scale, scores, out);
+                }
             }
         };
         if n * (start + n) < 256 {

@@ -186,21 +186,25 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
         let (a, b) = unsafe { ab16(ctx, m) };
         for t in 0..n {
             let at = t * acts.padded + chunks.start * 64;
-            let mut acc_hi = [_mm512_setzero_si512(); TILE];
-            let mut acc_lo = [_mm512_setzero_si512(); TILE];
+            // The token's activations for the group stay in registers (≤ 8); each row then
+            // needs only two running sums, so nothing spills.
+            let mut qh = [_mm512_setzero_si512(); MAX_CH];
+            let mut ql = [_mm512_setzero_si512(); MAX_CH];
             for k in 0..nch {
-                let (qh, ql) = unsafe {
-                    (
-                        _mm512_loadu_si512(acts.hi.as_ptr().add(at + k * 64) as *const __m512i),
-                        _mm512_loadu_si512(acts.lo.as_ptr().add(at + k * 64) as *const __m512i),
-                    )
-                };
-                for i in 0..TILE {
-                    acc_hi[i] = _mm512_dpbusd_epi32(acc_hi[i], codes[i][k], qh);
-                    acc_lo[i] = _mm512_dpbusd_epi32(acc_lo[i], codes[i][k], ql);
+                unsafe {
+                    qh[k] = _mm512_loadu_si512(acts.hi.as_ptr().add(at + k * 64) as *const __m512i);
+                    ql[k] = _mm512_loadu_si512(acts.lo.as_ptr().add(at + k * 64) as *const __m512i);
                 }
             }
-            let acc: [__m512i; TILE] = std::array::from_fn(|i| unsafe { combine(acc_hi[i], acc_lo[i]) });
+            let mut acc = [_mm512_setzero_si512(); TILE];
+            for i in 0..TILE {
+                let (mut sh, mut sl) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for k in 0..nch {
+                    sh = _mm512_dpbusd_epi32(sh, codes[i][k], qh[k]);
+                    sl = _mm512_dpbusd_epi32(sl, codes[i][k], ql[k]);
+                }
+                acc[i] = unsafe { combine(sh, sl) };
+            }
             let k = t * acts.groups + g;
             unsafe {
                 let v = terms16(reduce16(&acc), a, b, acts.d[k], acts.dsum[k]);
