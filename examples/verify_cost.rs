@@ -21,7 +21,10 @@ fn main() -> anyhow::Result<()> {
     model.forward(&mut s, &ctx, 1)?;
     let base = s.pos;
     let mut t1 = 0.0;
-    let ns: Vec<usize> = std::env::var("NS").ok().map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or(vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]);
+    let ns: Vec<usize> = std::env::var("NS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or(vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]);
     for n in ns {
         let toks: Vec<u32> = (0..n as u32).map(|i| 100 + i * 13).collect();
         let reps = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);

@@ -16,4 +16,5 @@ pub mod ppl;
 pub mod quant;
 pub mod quantize;
 pub mod sampling;
+pub mod spec;
 pub mod tokenizer;

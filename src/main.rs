@@ -14,10 +14,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use bitnest::chat::Message;
 use bitnest::engine::Engine;
 use bitnest::fetch::{DEFAULT_MODEL, resolve_model};
-use bitnest::generate::generate;
+use std::sync::{Arc, Mutex};
+
 use bitnest::model::BitsPlan;
 use bitnest::quant::{GroupDtype, QuantConfig};
 use bitnest::sampling::{Sampler, SamplingParams};
+use bitnest::spec::{Speculator, TokenRecycler, generate_spec};
 
 #[derive(Parser)]
 #[command(name = "bitnest", version, about = "One quantized model file, every precision: CPU LLM inference")]
@@ -135,6 +137,42 @@ impl SamplingArgs {
     }
 }
 
+/// Speculative decoding (`docs/SPECULATIVE.md`); greedy output is identical to `--spec none`.
+#[derive(Args, Clone)]
+struct SpecArgs {
+    /// none, self (low-bit view of the same .bnest drafts), recycle (Token Recycling tree),
+    /// both (one tree from both), auto (whichever measures fastest).
+    #[arg(long, default_value = "none")]
+    spec: String,
+    /// Planes the self-draft reads.
+    #[arg(long, default_value_t = 3)]
+    draft_bits: u32,
+    /// Longest self-drafted chain (the length used adapts below it).
+    #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().max_draft)]
+    max_draft: usize,
+    /// Token Recycling tree nodes per verification pass (root excluded).
+    #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().tree_nodes)]
+    tree_nodes: usize,
+}
+
+impl SpecArgs {
+    fn options(&self) -> Result<bitnest::spec::SpecOptions> {
+        let mode: bitnest::spec::SpecMode = self.spec.parse()?;
+        if !(1..=8).contains(&self.draft_bits) {
+            bail!("--draft-bits must be between 1 and 8");
+        }
+        if self.max_draft > 64 || self.tree_nodes > 256 {
+            bail!("--max-draft is at most 64 and --tree-nodes at most 256");
+        }
+        Ok(bitnest::spec::SpecOptions {
+            mode,
+            draft_bits: self.draft_bits,
+            max_draft: self.max_draft,
+            tree_nodes: self.tree_nodes,
+        })
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
     Text,
@@ -159,6 +197,8 @@ struct RunArgs {
     format: OutputFormat,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 #[derive(Args)]
@@ -174,6 +214,8 @@ struct ChatArgs {
     ctx: Option<usize>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 #[derive(Args)]
@@ -229,7 +271,10 @@ struct PplArgs {
 }
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
     #[command(flatten)]
     model: ModelArgs,
     /// Prompt tokens processed in one pass (llama-bench -p); 0 skips the test.
@@ -241,6 +286,44 @@ struct BenchArgs {
     /// Timed repetitions of each test, after one warm-up (llama-bench -r).
     #[arg(long, short = 'r', default_value_t = 3)]
     reps: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Speculative decoding on a prompt set against plain decoding (Spec-Bench style).
+    Spec(SpecBenchArgs),
+}
+
+#[derive(Args)]
+struct SpecBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL prompts (`{"category", "turns": [...]}`; the first turn is asked).
+    #[arg(long)]
+    prompts: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Modes to measure, comma-separated (self, recycle, both, auto).
+    #[arg(long, default_value = "auto")]
+    spec: String,
+    /// Self-draft precisions to measure, comma-separated.
+    #[arg(long, default_value = "3")]
+    draft_bits: String,
+    #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().max_draft)]
+    max_draft: usize,
+    /// Token Recycling tree sizes to measure, comma-separated.
+    #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().tree_nodes.to_string())]
+    tree_nodes: String,
+    /// Use only the first N prompts of each category.
+    #[arg(long)]
+    per_category: Option<usize>,
+    /// Generations of the first prompt before timing (warms the Token Recycling matrix).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
 }
@@ -267,7 +350,10 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => a.model.threads,
         Cmd::Quantize(a) => a.threads,
         Cmd::Serve(_) => None,
-        Cmd::Bench(a) => a.model.threads,
+        Cmd::Bench(a) => match &a.what {
+            Some(BenchWhat::Spec(s)) => s.model.threads,
+            None => a.model.threads,
+        },
     };
     // The whole command runs on a worker of its own pool: parallel kernels called from a pool
     // thread push their jobs to its local queue, which (unlike injection from outside the
@@ -408,7 +494,11 @@ fn context_size(engine: &Engine, ctx: Option<usize>) -> Result<usize> {
 
 fn cmd_run(a: RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
+    let spec_opts = a.spec.options()?;
     let engine = load(&a.model)?;
+    let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
+    let mut spec = Speculator::new(spec_opts, recycler);
+    spec.check(&engine.model)?;
     let prompt = if a.chat {
         engine.chat_prompt(&[Message::new("user", a.prompt.as_str())])?
     } else {
@@ -422,7 +512,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let json = matches!(a.format, OutputFormat::Json);
     let mut out = std::io::stdout().lock();
     let mut history = Vec::new();
-    let stats = generate(
+    let stats = generate_spec(
         &engine.model,
         &mut session,
         &prompt,
@@ -430,6 +520,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         &mut sampler,
         &engine.stop_ids(),
         &mut history,
+        &mut spec,
         |id| {
             ids.push(id);
             if !json && let Some(text) = stream.push(id) {
@@ -448,6 +539,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "prefill_tok_s": stats.prefill_tok_s,
             "decode_tok_s": stats.decode_tok_s,
             "finish_reason": stats.finish,
+            "spec": spec.opts.mode,
+            "mat": spec.stats.mat(),
         });
         writeln!(out, "{v}")?;
     } else {
@@ -459,6 +552,91 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | {:?}]",
             stats.prompt_tokens, stats.prefill_tok_s, stats.generated_tokens, stats.decode_tok_s, stats.finish
         );
+        if spec.stats.steps > 0 {
+            let st = &spec.stats;
+            eprintln!(
+                "[speculative {}: {} passes, {:.2} tokens per pass, {:.1} nodes per pass, self-draft acceptance {:.0}%]",
+                spec.opts.mode,
+                st.steps,
+                st.mat(),
+                st.nodes as f64 / st.steps as f64,
+                100.0 * st.self_acceptance()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
+    use bitnest::spec::{SpecMode, SpecOptions, bench};
+    fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
+        s.split(',').map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("bad {what} {x:?}"))).collect()
+    }
+    let modes: Vec<SpecMode> = s_modes(&a.spec)?;
+    fn s_modes(s: &str) -> Result<Vec<SpecMode>> {
+        s.split(',').map(|m| m.trim().parse()).collect()
+    }
+    let draft_bits: Vec<u32> = list(&a.draft_bits, "--draft-bits")?;
+    let tree_nodes: Vec<usize> = list(&a.tree_nodes, "--tree-nodes")?;
+    if a.max_draft > 64 || tree_nodes.iter().any(|&n| n > 256) || draft_bits.iter().any(|b| !(1..=8).contains(b)) {
+        bail!("--max-draft is at most 64, --tree-nodes at most 256, --draft-bits 1..=8");
+    }
+    let engine = load(&a.model)?;
+    let ctx = context_size(&engine, Some(a.ctx))?;
+    let mut prompts = bench::read_prompts(&a.prompts)?;
+    if let Some(k) = a.per_category {
+        let mut seen = std::collections::HashMap::new();
+        prompts.retain(|p| {
+            let c = seen.entry(p.category.clone()).or_insert(0usize);
+            *c += 1;
+            *c <= k
+        });
+    }
+    let text = matches!(a.format, OutputFormat::Text);
+    if text {
+        eprintln!("bench spec: {} prompts, {} new tokens each; plain decoding first…", prompts.len(), a.max_tokens);
+    }
+    let plain = bench::run_plain(&engine, &prompts, a.max_tokens, ctx)?;
+    let mut configs = Vec::new();
+    for &mode in &modes {
+        let uses_self = matches!(mode, SpecMode::SelfDraft | SpecMode::Both | SpecMode::Auto);
+        let uses_tree = matches!(mode, SpecMode::Recycle | SpecMode::Both | SpecMode::Auto);
+        for &b in if uses_self { &draft_bits[..] } else { &draft_bits[..1] } {
+            for &t in if uses_tree { &tree_nodes[..] } else { &tree_nodes[..1] } {
+                configs.push(SpecOptions { mode, draft_bits: b, max_draft: a.max_draft, tree_nodes: t });
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for o in configs {
+        let r = bench::run_spec(&engine, &prompts, &plain, &o, a.max_tokens, ctx, a.warmup)?;
+        if text {
+            writeln!(
+                out,
+                "\n--spec {} --draft-bits {} --tree-nodes {}: speedup {:.2}x, MAT {:.2}, {:.1} tok/s (plain {:.1}), {:.1} nodes/pass, self-draft acceptance {:.0}%, identical: {}",
+                r.mode,
+                r.draft_bits,
+                r.tree_nodes,
+                r.speedup,
+                r.mat,
+                r.tok_s,
+                r.plain_tok_s,
+                r.nodes_per_pass,
+                100.0 * r.self_acceptance,
+                r.identical
+            )?;
+            writeln!(out, "| category | prompts | MAT | tok/s | plain tok/s | speedup | identical |")?;
+            writeln!(out, "|---|---|---|---|---|---|---|")?;
+            for (c, v) in &r.categories {
+                writeln!(
+                    out,
+                    "| {c} | {} | {:.2} | {:.1} | {:.1} | {:.2}x | {} |",
+                    v.prompts, v.mat, v.tok_s, v.plain_tok_s, v.speedup, v.identical
+                )?;
+            }
+        } else {
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        }
     }
     Ok(())
 }
@@ -467,7 +645,9 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
     let engine = load(&a.model)?;
     let ctx = context_size(&engine, a.ctx)?;
-    let opts = repl::ChatOptions { path: engine.path.clone(), system: a.system, max_tokens: a.max_tokens, ctx, params };
+    let spec = a.spec.options()?;
+    let opts =
+        repl::ChatOptions { path: engine.path.clone(), system: a.system, max_tokens: a.max_tokens, ctx, params, spec };
     repl::chat(engine, opts)
 }
 
@@ -514,6 +694,9 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if let Some(BenchWhat::Spec(s)) = a.what {
+        return cmd_bench_spec(s);
+    }
     let path = resolve_model(&a.model.model)?;
     let plan = a.model.plan()?;
     let file_bytes = model_bytes(&path)?;

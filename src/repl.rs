@@ -14,9 +14,10 @@ use anyhow::Result;
 use bitnest::chat::Message;
 use bitnest::engine::Engine;
 use bitnest::format::bnest::BnestFile;
-use bitnest::generate::{GenerationStats, generate};
+use bitnest::generate::GenerationStats;
 use bitnest::model::BitsPlan;
 use bitnest::sampling::{Sampler, SamplingParams};
+use bitnest::spec::{SpecMode, SpecOptions, Speculator, TokenRecycler, generate_spec};
 
 const HELP: &str = "commands: /reset (forget the conversation), /bits R (reload a .bnest model at R bits), \
 /spec MODE (speculative decoding), /stats (last answer's speed), /help; empty line or Ctrl-D quits; \
@@ -28,6 +29,7 @@ pub struct ChatOptions {
     pub max_tokens: usize,
     pub ctx: usize,
     pub params: SamplingParams,
+    pub spec: SpecOptions,
 }
 
 /// What Ctrl-C means right now.
@@ -59,10 +61,14 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
     }
     let mut session = engine.model.new_session(o.ctx, 512);
     let mut sampler = Sampler::new(o.params.clone());
+    // One Token Recycling matrix for the whole conversation (hot start across turns).
+    let recycler = Arc::new(std::sync::Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
+    let mut spec = Speculator::new(o.spec.clone(), recycler.clone());
+    spec.check(&engine.model)?;
     let mut messages: Vec<Message> = o.system.iter().map(|s| Message::new("system", s.as_str())).collect();
     // Tokens currently in the KV cache, so each turn only prefills what is new.
     let mut cached: Vec<u32> = Vec::new();
-    let mut last: Option<(GenerationStats, bool)> = None;
+    let mut last: Option<(GenerationStats, bool, Option<f64>)> = None;
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     eprintln!("bitnest chat: {} — {HELP}", engine.path.display());
@@ -102,6 +108,13 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                                 engine = e;
                                 session = engine.model.new_session(o.ctx, 512);
                                 cached.clear();
+                                if let Err(e) = spec.check(&engine.model) {
+                                    eprintln!("[{e:#}; speculative decoding is off]");
+                                    spec = Speculator::new(
+                                        SpecOptions { mode: SpecMode::None, ..spec.opts.clone() },
+                                        recycler.clone(),
+                                    );
+                                }
                                 eprintln!("[now at {r} bits; the conversation is kept and re-read on the next turn]");
                             }
                             Err(e) => eprintln!("[cannot reload at {r} bits: {e:#}]"),
@@ -109,13 +122,22 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                     }
                     _ => eprintln!("[/bits takes a number of bit planes from 1 to 8]"),
                 },
-                ("spec", Some("none")) => eprintln!("[speculative decoding: none (plain decoding)]"),
-                ("spec", Some(m)) => {
-                    eprintln!("[speculative decoding is not available yet; only `none` ({m:?} was asked)]")
-                }
+                ("spec", Some(m)) => match m.parse::<SpecMode>() {
+                    Ok(mode) => {
+                        let next = Speculator::new(SpecOptions { mode, ..spec.opts.clone() }, recycler.clone());
+                        match next.check(&engine.model) {
+                            Ok(()) => {
+                                spec = next;
+                                eprintln!("[speculative decoding: {mode}]");
+                            }
+                            Err(e) => eprintln!("[{e:#}]"),
+                        }
+                    }
+                    Err(e) => eprintln!("[{e:#}]"),
+                },
                 ("stats", _) => match &last {
-                    Some((s, stopped)) => eprintln!(
-                        "[last answer: prompt {} tokens at {:.1} tok/s, {} tokens generated at {:.1} tok/s ({}); context {} / {} tokens]",
+                    Some((s, stopped, mat)) => eprintln!(
+                        "[last answer: prompt {} tokens at {:.1} tok/s, {} tokens generated at {:.1} tok/s ({}){}; context {} / {} tokens]",
                         s.prompt_tokens,
                         s.prefill_tok_s,
                         s.generated_tokens,
@@ -125,6 +147,8 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                         } else {
                             format!("{:?}", s.finish).to_lowercase()
                         },
+                        mat.map(|m| format!(", speculative {}: {m:.2} tokens per pass", spec.opts.mode))
+                            .unwrap_or_default(),
                         session.pos,
                         session.capacity()
                     ),
@@ -142,7 +166,8 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
         let mut stream = engine.tokenizer.stream();
         let mut answer = Vec::new();
         state.store(ANSWERING, Ordering::SeqCst);
-        let result = generate(
+        let before = spec.stats.clone();
+        let result = generate_spec(
             &engine.model,
             &mut session,
             &ids[common..],
@@ -150,6 +175,7 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
             &mut sampler,
             &engine.stop_ids(),
             &mut cached,
+            &mut spec,
             |id| {
                 if state.load(Ordering::SeqCst) == STOP_ANSWER {
                     return ControlFlow::Break(());
@@ -173,7 +199,8 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                     eprintln!("[stopped]");
                 }
                 messages.push(Message::new("assistant", engine.tokenizer.decode(&answer)?));
-                last = Some((stats, stopped));
+                let (steps, tokens) = (spec.stats.steps - before.steps, spec.stats.tokens - before.tokens);
+                last = Some((stats, stopped, (steps > 0).then(|| tokens as f64 / steps as f64)));
             }
             Err(e) => {
                 eprintln!("bitnest: {e:#}; use /reset or a larger --ctx");

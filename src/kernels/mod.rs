@@ -25,6 +25,10 @@ pub trait Linear: Send + Sync {
         let _ = max_bits;
         self.forward(x, n, y)
     }
+    /// Planes read by [`Linear::forward`], for formats stored as bit planes.
+    fn bits(&self) -> Option<u32> {
+        None
+    }
     /// Bytes of weight data this layer reads per forward (for memory accounting).
     fn weight_bytes(&self) -> usize;
     /// Short human name of the storage format, for `inspect`.

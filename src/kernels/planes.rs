@@ -330,6 +330,9 @@ impl Linear for PlaneLinear {
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         self.forward_with(x, n, y, self.bits, Isa::detect());
     }
+    fn bits(&self) -> Option<u32> {
+        Some(self.bits)
+    }
     fn forward_capped(&self, x: &[f32], n: usize, y: &mut [f32], max_bits: u32) {
         self.forward_with(x, n, y, self.bits.min(max_bits.max(1)), Isa::detect());
     }

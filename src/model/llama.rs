@@ -334,6 +334,13 @@ impl Llama {
         }
     }
 
+    /// The most planes any layer reads, for bit-plane models (`None` when no layer is one):
+    /// a precision cap below it makes a cheaper, lower-precision view of the same model.
+    pub fn bits(&self) -> Option<u32> {
+        let layers = self.blocks.iter().flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]);
+        layers.filter_map(|l| l.bits()).chain(self.head.bits()).max()
+    }
+
     /// Total bytes of weights (embedding table counted once even when tied).
     pub fn weight_bytes(&self) -> usize {
         let blocks: usize = self

@@ -6,6 +6,6 @@ pub mod plan;
 pub mod source;
 
 pub use config::LlamaConfig;
-pub use llama::{Llama, Session};
+pub use llama::{ALL_BITS, Llama, Session};
 pub use plan::BitsPlan;
 pub use source::ModelSource;

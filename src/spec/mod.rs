@@ -1,0 +1,450 @@
+//! Lossless speculative decoding without a second model.
+//!
+//! Each step proposes a [`DraftTree`] of continuations of the next token and checks the whole
+//! tree in one batched forward pass of the full-precision model ([`Llama::forward_tree`]).
+//! Walking from the root, the target picks its token at each node exactly as plain decoding
+//! would (same sampler, same history, same random draws); while that token is a child in the
+//! tree the walk goes on, so every accepted token is the one plain decoding produces and the
+//! pass yields one more token than it accepted drafts. Two draft sources, both free of any
+//! second model:
+//! - **self**: the same `.bnest` weights read at fewer planes (`--draft-bits`) propose a chain,
+//!   its length adapted to the measured acceptance and the measured draft/verify costs;
+//! - **recycle**: [Token Recycling](recycle): candidates recycled from the top-k of earlier
+//!   passes fill a static tree.
+//!
+//! `both` merges the two into one tree; `auto` measures tokens per second of each and keeps
+//! using the best, re-trying the others now and then.
+//!
+//! Sampling at temperature > 0 stays exact: drafts are deterministic proposals, and a node's
+//! child is followed only when the token drawn from the target's own distribution equals it
+//! (for deterministic drafts this is recursive rejection sampling: a draft `x` with proposal
+//! mass 1 is accepted with probability `p(x)`, and on rejection the residual is `p` without
+//! `x`). Each emitted token is drawn from exactly the distribution plain decoding uses, with the
+//! same draws in the same order, so a seeded run gives the same tokens as plain decoding.
+
+pub mod bench;
+pub mod recycle;
+pub mod tree;
+
+use std::ops::ControlFlow;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Result, bail, ensure};
+use serde::Serialize;
+
+pub use recycle::TokenRecycler;
+pub use tree::{DraftTree, FROM_RECYCLE, FROM_SELF};
+
+use crate::generate::{FinishReason, GenerationStats};
+use crate::model::{Llama, Session};
+use crate::sampling::{Sampler, argmax};
+
+/// How drafts are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpecMode {
+    /// Plain decoding.
+    None,
+    /// The low-precision view of the same weights drafts a chain.
+    #[serde(rename = "self")]
+    SelfDraft,
+    /// Token Recycling tree.
+    Recycle,
+    /// One tree from both sources.
+    Both,
+    /// Whichever of the above measures fastest.
+    Auto,
+}
+
+impl FromStr for SpecMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "none" => SpecMode::None,
+            "self" => SpecMode::SelfDraft,
+            "recycle" => SpecMode::Recycle,
+            "both" => SpecMode::Both,
+            "auto" => SpecMode::Auto,
+            _ => bail!("unknown speculative mode {s:?}; expected none, self, recycle, both or auto"),
+        })
+    }
+}
+
+impl std::fmt::Display for SpecMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SpecMode::None => "none",
+            SpecMode::SelfDraft => "self",
+            SpecMode::Recycle => "recycle",
+            SpecMode::Both => "both",
+            SpecMode::Auto => "auto",
+        })
+    }
+}
+
+/// Knobs of speculative decoding.
+#[derive(Debug, Clone)]
+pub struct SpecOptions {
+    pub mode: SpecMode,
+    /// Planes the self-draft reads.
+    pub draft_bits: u32,
+    /// Longest self-drafted chain; the length used adapts below it.
+    pub max_draft: usize,
+    /// Draft nodes taken from the Token Recycling template (root excluded).
+    pub tree_nodes: usize,
+}
+
+impl Default for SpecOptions {
+    fn default() -> Self {
+        SpecOptions { mode: SpecMode::Auto, draft_bits: 3, max_draft: 6, tree_nodes: 6 }
+    }
+}
+
+/// What speculation achieved, cumulated over the generations of one [`Speculator`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SpecStats {
+    /// Verification passes.
+    pub steps: usize,
+    /// Tokens produced by those passes (accepted drafts plus the one each pass adds).
+    pub tokens: usize,
+    /// Tree nodes verified (root included).
+    pub nodes: usize,
+    /// Self-drafted tokens proposed and accepted (for the per-position acceptance rate).
+    pub self_drafted: usize,
+    pub self_accepted: usize,
+    /// Accepted draft tokens by source (a token both sources proposed counts for both).
+    pub accepted_self_source: usize,
+    pub accepted_recycle_source: usize,
+    /// Seconds spent drafting with the low-precision view, and verifying.
+    pub draft_s: f64,
+    pub verify_s: f64,
+    /// Steps run in each concrete mode (self, recycle, both), for `auto`.
+    pub mode_steps: [usize; 3],
+}
+
+impl SpecStats {
+    /// Mean accepted tokens per step (MAT): tokens per verification pass, the extra one included.
+    pub fn mat(&self) -> f64 {
+        if self.steps == 0 { 0.0 } else { self.tokens as f64 / self.steps as f64 }
+    }
+    /// Fraction of self-drafted tokens the target accepted.
+    pub fn self_acceptance(&self) -> f64 {
+        if self.self_drafted == 0 { 0.0 } else { self.self_accepted as f64 / self.self_drafted as f64 }
+    }
+}
+
+/// Exponential moving average that starts at its first sample.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ema(Option<f64>);
+impl Ema {
+    fn add(&mut self, x: f64, w: f64) {
+        self.0 = Some(self.0.map_or(x, |m| m + w * (x - m)));
+    }
+}
+
+const CONCRETE: [SpecMode; 3] = [SpecMode::SelfDraft, SpecMode::Recycle, SpecMode::Both];
+
+/// Speculative decoding state that outlives one generation: the options, the Token Recycling
+/// matrix (shared, so a server's requests teach each other), the measured costs and rates the
+/// adaptive choices use, and the statistics.
+pub struct Speculator {
+    pub opts: SpecOptions,
+    recycler: Arc<Mutex<TokenRecycler>>,
+    pub stats: SpecStats,
+    /// Per-position acceptance of self-drafted tokens.
+    alpha: Ema,
+    /// Seconds per self-draft forward.
+    draft_cost: Ema,
+    /// Seconds per verification pass, by tree size.
+    verify_cost: Vec<Ema>,
+    /// Tokens per second of each concrete mode, for `auto`.
+    mode_rate: [Ema; 3],
+    tree: DraftTree,
+    path: Vec<usize>,
+    chain: Vec<u32>,
+}
+
+impl Speculator {
+    /// `recycler` may be shared with other speculators (a server's slots).
+    pub fn new(opts: SpecOptions, recycler: Arc<Mutex<TokenRecycler>>) -> Self {
+        Speculator {
+            opts,
+            recycler,
+            stats: SpecStats::default(),
+            alpha: Ema::default(),
+            draft_cost: Ema::default(),
+            verify_cost: Vec::new(),
+            mode_rate: [Ema::default(); 3],
+            tree: DraftTree::default(),
+            path: Vec::new(),
+            chain: Vec::new(),
+        }
+    }
+
+    /// Checks that `model` supports the options (self-drafting needs a bit-plane model read
+    /// above the draft precision).
+    pub fn check(&self, model: &Llama) -> Result<()> {
+        let o = &self.opts;
+        ensure!(o.tree_nodes <= 256 && o.max_draft <= 64, "draft tree too large");
+        if matches!(o.mode, SpecMode::SelfDraft | SpecMode::Both) {
+            let Some(bits) = model.bits() else {
+                bail!("--spec {}: self-drafting reads fewer planes of a .bnest model; this model has none", o.mode)
+            };
+            ensure!(
+                (1..bits).contains(&o.draft_bits),
+                "--draft-bits {} must be below the {bits} bits the model is read at",
+                o.draft_bits
+            );
+        }
+        Ok(())
+    }
+
+    fn self_possible(&self, model: &Llama) -> bool {
+        model.bits().is_some_and(|b| (1..b).contains(&self.opts.draft_bits))
+    }
+
+    /// Expected seconds of a verification pass over `n` nodes: measured where it was, else
+    /// scaled from the nearest measured size (optimistically, so new sizes get tried).
+    fn verify_estimate(&self, n: usize) -> Option<f64> {
+        if let Some(Ema(Some(c))) = self.verify_cost.get(n) {
+            return Some(*c);
+        }
+        let nearest = (1..self.verify_cost.len())
+            .filter_map(|m| self.verify_cost[m].0.map(|c| (m, c)))
+            .min_by_key(|&(m, _)| m.abs_diff(n))?;
+        let (m, c) = nearest;
+        Some(c * (1.0 + 0.2 * (n as f64 - m as f64) / m as f64).max(0.5))
+    }
+
+    /// Length of the self-drafted chain with the best expected tokens per second.
+    fn draft_len(&self, extra_nodes: usize) -> usize {
+        let a = self.alpha.0.unwrap_or(0.7).clamp(0.0, 0.98);
+        let (Some(cd), Some(_)) = (self.draft_cost.0, self.verify_estimate(1)) else {
+            return self.opts.max_draft.min(3);
+        };
+        let mut best = (0, 0.0);
+        for k in 0..=self.opts.max_draft {
+            let tokens = 1.0 + (1..=k).map(|i| a.powi(i as i32)).sum::<f64>();
+            let verify = self.verify_estimate(1 + k + extra_nodes).unwrap_or(0.0);
+            let time = (k as f64 * cd + verify).max(1e-9);
+            let rate = tokens / time;
+            if rate > best.1 {
+                best = (k, rate);
+            }
+        }
+        // Now and then one longer than the model says, so its estimates keep up with reality.
+        if self.stats.steps % 16 == 15 { (best.0 + 1).min(self.opts.max_draft) } else { best.0 }
+    }
+
+    /// The concrete mode of the next step.
+    fn pick_mode(&self, model: &Llama) -> SpecMode {
+        match self.opts.mode {
+            SpecMode::Auto => {
+                let usable: Vec<usize> =
+                    (0..3).filter(|&i| CONCRETE[i] == SpecMode::Recycle || self.self_possible(model)).collect();
+                // Try each a few times first, then the best, re-trying the others every 32 steps.
+                if let Some(&i) = usable.iter().find(|&&i| self.stats.mode_steps[i] < 4) {
+                    return CONCRETE[i];
+                }
+                if self.stats.steps % 32 == 31 {
+                    return CONCRETE[usable[(self.stats.steps / 32) % usable.len()]];
+                }
+                let best = usable
+                    .iter()
+                    .copied()
+                    .max_by(|&a, &b| self.mode_rate[a].0.unwrap_or(0.0).total_cmp(&self.mode_rate[b].0.unwrap_or(0.0)));
+                CONCRETE[best.unwrap_or(1)]
+            }
+            m => m,
+        }
+    }
+
+    /// Builds the draft tree of one step rooted at `root` (not yet in the cache), at most
+    /// `max_nodes` nodes.
+    fn draft(&mut self, model: &Llama, s: &mut Session, root: u32, mode: SpecMode, max_nodes: usize) -> Result<()> {
+        self.tree.reset(root);
+        let recycle_nodes = if matches!(mode, SpecMode::Recycle | SpecMode::Both) { self.opts.tree_nodes } else { 0 };
+        if matches!(mode, SpecMode::SelfDraft | SpecMode::Both) {
+            let k = self.draft_len(recycle_nodes).min(max_nodes.saturating_sub(1));
+            self.chain.clear();
+            if k > 0 {
+                let t0 = Instant::now();
+                let start = s.pos;
+                let mut tok = root;
+                for _ in 0..k {
+                    // The low-bit view reads the target's own cache for the committed prefix
+                    // and writes its guesses past it; the verification pass overwrites them.
+                    let logits = model.forward_capped(s, &[tok], 1, self.opts.draft_bits)?;
+                    tok = argmax(logits);
+                    self.chain.push(tok);
+                }
+                s.truncate(start);
+                let dt = t0.elapsed().as_secs_f64();
+                self.draft_cost.add(dt / k as f64, 0.2);
+                self.stats.draft_s += dt;
+            }
+            let mut at = 0;
+            for &t in &self.chain {
+                at = self.tree.insert(at, t, FROM_SELF);
+            }
+        }
+        if recycle_nodes > 0 {
+            let rec = self.recycler.lock().unwrap_or_else(|e| e.into_inner());
+            let tpl = recycle::template(recycle_nodes);
+            let mut node_of = Vec::with_capacity(tpl.len());
+            for &(parent, rank) in &tpl {
+                let p = parent.map_or(0, |p| node_of[p]);
+                if self.tree.len() >= max_nodes {
+                    break;
+                }
+                let t = rec.candidate(self.tree.tokens[p], rank);
+                node_of.push(self.tree.insert(p, t, FROM_RECYCLE));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`crate::generate::generate`] with speculative decoding: the same tokens, the same final
+/// cache, the same callbacks, fewer forward passes of the full model.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_spec(
+    model: &Llama,
+    session: &mut Session,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    stop_ids: &[u32],
+    history: &mut Vec<u32>,
+    spec: &mut Speculator,
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<GenerationStats> {
+    if spec.opts.mode == SpecMode::None {
+        return crate::generate::generate(model, session, prompt, max_tokens, sampler, stop_ids, history, on_token);
+    }
+    spec.check(model)?;
+    ensure!(!prompt.is_empty(), "the prompt is empty");
+    let room = session.capacity().saturating_sub(session.pos);
+    ensure!(
+        prompt.len() < room,
+        "the prompt has {} tokens but only {room} fit in the remaining context (size {}); use a larger --ctx",
+        prompt.len(),
+        session.capacity()
+    );
+    let t0 = Instant::now();
+    let logits = model.forward(session, prompt, 1)?;
+    history.extend_from_slice(prompt);
+    let mut next = sampler.sample(logits, history);
+    let prefill_s = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let cap = session.capacity();
+    let mut generated = 0;
+    let finish = 'decode: loop {
+        // `next` was chosen by the target and is not in the cache: the root of this step.
+        if stop_ids.contains(&next) {
+            break FinishReason::Stop;
+        }
+        generated += 1;
+        history.push(next);
+        if on_token(next).is_break() {
+            break FinishReason::Cancelled;
+        }
+        if generated >= max_tokens || session.pos + 1 > cap - 1 {
+            model.forward(session, &[next], 1)?;
+            break FinishReason::Length;
+        }
+        let step0 = Instant::now();
+        let mode = spec.pick_mode(model);
+        let max_nodes = (cap - session.pos).min(session.max_batch());
+        spec.draft(model, session, next, mode, max_nodes)?;
+        let tree = std::mem::take(&mut spec.tree);
+        let n = tree.len();
+        let base = session.pos;
+        let tv = Instant::now();
+        let logits = model.forward_tree(session, &tree.tokens, &tree.parents, crate::model::ALL_BITS)?;
+        let verify_s = tv.elapsed().as_secs_f64();
+        let vocab = model.config.vocab_size;
+
+        // Walk: the target chooses at each node; follow the child holding its choice.
+        spec.path.clear();
+        spec.path.push(0);
+        let mut node = 0;
+        let mut outcome = None;
+        loop {
+            let pick = sampler.sample(&logits[node * vocab..(node + 1) * vocab], history);
+            next = pick;
+            let Some(child) = tree.child(node, pick) else { break };
+            if stop_ids.contains(&pick) {
+                break;
+            }
+            generated += 1;
+            history.push(pick);
+            if on_token(pick).is_break() {
+                outcome = Some(FinishReason::Cancelled);
+                break;
+            }
+            spec.path.push(child);
+            node = child;
+            let pos = base + tree.depth[child];
+            if generated >= max_tokens || pos + 1 > cap - 1 {
+                outcome = Some(FinishReason::Length);
+                break;
+            }
+        }
+        let accepted = spec.path.len() - 1;
+
+        // Recycle every node's top-k, accepted or not.
+        {
+            let mut rec = spec.recycler.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, &t) in tree.tokens.iter().enumerate() {
+                rec.update(t, &logits[i * vocab..(i + 1) * vocab]);
+            }
+        }
+        session.accept_path(&spec.path, model.config.n_layers);
+
+        // Statistics and the adaptive estimates.
+        let st = &mut spec.stats;
+        st.steps += 1;
+        st.tokens += spec.path.len();
+        st.nodes += n;
+        st.verify_s += verify_s;
+        let drafted_self = tree.origin.iter().filter(|&&o| o & FROM_SELF != 0).count();
+        let acc_self = spec.path[1..].iter().filter(|&&i| tree.origin[i] & FROM_SELF != 0).count();
+        st.self_drafted += drafted_self;
+        st.self_accepted += acc_self;
+        st.accepted_self_source += acc_self;
+        st.accepted_recycle_source += spec.path[1..].iter().filter(|&&i| tree.origin[i] & FROM_RECYCLE != 0).count();
+        if drafted_self > 0 {
+            // Per-position acceptance: acc_self successes out of acc_self + (1 if it stopped
+            // inside the chain) trials.
+            let trials = acc_self + usize::from(acc_self < drafted_self);
+            spec.alpha.add(acc_self as f64 / trials as f64, 0.1);
+        }
+        if spec.verify_cost.len() <= n {
+            spec.verify_cost.resize(n + 1, Ema::default());
+        }
+        spec.verify_cost[n].add(verify_s, 0.2);
+        if let Some(i) = CONCRETE.iter().position(|&m| m == mode) {
+            st.mode_steps[i] += 1;
+            spec.mode_rate[i].add((accepted + 1) as f64 / step0.elapsed().as_secs_f64().max(1e-9), 0.1);
+        }
+        spec.tree = tree;
+        if let Some(f) = outcome {
+            break 'decode f;
+        }
+    };
+    let decode_s = t1.elapsed().as_secs_f64();
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    Ok(GenerationStats {
+        prompt_tokens: prompt.len(),
+        generated_tokens: generated,
+        prefill_s,
+        decode_s,
+        prefill_tok_s: rate(prompt.len(), prefill_s),
+        decode_tok_s: rate(generated, decode_s),
+        finish,
+    })
+}
