@@ -243,7 +243,8 @@ struct ServeArgs {
     /// Prompt tokens computed per scheduling step (a long prompt yields to the others between chunks).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
     prefill_chunk: u32,
-    /// Speculative decoding mode; only `none` is available yet.
+    /// Speculative decoding mode; the server decodes plainly for now (`none`); `run` and `chat`
+    /// take every mode.
     #[arg(long, default_value = "none")]
     spec: String,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
@@ -326,6 +327,10 @@ struct SpecBenchArgs {
     ctx: usize,
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
+    /// Only write the selected prompts, rendered with the chat template, as JSONL
+    /// (`{"question_id", "category", "text"}`) to this file, for other engines to run.
+    #[arg(long)]
+    dump_prompts: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -392,8 +397,14 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_serve(a: ServeArgs) -> Result<()> {
-    if a.spec != "none" {
-        bail!("--spec {}: speculative decoding is not available yet; only --spec none", a.spec);
+    let mode: bitnest::spec::SpecMode = a.spec.parse()?;
+    if mode != bitnest::spec::SpecMode::None {
+        bail!(
+            "--spec {}: the server does not speculate yet (its slots step round-robin); use --spec none, \
+             or `bitnest run`/`bitnest chat --spec {}`",
+            a.spec,
+            a.spec
+        );
     }
     if a.model.threads == Some(0) {
         bail!("--threads must be at least 1");
@@ -591,6 +602,17 @@ fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
             *c += 1;
             *c <= k
         });
+    }
+    if let Some(path) = &a.dump_prompts {
+        let mut lines = String::new();
+        for p in &prompts {
+            let text = engine.template.render(&[Message::new("user", p.turns[0].as_str())], true)?;
+            let v = serde_json::json!({"question_id": p.question_id, "category": p.category, "text": text});
+            lines.push_str(&v.to_string());
+            lines.push('\n');
+        }
+        std::fs::write(path, lines).with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(());
     }
     let text = matches!(a.format, OutputFormat::Text);
     if text {

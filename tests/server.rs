@@ -100,8 +100,8 @@ fn openai_client_against_the_real_server() {
 
 #[test]
 fn unavailable_speculative_mode_is_a_clear_error() {
-    let out = Command::new(BIN).args(["serve", "--spec", "tree", "--port", "0"]).output().expect("run bitnest");
+    let out = Command::new(BIN).args(["serve", "--spec", "recycle", "--port", "0"]).output().expect("run bitnest");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("speculative decoding is not available yet"), "{err}");
+    assert!(err.contains("the server does not speculate yet"), "{err}");
 }

@@ -190,7 +190,11 @@ impl Speculator {
         ensure!(o.tree_nodes <= 256 && o.max_draft <= 64, "draft tree too large");
         if matches!(o.mode, SpecMode::SelfDraft | SpecMode::Both) {
             let Some(bits) = model.bits() else {
-                bail!("--spec {}: self-drafting reads fewer planes of a .bnest model; this model has none", o.mode)
+                bail!(
+                    "--spec {}: self-drafting reads fewer planes of a .bnest model, and this model has no bit \
+                     planes (make one with `bitnest quantize`); --spec recycle works on any model",
+                    o.mode
+                )
             };
             ensure!(
                 (1..bits).contains(&o.draft_bits),
