@@ -150,7 +150,8 @@ struct SpecArgs {
     /// Longest self-drafted chain (the length used adapts below it).
     #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().max_draft)]
     max_draft: usize,
-    /// Token Recycling tree nodes per verification pass (root excluded).
+    /// Most Token Recycling tree nodes per verification pass (root excluded); fewer are used
+    /// when the measured cost of a pass says so.
     #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().tree_nodes)]
     tree_nodes: usize,
 }
@@ -314,7 +315,7 @@ struct SpecBenchArgs {
     draft_bits: String,
     #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().max_draft)]
     max_draft: usize,
-    /// Token Recycling tree sizes to measure, comma-separated.
+    /// Largest Token Recycling trees to measure, comma-separated.
     #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().tree_nodes.to_string())]
     tree_nodes: String,
     /// Use only the first N prompts of each category.

@@ -34,7 +34,7 @@ use std::time::Instant;
 use anyhow::{Result, bail, ensure};
 use serde::Serialize;
 
-pub use recycle::TokenRecycler;
+pub use recycle::{RankHits, TokenRecycler};
 pub use tree::{DraftTree, FROM_RECYCLE, FROM_SELF};
 
 use crate::generate::{FinishReason, GenerationStats};
@@ -92,13 +92,14 @@ pub struct SpecOptions {
     pub draft_bits: u32,
     /// Longest self-drafted chain; the length used adapts below it.
     pub max_draft: usize,
-    /// Draft nodes taken from the Token Recycling template (root excluded).
+    /// Most draft nodes taken from the Token Recycling template (root excluded); the number
+    /// used adapts below it.
     pub tree_nodes: usize,
 }
 
 impl Default for SpecOptions {
     fn default() -> Self {
-        SpecOptions { mode: SpecMode::Auto, draft_bits: 3, max_draft: 6, tree_nodes: 6 }
+        SpecOptions { mode: SpecMode::Auto, draft_bits: 3, max_draft: 6, tree_nodes: 16 }
     }
 }
 
@@ -161,8 +162,12 @@ pub struct Speculator {
     verify_cost: Vec<Ema>,
     /// Tokens per second of each concrete mode, for `auto`.
     mode_rate: [Ema; 3],
+    /// Hit rate of each recycled-candidate rank, which shapes and sizes the recycled tree.
+    pub rank_hits: RankHits,
     tree: DraftTree,
     path: Vec<usize>,
+    /// The target's choice at each node of the accepted path (the last one the extra token).
+    picks: Vec<u32>,
     chain: Vec<u32>,
 }
 
@@ -177,8 +182,10 @@ impl Speculator {
             draft_cost: Ema::default(),
             verify_cost: Vec::new(),
             mode_rate: [Ema::default(); 3],
+            rank_hits: RankHits::default(),
             tree: DraftTree::default(),
             path: Vec::new(),
+            picks: Vec::new(),
             chain: Vec::new(),
         }
     }
@@ -242,6 +249,35 @@ impl Speculator {
         if self.stats.steps % 16 == 15 { (best.0 + 1).min(self.opts.max_draft) } else { best.0 }
     }
 
+    /// The recycled template nodes of the next tree: as many of the most valuable as give the
+    /// best expected tokens per second of verification (at most `--tree-nodes`).
+    fn recycle_template(&self) -> Vec<(Option<usize>, usize, f64)> {
+        let mut tpl = recycle::template(self.opts.tree_nodes, &self.rank_hits.rates());
+        if self.verify_estimate(1).is_none() {
+            tpl.truncate(4);
+            return tpl;
+        }
+        // Expected tokens of a tree = 1 + Σ node values (the chance each node is accepted).
+        let mut by_value: Vec<f64> = tpl.iter().map(|t| t.2).collect();
+        by_value.sort_by(|a, b| b.total_cmp(a));
+        let mut best = (0, 0.0);
+        let mut tokens = 1.0;
+        for n in 0..=by_value.len() {
+            if n > 0 {
+                tokens += by_value[n - 1];
+            }
+            let rate = tokens / self.verify_estimate(1 + n).unwrap_or(1.0).max(1e-9);
+            if rate > best.1 {
+                best = (n, rate);
+            }
+        }
+        let mut n = best.0;
+        if self.stats.steps % 16 == 7 {
+            n = (n + 1).min(by_value.len());
+        }
+        recycle::template(n, &self.rank_hits.rates())
+    }
+
     /// The concrete mode of the next step.
     fn pick_mode(&self, model: &Llama) -> SpecMode {
         match self.opts.mode {
@@ -269,9 +305,9 @@ impl Speculator {
     /// `max_nodes` nodes.
     fn draft(&mut self, model: &Llama, s: &mut Session, root: u32, mode: SpecMode, max_nodes: usize) -> Result<()> {
         self.tree.reset(root);
-        let recycle_nodes = if matches!(mode, SpecMode::Recycle | SpecMode::Both) { self.opts.tree_nodes } else { 0 };
+        let tpl = if matches!(mode, SpecMode::Recycle | SpecMode::Both) { self.recycle_template() } else { Vec::new() };
         if matches!(mode, SpecMode::SelfDraft | SpecMode::Both) {
-            let k = self.draft_len(recycle_nodes).min(max_nodes.saturating_sub(1));
+            let k = self.draft_len(tpl.len()).min(max_nodes.saturating_sub(1));
             self.chain.clear();
             if k > 0 {
                 let t0 = Instant::now();
@@ -294,11 +330,10 @@ impl Speculator {
                 at = self.tree.insert(at, t, FROM_SELF);
             }
         }
-        if recycle_nodes > 0 {
+        if !tpl.is_empty() {
             let rec = self.recycler.lock().unwrap_or_else(|e| e.into_inner());
-            let tpl = recycle::template(recycle_nodes);
             let mut node_of = Vec::with_capacity(tpl.len());
-            for &(parent, rank) in &tpl {
+            for &(parent, rank, _) in &tpl {
                 let p = parent.map_or(0, |p| node_of[p]);
                 if self.tree.len() >= max_nodes {
                     break;
@@ -375,11 +410,13 @@ pub fn generate_spec(
         // Walk: the target chooses at each node; follow the child holding its choice.
         spec.path.clear();
         spec.path.push(0);
+        spec.picks.clear();
         let mut node = 0;
         let mut outcome = None;
         loop {
             let pick = sampler.sample(&logits[node * vocab..(node + 1) * vocab], history);
             next = pick;
+            spec.picks.push(pick);
             let Some(child) = tree.child(node, pick) else { break };
             if stop_ids.contains(&pick) {
                 break;
@@ -403,6 +440,10 @@ pub fn generate_spec(
         // Recycle every node's top-k, accepted or not.
         {
             let mut rec = spec.recycler.lock().unwrap_or_else(|e| e.into_inner());
+            // How the target's choices ranked among the recycled candidates, before updating.
+            for (&node, &pick) in spec.path.iter().zip(&spec.picks) {
+                spec.rank_hits.record(rec.rank_of(tree.tokens[node], pick));
+            }
             for (i, &t) in tree.tokens.iter().enumerate() {
                 rec.update(t, &logits[i * vocab..(i + 1) * vocab]);
             }

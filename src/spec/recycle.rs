@@ -103,22 +103,44 @@ const TEMPLATE: &[&[u8]] = &[
     &[0, 0, 0, 1, 0, 0],
 ];
 
-/// How often the target's next token is the recycled candidate of each rank (measured by
-/// `bitnest bench spec` on SmolLM2-135M; see docs/SPECULATIVE.md). A template node's value is
-/// the product along its path: the chance the whole path is accepted.
-pub const RANK_HIT: [f64; RECYCLE_K] = [0.50, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01];
+/// Prior of how often the target's next token is the recycled candidate of each rank, used
+/// until [`RankHits`] has measured it. A template node's value is the product along its path:
+/// the chance the whole path is accepted.
+pub const RANK_HIT_PRIOR: [f64; RECYCLE_K] = [0.50, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01];
 
-/// The first `nodes` nodes of the template by expected acceptance ([`RANK_HIT`] products), as
-/// `(parent template index or None for the root, candidate rank)`, parents before children.
-/// The paper sized its 80-node tree for a GPU, where 81 tokens cost about what one does; on a
-/// CPU every node costs compute, so the tree is cut to what a verification pass can afford.
-pub fn template(nodes: usize) -> Vec<(Option<usize>, usize)> {
-    let value = |path: &[u8]| path.iter().map(|&c| RANK_HIT[c as usize]).product::<f64>();
+/// Measured hit rate of each candidate rank: how often the token the target chose at a tree
+/// node was the `j`-th recycled successor of that node's token.
+#[derive(Debug, Clone, Default)]
+pub struct RankHits {
+    hits: [u64; RECYCLE_K],
+    total: u64,
+}
+
+impl RankHits {
+    pub fn record(&mut self, rank: Option<usize>) {
+        self.total += 1;
+        if let Some(r) = rank.filter(|&r| r < RECYCLE_K) {
+            self.hits[r] += 1;
+        }
+    }
+    /// Rates, blended with the prior by 32 pseudo-observations so early steps stay sensible.
+    pub fn rates(&self) -> [f64; RECYCLE_K] {
+        let w = 32.0;
+        std::array::from_fn(|j| (self.hits[j] as f64 + w * RANK_HIT_PRIOR[j]) / (self.total as f64 + w))
+    }
+}
+
+/// The `nodes` template nodes of highest expected acceptance under `rank_hit`, as
+/// `(parent template index or None for the root, candidate rank, value)`, parents before
+/// children. The paper sized its 80-node tree for a GPU, where 81 tokens cost about what one
+/// does; on a CPU every node costs compute, so the tree is cut to what a pass can afford.
+pub fn template(nodes: usize, rank_hit: &[f64; RECYCLE_K]) -> Vec<(Option<usize>, usize, f64)> {
+    let value = |path: &[u8]| path.iter().map(|&c| rank_hit[c as usize]).product::<f64>();
     let mut order: Vec<usize> = (0..TEMPLATE.len()).collect();
     // A child's value is below its parent's, so any prefix of this order is a tree.
     order.sort_by(|&a, &b| value(TEMPLATE[b]).total_cmp(&value(TEMPLATE[a])).then(a.cmp(&b)));
     order.truncate(nodes);
-    // Parents first: by depth, then by rank order.
+    // Parents first: by depth, then by template order.
     order.sort_by_key(|&i| (TEMPLATE[i].len(), i));
     let mut out = Vec::with_capacity(order.len());
     for (k, &i) in order.iter().enumerate() {
@@ -127,14 +149,14 @@ pub fn template(nodes: usize) -> Vec<(Option<usize>, usize)> {
             None
         } else {
             let pp = &path[..path.len() - 1];
-            let at = order[..k].iter().position(|&j| TEMPLATE[j] == pp);
-            // The parent's value is higher, so it was kept; skip the node if not (cannot happen).
-            match at {
+            // The parent's value is at least the child's, so it was kept (ties broken by
+            // template order, where parents come first).
+            match order[..k].iter().position(|&j| TEMPLATE[j] == pp) {
                 Some(p) => Some(p),
                 None => continue,
             }
         };
-        out.push((parent, *path.last().unwrap() as usize));
+        out.push((parent, *path.last().unwrap() as usize, value(path)));
     }
     out
 }
@@ -142,6 +164,15 @@ pub fn template(nodes: usize) -> Vec<(Option<usize>, usize)> {
 impl TokenRecycler {
     pub fn new(vocab: usize) -> Self {
         TokenRecycler { k: RECYCLE_K, vocab, matrix: vec![0; vocab * RECYCLE_K], best: Vec::new() }
+    }
+
+    /// Rank of `next` among the recycled successors of `token`, if it is one.
+    pub fn rank_of(&self, token: u32, next: u32) -> Option<usize> {
+        let t = token as usize;
+        if t >= self.vocab {
+            return None;
+        }
+        self.matrix[t * self.k..(t + 1) * self.k].iter().position(|&c| c == next)
     }
 
     /// The `rank`-th recycled successor of `token`.
@@ -198,17 +229,21 @@ mod tests {
 
     #[test]
     fn template_is_the_papers_tree_when_whole() {
-        let t = template(usize::MAX);
+        let t = template(usize::MAX, &RANK_HIT_PRIOR);
         assert_eq!(t.len(), 80);
         let per_depth: Vec<usize> = (1..=6).map(|d| TEMPLATE.iter().filter(|p| p.len() == d).count()).collect();
         assert_eq!(per_depth, [8, 21, 25, 15, 8, 3]);
         for n in [1usize, 4, 8, 16, 31] {
-            let t = template(n);
+            let t = template(n, &RANK_HIT_PRIOR);
             assert_eq!(t.len(), n);
-            assert!(t.iter().enumerate().all(|(i, (p, _))| p.is_none_or(|p| p < i)));
+            assert!(t.iter().enumerate().all(|(i, (p, _, _))| p.is_none_or(|p| p < i)));
         }
         // The best single node is the top candidate; the best pair adds its top successor.
-        assert_eq!(template(2), vec![(None, 0), (Some(0), 0)]);
+        let two: Vec<_> = template(2, &RANK_HIT_PRIOR).iter().map(|&(p, c, _)| (p, c)).collect();
+        assert_eq!(two, vec![(None, 0), (Some(0), 0)]);
+        // With flat rates the tree grows wide before it grows deep.
+        let flat = [0.1; RECYCLE_K];
+        assert!(template(8, &flat).iter().all(|&(p, _, _)| p.is_none()));
     }
 
     #[test]
@@ -229,6 +264,12 @@ mod tests {
         let logits = [0.0, 5.0, 1.0, 9.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0];
         r.update(3, &logits);
         assert_eq!((0..8).map(|k| r.candidate(3, k)).collect::<Vec<_>>(), [3, 9, 8, 7, 1, 6, 5, 4]);
+        assert_eq!((r.rank_of(3, 8), r.rank_of(3, 2), r.rank_of(99, 1)), (Some(2), None, None));
+        let mut h = RankHits::default();
+        for _ in 0..1000 {
+            h.record(Some(1));
+        }
+        assert!(h.rates()[1] > 0.95 && h.rates()[0] < 0.05);
         r.update(42, &logits); // out of range: ignored
     }
 }
