@@ -170,6 +170,7 @@ impl SpecArgs {
             draft_bits: self.draft_bits,
             max_draft: self.max_draft,
             tree_nodes: self.tree_nodes,
+            adaptive: true,
         })
     }
 }
@@ -318,6 +319,10 @@ struct SpecBenchArgs {
     /// Largest Token Recycling trees to measure, comma-separated.
     #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().tree_nodes.to_string())]
     tree_nodes: String,
+    /// Always draft --max-draft tokens and --tree-nodes nodes (no adaptation): acceptance at a
+    /// fixed shape, as papers report it.
+    #[arg(long)]
+    fixed: bool,
     /// Use only the first N prompts of each category.
     #[arg(long)]
     per_category: Option<usize>,
@@ -626,7 +631,13 @@ fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
         let uses_tree = matches!(mode, SpecMode::Recycle | SpecMode::Both | SpecMode::Auto);
         for &b in if uses_self { &draft_bits[..] } else { &draft_bits[..1] } {
             for &t in if uses_tree { &tree_nodes[..] } else { &tree_nodes[..1] } {
-                configs.push(SpecOptions { mode, draft_bits: b, max_draft: a.max_draft, tree_nodes: t });
+                configs.push(SpecOptions {
+                    mode,
+                    draft_bits: b,
+                    max_draft: a.max_draft,
+                    tree_nodes: t,
+                    adaptive: !a.fixed,
+                });
             }
         }
     }

@@ -95,11 +95,14 @@ pub struct SpecOptions {
     /// Most draft nodes taken from the Token Recycling template (root excluded); the number
     /// used adapts below it.
     pub tree_nodes: usize,
+    /// Adapt the chain length and tree size to measured costs (else always the maximum: for
+    /// measuring acceptance at a fixed shape, as the papers report it).
+    pub adaptive: bool,
 }
 
 impl Default for SpecOptions {
     fn default() -> Self {
-        SpecOptions { mode: SpecMode::Auto, draft_bits: 3, max_draft: 6, tree_nodes: 16 }
+        SpecOptions { mode: SpecMode::Auto, draft_bits: 3, max_draft: 6, tree_nodes: 16, adaptive: true }
     }
 }
 
@@ -231,6 +234,9 @@ impl Speculator {
 
     /// Length of the self-drafted chain with the best expected tokens per second.
     fn draft_len(&self, extra_nodes: usize) -> usize {
+        if !self.opts.adaptive {
+            return self.opts.max_draft;
+        }
         let a = self.alpha.0.unwrap_or(0.7).clamp(0.0, 0.98);
         let (Some(cd), Some(_)) = (self.draft_cost.0, self.verify_estimate(1)) else {
             return self.opts.max_draft.min(3);
@@ -253,6 +259,9 @@ impl Speculator {
     /// best expected tokens per second of verification (at most `--tree-nodes`).
     fn recycle_template(&self) -> Vec<(Option<usize>, usize, f64)> {
         let mut tpl = recycle::template(self.opts.tree_nodes, &self.rank_hits.rates());
+        if !self.opts.adaptive {
+            return tpl;
+        }
         if self.verify_estimate(1).is_none() {
             tpl.truncate(4);
             return tpl;
