@@ -61,15 +61,7 @@ unsafe fn attend_avx2(
 }
 
 #[inline(always)]
-fn attend_body(
-    q: &[f32],
-    kv: HeadView,
-    prefix: usize,
-    extra: &[u32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_body(q: &[f32], kv: HeadView, prefix: usize, extra: &[u32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
     let hd = q.len();
     let len = prefix + extra.len();
     let at = |p: usize| p * kv.stride + kv.offset..p * kv.stride + kv.offset + hd;
