@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use super::config::LlamaConfig;
 use crate::kernels::attention::{HeadView, Query, attend_group};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
-use crate::kernels::{Linear, SyncPtr};
+use crate::kernels::{Linear, SyncPtr, forward_shared};
 
 /// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
 pub struct Block {
@@ -273,9 +273,8 @@ impl Llama {
             for t in 0..n {
                 rms_norm(&s.x[t * dim..(t + 1) * dim], &b.attn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
             }
-            b.wq.forward_capped(&s.xn, n, &mut s.q, max_bits);
-            b.wk.forward_capped(&s.xn, n, &mut s.k, max_bits);
-            b.wv.forward_capped(&s.xn, n, &mut s.v, max_bits);
+            // One quantization of the input and one parallel region for all three.
+            forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &s.xn, n, &mut [&mut s.q, &mut s.k, &mut s.v], max_bits);
             let layer_base = l * s.capacity * kv_dim;
             for t in 0..n {
                 let pos = s.positions[t];
@@ -293,8 +292,7 @@ impl Llama {
             for t in 0..n {
                 rms_norm(&s.x[t * dim..(t + 1) * dim], &b.ffn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
             }
-            b.w_gate.forward_capped(&s.xn, n, &mut s.gate, max_bits);
-            b.w_up.forward_capped(&s.xn, n, &mut s.up, max_bits);
+            forward_shared(&[&*b.w_gate, &*b.w_up], &s.xn, n, &mut [&mut s.gate, &mut s.up], max_bits);
             silu_mul(&mut s.gate[..n * c.ffn_dim], &s.up);
             b.w_down.forward_capped(&s.gate, n, &mut s.tmp, max_bits);
             s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Ctx, Levels, QuantActs, SyncPtr, TILE, TileMeta};
+use super::{Ctx, Levels, QMAX, QuantActs, SyncPtr, TILE, TileMeta};
 
 /// Largest number of 64-column chunks in a group.
 const MAX_CH: usize = super::MAX_GROUP / 64;
@@ -402,4 +402,60 @@ pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out:
             }
         }
     }
+}
+
+/// [`super::quantize_row`] in 16 lanes: the same exact operations (multiply, add, clamp,
+/// truncate), so the same bytes.
+///
+/// # Safety
+/// AVX-512 F/BW present.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize_row_avx512(
+    xr: &[f32],
+    group: usize,
+    hr: &mut [i8],
+    lr: &mut [i8],
+    d: &mut [f32],
+    dsum: &mut [f32],
+) {
+    let cols = xr.len();
+    assert!(hr.len() >= cols && lr.len() >= cols);
+    for g in 0..cols.div_ceil(group) {
+        let (c0, c1) = (g * group, ((g + 1) * group).min(cols));
+        let mask = |j: usize| -> __mmask16 { if c1 - j >= 16 { 0xffff } else { (1u16 << (c1 - j)) - 1 } };
+        let mut m = _mm512_setzero_ps();
+        let mut j = c0;
+        while j < c1 {
+            let v = unsafe { _mm512_maskz_loadu_ps(mask(j), xr.as_ptr().add(j)) };
+            m = _mm512_max_ps(m, _mm512_abs_ps(v));
+            j += 16;
+        }
+        let amax = _mm512_reduce_max_ps(m);
+        let (dg, id) = if amax > 0.0 { (amax / QMAX, QMAX / amax) } else { (0.0, 0.0) };
+        let (idv, half, sign) = (_mm512_set1_ps(id), _mm512_set1_ps(0.5), _mm512_set1_epi32(i32::MIN));
+        let (lo_q, hi_q) = (_mm512_set1_ps(-QMAX), _mm512_set1_ps(QMAX));
+        let mut sum = _mm512_setzero_si512();
+        let mut j = c0;
+        while j < c1 {
+            let k = mask(j);
+            unsafe {
+                let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr.as_ptr().add(j)), idv);
+                let h = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(y), sign), _mm512_castps_si512(half));
+                let t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, _mm512_castsi512_ps(h)), lo_q), hi_q);
+                let q = _mm512_cvttps_epi32(t);
+                _mm512_mask_cvtepi32_storeu_epi8(hr.as_mut_ptr().add(j), k, _mm512_srai_epi32::<7>(q));
+                _mm512_mask_cvtepi32_storeu_epi8(
+                    lr.as_mut_ptr().add(j),
+                    k,
+                    _mm512_and_si512(q, _mm512_set1_epi32(127)),
+                );
+                sum = _mm512_add_epi32(sum, q);
+            }
+            j += 16;
+        }
+        d[g] = dg;
+        dsum[g] = dg * _mm512_reduce_add_epi32(sum) as f32;
+    }
+    hr[cols..].fill(0);
+    lr[cols..].fill(0);
 }
