@@ -1,6 +1,18 @@
-//! Attention of one query head over the cached keys and values of its KV head.
-
-use super::ops::{axpy, dot, softmax};
+//! Attention of query heads over the cached keys and values of their KV head.
+//!
+//! The arithmetic of one query is fixed, element by element, so that every path (scalar,
+//! AVX2 build of the scalar code, AVX-512) and every grouping of queries gives the same bits:
+//! - a score is `dot(q, k)·scale`, the dot taken in 16 lanes (lane `l` a fused multiply-add
+//!   chain over dimensions `l, l + 16, …`, missing dimensions counting as zero) and the lanes
+//!   summed by the tree of [`tree16`];
+//! - weights are `e_i = exp(s_i − max)` with the polynomial [`exp_ref`], summed in 16 lanes
+//!   (entry `i` into lane `i mod 16`, in order) and the lanes by [`tree16`];
+//! - the output is `(Σ_i e_i·v_i)·(1/Σ)`, each dimension a fused multiply-add chain in entry
+//!   order.
+//!
+//! A query's entries are positions `0..prefix` and then its `extra` cache slots; since nothing
+//! depends on which query is next to which, a tree node whose ancestors sit at listed slots
+//! gets the bits plain decoding computes with them at consecutive positions.
 
 /// Where one KV head's vectors sit in a `positions × kv_dim` cache.
 #[derive(Clone, Copy)]
@@ -13,20 +25,34 @@ pub struct HeadView<'a> {
     pub offset: usize,
 }
 
+/// One query of a group sharing a KV head: it attends to positions `0..prefix` and then the
+/// cache slots `extra` (increasing), and writes `out` (`q.len()` values).
+#[derive(Default)]
+pub struct Query<'a> {
+    pub q: &'a [f32],
+    pub prefix: usize,
+    pub extra: &'a [u32],
+    pub out: &'a mut [f32],
+}
+
+impl Query<'_> {
+    fn len(&self) -> usize {
+        self.prefix + self.extra.len()
+    }
+    /// Cache position of entry `i`.
+    #[inline(always)]
+    fn pos(&self, i: usize) -> usize {
+        if i < self.prefix { i } else { self.extra[i - self.prefix] as usize }
+    }
+}
+
 /// `out = softmax(q·Kᵀ·scale) · V` over the first `len` positions, `scores` as scratch.
-///
-/// The arithmetic only uses plain multiply and add in a fixed order, so the AVX2 build of this
-/// function and the baseline build give identical results; the dispatch only changes speed.
 pub fn attend(q: &[f32], kv: HeadView, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
     attend_slots(q, kv, len, &[], scale, scores, out)
 }
 
 /// Attention over positions `0..prefix` followed by the cache slots `extra` (increasing): a
 /// node of a draft tree sees the committed sequence and then its own ancestors.
-///
-/// The positions are visited in the same order as [`attend`] visits a plain sequence, so a tree
-/// node whose ancestors would sit at consecutive positions gets exactly, bit for bit, the
-/// output plain decoding computes there: what makes tree verification lossless.
 pub fn attend_slots(
     q: &[f32],
     kv: HeadView,
@@ -36,55 +62,374 @@ pub fn attend_slots(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    attend_group(kv, scale, &mut [Query { q, prefix, extra, out }], scores)
+}
+
+/// Attention of several queries over one KV head (the query heads of a GQA group, several
+/// tokens): each gets exactly what it would get alone, while the values are read once for up
+/// to four queries. `scores` holds at least the sum of the queries' lengths.
+pub fn attend_group(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+    check(kv, qs, scores);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was just detected.
-            return unsafe { attend_avx2(q, kv, prefix, extra, scale, scores, out) };
+        let hd = qs.first().map_or(0, |q| q.q.len());
+        if (hd == 64 || hd == 128) && simd_ok() {
+            // SAFETY: AVX-512F was detected; shapes checked above.
+            return unsafe { x86::group_avx512(kv, scale, qs, scores) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA were just detected.
+            return unsafe { group_avx2(kv, scale, qs, scores) };
         }
     }
-    attend_body(q, kv, prefix, extra, scale, scores, out)
+    group_ref(kv, scale, qs, scores)
+}
+
+/// Whether the AVX-512 path runs (`BITNEST_ISA=avx2` or `scalar` turns it off, as for the
+/// linear kernels).
+#[cfg(target_arch = "x86_64")]
+fn simd_ok() -> bool {
+    use crate::kernels::planes::Isa;
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| Isa::detect() == Isa::Avx512 && std::is_x86_feature_detected!("fma"))
+}
+
+/// Bounds every path relies on (the SIMD paths read without further checks).
+fn check(kv: HeadView, qs: &[Query], scores: &[f32]) {
+    let hd = qs.first().map_or(0, |q| q.q.len());
+    let mut total = 0;
+    for q in qs.iter() {
+        assert!(q.q.len() == hd && q.out.len() == hd, "queries of one group share the head size");
+        // Positions and slots both increase, so the last entry of each part is the largest.
+        let last = q.extra.last().map(|&e| e as usize).max(q.prefix.checked_sub(1));
+        if let Some(p) = last {
+            let end = p * kv.stride + kv.offset + hd;
+            assert!(end <= kv.keys.len() && end <= kv.values.len(), "position {p} is outside the cache");
+        }
+        assert!(q.len() > 0, "a query attends to at least one position");
+        total += q.len();
+    }
+    assert!(scores.len() >= total, "scores scratch too short");
+}
+
+/// Lanes `a[0..16]` summed as `((a_l + a_{l+8}) + (…+4)) + (…+2)`, then lanes 0 and 1.
+#[inline(always)]
+pub fn tree16(a: &[f32; 16]) -> f32 {
+    let t8: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
+    let t4: [f32; 4] = std::array::from_fn(|l| t8[l] + t8[l + 4]);
+    let t2: [f32; 2] = std::array::from_fn(|l| t4[l] + t4[l + 2]);
+    t2[0] + t2[1]
+}
+
+/// The reference dot product of attention scores (see the module docs).
+#[inline(always)]
+pub fn dot_ref(q: &[f32], k: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for c in 0..q.len().div_ceil(16) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            let j = 16 * c + l;
+            let (x, y) = if j < q.len() { (q[j], k[j]) } else { (0.0, 0.0) };
+            *a = x.mul_add(y, *a);
+        }
+    }
+    tree16(&acc)
+}
+
+/// Below this, `exp` is taken as zero (the result would be subnormal).
+pub const EXP_MIN: f32 = -86.0;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// Adding and subtracting it rounds to an integer (to nearest even).
+pub(crate) const ROUND: f32 = 12582912.0;
+pub(crate) const LN2_HI: f32 = 0.693_145_75;
+pub(crate) const LN2_LO: f32 = 1.428_606_8e-6;
+/// `e^r ≈ 1 + r + r²·P(r)` on `|r| ≤ ln2/2` (Cephes' `expf`).
+pub(crate) const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+
+/// `e^x` for `x ≤ 0` within 2 ulp, from multiplies, adds and fused multiply-adds only, so
+/// every path computes it alike; zero below [`EXP_MIN`] (and for NaN).
+#[inline(always)]
+pub fn exp_ref(x: f32) -> f32 {
+    if x.is_nan() || x < EXP_MIN {
+        return 0.0;
+    }
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = EXP_P[0];
+    for &c in &EXP_P[1..] {
+        p = p.mul_add(r, c);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    f32::from_bits((y.to_bits() as i32).wrapping_add((n as i32) << 23) as u32)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(
-    q: &[f32],
-    kv: HeadView,
-    prefix: usize,
-    extra: &[u32],
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_body(q, kv, prefix, extra, scale, scores, out)
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_avx2(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+    group_ref(kv, scale, qs, scores)
 }
 
+/// The reference: every query on its own, entry by entry.
 #[inline(always)]
-fn attend_body(q: &[f32], kv: HeadView, prefix: usize, extra: &[u32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    let hd = q.len();
-    let len = prefix + extra.len();
-    let at = |p: usize| p * kv.stride + kv.offset..p * kv.stride + kv.offset + hd;
-    let (head, tail) = scores[..len].split_at_mut(prefix);
-    for (p, sc) in head.iter_mut().enumerate() {
-        *sc = dot(q, &kv.keys[at(p)]) * scale;
+fn group_ref(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+    let mut off = 0;
+    for q in qs.iter_mut() {
+        let hd = q.q.len();
+        let len = q.len();
+        let at = |p: usize| p * kv.stride + kv.offset..p * kv.stride + kv.offset + hd;
+        let sc = &mut scores[off..off + len];
+        off += len;
+        for (i, s) in sc.iter_mut().enumerate() {
+            *s = dot_ref(q.q, &kv.keys[at(q.pos(i))]) * scale;
+        }
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sums = [0f32; 16];
+        for (i, s) in sc.iter_mut().enumerate() {
+            *s = exp_ref(*s - max);
+            sums[i % 16] += *s;
+        }
+        let inv = 1.0 / tree16(&sums);
+        q.out.fill(0.0);
+        for (i, &e) in sc.iter().enumerate() {
+            let vals = &kv.values[at(q.pos(i))];
+            for (o, &v) in q.out.iter_mut().zip(vals) {
+                *o = e.mul_add(v, *o);
+            }
+        }
+        q.out.iter_mut().for_each(|o| *o *= inv);
     }
-    for (&e, sc) in extra.iter().zip(tail.iter_mut()) {
-        *sc = dot(q, &kv.keys[at(e as usize)]) * scale;
+}
+
+#[cfg(target_arch = "x86_64")]
+// Index loops walk the chunks of a head in several arrays in step.
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{EXP_MIN, EXP_P, HeadView, LN2_HI, LN2_LO, LOG2E, Query, ROUND};
+
+    /// # Safety
+    /// AVX-512F and FMA present; `check` passed; head size 64 or 128.
+    #[target_feature(enable = "avx512f,fma")]
+    pub unsafe fn group_avx512(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+        unsafe {
+            match qs[0].q.len() {
+                64 => group::<4>(kv, scale, qs, scores),
+                _ => group::<8>(kv, scale, qs, scores),
+            }
+        }
     }
-    softmax(&mut scores[..len]);
-    out.fill(0.0);
-    for (p, &w) in scores[..prefix].iter().enumerate() {
-        axpy(w, &kv.values[at(p)], out);
+
+    /// `NC` chunks of 16 dimensions per head.
+    #[inline(always)]
+    unsafe fn group<const NC: usize>(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+        unsafe {
+            let mut off = 0;
+            let mut invs = [0f32; 4];
+            // Up to four queries (`16 / NC` for wide heads) share each pass over the values.
+            let per = 16 / NC;
+            for part in qs.chunks_mut(per) {
+                let base = off;
+                for (m, q) in part.iter_mut().enumerate() {
+                    let len = q.len();
+                    invs[m] = weights::<NC>(kv, scale, q, &mut scores[off..off + len]);
+                    off += len;
+                }
+                values::<NC>(kv, part, &scores[base..off], &invs);
+            }
+        }
     }
-    for (&e, &w) in extra.iter().zip(&scores[prefix..len]) {
-        axpy(w, &kv.values[at(e as usize)], out);
+
+    /// Key pointer of entry `i`.
+    #[inline(always)]
+    unsafe fn row(base: &[f32], kv: HeadView, q: &Query, i: usize) -> *const f32 {
+        unsafe { base.as_ptr().add(q.pos(i) * kv.stride + kv.offset) }
+    }
+
+    /// The query's scores, turned into `exp(s − max)` in place; returns `1/Σ`.
+    #[inline(always)]
+    unsafe fn weights<const NC: usize>(kv: HeadView, scale: f32, q: &Query, sc: &mut [f32]) -> f32 {
+        unsafe {
+            let len = sc.len();
+            let qv: [__m512; NC] = std::array::from_fn(|c| _mm512_loadu_ps(q.q.as_ptr().add(16 * c)));
+            let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut i0 = 0;
+            while i0 < len {
+                let nb = (len - i0).min(16);
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for (j, a) in acc.iter_mut().enumerate().take(nb) {
+                    let k = row(kv.keys, kv, q, i0 + j);
+                    for c in 0..NC {
+                        *a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k.add(16 * c)), *a);
+                    }
+                }
+                let s = _mm512_mul_ps(reduce16(&acc), _mm512_set1_ps(scale));
+                let mask = if nb == 16 { 0xffff } else { (1u16 << nb) - 1 };
+                _mm512_mask_storeu_ps(sc.as_mut_ptr().add(i0), mask, s);
+                vmax = _mm512_mask_max_ps(vmax, mask, vmax, s);
+                i0 += 16;
+            }
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+            let mut sums = _mm512_setzero_ps();
+            let mut i0 = 0;
+            while i0 < len {
+                let nb = (len - i0).min(16);
+                let mask = if nb == 16 { 0xffff } else { (1u16 << nb) - 1 };
+                let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc.as_ptr().add(i0)), max);
+                let e = exp16(x);
+                _mm512_mask_storeu_ps(sc.as_mut_ptr().add(i0), mask, e);
+                sums = _mm512_mask_add_ps(sums, mask, sums, e);
+                i0 += 16;
+            }
+            1.0 / tree16v(sums)
+        }
+    }
+
+    /// `Σ_i e_i·v_i · inv` for each query of `part` (weights in `sc`, query after query): the
+    /// entries all of them share first, reading each value row once, then each one's own.
+    #[inline(always)]
+    unsafe fn values<const NC: usize>(kv: HeadView, part: &mut [Query], sc: &[f32], invs: &[f32; 4]) {
+        unsafe {
+            let m = part.len();
+            let shared = part.iter().map(|q| q.prefix).min().unwrap_or(0);
+            let mut starts = [0usize; 4];
+            let mut s = 0;
+            for (k, q) in part.iter().enumerate() {
+                starts[k] = s;
+                s += q.len();
+            }
+            let mut acc = [[_mm512_setzero_ps(); NC]; 4];
+            for p in 0..shared {
+                let v = kv.values.as_ptr().add(p * kv.stride + kv.offset);
+                let vv: [__m512; NC] = std::array::from_fn(|c| _mm512_loadu_ps(v.add(16 * c)));
+                // `m` is at most 4: unrolled for each count so the sums stay in registers.
+                macro_rules! step {
+                    ($k:expr) => {{
+                        let e = _mm512_set1_ps(*sc.get_unchecked(starts[$k] + p));
+                        for c in 0..NC {
+                            acc[$k][c] = _mm512_fmadd_ps(e, vv[c], acc[$k][c]);
+                        }
+                    }};
+                }
+                step!(0);
+                if m > 1 {
+                    step!(1);
+                }
+                if m > 2 {
+                    step!(2);
+                }
+                if m > 3 {
+                    step!(3);
+                }
+            }
+            for (k, q) in part.iter_mut().enumerate() {
+                let mut a = acc[k];
+                for i in shared..q.len() {
+                    let v = row(kv.values, kv, q, i);
+                    let e = _mm512_set1_ps(sc[starts[k] + i]);
+                    for c in 0..NC {
+                        a[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(v.add(16 * c)), a[c]);
+                    }
+                }
+                let inv = _mm512_set1_ps(invs[k]);
+                for c in 0..NC {
+                    _mm512_storeu_ps(q.out.as_mut_ptr().add(16 * c), _mm512_mul_ps(a[c], inv));
+                }
+            }
+        }
+    }
+
+    /// [`super::tree16`] of one vector.
+    #[inline(always)]
+    unsafe fn tree16v(a: __m512) -> f32 {
+        unsafe {
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+            let t8 = _mm256_add_ps(_mm512_castps512_ps256(a), hi);
+            let t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps::<1>(t8));
+            let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+            _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)))
+        }
+    }
+
+    /// Lane `j` of the result is [`super::tree16`] of `a[j]`. (Loops, not closures: those would
+    /// be compiled without the caller's target features.)
+    #[inline(always)]
+    unsafe fn reduce16(a: &[__m512; 16]) -> __m512 {
+        unsafe {
+            // x[i], i < 8: lanes 0..8 hold t8 of a[i], lanes 8..16 t8 of a[i + 8].
+            let mut x = [_mm512_setzero_ps(); 8];
+            for i in 0..8 {
+                x[i] = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0b01_00_01_00>(a[i], a[i + 8]),
+                    _mm512_shuffle_f32x4::<0b11_10_11_10>(a[i], a[i + 8]),
+                );
+            }
+            // y[i], i < 4: 128-bit blocks hold t4 of a[i], a[i + 8], a[i + 4], a[i + 12].
+            let mut y = [_mm512_setzero_ps(); 4];
+            for i in 0..4 {
+                y[i] = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0b10_00_10_00>(x[i], x[i + 4]),
+                    _mm512_shuffle_f32x4::<0b11_01_11_01>(x[i], x[i + 4]),
+                );
+            }
+            // z[i], i < 2: each block holds t2 of y[i]'s block in lanes 0, 1, of y[i + 2]'s in 2, 3.
+            let mut z = [_mm512_setzero_ps(); 2];
+            for i in 0..2 {
+                z[i] = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b01_00_01_00>(y[i], y[i + 2]),
+                    _mm512_shuffle_ps::<0b11_10_11_10>(y[i], y[i + 2]),
+                );
+            }
+            // Block b, lanes 0..4: the sums of y[0], y[2], y[1], y[3] at block b.
+            let w = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b10_00_10_00>(z[0], z[1]),
+                _mm512_shuffle_ps::<0b11_01_11_01>(z[0], z[1]),
+            );
+            // Lane 4b + c of w sums a[IDX[4b + c]]; put each where it belongs.
+            const IDX: [usize; 16] = [0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15];
+            const INV: [i32; 16] = {
+                let mut inv = [0i32; 16];
+                let mut j = 0;
+                while j < 16 {
+                    inv[IDX[j]] = j as i32;
+                    j += 1;
+                }
+                inv
+            };
+            _mm512_permutexvar_ps(_mm512_loadu_si512(INV.as_ptr() as *const __m512i), w)
+        }
+    }
+
+    /// [`super::exp_ref`] in 16 lanes.
+    #[inline(always)]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        unsafe {
+            let ok = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN));
+            let round = _mm512_set1_ps(ROUND);
+            let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), round), round);
+            let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+            let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+            let mut p = _mm512_set1_ps(EXP_P[0]);
+            for &c in &EXP_P[1..] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+            }
+            let y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
+            let e = _mm512_add_epi32(_mm512_castps_si512(y), _mm512_slli_epi32::<23>(_mm512_cvtps_epi32(n)));
+            _mm512_maskz_mov_ps(ok, _mm512_castsi512_ps(e))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
+
+    fn rand_vec(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-amp..amp)).collect()
+    }
 
     #[test]
     fn matches_naive_f64_attention() {
@@ -105,13 +450,99 @@ mod tests {
             let want: f64 = (0..len).map(|p| (s[p] - m).exp() / z * values[p * stride + offset + d] as f64).sum();
             assert!((out[d] as f64 - want).abs() < 1e-5, "dim {d}: {} vs {want}", out[d]);
         }
-        let mut base = vec![0f32; hd];
-        attend_body(&q, kv, len, &[], 0.25, &mut scores, &mut base);
-        assert_eq!(out, base, "dispatched path equals the baseline build bit for bit");
         // The same positions listed as extra slots give the same bits.
         let slots: Vec<u32> = (5..len as u32).collect();
         let mut via_slots = vec![0f32; hd];
         attend_slots(&q, kv, 5, &slots, 0.25, &mut scores, &mut via_slots);
         assert_eq!(out, via_slots);
+    }
+
+    #[test]
+    fn exp_is_accurate_and_zero_far_below() {
+        let mut x = 0f32;
+        while x > -90.0 {
+            let (got, want) = (exp_ref(x) as f64, (x as f64).exp());
+            if x >= EXP_MIN {
+                assert!((got - want).abs() <= 2.5 * f32::EPSILON as f64 * want, "exp({x}) = {got} vs {want}");
+            } else {
+                assert_eq!(got, 0.0);
+            }
+            x -= 0.0137;
+        }
+        assert_eq!(exp_ref(0.0), 1.0);
+        assert_eq!(exp_ref(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_ref(f32::NAN), 0.0);
+    }
+
+    /// Every path, and every grouping of queries, gives the reference's bits; also on odd
+    /// lengths, odd head sizes (which take the fallback) and tree-style slot lists.
+    #[test]
+    fn every_path_and_grouping_equals_the_reference_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let shapes = [(64, 3, 70), (128, 2, 41), (40, 1, 23), (64, 1, 1), (16, 2, 33), (64, 2, 300)];
+        for &(hd, kv_heads, cap) in shapes.iter().cycle().take(60) {
+            let stride = hd * kv_heads;
+            let keys = rand_vec(&mut rng, cap * stride, 1.0);
+            let values = rand_vec(&mut rng, cap * stride, 1.0);
+            for kvh in 0..kv_heads {
+                let kv = HeadView { keys: &keys, values: &values, stride, offset: kvh * hd };
+                let scale = 1.0 / (hd as f32).sqrt() * rng.random_range(0.5..6.0);
+                // Up to seven queries: causal tails of different lengths, and tree nodes.
+                let m = rng.random_range(1..8usize);
+                let qv: Vec<Vec<f32>> = (0..m).map(|_| rand_vec(&mut rng, hd, 2.0)).collect();
+                let mut specs: Vec<(usize, Vec<u32>)> = Vec::new();
+                for _ in 0..m {
+                    let prefix = rng.random_range(0..cap);
+                    let mut extra: Vec<u32> = (prefix as u32..cap as u32).filter(|_| rng.random_bool(0.4)).collect();
+                    if prefix == 0 && extra.is_empty() {
+                        extra.push(rng.random_range(0..cap as u32));
+                    }
+                    specs.push((prefix, extra));
+                }
+                let total: usize = specs.iter().map(|(p, e)| p + e.len()).sum();
+                // Reference, query by query.
+                let mut want = vec![vec![0f32; hd]; m];
+                for (k, (p, e)) in specs.iter().enumerate() {
+                    let mut sc = vec![0f32; p + e.len()];
+                    group_ref(kv, scale, &mut [Query { q: &qv[k], prefix: *p, extra: e, out: &mut want[k] }], &mut sc);
+                }
+                // Dispatched path: alone, and all together.
+                let mut sc = vec![0f32; total];
+                for (k, (p, e)) in specs.iter().enumerate() {
+                    let mut out = vec![0f32; hd];
+                    attend_slots(&qv[k], kv, *p, e, scale, &mut sc, &mut out);
+                    assert_eq!(bits(&out), bits(&want[k]), "hd {hd} alone, query {k}");
+                }
+                let mut outs = vec![vec![0f32; hd]; m];
+                let mut qs: Vec<Query> = outs
+                    .iter_mut()
+                    .zip(&specs)
+                    .zip(&qv)
+                    .map(|((out, (p, e)), q)| Query { q, prefix: *p, extra: e, out })
+                    .collect();
+                attend_group(kv, scale, &mut qs, &mut sc);
+                for k in 0..m {
+                    assert_eq!(bits(&outs[k]), bits(&want[k]), "hd {hd} grouped, query {k} of {m}");
+                }
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    let mut outs = vec![vec![0f32; hd]; m];
+                    let mut qs: Vec<Query> = outs
+                        .iter_mut()
+                        .zip(&specs)
+                        .zip(&qv)
+                        .map(|((out, (p, e)), q)| Query { q, prefix: *p, extra: e, out })
+                        .collect();
+                    unsafe { group_avx2(kv, scale, &mut qs, &mut sc) };
+                    for k in 0..m {
+                        assert_eq!(bits(&outs[k]), bits(&want[k]), "hd {hd} avx2 build, query {k}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 }

@@ -33,9 +33,40 @@ pub trait Linear: Send + Sync {
     fn weight_bytes(&self) -> usize;
     /// Short human name of the storage format, for `inspect`.
     fn format_name(&self) -> String;
+    /// The bit-plane layer behind this one, if it is one (lets layers sharing an input run
+    /// together, see [`forward_shared`]).
+    fn as_planes(&self) -> Option<&PlaneLinear> {
+        None
+    }
     /// Decodes weight row `i` into `out` (`in_dim` values): the embedding lookup of a table
     /// stored as a layer, which tied heads share.
     fn row(&self, i: usize, out: &mut [f32]);
+}
+
+/// `ys[i] = layers[i]·x` for layers that read the same input, each at most `max_bits` planes
+/// ([`Linear::forward_capped`]): bit-plane layers of one shape quantize the input once and run
+/// in one parallel region; anything else runs layer by layer. Same results either way.
+pub fn forward_shared(layers: &[&dyn Linear], x: &[f32], n: usize, ys: &mut [&mut [f32]], max_bits: u32) {
+    assert_eq!(layers.len(), ys.len());
+    let planes: [Option<&PlaneLinear>; planes::MAX_SHARED] =
+        std::array::from_fn(|i| layers.get(i).and_then(|l| l.as_planes()));
+    let k = layers.len();
+    let together = (1..=planes::MAX_SHARED).contains(&k)
+        && planes[..k].iter().all(|p| {
+            p.is_some_and(|p| {
+                let f = planes[0].expect("checked");
+                p.in_dim() == f.in_dim() && p.group() == f.group()
+            })
+        });
+    if together {
+        let ls: [&PlaneLinear; planes::MAX_SHARED] = std::array::from_fn(|i| planes[i.min(k - 1)].expect("checked"));
+        let bits: [u32; planes::MAX_SHARED] = std::array::from_fn(|i| ls[i].bits().min(max_bits.max(1)));
+        PlaneLinear::forward_shared(&ls[..k], x, n, ys, &bits[..k], planes::Isa::detect());
+    } else {
+        for (l, y) in layers.iter().zip(ys.iter_mut()) {
+            l.forward_capped(x, n, y, max_bits);
+        }
+    }
 }
 
 /// A raw pointer that parallel tasks share to write *disjoint* parts of one buffer (rows of an

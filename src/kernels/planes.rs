@@ -120,6 +120,11 @@ pub const QMAX: f32 = 16383.0;
 impl QuantActs {
     /// Quantizes `x` (`n × cols`) with one scale per `group` columns: `q = round(x·QMAX/amax)`.
     pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize, group: usize) {
+        self.quantize_with(x, n, cols, group, Isa::detect());
+    }
+
+    /// [`QuantActs::quantize`] on the given path (every path gives the same bytes).
+    pub fn quantize_with(&mut self, x: &[f32], n: usize, cols: usize, group: usize, isa: Isa) {
         let padded = row_bytes(cols) * 8;
         let groups = cols.div_ceil(group);
         self.padded = padded;
@@ -137,26 +142,41 @@ impl QuantActs {
             let xr = &x[t * cols..(t + 1) * cols];
             let hr = &mut self.hi[t * padded..(t + 1) * padded];
             let lr = &mut self.lo[t * padded..(t + 1) * padded];
-            for g in 0..groups {
-                let cols_g = g * group..((g + 1) * group).min(cols);
-                let amax = xr[cols_g.clone()].iter().fold(0f32, |a, v| a.max(v.abs()));
-                let (d, id) = if amax > 0.0 { (amax / QMAX, QMAX / amax) } else { (0.0, 0.0) };
-                let mut sum = 0i32;
-                for j in cols_g {
-                    // Round half away from zero without a libm call (|x·id| ≤ QMAX: the cast is exact).
-                    let y = xr[j] * id;
-                    let q = (y + 0.5f32.copysign(y)).clamp(-QMAX, QMAX) as i32;
-                    hr[j] = (q >> 7) as i8;
-                    lr[j] = (q & 127) as i8;
-                    sum += q;
-                }
-                self.d[t * groups + g] = d;
-                self.dsum[t * groups + g] = d * sum as f32;
+            let d = &mut self.d[t * groups..(t + 1) * groups];
+            let dsum = &mut self.dsum[t * groups..(t + 1) * groups];
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 {
+                // SAFETY: the AVX-512 path is only chosen where the CPU has it.
+                unsafe { x86::quantize_row_avx512(xr, group, hr, lr, d, dsum) };
+                continue;
             }
-            hr[cols..].fill(0);
-            lr[cols..].fill(0);
+            let _ = isa;
+            quantize_row(xr, group, hr, lr, d, dsum);
         }
     }
+}
+
+/// One token's activations: the reference for [`QuantActs::quantize`].
+fn quantize_row(xr: &[f32], group: usize, hr: &mut [i8], lr: &mut [i8], d: &mut [f32], dsum: &mut [f32]) {
+    let cols = xr.len();
+    for g in 0..cols.div_ceil(group) {
+        let cols_g = g * group..((g + 1) * group).min(cols);
+        let amax = xr[cols_g.clone()].iter().fold(0f32, |a, v| a.max(v.abs()));
+        let (dg, id) = if amax > 0.0 { (amax / QMAX, QMAX / amax) } else { (0.0, 0.0) };
+        let mut sum = 0i32;
+        for j in cols_g {
+            // Round half away from zero without a libm call (|x·id| ≤ QMAX: the cast is exact).
+            let y = xr[j] * id;
+            let q = (y + 0.5f32.copysign(y)).clamp(-QMAX, QMAX) as i32;
+            hr[j] = (q >> 7) as i8;
+            lr[j] = (q & 127) as i8;
+            sum += q;
+        }
+        d[g] = dg;
+        dsum[g] = dg * sum as f32;
+    }
+    hr[cols..].fill(0);
+    lr[cols..].fill(0);
 }
 
 /// Per-group metadata of one tile of [`TILE`] rows, stored together so one load serves the tile.
@@ -166,6 +186,14 @@ struct TileMeta {
     scale: [u16; TILE],
     offset: [u16; TILE],
     dtype: [u8; TILE],
+}
+
+/// Most layers [`PlaneLinear::forward_shared`] takes at once.
+pub const MAX_SHARED: usize = 4;
+
+thread_local! {
+    /// Quantized activations of the matmul running on this thread (grown once, reused).
+    static ACTS: std::cell::RefCell<QuantActs> = std::cell::RefCell::new(QuantActs::default());
 }
 
 /// Bytes of planes: borrowed from a mapped `.bnest` file or owned.
@@ -263,38 +291,70 @@ impl PlaneLinear {
     pub fn master_bits(&self) -> u32 {
         self.master_bits
     }
+    pub fn group(&self) -> usize {
+        self.group
+    }
 
     /// `y = W_r·x (+ b)` for `n` tokens at `r` planes with the given instruction set.
     pub fn forward_with(&self, x: &[f32], n: usize, y: &mut [f32], r: u32, isa: Isa) {
-        assert!(r >= 1 && r <= self.master_bits, "cannot read {r} planes of {}", self.master_bits);
-        assert!(x.len() >= n * self.cols && y.len() >= n * self.rows);
-        thread_local! {
-            static ACTS: std::cell::RefCell<QuantActs> = std::cell::RefCell::new(QuantActs::default());
-        }
-        ACTS.with_borrow_mut(|acts| {
-            acts.quantize(&x[..n * self.cols], n, self.cols, self.group);
-            self.matmul(acts, n, &mut y[..n * self.rows], r, isa);
-        });
-        if let Some(b) = &self.bias {
-            for row in y[..n * self.rows].chunks_exact_mut(self.rows) {
-                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-            }
-        }
+        PlaneLinear::forward_shared(&[self], x, n, &mut [y], &[r], isa);
     }
 
-    fn matmul(&self, acts: &QuantActs, n: usize, y: &mut [f32], r: u32, isa: Isa) {
-        let tiles = self.rows.div_ceil(TILE);
-        let ctx = Ctx::new(self, r);
-        let out = SyncPtr(y.as_mut_ptr());
-        // Enough tasks to balance the threads, few enough that each streams a long stretch.
-        let tasks = (rayon::current_num_threads() * 4).min(tiles).max(1);
-        let per = tiles.div_ceil(tasks);
-        (0..tiles.div_ceil(per)).into_par_iter().for_each(|task| {
-            for tile in task * per..((task + 1) * per).min(tiles) {
-                // SAFETY: tiles write disjoint rows of `y`.
-                unsafe { ctx.tile(tile, acts, n, out, isa) };
+    /// `ys[i] = layers[i]·x (+ b)` at `bits[i]` planes, for up to [`MAX_SHARED`] layers that
+    /// read the same input (query, key and value; gate and up): the activations are quantized
+    /// once, and one parallel region covers the tiles of every layer. Each result is what
+    /// [`PlaneLinear::forward_with`] gives for that layer alone.
+    pub fn forward_shared(layers: &[&PlaneLinear], x: &[f32], n: usize, ys: &mut [&mut [f32]], bits: &[u32], isa: Isa) {
+        let first = layers.first().expect("at least one layer");
+        let (cols, group) = (first.cols, first.group);
+        assert!(layers.len() <= MAX_SHARED && ys.len() == layers.len() && bits.len() == layers.len());
+        for ((l, y), &r) in layers.iter().zip(ys.iter()).zip(bits) {
+            assert!(l.cols == cols && l.group == group, "layers sharing an input have its width and group size");
+            assert!(r >= 1 && r <= l.master_bits, "cannot read {r} planes of {}", l.master_bits);
+            assert!(x.len() >= n * cols && y.len() >= n * l.rows);
+        }
+        ACTS.with_borrow_mut(|acts| {
+            acts.quantize_with(&x[..n * cols], n, cols, group, isa);
+            let ctxs: [Option<Ctx>; MAX_SHARED] = std::array::from_fn(|i| layers.get(i).map(|l| Ctx::new(l, bits[i])));
+            let outs: [SyncPtr; MAX_SHARED] =
+                std::array::from_fn(|i| SyncPtr(ys.get_mut(i).map_or(std::ptr::null_mut(), |y| y.as_mut_ptr())));
+            // Tiles of all layers, one after the other.
+            let mut ends = [0usize; MAX_SHARED];
+            let mut total = 0;
+            for (i, l) in layers.iter().enumerate() {
+                total += l.rows.div_ceil(TILE);
+                ends[i] = total;
+            }
+            // Enough tasks to balance the threads, few enough that each streams a long stretch.
+            let tasks = (rayon::current_num_threads() * 4).min(total).max(1);
+            let per = total.div_ceil(tasks);
+            let acts = &*acts;
+            let run = |task: usize| {
+                let mut li = 0;
+                for t in task * per..((task + 1) * per).min(total) {
+                    while t >= ends[li] {
+                        li += 1;
+                    }
+                    let tile = t - if li == 0 { 0 } else { ends[li - 1] };
+                    let ctx = ctxs[li].as_ref().expect("a context per layer");
+                    // SAFETY: tiles write disjoint rows of their layer's output.
+                    unsafe { ctx.tile(tile, acts, n, outs[li], isa) };
+                }
+            };
+            let count = total.div_ceil(per);
+            if count == 1 {
+                run(0);
+            } else {
+                (0..count).into_par_iter().for_each(run);
             }
         });
+        for (l, y) in layers.iter().zip(ys.iter_mut()) {
+            if let Some(b) = &l.bias {
+                for row in y[..n * l.rows].chunks_exact_mut(l.rows) {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+            }
+        }
     }
 
     /// Decodes row `i` at `r` planes with exact f32 levels (embedding lookups).
@@ -332,6 +392,9 @@ impl Linear for PlaneLinear {
     }
     fn bits(&self) -> Option<u32> {
         Some(self.bits)
+    }
+    fn as_planes(&self) -> Option<&PlaneLinear> {
+        Some(self)
     }
     fn forward_capped(&self, x: &[f32], n: usize, y: &mut [f32], max_bits: u32) {
         self.forward_with(x, n, y, self.bits.min(max_bits.max(1)), Isa::detect());
@@ -666,6 +729,39 @@ mod tests {
     }
 
     #[test]
+    fn shared_input_layers_equal_separate_forwards() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let cols = 320;
+        let shapes = [(48, 8), (16, 6), (37, 8)];
+        let lins: Vec<PlaneLinear> = shapes
+            .iter()
+            .map(|&(rows, m)| {
+                let dts: Vec<GroupDtype> = ALL.iter().copied().filter(|d| d.native_bits() <= m).collect();
+                PlaneLinear::from_bitplanes(&layer(&mut rng, rows, cols, 64, m, &dts), m).unwrap()
+            })
+            .collect();
+        for n in [1, 2, 5, 9] {
+            let x = heavy(&mut rng, n * cols);
+            for isa in Isa::available() {
+                let bits = [3, 6, 8];
+                let mut want: Vec<Vec<f32>> = Vec::new();
+                for (l, &r) in lins.iter().zip(&bits) {
+                    let mut y = vec![0f32; n * l.rows];
+                    l.forward_with(&x, n, &mut y, r, isa);
+                    want.push(y);
+                }
+                let mut got: Vec<Vec<f32>> = lins.iter().map(|l| vec![7f32; n * l.rows]).collect();
+                let mut ys: Vec<&mut [f32]> = got.iter_mut().map(|v| v.as_mut_slice()).collect();
+                let ls: Vec<&PlaneLinear> = lins.iter().collect();
+                PlaneLinear::forward_shared(&ls, &x, n, &mut ys, &bits, isa);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} n{n}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn row_decodes_like_bitplanes() {
         let mut rng = StdRng::seed_from_u64(5);
         let bp = layer(&mut rng, 10, 320, 64, 6, &ALL[..5]);
@@ -686,6 +782,37 @@ mod tests {
         assert!(unsupported(32).is_some());
         assert!(unsupported(512).is_some());
         assert!(unsupported(128).is_none());
+    }
+
+    #[test]
+    fn activation_quantization_is_the_same_on_every_path() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for &(n, cols, group) in
+            &[(1, 64, 64), (3, 300, 128), (2, 576, 128), (5, 1000, 192), (1, 1536, 256), (2, 70, 64)]
+        {
+            let mut x = heavy(&mut rng, n * cols);
+            // A group of zeros, exact halves, and large values.
+            x[..group.min(cols)].fill(0.0);
+            if cols > group + 3 {
+                x[group] = 1.0;
+                x[group + 1] = 0.5 / QMAX;
+                x[group + 2] = -1e30;
+            }
+            let mut want = QuantActs::default();
+            want.quantize_with(&x, n, cols, group, Isa::Scalar);
+            for isa in Isa::available() {
+                let mut got = QuantActs::default();
+                got.quantize_with(&x, n, cols, group, isa);
+                let p = n * want.padded;
+                let g = n * want.groups;
+                assert_eq!((got.padded, got.groups), (want.padded, want.groups));
+                assert_eq!(got.hi[..p], want.hi[..p], "{isa:?} n{n} cols{cols}");
+                assert_eq!(got.lo[..p], want.lo[..p], "{isa:?} n{n} cols{cols}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.d[..g]), bits(&want.d[..g]));
+                assert_eq!(bits(&got.dsum[..g]), bits(&want.dsum[..g]));
+            }
+        }
     }
 
     #[test]

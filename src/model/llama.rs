@@ -10,9 +10,9 @@ use anyhow::{Result, ensure};
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
-use crate::kernels::attention::{HeadView, attend_slots};
+use crate::kernels::attention::{HeadView, Query, attend_group};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
-use crate::kernels::{Linear, SyncPtr};
+use crate::kernels::{Linear, SyncPtr, forward_shared};
 
 /// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
 pub struct Block {
@@ -55,14 +55,17 @@ pub struct Session {
     tmp: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    /// `n_heads × capacity` attention scores.
-    scores: Vec<f32>,
     logits: Vec<f32>,
     /// Tree passes: each node's position, and the cache slots of its ancestors and itself
     /// (`tree_slots[tree_off[i]..tree_off[i + 1]]`, increasing).
     positions: Vec<usize>,
     tree_slots: Vec<u32>,
     tree_off: Vec<usize>,
+}
+
+thread_local! {
+    /// Attention scores of one task (a few query heads of one token), per worker thread.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Read every plane a layer holds (no precision cap).
@@ -131,7 +134,6 @@ impl Llama {
             tmp: vec![0.0; b * c.dim],
             gate: vec![0.0; b * c.ffn_dim],
             up: vec![0.0; b * c.ffn_dim],
-            scores: vec![0.0; c.n_heads * capacity],
             logits: vec![0.0; c.vocab_size],
             positions: Vec::with_capacity(b),
             tree_slots: Vec::new(),
@@ -271,9 +273,8 @@ impl Llama {
             for t in 0..n {
                 rms_norm(&s.x[t * dim..(t + 1) * dim], &b.attn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
             }
-            b.wq.forward_capped(&s.xn, n, &mut s.q, max_bits);
-            b.wk.forward_capped(&s.xn, n, &mut s.k, max_bits);
-            b.wv.forward_capped(&s.xn, n, &mut s.v, max_bits);
+            // One quantization of the input and one parallel region for all three.
+            forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &s.xn, n, &mut [&mut s.q, &mut s.k, &mut s.v], max_bits);
             let layer_base = l * s.capacity * kv_dim;
             for t in 0..n {
                 let pos = s.positions[t];
@@ -291,8 +292,7 @@ impl Llama {
             for t in 0..n {
                 rms_norm(&s.x[t * dim..(t + 1) * dim], &b.ffn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
             }
-            b.w_gate.forward_capped(&s.xn, n, &mut s.gate, max_bits);
-            b.w_up.forward_capped(&s.xn, n, &mut s.up, max_bits);
+            forward_shared(&[&*b.w_gate, &*b.w_up], &s.xn, n, &mut [&mut s.gate, &mut s.up], max_bits);
             silu_mul(&mut s.gate[..n * c.ffn_dim], &s.up);
             b.w_down.forward_capped(&s.gate, n, &mut s.tmp, max_bits);
             s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
@@ -300,8 +300,9 @@ impl Llama {
     }
 
     /// Attention of `n` new tokens (already in the cache): causal over everything before them,
-    /// or with `tree`, over the prefix and each node's ancestors. Parallel over heads; each head
-    /// writes only its own slice of every `att` row.
+    /// or with `tree`, over the prefix and each node's ancestors. One task per (KV head, token)
+    /// computes the query heads sharing that KV head together; each writes only its own slices
+    /// of the `att` row.
     fn attention(&self, s: &mut Session, layer: usize, n: usize, tree: bool) {
         let c = &self.config;
         let (hd, kv_dim, cap) = (c.head_dim, c.kv_dim(), s.capacity);
@@ -314,23 +315,36 @@ impl Llama {
         let att = SyncPtr(s.att.as_mut_ptr());
         let start = s.pos;
         let (slots, off) = (&s.tree_slots, &s.tree_off);
-        let work = |(h, scores): (usize, &mut [f32])| {
-            let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: (h / group) * hd };
-            for t in 0..n {
-                let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                // SAFETY: head h owns columns [h·hd, (h+1)·hd) of every att row; rows < n.
-                let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(t * q_dim + h * hd), hd) };
-                if tree {
-                    attend_slots(qh, kv, start, &slots[off[t]..off[t + 1]], scale, scores, out);
-                } else {
-                    attend_slots(qh, kv, start + t + 1, &[], scale, scores, out);
+        let work = |item: usize| {
+            let (g, t) = (item % c.n_kv_heads, item / c.n_kv_heads);
+            let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: g * hd };
+            let (prefix, extra) = if tree { (start, &slots[off[t]..off[t + 1]]) } else { (start + t + 1, &[][..]) };
+            // Query heads of the group, at most eight per call (a fixed array: no allocation).
+            for j0 in (0..group).step_by(8) {
+                let m = (group - j0).min(8);
+                let mut qs: [Query; 8] = Default::default();
+                for (j, slot) in qs.iter_mut().enumerate().take(m) {
+                    let h = g * group + j0 + j;
+                    let at = t * q_dim + h * hd;
+                    // SAFETY: (token t, head h) owns columns [h·hd, (h+1)·hd) of att row t; t < n.
+                    let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(at), hd) };
+                    *slot = Query { q: &q[at..at + hd], prefix, extra, out };
                 }
+                SCORES.with_borrow_mut(|sc| {
+                    let need = m * (prefix + extra.len());
+                    if sc.len() < need {
+                        // Grows rarely: never below 64 Ki floats, then to a power of two.
+                        sc.resize(need.next_power_of_two().max(1 << 16), 0.0);
+                    }
+                    attend_group(kv, scale, &mut qs[..m], sc);
+                });
             }
         };
+        let items = c.n_kv_heads * n;
         if n * (start + n) < 256 {
-            s.scores.chunks_mut(cap).enumerate().for_each(work);
+            (0..items).for_each(work);
         } else {
-            s.scores.par_chunks_mut(cap).enumerate().for_each(work);
+            (0..items).into_par_iter().for_each(work);
         }
     }
 

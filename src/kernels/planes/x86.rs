@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Ctx, Levels, QuantActs, SyncPtr, TILE, TileMeta};
+use super::{Ctx, Levels, QMAX, QuantActs, SyncPtr, TILE, TileMeta};
 
 /// Largest number of 64-column chunks in a group.
 const MAX_CH: usize = super::MAX_GROUP / 64;
@@ -170,47 +170,125 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
         unsafe { _mm512_storeu_ps(out.get().add(tile * TILE), sum) };
         return;
     }
-    // A batch: rebuild each group's codes once and use them for every token.
-    let mut codes = [[_mm512_setzero_si512(); MAX_CH]; TILE];
+    // A batch: rebuild each group's codes once, transpose them so that a lane holds one row
+    // (four columns per 32-bit lane), and then every token's dot products accumulate in the
+    // lanes directly: one `vpdpbusd` with a broadcast of four activation bytes per four
+    // columns, and no horizontal reduction per (token, group).
+    let mut ct = [_mm512_setzero_si512(); TILE * MAX_CH];
     for g in 0..ctx.gpr {
         let m = &ctx.meta[tile * ctx.gpr + g];
         let chunks = ctx.chunks(g);
-        let nch = chunks.len();
-        for (i, row_codes) in codes.iter_mut().enumerate() {
-            let lv = ctx.levels[m.dtype[i] as usize];
-            let lookup = !lv.identity;
-            for (k, ch) in chunks.clone().enumerate() {
-                row_codes[k] = unsafe { codes512::<R>(&planes, row0 + i * rb + ch * 8, lv, lookup) };
+        for (k, ch) in chunks.clone().enumerate() {
+            let mut rows = [_mm512_setzero_si512(); TILE];
+            for (i, row) in rows.iter_mut().enumerate() {
+                let lv = ctx.levels[m.dtype[i] as usize];
+                *row = unsafe { codes512::<R>(&planes, row0 + i * rb + ch * 8, lv, !lv.identity) };
             }
+            let t = unsafe { transpose16(&rows) };
+            ct[k * TILE..(k + 1) * TILE].copy_from_slice(&t);
         }
         let (a, b) = unsafe { ab16(ctx, m) };
-        for t in 0..n {
-            let at = t * acts.padded + chunks.start * 64;
-            // The token's activations for the group stay in registers (≤ 8); each row then
-            // needs only two running sums, so nothing spills.
-            let mut qh = [_mm512_setzero_si512(); MAX_CH];
-            let mut ql = [_mm512_setzero_si512(); MAX_CH];
-            for k in 0..nch {
-                unsafe {
-                    qh[k] = _mm512_loadu_si512(acts.hi.as_ptr().add(at + k * 64) as *const __m512i);
-                    ql[k] = _mm512_loadu_si512(acts.lo.as_ptr().add(at + k * 64) as *const __m512i);
-                }
-            }
-            let mut acc = [_mm512_setzero_si512(); TILE];
-            for i in 0..TILE {
-                let (mut sh, mut sl) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                for k in 0..nch {
-                    sh = _mm512_dpbusd_epi32(sh, codes[i][k], qh[k]);
-                    sl = _mm512_dpbusd_epi32(sl, codes[i][k], ql[k]);
-                }
-                acc[i] = unsafe { combine(sh, sl) };
-            }
-            let k = t * acts.groups + g;
+        let quads = &ct[..chunks.len() * TILE];
+        let job =
+            Job { ctx, acts, quads, col0: chunks.start * 64, g, a, b, out: unsafe { out.get().add(tile * TILE) } };
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(BLOCK);
             unsafe {
-                let v = terms16(reduce16(&acc), a, b, acts.d[k], acts.dsum[k]);
-                let p = out.get().add(t * ctx.rows + tile * TILE);
+                match nt {
+                    1 => job.tokens::<1>(t0),
+                    2 => job.tokens::<2>(t0),
+                    3 => job.tokens::<3>(t0),
+                    4 => job.tokens::<4>(t0),
+                    5 => job.tokens::<5>(t0),
+                    6 => job.tokens::<6>(t0),
+                    7 => job.tokens::<7>(t0),
+                    _ => job.tokens::<BLOCK>(t0),
+                }
+            }
+            t0 += nt;
+        }
+    }
+}
+
+/// Tokens whose dot products run together in the batch path: two accumulators each.
+const BLOCK: usize = 8;
+
+/// Lane `i` of result `j` is lane `j` of `v[i]`: a 16 × 16 transpose of 32-bit elements.
+#[inline(always)]
+unsafe fn transpose16(v: &[__m512i; TILE]) -> [__m512i; TILE] {
+    unsafe {
+        // a[2p], a[2p+1]: rows 2p, 2p+1 interleaved (low and high pairs of each 128-bit lane).
+        let mut a = [_mm512_setzero_si512(); TILE];
+        for p in 0..TILE / 2 {
+            a[2 * p] = _mm512_unpacklo_epi32(v[2 * p], v[2 * p + 1]);
+            a[2 * p + 1] = _mm512_unpackhi_epi32(v[2 * p], v[2 * p + 1]);
+        }
+        // b[4q+c], 128-bit lane L: rows 4q..4q+3 at element 4L+c.
+        let mut b = [_mm512_setzero_si512(); TILE];
+        for q in 0..TILE / 4 {
+            b[4 * q] = _mm512_unpacklo_epi64(a[4 * q], a[4 * q + 2]);
+            b[4 * q + 1] = _mm512_unpackhi_epi64(a[4 * q], a[4 * q + 2]);
+            b[4 * q + 2] = _mm512_unpacklo_epi64(a[4 * q + 1], a[4 * q + 3]);
+            b[4 * q + 3] = _mm512_unpackhi_epi64(a[4 * q + 1], a[4 * q + 3]);
+        }
+        // A 4 × 4 transpose of 128-bit blocks for each c.
+        let mut out = [_mm512_setzero_si512(); TILE];
+        for c in 0..4 {
+            let y0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(b[c], b[4 + c]);
+            let y1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(b[c], b[4 + c]);
+            let y2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(b[8 + c], b[12 + c]);
+            let y3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(b[8 + c], b[12 + c]);
+            out[c] = _mm512_shuffle_i32x4::<0b10_00_10_00>(y0, y2);
+            out[4 + c] = _mm512_shuffle_i32x4::<0b11_01_11_01>(y0, y2);
+            out[8 + c] = _mm512_shuffle_i32x4::<0b10_00_10_00>(y1, y3);
+            out[12 + c] = _mm512_shuffle_i32x4::<0b11_01_11_01>(y1, y3);
+        }
+        out
+    }
+}
+
+/// One group of one tile in the batch path: its transposed codes and where its sums go.
+struct Job<'a> {
+    ctx: &'a Ctx<'a>,
+    acts: &'a QuantActs,
+    /// `quads[j]`, lane `i`: the levels of row `i` at columns `col0 + 4j .. col0 + 4j + 4`.
+    quads: &'a [__m512i],
+    col0: usize,
+    g: usize,
+    a: __m512,
+    b: __m512,
+    /// The tile's first row of token 0's output.
+    out: *mut f32,
+}
+
+impl Job<'_> {
+    /// Tokens `t0..t0 + NT`: their group dot products, and the group's term added to each.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn tokens<const NT: usize>(&self, t0: usize) {
+        let acts = self.acts;
+        let (hi, lo) = (acts.hi.as_ptr(), acts.lo.as_ptr());
+        let base: [usize; NT] = std::array::from_fn(|t| (t0 + t) * acts.padded + self.col0);
+        let mut sh = [_mm512_setzero_si512(); NT];
+        let mut sl = [_mm512_setzero_si512(); NT];
+        for (j, &c) in self.quads.iter().enumerate() {
+            for t in 0..NT {
+                unsafe {
+                    let qh = (hi.add(base[t] + 4 * j) as *const i32).read_unaligned();
+                    let ql = (lo.add(base[t] + 4 * j) as *const i32).read_unaligned();
+                    sh[t] = _mm512_dpbusd_epi32(sh[t], c, _mm512_set1_epi32(qh));
+                    sl[t] = _mm512_dpbusd_epi32(sl[t], c, _mm512_set1_epi32(ql));
+                }
+            }
+        }
+        for t in 0..NT {
+            let k = (t0 + t) * acts.groups + self.g;
+            unsafe {
+                let v = terms16(combine(sh[t], sl[t]), self.a, self.b, acts.d[k], acts.dsum[k]);
+                let p = self.out.add((t0 + t) * self.ctx.rows);
                 // The first group starts from zero, as the reference's accumulator does.
-                let prev = if g == 0 { _mm512_setzero_ps() } else { _mm512_loadu_ps(p) };
+                let prev = if self.g == 0 { _mm512_setzero_ps() } else { _mm512_loadu_ps(p) };
                 _mm512_storeu_ps(p, _mm512_add_ps(prev, v));
             }
         }
@@ -324,4 +402,60 @@ pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out:
             }
         }
     }
+}
+
+/// [`super::quantize_row`] in 16 lanes: the same exact operations (multiply, add, clamp,
+/// truncate), so the same bytes.
+///
+/// # Safety
+/// AVX-512 F/BW present.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize_row_avx512(
+    xr: &[f32],
+    group: usize,
+    hr: &mut [i8],
+    lr: &mut [i8],
+    d: &mut [f32],
+    dsum: &mut [f32],
+) {
+    let cols = xr.len();
+    assert!(hr.len() >= cols && lr.len() >= cols);
+    for g in 0..cols.div_ceil(group) {
+        let (c0, c1) = (g * group, ((g + 1) * group).min(cols));
+        let mask = |j: usize| -> __mmask16 { if c1 - j >= 16 { 0xffff } else { (1u16 << (c1 - j)) - 1 } };
+        let mut m = _mm512_setzero_ps();
+        let mut j = c0;
+        while j < c1 {
+            let v = unsafe { _mm512_maskz_loadu_ps(mask(j), xr.as_ptr().add(j)) };
+            m = _mm512_max_ps(m, _mm512_abs_ps(v));
+            j += 16;
+        }
+        let amax = _mm512_reduce_max_ps(m);
+        let (dg, id) = if amax > 0.0 { (amax / QMAX, QMAX / amax) } else { (0.0, 0.0) };
+        let (idv, half, sign) = (_mm512_set1_ps(id), _mm512_set1_ps(0.5), _mm512_set1_epi32(i32::MIN));
+        let (lo_q, hi_q) = (_mm512_set1_ps(-QMAX), _mm512_set1_ps(QMAX));
+        let mut sum = _mm512_setzero_si512();
+        let mut j = c0;
+        while j < c1 {
+            let k = mask(j);
+            unsafe {
+                let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr.as_ptr().add(j)), idv);
+                let h = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(y), sign), _mm512_castps_si512(half));
+                let t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, _mm512_castsi512_ps(h)), lo_q), hi_q);
+                let q = _mm512_cvttps_epi32(t);
+                _mm512_mask_cvtepi32_storeu_epi8(hr.as_mut_ptr().add(j), k, _mm512_srai_epi32::<7>(q));
+                _mm512_mask_cvtepi32_storeu_epi8(
+                    lr.as_mut_ptr().add(j),
+                    k,
+                    _mm512_and_si512(q, _mm512_set1_epi32(127)),
+                );
+                sum = _mm512_add_epi32(sum, q);
+            }
+            j += 16;
+        }
+        d[g] = dg;
+        dsum[g] = dg * _mm512_reduce_add_epi32(sum) as f32;
+    }
+    hr[cols..].fill(0);
+    lr[cols..].fill(0);
 }
