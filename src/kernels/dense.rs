@@ -7,8 +7,6 @@
 //! a tile of six tokens, so the layer is batch invariant; `f32::mul_add` gives the scalar
 //! reference the very same rounding, so SIMD and reference agree bit for bit.
 
-use rayon::prelude::*;
-
 use super::{Linear, SyncPtr};
 
 /// Output rows per panel (two AVX2 vectors).
@@ -99,7 +97,7 @@ fn matmul_packed(packed: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, 
     if panels * n * cols < 1 << 15 {
         (0..tasks).for_each(run);
     } else {
-        (0..tasks).into_par_iter().for_each(run);
+        super::team::parallel_for(tasks, run);
     }
 }
 

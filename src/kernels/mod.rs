@@ -5,6 +5,7 @@ pub mod attention;
 pub mod dense;
 pub mod ops;
 pub mod planes;
+pub mod team;
 
 pub use dense::DenseF32;
 pub use planes::PlaneLinear;

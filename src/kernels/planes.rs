@@ -23,7 +23,6 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use half::f16;
-use rayon::prelude::*;
 
 use super::{Linear, SyncPtr};
 use crate::quant::bitplane::{BitPlanes, row_bytes};
@@ -345,7 +344,7 @@ impl PlaneLinear {
             if count == 1 {
                 run(0);
             } else {
-                (0..count).into_par_iter().for_each(run);
+                super::team::parallel_for(count, run);
             }
         });
         for (l, y) in layers.iter().zip(ys.iter_mut()) {

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 
 use anyhow::{Result, ensure};
-use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use crate::kernels::attention::{HeadView, Query, attend_group};
@@ -344,7 +343,7 @@ impl Llama {
         if n * (start + n) < 256 {
             (0..items).for_each(work);
         } else {
-            (0..items).into_par_iter().for_each(work);
+            crate::kernels::team::parallel_for(items, work);
         }
     }
 
