@@ -35,6 +35,19 @@ unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Lev
         for (p, b) in planes.iter().enumerate() {
             let bits = (b.add(off) as *const u64).read_unaligned();
             let bv = _mm512_set1_epi8((1u32 << (R - 1 - p)) as i8);
+            if p == 0 {
+                // The first plane sets bytes rather than adding to zeros: one instruction less.
+                std::arch::asm!(
+                    "kmovq {k}, {bits}",
+                    "vmovdqu8 {c}{{{k}}}{{z}}, {bv}",
+                    k = out(kreg) _,
+                    bits = in(reg) bits,
+                    c = out(zmm_reg) c,
+                    bv = in(zmm_reg) bv,
+                    options(pure, nomem, nostack),
+                );
+                continue;
+            }
             // One masked byte add per plane. Written out because LLVM otherwise turns
             // `_mm512_mask_add_epi8` into an OR plus a masked move, a third more work.
             std::arch::asm!(
@@ -142,6 +155,23 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
             let chunks = ctx.chunks(g);
+            // Whole groups of one or two chunks (group sizes 64 and 128, the usual ones) keep
+            // their activations in registers and run without an inner loop.
+            if chunks.len() == 2 || chunks.len() == 1 {
+                let acc = unsafe {
+                    if chunks.len() == 2 {
+                        gemv_group::<R, 2>(ctx, m, &planes, row0, acts, chunks.start)
+                    } else {
+                        gemv_group::<R, 1>(ctx, m, &planes, row0, acts, chunks.start)
+                    }
+                };
+                unsafe {
+                    let (a, b) = ab16(ctx, m);
+                    let t = terms16(reduce16(&acc), a, b, acts.d[g], acts.dsum[g]);
+                    sum = _mm512_add_ps(sum, t);
+                }
+                continue;
+            }
             let mut acc = [_mm512_setzero_si512(); TILE];
             // Row by row, so each row's sums stay in registers across its chunks.
             for i in 0..TILE {
@@ -208,6 +238,43 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
             }
             t0 += nt;
         }
+    }
+}
+
+/// One group of `CH` whole chunks of the tile's 16 rows, for one token: each row's combined
+/// integer dot product, lane-partial (16 lanes to be summed by [`reduce16`]).
+#[inline(always)]
+unsafe fn gemv_group<const R: usize, const CH: usize>(
+    ctx: &Ctx,
+    m: &TileMeta,
+    planes: &[*const u8; R],
+    row0: usize,
+    acts: &QuantActs,
+    ch0: usize,
+) -> [__m512i; TILE] {
+    unsafe {
+        let qh: [__m512i; CH] =
+            std::array::from_fn(|k| _mm512_loadu_si512(acts.hi.as_ptr().add((ch0 + k) * 64) as *const __m512i));
+        let ql: [__m512i; CH] =
+            std::array::from_fn(|k| _mm512_loadu_si512(acts.lo.as_ptr().add((ch0 + k) * 64) as *const __m512i));
+        let mut acc = [_mm512_setzero_si512(); TILE];
+        let rb = ctx.row_bytes;
+        for (i, a) in acc.iter_mut().enumerate() {
+            // Datatype ids were validated when the layer was built.
+            let lv = *ctx.levels.get_unchecked(*m.dtype.get_unchecked(i) as usize);
+            let lookup = !lv.identity;
+            let off = row0 + i * rb + ch0 * 8;
+            let c0 = codes512::<R>(planes, off, lv, lookup);
+            let mut sh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, qh[0]);
+            let mut sl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, ql[0]);
+            for k in 1..CH {
+                let c = codes512::<R>(planes, off + k * 8, lv, lookup);
+                sh = _mm512_dpbusd_epi32(sh, c, qh[k]);
+                sl = _mm512_dpbusd_epi32(sl, c, ql[k]);
+            }
+            *a = combine(sh, sl);
+        }
+        acc
     }
 }
 
