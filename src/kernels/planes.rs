@@ -693,7 +693,7 @@ mod tests {
             let bp = layer(&mut rng, rows, cols, group, m, &dts);
             let lin = PlaneLinear::from_bitplanes(&bp, m).unwrap();
             for r in 1..=m {
-                for n in [1, 3, 7, 21] {
+                for n in [1, 2, 3, 4, 5, 7, 21] {
                     let x = heavy(&mut rng, n * cols);
                     let mut want = vec![0f32; n * rows];
                     lin.forward_with(&x, n, &mut want, r, Isa::Scalar);

@@ -148,30 +148,32 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
     let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { ctx.bytes.as_ptr().add(ctx.planes[p]) });
     let row0 = tile * TILE * ctx.row_bytes;
     let rb = ctx.row_bytes;
+    if n <= SMALL_BATCH && ctx.group <= 128 {
+        // Decoding, and the few tokens of a speculative verification: build each row's codes
+        // once and use them for every token straight away, with the activations of up to four
+        // tokens in registers; no transposes. The arithmetic per token is that of the batch
+        // path below, so results do not depend on which path ran.
+        let mut t0 = 0;
+        while t0 < n {
+            unsafe {
+                match n - t0 {
+                    1 => gemv_tokens::<R, 1>(ctx, tile, &planes, row0, acts, t0, out),
+                    2 => gemv_tokens::<R, 2>(ctx, tile, &planes, row0, acts, t0, out),
+                    3 => gemv_tokens::<R, 3>(ctx, tile, &planes, row0, acts, t0, out),
+                    _ => gemv_tokens::<R, 4>(ctx, tile, &planes, row0, acts, t0, out),
+                }
+            }
+            t0 += 4;
+        }
+        return;
+    }
     if n == 1 {
-        // Decoding: every weight is used once, so fuse code building and the dot product,
+        // Decoding with groups over two chunks: fuse code building and the dot product,
         // and keep the 16 row sums in a register across groups.
         let mut sum = _mm512_setzero_ps();
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
             let chunks = ctx.chunks(g);
-            // Whole groups of one or two chunks (group sizes 64 and 128, the usual ones) keep
-            // their activations in registers and run without an inner loop.
-            if chunks.len() == 2 || chunks.len() == 1 {
-                let acc = unsafe {
-                    if chunks.len() == 2 {
-                        gemv_group::<R, 2>(ctx, m, &planes, row0, acts, chunks.start)
-                    } else {
-                        gemv_group::<R, 1>(ctx, m, &planes, row0, acts, chunks.start)
-                    }
-                };
-                unsafe {
-                    let (a, b) = ab16(ctx, m);
-                    let t = terms16(reduce16(&acc), a, b, acts.d[g], acts.dsum[g]);
-                    sum = _mm512_add_ps(sum, t);
-                }
-                continue;
-            }
             let mut acc = [_mm512_setzero_si512(); TILE];
             // Row by row, so each row's sums stay in registers across its chunks.
             for i in 0..TILE {
@@ -241,38 +243,81 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
     }
 }
 
-/// One group of `CH` whole chunks of the tile's 16 rows, for one token: each row's combined
-/// integer dot product, lane-partial (16 lanes to be summed by [`reduce16`]).
+/// Most tokens that take the row-major path ([`gemv_tokens`]) instead of the transposed batch
+/// path: up to here, rebuilding codes is cheaper than transposing them.
+const SMALL_BATCH: usize = 4;
+
+/// Tokens `t0..t0 + NT` (`NT` ≤ 4) against one tile, groups of at most two chunks: every
+/// group's sums for each token, then the same float steps as every other path.
 #[inline(always)]
-unsafe fn gemv_group<const R: usize, const CH: usize>(
+unsafe fn gemv_tokens<const R: usize, const NT: usize>(
+    ctx: &Ctx,
+    tile: usize,
+    planes: &[*const u8; R],
+    row0: usize,
+    acts: &QuantActs,
+    t0: usize,
+    out: SyncPtr,
+) {
+    unsafe {
+        let mut sums = [_mm512_setzero_ps(); NT];
+        for g in 0..ctx.gpr {
+            let m = &ctx.meta[tile * ctx.gpr + g];
+            let chunks = ctx.chunks(g);
+            let acc = if chunks.len() == 2 {
+                gemv_group::<R, 2, NT>(ctx, m, planes, row0, acts, chunks.start, t0)
+            } else {
+                gemv_group::<R, 1, NT>(ctx, m, planes, row0, acts, chunks.start, t0)
+            };
+            let (a, b) = ab16(ctx, m);
+            for t in 0..NT {
+                let k = (t0 + t) * acts.groups + g;
+                sums[t] = _mm512_add_ps(sums[t], terms16(reduce16(&acc[t]), a, b, acts.d[k], acts.dsum[k]));
+            }
+        }
+        for (t, s) in sums.iter().enumerate() {
+            _mm512_storeu_ps(out.get().add((t0 + t) * ctx.rows + tile * TILE), *s);
+        }
+    }
+}
+
+/// One group of `CH` whole chunks of the tile's 16 rows for `NT` tokens: per token, each row's
+/// combined integer dot product, lane-partial (16 lanes to be summed by [`reduce16`]).
+#[inline(always)]
+unsafe fn gemv_group<const R: usize, const CH: usize, const NT: usize>(
     ctx: &Ctx,
     m: &TileMeta,
     planes: &[*const u8; R],
     row0: usize,
     acts: &QuantActs,
     ch0: usize,
-) -> [__m512i; TILE] {
+    t0: usize,
+) -> [[__m512i; TILE]; NT] {
     unsafe {
-        let qh: [__m512i; CH] =
-            std::array::from_fn(|k| _mm512_loadu_si512(acts.hi.as_ptr().add((ch0 + k) * 64) as *const __m512i));
-        let ql: [__m512i; CH] =
-            std::array::from_fn(|k| _mm512_loadu_si512(acts.lo.as_ptr().add((ch0 + k) * 64) as *const __m512i));
-        let mut acc = [_mm512_setzero_si512(); TILE];
+        let at = |t: usize, k: usize| (t0 + t) * acts.padded + (ch0 + k) * 64;
+        let qh: [[__m512i; CH]; NT] = std::array::from_fn(|t| {
+            std::array::from_fn(|k| _mm512_loadu_si512(acts.hi.as_ptr().add(at(t, k)) as *const __m512i))
+        });
+        let ql: [[__m512i; CH]; NT] = std::array::from_fn(|t| {
+            std::array::from_fn(|k| _mm512_loadu_si512(acts.lo.as_ptr().add(at(t, k)) as *const __m512i))
+        });
+        let mut acc = [[_mm512_setzero_si512(); TILE]; NT];
         let rb = ctx.row_bytes;
-        for (i, a) in acc.iter_mut().enumerate() {
+        for i in 0..TILE {
             // Datatype ids were validated when the layer was built.
             let lv = *ctx.levels.get_unchecked(*m.dtype.get_unchecked(i) as usize);
             let lookup = !lv.identity;
             let off = row0 + i * rb + ch0 * 8;
-            let c0 = codes512::<R>(planes, off, lv, lookup);
-            let mut sh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, qh[0]);
-            let mut sl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, ql[0]);
-            for k in 1..CH {
-                let c = codes512::<R>(planes, off + k * 8, lv, lookup);
-                sh = _mm512_dpbusd_epi32(sh, c, qh[k]);
-                sl = _mm512_dpbusd_epi32(sl, c, ql[k]);
+            let c: [__m512i; CH] = std::array::from_fn(|k| codes512::<R>(planes, off + k * 8, lv, lookup));
+            for t in 0..NT {
+                let mut sh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], qh[t][0]);
+                let mut sl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], ql[t][0]);
+                for k in 1..CH {
+                    sh = _mm512_dpbusd_epi32(sh, c[k], qh[t][k]);
+                    sl = _mm512_dpbusd_epi32(sl, c[k], ql[t][k]);
+                }
+                acc[t][i] = combine(sh, sl);
             }
-            *a = combine(sh, sl);
         }
         acc
     }
