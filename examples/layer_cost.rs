@@ -10,6 +10,9 @@ use bitnest::engine::Engine;
 use bitnest::kernels::Linear;
 use bitnest::model::BitsPlan;
 
+/// A layer kind: its name and how to find it in a block.
+type Kind = (&'static str, fn(&bitnest::model::llama::Block) -> &dyn Linear);
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let path = std::path::PathBuf::from(args.get(1).map(String::as_str).unwrap_or("model.bnest"));
@@ -17,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(1).build_global()?;
     let engine = Engine::load(&path, bits.map(|b| BitsPlan::uniform(Some(b))))?;
     let m = &engine.model;
-    let kinds: [(&str, fn(&bitnest::model::llama::Block) -> &dyn Linear); 7] = [
+    let kinds: [Kind; 7] = [
         ("q", |b| &*b.wq),
         ("k", |b| &*b.wk),
         ("v", |b| &*b.wv),
