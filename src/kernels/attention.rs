@@ -513,19 +513,8 @@ mod tests {
                     attend_slots(&qv[k], kv, *p, e, scale, &mut sc, &mut out);
                     assert_eq!(bits(&out), bits(&want[k]), "hd {hd} alone, query {k}");
                 }
-                let mut outs = vec![vec![0f32; hd]; m];
-                let mut qs: Vec<Query> = outs
-                    .iter_mut()
-                    .zip(&specs)
-                    .zip(&qv)
-                    .map(|((out, (p, e)), q)| Query { q, prefix: *p, extra: e, out })
-                    .collect();
-                attend_group(kv, scale, &mut qs, &mut sc);
-                for k in 0..m {
-                    assert_eq!(bits(&outs[k]), bits(&want[k]), "hd {hd} grouped, query {k} of {m}");
-                }
-                #[cfg(target_arch = "x86_64")]
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // All queries in one call of `run`, compared with the reference.
+                let mut grouped = |what: &str, run: &mut dyn FnMut(&mut [Query], &mut [f32])| {
                     let mut outs = vec![vec![0f32; hd]; m];
                     let mut qs: Vec<Query> = outs
                         .iter_mut()
@@ -533,10 +522,17 @@ mod tests {
                         .zip(&qv)
                         .map(|((out, (p, e)), q)| Query { q, prefix: *p, extra: e, out })
                         .collect();
-                    unsafe { group_avx2(kv, scale, &mut qs, &mut sc) };
+                    run(&mut qs, &mut sc);
+                    drop(qs);
                     for k in 0..m {
-                        assert_eq!(bits(&outs[k]), bits(&want[k]), "hd {hd} avx2 build, query {k}");
+                        assert_eq!(bits(&outs[k]), bits(&want[k]), "hd {hd} {what}, query {k} of {m}");
                     }
+                };
+                grouped("grouped", &mut |qs, sc| attend_group(kv, scale, qs, sc));
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the features the AVX2 build needs were just detected.
+                    grouped("avx2 build", &mut |qs, sc| unsafe { group_avx2(kv, scale, qs, sc) });
                 }
             }
         }

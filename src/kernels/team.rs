@@ -91,10 +91,6 @@ struct Team {
     lock: Mutex<()>,
 }
 
-// SAFETY: `Job` is only shared by reference between threads while the caller waits; its fields
-// are atomics or a `Sync` closure.
-unsafe impl Sync for Job<'_> {}
-
 impl Team {
     fn spawn(threads: usize) -> Team {
         let shared: &'static Shared = Box::leak(Box::new(Shared {

@@ -37,15 +37,7 @@ unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Lev
             let bv = _mm512_set1_epi8((1u32 << (R - 1 - p)) as i8);
             if p == 0 {
                 // The first plane sets bytes rather than adding to zeros: one instruction less.
-                std::arch::asm!(
-                    "kmovq {k}, {bits}",
-                    "vmovdqu8 {c}{{{k}}}{{z}}, {bv}",
-                    k = out(kreg) _,
-                    bits = in(reg) bits,
-                    c = out(zmm_reg) c,
-                    bv = in(zmm_reg) bv,
-                    options(pure, nomem, nostack),
-                );
+                c = _mm512_maskz_mov_epi8(bits, bv);
                 continue;
             }
             // One masked byte add per plane. Written out because LLVM otherwise turns
