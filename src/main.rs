@@ -68,6 +68,13 @@ struct QuantizeArgs {
     /// Scale multipliers tried per group, comma-separated.
     #[arg(long, default_value = "1,0.9")]
     scale_search: String,
+    /// Two-level scales: sub-blocks of this many weights (dividing --group) refine each group's
+    /// scale and offset with small integers, as llama.cpp's k-quants do. 0: none.
+    #[arg(long, default_value_t = 0)]
+    sub_group: usize,
+    /// Bits of each sub-block's scale and of its offset.
+    #[arg(long, default_value_t = 5)]
+    sub_bits: u32,
     #[arg(long, short = 't')]
     threads: Option<usize>,
 }
@@ -482,7 +489,15 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         .map(|t| t.trim().parse::<f32>())
         .collect::<Result<Vec<_>, _>>()
         .context("bad --scale-search")?;
-    let cfg = QuantConfig { group: a.group, master_bits: a.master_bits, dtypes, objective, scale_search };
+    let cfg = QuantConfig {
+        group: a.group,
+        master_bits: a.master_bits,
+        dtypes,
+        objective,
+        scale_search,
+        sub_group: a.sub_group,
+        sub_bits: if a.sub_group > 0 { a.sub_bits } else { 0 },
+    };
     cfg.validate()?;
     let path = resolve_model(&a.input)?;
     let source = bitnest::model::ModelSource::open(&path, None)?;
@@ -839,16 +854,22 @@ fn inspect_bnest(b: &bitnest::format::bnest::BnestFile, all: bool) {
     // All-in bits per weight at each precision: planes read + group metadata, over all matrices.
     let (mut weights, mut meta_bits, mut row_bits) = (0f64, 0f64, 0f64);
     for t in &h.tensors {
-        if let Encoding::Planes { group, .. } = &t.encoding {
+        if let Encoding::Planes { group, sub, .. } = &t.encoding {
             let (rows, cols) = (t.shape[0], t.shape[1]);
             weights += (rows * cols) as f64;
             meta_bits += (rows * cols.div_ceil(*group) * 40) as f64;
+            meta_bits += sub.map_or(0, |s| rows * cols.div_ceil(s.size) * 2 * s.bits as usize) as f64;
             row_bits += (rows * bitnest::quant::bitplane::row_bytes(cols) * 8) as f64;
         }
         if all {
             let enc = match &t.encoding {
                 Encoding::F32 { .. } => "f32".to_string(),
-                Encoding::Planes { group, master_bits, .. } => format!("{master_bits} planes, group {group}"),
+                Encoding::Planes { group, master_bits, sub: None, .. } => {
+                    format!("{master_bits} planes, group {group}")
+                }
+                Encoding::Planes { group, master_bits, sub: Some(s), .. } => {
+                    format!("{master_bits} planes, group {group}, {}-bit sub-scales per {}", s.bits, s.size)
+                }
             };
             println!("  {:<28} {:?} {enc}", t.name, t.shape);
         }

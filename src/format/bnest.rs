@@ -15,11 +15,14 @@ use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::LlamaConfig;
-use crate::quant::bitplane::{BitPlanes, QuantConfig, row_bytes};
+use crate::quant::bitplane::{BitPlanes, QuantConfig, SUB_BITS_MAX, SUB_BITS_MIN, SubScales, row_bytes};
 use crate::quant::dtype::MAX_BITS;
 
 pub const MAGIC: &[u8; 8] = b"BITNEST\0";
-pub const VERSION: u32 = 1;
+/// Written by this build. Version 2 added optional sub-block scales; version 1 files read as
+/// before.
+pub const VERSION: u32 = 2;
+const OLDEST_VERSION: u32 = 1;
 const PREAMBLE: usize = 32;
 const ALIGN: u64 = 64;
 /// A header larger than this is not a header.
@@ -38,8 +41,26 @@ pub struct Section {
 pub enum Encoding {
     /// Plain little-endian f32 (norms, biases).
     F32 { data: Section },
-    /// Nested bit planes with per-group f16 scale, f16 offset and u8 datatype id.
-    Planes { group: usize, master_bits: u32, planes: Vec<Section>, scales: Section, offsets: Section, dtypes: Section },
+    /// Nested bit planes with per-group f16 scale, f16 offset and u8 datatype id, and
+    /// optionally second-level scales per sub-block.
+    Planes {
+        group: usize,
+        master_bits: u32,
+        planes: Vec<Section>,
+        scales: Section,
+        offsets: Section,
+        dtypes: Section,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sub: Option<SubSection>,
+    },
+}
+
+/// Where a tensor's sub-block scales lie: [`SubScales::pack`]'s bit stream.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct SubSection {
+    pub size: usize,
+    pub bits: u32,
+    pub data: Section,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -98,7 +119,8 @@ pub fn write(path: &Path, mut header: Header, tensors: Vec<(String, Vec<usize>, 
                 let scales = place(bp.scales.iter().flat_map(|x| x.to_le_bytes()).collect(), &mut blobs);
                 let offsets = place(bp.offsets.iter().flat_map(|x| x.to_le_bytes()).collect(), &mut blobs);
                 let dtypes = place(bp.dtypes, &mut blobs);
-                Encoding::Planes { group: bp.group, master_bits: bp.master_bits, planes, scales, offsets, dtypes }
+                let sub = bp.sub.map(|s| SubSection { size: s.size, bits: s.bits, data: place(s.pack(), &mut blobs) });
+                Encoding::Planes { group: bp.group, master_bits: bp.master_bits, planes, scales, offsets, dtypes, sub }
             }
         };
         header.tensors.push(TensorDesc { name, shape, encoding });
@@ -122,10 +144,14 @@ pub fn write(path: &Path, mut header: Header, tensors: Vec<(String, Vec<usize>, 
         };
         pad(w, &mut pos)?;
         debug_assert_eq!(pos, data_start);
-        for b in &blobs {
+        for (i, b) in blobs.iter().enumerate() {
             w.write_all(b)?;
             pos += b.len() as u64;
-            pad(w, &mut pos)?;
+            // No padding after the last section: every byte of the file is then covered by a
+            // length check, so any truncation is detected.
+            if i + 1 < blobs.len() {
+                pad(w, &mut pos)?;
+            }
         }
         Ok(())
     })
@@ -170,7 +196,10 @@ impl BnestFile {
         ensure!(len >= PREAMBLE as u64, "file truncated: {len} bytes, no preamble");
         ensure!(&mmap[..8] == MAGIC, "bad magic: not a .bnest file");
         let version = u32::from_le_bytes(mmap[8..12].try_into().unwrap());
-        ensure!(version == VERSION, "unsupported .bnest version {version} (this build reads {VERSION})");
+        ensure!(
+            (OLDEST_VERSION..=VERSION).contains(&version),
+            "unsupported .bnest version {version} (this build reads {OLDEST_VERSION} to {VERSION})"
+        );
         let hlen = u64::from_le_bytes(mmap[16..24].try_into().unwrap());
         ensure!(hlen <= MAX_HEADER, "header length {hlen} is absurd");
         ensure!(PREAMBLE as u64 + hlen <= len, "file truncated: header needs {hlen} bytes");
@@ -181,6 +210,8 @@ impl BnestFile {
         header.config.validate()?;
         header.quant.validate()?;
         let data_start = (PREAMBLE as u64 + hlen).div_ceil(ALIGN) * ALIGN;
+        let has_sub = header.tensors.iter().any(|t| matches!(t.encoding, Encoding::Planes { sub: Some(_), .. }));
+        ensure!(version >= 2 || !has_sub, "sub-block scales in a version {version} file");
         let file = BnestFile { header, mmap: Arc::new(mmap), data_start };
         for t in &file.header.tensors {
             file.validate_tensor(t).with_context(|| format!("tensor {}", t.name))?;
@@ -226,7 +257,7 @@ impl BnestFile {
                 ensure!(data.len == n as u64 * 4, "f32 data has {} bytes for {n} values", data.len);
                 self.section(data)?;
             }
-            Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes } => {
+            Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes, sub } => {
                 ensure!(t.shape.len() == 2, "bit planes need a 2-D shape");
                 ensure!(
                     (1..=MAX_BITS).contains(master_bits) && planes.len() == *master_bits as usize,
@@ -252,6 +283,21 @@ impl BnestFile {
                 self.section(scales)?;
                 self.section(offsets)?;
                 self.section(dtypes)?;
+                if let Some(s) = sub {
+                    ensure!(
+                        s.size >= 8 && s.size < *group && group.is_multiple_of(s.size),
+                        "sub-block size {} does not divide group size {group}",
+                        s.size
+                    );
+                    ensure!((SUB_BITS_MIN..=SUB_BITS_MAX).contains(&s.bits), "sub-scale bits {} out of range", s.bits);
+                    let n = (rows * cols.div_ceil(s.size)) as u64;
+                    ensure!(
+                        s.data.len == (n * 2 * s.bits as u64).div_ceil(8),
+                        "sub-scales have {} bytes for {n} sub-blocks",
+                        s.data.len
+                    );
+                    self.section(&s.data)?;
+                }
             }
         }
         Ok(())
@@ -274,7 +320,7 @@ impl BnestFile {
     /// The bit planes of a `Planes` tensor, reading only the first `r` planes (the others
     /// are left empty: they are never touched).
     pub fn planes(&self, t: &TensorDesc, r: u32) -> Result<BitPlanes> {
-        let Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes } = &t.encoding else {
+        let Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes, sub } = &t.encoding else {
             bail!("tensor {} is not stored as bit planes", t.name)
         };
         ensure!(r >= 1 && r <= *master_bits, "tensor {} has {master_bits} planes; cannot read {r}", t.name);
@@ -294,13 +340,20 @@ impl BnestFile {
             scales: u16s(scales)?,
             offsets: u16s(offsets)?,
             dtypes: self.bytes(dtypes)?.to_vec(),
+            sub: match sub {
+                None => None,
+                Some(s) => {
+                    let n = t.shape[0] * t.shape[1].div_ceil(s.size);
+                    Some(SubScales::unpack(self.bytes(&s.data)?, s.size, s.bits, n)?)
+                }
+            },
         })
     }
 
     /// The byte ranges of a `Planes` tensor inside the shared mapping (bounds and checksums
     /// were checked at open).
     pub fn plane_ranges(&self, t: &TensorDesc) -> Result<PlaneRanges> {
-        let Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes } = &t.encoding else {
+        let Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes, .. } = &t.encoding else {
             bail!("tensor {} is not stored as bit planes", t.name)
         };
         let range = |s: &Section| -> Result<std::ops::Range<usize>> {
@@ -329,10 +382,13 @@ impl BnestFile {
             params += n as f64;
             bits += match &t.encoding {
                 Encoding::F32 { .. } => 32.0 * n as f64,
-                Encoding::Planes { group, master_bits, .. } => {
+                Encoding::Planes { group, master_bits, sub, .. } => {
                     let r = plan.bits_for(&t.name, *master_bits)?;
                     let (rows, cols) = (t.shape[0], t.shape[1]);
-                    (rows * row_bytes(cols) * 8) as f64 * r as f64 + (rows * cols.div_ceil(*group)) as f64 * 40.0
+                    let sub_bits = sub.map_or(0, |s| rows * cols.div_ceil(s.size) * 2 * s.bits as usize);
+                    (rows * row_bytes(cols) * 8) as f64 * r as f64
+                        + (rows * cols.div_ceil(*group)) as f64 * 40.0
+                        + sub_bits as f64
                 }
             };
         }
@@ -374,15 +430,21 @@ mod tests {
             dtypes: ALL.to_vec(),
             objective: QuantConfig::default_objective(6),
             scale_search: vec![1.0, 0.9],
+            sub_group: 0,
+            sub_bits: 0,
         }
     }
 
-    /// Writes a file with one plane tensor and one f32 tensor; returns it and the originals.
-    fn sample(dir: &Path) -> (std::path::PathBuf, BitPlanes, Vec<f32>) {
+    /// Writes a file with two plane tensors (one with sub-block scales) and one f32 tensor;
+    /// returns it and the originals.
+    fn sample(dir: &Path) -> (std::path::PathBuf, BitPlanes, BitPlanes, Vec<f32>) {
         let mut rng = StdRng::seed_from_u64(9);
         let (rows, cols) = (24, 80);
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0f32..1.0).powi(3)).collect();
         let planes = BitPlanes::quantize(&w, rows, cols, &quant()).unwrap();
+        let two_level = QuantConfig { sub_group: 8, sub_bits: 5, ..quant() };
+        let sub_planes = BitPlanes::quantize(&w, rows, cols, &two_level).unwrap();
+        assert!(sub_planes.sub.is_some());
         let norm: Vec<f32> = (0..64).map(|i| 1.0 + i as f32 / 100.0).collect();
         let header = Header {
             format_version: VERSION,
@@ -397,20 +459,22 @@ mod tests {
         let tensors = vec![
             ("blk.0.attn_q.weight".to_string(), vec![rows, cols], TensorData::Planes(planes.clone())),
             ("blk.0.attn_norm.weight".to_string(), vec![64], TensorData::F32(norm.clone())),
+            ("blk.0.attn_k.weight".to_string(), vec![rows, cols], TensorData::Planes(sub_planes.clone())),
         ];
         write(&path, header, tensors).unwrap();
-        (path, planes, norm)
+        (path, planes, sub_planes, norm)
     }
 
     #[test]
     fn write_then_read_is_bit_exact() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, planes, norm) = sample(dir.path());
+        let (path, planes, sub_planes, norm) = sample(dir.path());
         let f = BnestFile::open(&path).unwrap();
         assert_eq!(f.header.config, config());
         assert_eq!(f.header.chat_template.as_deref(), Some("{{ messages }}"));
         let t = f.tensor("blk.0.attn_q.weight").unwrap();
         assert_eq!(f.planes(t, 6).unwrap(), planes);
+        assert_eq!(f.planes(f.tensor("blk.0.attn_k.weight").unwrap(), 6).unwrap(), sub_planes);
         // Reading fewer planes returns exactly the leading planes.
         let three = f.planes(t, 3).unwrap();
         assert_eq!(&three.planes[..3], &planes.planes[..3]);
@@ -426,7 +490,7 @@ mod tests {
     #[test]
     fn every_truncation_and_corruption_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, _, _) = sample(dir.path());
+        let (path, ..) = sample(dir.path());
         let full = std::fs::read(&path).unwrap();
         let bad = dir.path().join("bad.bnest");
         let step = (full.len() / 400).max(1);
@@ -441,8 +505,8 @@ mod tests {
         for t in &good.header.tensors {
             let secs: Vec<Section> = match &t.encoding {
                 Encoding::F32 { data } => vec![*data],
-                Encoding::Planes { planes, scales, offsets, dtypes, .. } => {
-                    planes.iter().copied().chain([*scales, *offsets, *dtypes]).collect()
+                Encoding::Planes { planes, scales, offsets, dtypes, sub, .. } => {
+                    planes.iter().copied().chain([*scales, *offsets, *dtypes]).chain(sub.map(|s| s.data)).collect()
                 }
             };
             for s in secs {
@@ -459,9 +523,13 @@ mod tests {
             }
         }
         let mut b = full.clone();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
         std::fs::write(&bad, &b).unwrap();
         assert!(format!("{:#}", BnestFile::open(&bad).err().unwrap()).contains("unsupported .bnest version"));
+        let mut b = full.clone();
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        std::fs::write(&bad, &b).unwrap();
+        assert!(format!("{:#}", BnestFile::open(&bad).err().unwrap()).contains("sub-block scales in a version 1"));
         let mut b = full.clone();
         b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         std::fs::write(&bad, &b).unwrap();

@@ -270,6 +270,7 @@ impl PlaneLinear {
 
     /// Owned copy of in-memory [`BitPlanes`] (tests, freshly quantized tensors).
     pub fn from_bitplanes(bp: &BitPlanes, bits: u32) -> anyhow::Result<Self> {
+        anyhow::ensure!(bp.sub.is_none(), "sub-block scales have no bit-serial kernel");
         let mut bytes = Vec::with_capacity(bp.planes.iter().map(Vec::len).sum());
         let mut ranges = Vec::new();
         for p in &bp.planes {

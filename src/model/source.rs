@@ -144,8 +144,9 @@ impl ModelSource {
     fn plane_linear(&self, name: &str, rows: usize, cols: usize) -> Result<Option<PlaneLinear>> {
         let Self::Bnest(b, plan) = self else { return Ok(None) };
         let Some(t) = b.tensor(name) else { return Ok(None) };
-        let Encoding::Planes { group, master_bits, .. } = &t.encoding else { return Ok(None) };
-        if planes::unsupported(*group).is_some() {
+        let Encoding::Planes { group, master_bits, sub, .. } = &t.encoding else { return Ok(None) };
+        // Sub-block scales have no bit-serial kernel yet: those tensors are dequantized.
+        if planes::unsupported(*group).is_some() || sub.is_some() {
             return Ok(None);
         }
         ensure!(t.shape == [rows, cols], "tensor {name} has shape {:?}, expected [{rows}, {cols}]", t.shape);
