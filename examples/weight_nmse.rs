@@ -38,6 +38,8 @@ fn main() {
         dtypes,
         objective,
         scale_search: scales,
+        sub_group: 0,
+        sub_bits: 0,
     };
     let master =
         BitPlanes::quantize(&w, rows, cols, &cfg(8, both(8), QuantConfig::default_objective(8), vec![1.0, 0.9]))

@@ -113,6 +113,8 @@ impl QuantConfig {
 
 /// Scale bits, offset bits and datatype id of one group.
 type GroupMeta = (u16, u16, u8);
+/// One row's quantization: its plane bits, group metadata and sub-block multipliers.
+type RowQuant = (Vec<u8>, Vec<GroupMeta>, Vec<(u8, i8)>);
 
 /// Narrowest and widest sub-block scale the format takes.
 pub const SUB_BITS_MIN: u32 = 2;
@@ -215,7 +217,7 @@ impl BitPlanes {
         let m = cfg.master_bits as usize;
         let sub_per_group = cfg.sub().map_or(1, |(size, _)| cfg.group / size);
         // Per row: codes packed into planes, group metadata and sub-block scales.
-        let per_row: Vec<(Vec<u8>, Vec<GroupMeta>, Vec<(u8, i8)>)> = w
+        let per_row: Vec<RowQuant> = w
             .par_chunks(cols)
             .map(|row| {
                 let mut bits = vec![0u8; m * rb];
