@@ -78,9 +78,19 @@ fn main() {
         let scales = vec![half::f16::from_f32(0.01).to_bits(); rows * gpr];
         let offsets = vec![0u16; rows * gpr];
         let dtypes = vec![0u8; rows * gpr];
-        let lin =
-            PlaneLinear::new(std::sync::Arc::new(bytes), ranges, rows, cols, group, &scales, &offsets, &dtypes, m)
-                .unwrap();
+        let lin = PlaneLinear::new(
+            std::sync::Arc::new(bytes),
+            ranges,
+            rows,
+            cols,
+            group,
+            &scales,
+            &offsets,
+            &dtypes,
+            None,
+            m,
+        )
+        .unwrap();
         let mut y = vec![0f32; rows];
         for r in [2u32, 4, 8] {
             let iters = 20;

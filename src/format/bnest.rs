@@ -320,7 +320,7 @@ impl BnestFile {
     /// The bit planes of a `Planes` tensor, reading only the first `r` planes (the others
     /// are left empty: they are never touched).
     pub fn planes(&self, t: &TensorDesc, r: u32) -> Result<BitPlanes> {
-        let Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes, sub } = &t.encoding else {
+        let Encoding::Planes { group, master_bits, planes, scales, offsets, dtypes, .. } = &t.encoding else {
             bail!("tensor {} is not stored as bit planes", t.name)
         };
         ensure!(r >= 1 && r <= *master_bits, "tensor {} has {master_bits} planes; cannot read {r}", t.name);
@@ -340,14 +340,15 @@ impl BnestFile {
             scales: u16s(scales)?,
             offsets: u16s(offsets)?,
             dtypes: self.bytes(dtypes)?.to_vec(),
-            sub: match sub {
-                None => None,
-                Some(s) => {
-                    let n = t.shape[0] * t.shape[1].div_ceil(s.size);
-                    Some(SubScales::unpack(self.bytes(&s.data)?, s.size, s.bits, n)?)
-                }
-            },
+            sub: self.sub_scales(t)?,
         })
+    }
+
+    /// The sub-block multipliers of a two-level `Planes` tensor; `None` for other tensors.
+    pub fn sub_scales(&self, t: &TensorDesc) -> Result<Option<SubScales>> {
+        let Encoding::Planes { sub: Some(s), .. } = &t.encoding else { return Ok(None) };
+        let n = t.shape[0] * t.shape[1].div_ceil(s.size);
+        Ok(Some(SubScales::unpack(self.bytes(&s.data)?, s.size, s.bits, n)?))
     }
 
     /// The byte ranges of a `Planes` tensor inside the shared mapping (bounds and checksums

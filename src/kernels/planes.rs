@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use half::f16;
 
 use super::{Linear, SyncPtr};
-use crate::quant::bitplane::{BitPlanes, row_bytes};
+use crate::quant::bitplane::{BitPlanes, SubScales, row_bytes};
 use crate::quant::dtype::{ALL, GroupDtype, MAX_BITS};
 
 /// Rows computed together: they share the activation loads and one transpose-reduce.
@@ -109,6 +109,8 @@ pub struct QuantActs {
     /// `n × groups`: the group's step `d` and `d·Σq`.
     pub d: Vec<f32>,
     pub dsum: Vec<f32>,
+    /// `n × padded / 32`: `Σq` of every 32 columns, for layers with sub-block scales.
+    pub qsum: Vec<i32>,
     pub padded: usize,
     pub groups: usize,
 }
@@ -152,6 +154,17 @@ impl QuantActs {
             let _ = isa;
             quantize_row(xr, group, hr, lr, d, dsum);
         }
+        // Sums per sub-block of 32, from the bytes just written (the same on every path).
+        let blocks = padded / SUB;
+        if self.qsum.len() < n * blocks {
+            self.qsum.resize(n * blocks, 0);
+        }
+        for t in 0..n {
+            for (b, q) in self.qsum[t * blocks..(t + 1) * blocks].iter_mut().enumerate() {
+                let at = t * padded + b * SUB;
+                *q = (0..SUB).map(|j| 128 * self.hi[at + j] as i32 + self.lo[at + j] as i32).sum();
+            }
+        }
     }
 }
 
@@ -187,6 +200,18 @@ struct TileMeta {
     dtype: [u8; TILE],
 }
 
+/// The one sub-block size the kernel takes: half a 64-column chunk.
+pub const SUB: usize = 32;
+
+/// Sub-block multipliers of a layer, tile-major like [`TileMeta`]: entry `tile · spr + k` holds
+/// sub-block `k` of the tile's 16 rows. `spr` counts two sub-blocks per 64-column chunk; those
+/// past the row's end are zero.
+struct SubMeta {
+    spr: usize,
+    scale: Vec<[u8; TILE]>,
+    offset: Vec<[i8; TILE]>,
+}
+
 /// Most layers [`PlaneLinear::forward_shared`] takes at once.
 pub const MAX_SHARED: usize = 4;
 
@@ -212,18 +237,33 @@ pub struct PlaneLinear {
     row_bytes: usize,
     /// `tiles × groups`, rows past `rows` padded with zero scale and offset.
     meta: Vec<TileMeta>,
+    sub: Option<SubMeta>,
     bias: Option<Vec<f32>>,
 }
 
-/// Why a plane tensor cannot use this kernel (it then falls back to f32).
-pub fn unsupported(group: usize) -> Option<String> {
-    (!group.is_multiple_of(64) || group > MAX_GROUP)
-        .then(|| format!("group size {group} (the bit-serial kernel needs a multiple of 64 up to {MAX_GROUP})"))
+/// Why a plane tensor cannot use this kernel (it then falls back to f32). `sub` is the
+/// sub-block size and scale bits of two-level tensors.
+pub fn unsupported(group: usize, sub: Option<(usize, u32)>) -> Option<String> {
+    match sub {
+        None => (!group.is_multiple_of(64) || group > MAX_GROUP)
+            .then(|| format!("group size {group} (the bit-serial kernel needs a multiple of 64 up to {MAX_GROUP})")),
+        // Σ_k scale_k·Σq_k over a group must stay inside an i32.
+        Some((size, bits)) => (size != SUB
+            || !group.is_multiple_of(64)
+            || group as f64 * ((1u64 << bits) - 1) as f64 * QMAX as f64 >= i32::MAX as f64)
+            .then(|| {
+                format!(
+                    "sub-blocks of {size} with {bits}-bit scales in groups of {group} (the bit-serial kernel needs \
+                     sub-blocks of {SUB} in groups that are a multiple of 64)"
+                )
+            }),
+    }
 }
 
 impl PlaneLinear {
     /// Wraps planes lying in `store` (each range one plane, most significant first) with their
-    /// per-group metadata (f16 scale and offset bits, datatype ids), read at `bits` planes.
+    /// per-group metadata (f16 scale and offset bits, datatype ids) and, for two-level tensors,
+    /// their sub-block multipliers, read at `bits` planes.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
@@ -234,10 +274,11 @@ impl PlaneLinear {
         scales: &[u16],
         offsets: &[u16],
         dtypes: &[u8],
+        sub: Option<&SubScales>,
         bits: u32,
     ) -> anyhow::Result<Self> {
         use anyhow::ensure;
-        if let Some(why) = unsupported(group) {
+        if let Some(why) = unsupported(group, sub.map(|s| (s.size, s.bits))) {
             anyhow::bail!("{why}");
         }
         let master_bits = planes.len() as u32;
@@ -265,19 +306,67 @@ impl PlaneLinear {
                 m.dtype[row % TILE] = d.id();
             }
         }
-        Ok(PlaneLinear { rows, cols, group, master_bits, bits, store, planes, row_bytes: rb, meta, bias: None })
+        let l = PlaneLinear {
+            rows,
+            cols,
+            group,
+            master_bits,
+            bits,
+            store,
+            planes,
+            row_bytes: rb,
+            meta,
+            sub: None,
+            bias: None,
+        };
+        match sub {
+            Some(sub) => l.with_sub(sub),
+            None => Ok(l),
+        }
+    }
+
+    /// Lays out a two-level tensor's sub-block multipliers tile-major.
+    fn with_sub(mut self, sub: &SubScales) -> anyhow::Result<Self> {
+        use anyhow::ensure;
+        let per_row = sub.per_row(self.cols);
+        ensure!(
+            sub.scale.len() == self.rows * per_row && sub.offset.len() == self.rows * per_row,
+            "sub-scales do not match the tensor"
+        );
+        let spr = self.cols.div_ceil(64) * 2;
+        let tiles = self.rows.div_ceil(TILE);
+        let mut scale = vec![[0u8; TILE]; tiles * spr];
+        let mut offset = vec![[0i8; TILE]; tiles * spr];
+        for row in 0..self.rows {
+            for k in 0..per_row {
+                scale[(row / TILE) * spr + k][row % TILE] = sub.scale[row * per_row + k];
+                offset[(row / TILE) * spr + k][row % TILE] = sub.offset[row * per_row + k];
+            }
+        }
+        self.sub = Some(SubMeta { spr, scale, offset });
+        Ok(self)
     }
 
     /// Owned copy of in-memory [`BitPlanes`] (tests, freshly quantized tensors).
     pub fn from_bitplanes(bp: &BitPlanes, bits: u32) -> anyhow::Result<Self> {
-        anyhow::ensure!(bp.sub.is_none(), "sub-block scales have no bit-serial kernel");
         let mut bytes = Vec::with_capacity(bp.planes.iter().map(Vec::len).sum());
         let mut ranges = Vec::new();
         for p in &bp.planes {
             ranges.push(bytes.len()..bytes.len() + p.len());
             bytes.extend_from_slice(p);
         }
-        PlaneLinear::new(Arc::new(bytes), ranges, bp.rows, bp.cols, bp.group, &bp.scales, &bp.offsets, &bp.dtypes, bits)
+        PlaneLinear::new(
+            Arc::new(bytes),
+            ranges,
+            bp.rows,
+            bp.cols,
+            bp.group,
+            &bp.scales,
+            &bp.offsets,
+            &bp.dtypes,
+            bp.sub.as_ref(),
+            bits,
+        )
     }
 
     pub fn with_bias(mut self, bias: Option<Vec<f32>>) -> Self {
@@ -369,6 +458,13 @@ impl PlaneLinear {
             let o = f16::from_bits(m.offset[i % TILE]).to_f32();
             for (j, v) in og.iter_mut().enumerate() {
                 let col = g * self.group + j;
+                let (s, o) = match &self.sub {
+                    None => (s, o),
+                    Some(sub) => {
+                        let k = (i / TILE) * sub.spr + col / SUB;
+                        (s * sub.scale[k][i % TILE] as f32, o * sub.offset[k][i % TILE] as f32)
+                    }
+                };
                 let mut c = 0usize;
                 for p in &self.planes[..r as usize] {
                     let byte = bytes[p.start + i * self.row_bytes + col / 8];
@@ -400,10 +496,15 @@ impl Linear for PlaneLinear {
         self.forward_with(x, n, y, self.bits.min(max_bits.max(1)), Isa::detect());
     }
     fn weight_bytes(&self) -> usize {
-        self.rows * self.row_bytes * self.bits as usize + self.meta.len() * std::mem::size_of::<TileMeta>()
+        self.rows * self.row_bytes * self.bits as usize
+            + self.meta.len() * std::mem::size_of::<TileMeta>()
+            + self.sub.as_ref().map_or(0, |s| s.scale.len() * 2 * TILE)
     }
     fn format_name(&self) -> String {
-        format!("planes {}/{} g{}", self.bits, self.master_bits, self.group)
+        match &self.sub {
+            None => format!("planes {}/{} g{}", self.bits, self.master_bits, self.group),
+            Some(_) => format!("planes {}/{} g{}/{SUB}", self.bits, self.master_bits, self.group),
+        }
     }
     fn row(&self, i: usize, out: &mut [f32]) {
         self.row_at(i, out, self.bits);
@@ -467,6 +568,7 @@ struct Ctx<'a> {
     group: usize,
     gpr: usize,
     meta: &'a [TileMeta],
+    sub: Option<&'a SubMeta>,
     r: u32,
     /// Per datatype id: its tables at `r`.
     levels: [&'static Levels; ALL.len()],
@@ -500,6 +602,7 @@ impl<'a> Ctx<'a> {
             group: l.group,
             gpr: l.cols.div_ceil(l.group),
             meta: &l.meta,
+            sub: l.sub.as_ref(),
             r,
             levels,
         }
@@ -535,10 +638,35 @@ impl<'a> Ctx<'a> {
         (a, o - a * self.z[d])
     }
 
+    /// `(A, z, O)` of one row's group in a two-level layer: level `l` of sub-block `k` is the
+    /// weight `A·sc_k·(l − z) + O·mn_k`.
+    #[inline(always)]
+    fn azo(&self, m: &TileMeta, i: usize) -> (f32, f32, f32) {
+        let d = m.dtype[i] as usize;
+        let s = f16::from_bits(m.scale[i]).to_f32();
+        (s * self.mu[d], self.z[d], f16::from_bits(m.offset[i]).to_f32())
+    }
+
+    /// The float part of a two-level group, shared by every path: `f = Σ_k dot_k·sc_k` summed
+    /// in float in sub-block order, `t1 = Σ_k sc_k·Σq_k` and `t2 = Σ_k mn_k·Σq_k` exact.
+    #[inline(always)]
+    fn sub_term(f: f32, t1: i32, t2: i32, a: f32, z: f32, o: f32, d: f32) -> f32 {
+        let x = f - z * t1 as f32;
+        x * (a * d) + (o * d) * t2 as f32
+    }
+
     /// # Safety
     /// `out` must point to an `n × rows` buffer of which this call alone writes the tile's rows.
     unsafe fn tile(&self, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr, isa: Isa) {
         let full = (tile + 1) * TILE <= self.rows;
+        if let Some(sub) = self.sub {
+            #[cfg(target_arch = "x86_64")]
+            if full && isa == Isa::Avx512 {
+                return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out) };
+            }
+            // AVX2 has no two-level path yet: the reference serves it.
+            return unsafe { self.tile_sub_scalar(sub, tile, acts, n, out) };
+        }
         #[cfg(target_arch = "x86_64")]
         if full {
             match isa {
@@ -588,6 +716,56 @@ impl<'a> Ctx<'a> {
     }
 }
 
+impl Ctx<'_> {
+    /// The two-level reference: per sub-block of 32 an exact integer dot product, then
+    /// [`Ctx::sub_term`] per group. Every sub-block slot of a chunk is visited, the empty one
+    /// past a row's end included (its multipliers are zero), as the vector paths do.
+    unsafe fn tile_sub_scalar(&self, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+        let r = self.r as usize;
+        let blocks = acts.padded / SUB;
+        for i in 0..TILE {
+            let row = tile * TILE + i;
+            if row >= self.rows {
+                break;
+            }
+            for t in 0..n {
+                let mut acc = 0f32;
+                for g in 0..self.gpr {
+                    let m = &self.meta[tile * self.gpr + g];
+                    let table = &self.levels[m.dtype[i] as usize].table;
+                    let (mut f, mut t1, mut t2) = (0f32, 0i32, 0i32);
+                    for ch in self.chunks(g) {
+                        let words: [u64; MAX_BITS as usize] =
+                            std::array::from_fn(|p| if p < r { self.word(p, row, ch) } else { 0 });
+                        for half in 0..2 {
+                            let k = 2 * ch + half;
+                            let (mut hi, mut lo) = (0i32, 0i32);
+                            for j in half * SUB..(half + 1) * SUB {
+                                let mut c = 0usize;
+                                for w in &words[..r] {
+                                    c = (c << 1) | ((w >> j) & 1) as usize;
+                                }
+                                let at = t * acts.padded + ch * 64 + j;
+                                hi += table[c] as i32 * acts.hi[at] as i32;
+                                lo += table[c] as i32 * acts.lo[at] as i32;
+                            }
+                            let sc = sub.scale[tile * sub.spr + k][i];
+                            let mn = sub.offset[tile * sub.spr + k][i];
+                            f += (128 * hi + lo) as f32 * sc as f32;
+                            let qs = acts.qsum[t * blocks + k];
+                            t1 += sc as i32 * qs;
+                            t2 += mn as i32 * qs;
+                        }
+                    }
+                    let (a, z, o) = self.azo(m, i);
+                    acc += Ctx::sub_term(f, t1, t2, a, z, o, acts.d[t * acts.groups + g]);
+                }
+                unsafe { *out.get().add(t * self.rows + row) = acc };
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 // Index loops walk several parallel arrays (codes, accumulators, activations) in step.
 #[allow(clippy::needless_range_loop)]
@@ -611,8 +789,27 @@ mod tests {
     }
 
     fn layer(rng: &mut StdRng, rows: usize, cols: usize, group: usize, m: u32, dtypes: &[GroupDtype]) -> BitPlanes {
+        two_level(rng, rows, cols, group, m, dtypes, None)
+    }
+
+    /// A layer with sub-block scales `(size, bits)` when given.
+    fn two_level(
+        rng: &mut StdRng,
+        rows: usize,
+        cols: usize,
+        group: usize,
+        m: u32,
+        dtypes: &[GroupDtype],
+        sub: Option<(usize, u32)>,
+    ) -> BitPlanes {
         let w = heavy(rng, rows * cols);
-        BitPlanes::quantize(&w, rows, cols, &QuantConfig::new(group, m, dtypes.to_vec())).unwrap()
+        let mut cfg = QuantConfig::new(group, m, dtypes.to_vec());
+        if let Some((size, bits)) = sub {
+            (cfg.sub_group, cfg.sub_bits) = (size, bits);
+        }
+        let bp = BitPlanes::quantize(&w, rows, cols, &cfg).unwrap();
+        assert_eq!(bp.sub.is_some(), sub.is_some());
+        bp
     }
 
     #[test]
@@ -647,9 +844,15 @@ mod tests {
     #[test]
     fn matches_dequantized_reference_where_levels_are_exact() {
         let mut rng = StdRng::seed_from_u64(7);
-        for &(rows, cols, group) in &[(8, 128, 64), (13, 200, 128), (4, 576, 128)] {
-            let bp =
-                layer(&mut rng, rows, cols, group, 4, &[GroupDtype::Int, GroupDtype::Fp4ErPos, GroupDtype::Fp4EaNeg]);
+        for &(rows, cols, group, sub) in &[
+            (8, 128, 64, None),
+            (13, 200, 128, None),
+            (4, 576, 128, None),
+            (16, 576, 576, Some((32, 6))),
+            (13, 224, 192, Some((32, 5))),
+        ] {
+            let dts = [GroupDtype::Int, GroupDtype::Fp4ErPos, GroupDtype::Fp4EaNeg];
+            let bp = two_level(&mut rng, rows, cols, group, 4, &dts, sub);
             let lin = PlaneLinear::from_bitplanes(&bp, 4).unwrap();
             for r in 1..=4 {
                 let n = 3;
@@ -681,17 +884,21 @@ mod tests {
     fn every_path_equals_the_scalar_reference_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(11);
         let all = ALL.to_vec();
-        for &(rows, cols, group, m) in &[
+        for &(rows, cols, group, m, sub) in &[
             // Full 16-row tiles (SIMD paths) and ragged tails (the scalar path).
-            (16, 64, 64, 8),
-            (48, 576, 128, 8),
-            (41, 1000, 192, 6),
-            (36, 1536, 256, 5),
-            (32, 130, 64, 4),
-            (16, 128, 128, 3),
+            (16, 64, 64, 8, None),
+            (48, 576, 128, 8, None),
+            (41, 1000, 192, 6, None),
+            (36, 1536, 256, 5, None),
+            (32, 130, 64, 4, None),
+            (16, 128, 128, 3, None),
+            // Two-level layers, an empty sub-block slot past the row's end included.
+            (32, 576, 576, 8, Some((32, 6))),
+            (17, 224, 192, 4, Some((32, 5))),
+            (16, 1536, 576, 6, Some((32, 6))),
         ] {
             let dts: Vec<GroupDtype> = all.iter().copied().filter(|d| d.native_bits() <= m).collect();
-            let bp = layer(&mut rng, rows, cols, group, m, &dts);
+            let bp = two_level(&mut rng, rows, cols, group, m, &dts, sub);
             let lin = PlaneLinear::from_bitplanes(&bp, m).unwrap();
             for r in 1..=m {
                 for n in [1, 2, 3, 4, 5, 7, 21] {
@@ -713,17 +920,22 @@ mod tests {
     fn batch_invariant_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(3);
         let (rows, cols) = (36, 576);
-        let bp = layer(&mut rng, rows, cols, 128, 8, &ALL);
-        let lin = PlaneLinear::from_bitplanes(&bp, 8).unwrap();
-        let n = 9;
-        let x = heavy(&mut rng, n * cols);
-        for r in [2, 4, 8] {
-            let mut batch = vec![0f32; n * rows];
-            lin.forward_with(&x, n, &mut batch, r, Isa::detect());
-            for t in 0..n {
-                let mut one = vec![0f32; rows];
-                lin.forward_with(&x[t * cols..(t + 1) * cols], 1, &mut one, r, Isa::detect());
-                assert!(one.iter().zip(&batch[t * rows..]).all(|(a, b)| a.to_bits() == b.to_bits()), "r{r} token {t}");
+        for (group, sub) in [(128, None), (576, Some((32, 6)))] {
+            let bp = two_level(&mut rng, rows, cols, group, 8, &ALL, sub);
+            let lin = PlaneLinear::from_bitplanes(&bp, 8).unwrap();
+            let n = 9;
+            let x = heavy(&mut rng, n * cols);
+            for r in [2, 4, 8] {
+                let mut batch = vec![0f32; n * rows];
+                lin.forward_with(&x, n, &mut batch, r, Isa::detect());
+                for t in 0..n {
+                    let mut one = vec![0f32; rows];
+                    lin.forward_with(&x[t * cols..(t + 1) * cols], 1, &mut one, r, Isa::detect());
+                    assert!(
+                        one.iter().zip(&batch[t * rows..]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "r{r} token {t}"
+                    );
+                }
             }
         }
     }
@@ -764,24 +976,30 @@ mod tests {
     #[test]
     fn row_decodes_like_bitplanes() {
         let mut rng = StdRng::seed_from_u64(5);
-        let bp = layer(&mut rng, 10, 320, 64, 6, &ALL[..5]);
-        let lin = PlaneLinear::from_bitplanes(&bp, 6).unwrap();
-        for r in 1..=6 {
-            let mut w = vec![0f32; 10 * 320];
-            bp.dequantize(r, &mut w).unwrap();
-            for i in 0..10 {
-                let mut row = vec![0f32; 320];
-                lin.row_at(i, &mut row, r);
-                assert_eq!(row, &w[i * 320..(i + 1) * 320]);
+        for bp in
+            [layer(&mut rng, 10, 320, 64, 6, &ALL[..5]), two_level(&mut rng, 10, 320, 64, 6, &ALL[..5], Some((32, 4)))]
+        {
+            let lin = PlaneLinear::from_bitplanes(&bp, 6).unwrap();
+            for r in 1..=6 {
+                let mut w = vec![0f32; 10 * 320];
+                bp.dequantize(r, &mut w).unwrap();
+                for i in 0..10 {
+                    let mut row = vec![0f32; 320];
+                    lin.row_at(i, &mut row, r);
+                    assert_eq!(row, &w[i * 320..(i + 1) * 320]);
+                }
             }
         }
     }
 
     #[test]
     fn odd_group_sizes_are_refused() {
-        assert!(unsupported(32).is_some());
-        assert!(unsupported(512).is_some());
-        assert!(unsupported(128).is_none());
+        assert!(unsupported(32, None).is_some());
+        assert!(unsupported(512, None).is_some());
+        assert!(unsupported(128, None).is_none());
+        assert!(unsupported(576, Some((32, 6))).is_none());
+        assert!(unsupported(576, Some((64, 6))).is_some());
+        assert!(unsupported(576, Some((32, 8))).is_some());
     }
 
     #[test]

@@ -145,8 +145,7 @@ impl ModelSource {
         let Self::Bnest(b, plan) = self else { return Ok(None) };
         let Some(t) = b.tensor(name) else { return Ok(None) };
         let Encoding::Planes { group, master_bits, sub, .. } = &t.encoding else { return Ok(None) };
-        // Sub-block scales have no bit-serial kernel yet: those tensors are dequantized.
-        if planes::unsupported(*group).is_some() || sub.is_some() {
+        if planes::unsupported(*group, sub.map(|s| (s.size, s.bits))).is_some() {
             return Ok(None);
         }
         ensure!(t.shape == [rows, cols], "tensor {name} has shape {:?}, expected [{rows}, {cols}]", t.shape);
@@ -158,8 +157,20 @@ impl ModelSource {
         };
         let (scales, offsets) = (u16s(&pr.scales), u16s(&pr.offsets));
         let dtypes = bytes[pr.dtypes.clone()].to_vec();
-        let l = PlaneLinear::new(pr.map.clone(), pr.planes, rows, cols, *group, &scales, &offsets, &dtypes, r)
-            .with_context(|| format!("tensor {name}"))?;
+        let sub = b.sub_scales(t)?;
+        let l = PlaneLinear::new(
+            pr.map.clone(),
+            pr.planes,
+            rows,
+            cols,
+            *group,
+            &scales,
+            &offsets,
+            &dtypes,
+            sub.as_ref(),
+            r,
+        )
+        .with_context(|| format!("tensor {name}"))?;
         Ok(Some(l))
     }
 

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Ctx, Levels, QMAX, QuantActs, SyncPtr, TILE, TileMeta};
+use super::{Ctx, Levels, QMAX, QuantActs, SUB, SubMeta, SyncPtr, TILE, TileMeta};
 
 /// Largest number of 64-column chunks in a group.
 const MAX_CH: usize = super::MAX_GROUP / 64;
@@ -312,6 +312,132 @@ unsafe fn gemv_group<const R: usize, const CH: usize, const NT: usize>(
             }
         }
         acc
+    }
+}
+
+/// Two-level layers (sub-block scales of 32): each chunk's 16 rows reduced to two sub-block
+/// sums per row, scaled in float in sub-block order; the arithmetic of
+/// [`Ctx::tile_sub_scalar`](super::Ctx) lane-wise over rows. Tokens go four at a time, codes
+/// rebuilt for each four.
+///
+/// # Safety
+/// As [`tile_avx512`].
+pub unsafe fn tile_sub_avx512(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+    unsafe {
+        match ctx.r {
+            1 => tile_sub512::<1>(ctx, sub, tile, acts, n, out),
+            2 => tile_sub512::<2>(ctx, sub, tile, acts, n, out),
+            3 => tile_sub512::<3>(ctx, sub, tile, acts, n, out),
+            4 => tile_sub512::<4>(ctx, sub, tile, acts, n, out),
+            5 => tile_sub512::<5>(ctx, sub, tile, acts, n, out),
+            6 => tile_sub512::<6>(ctx, sub, tile, acts, n, out),
+            7 => tile_sub512::<7>(ctx, sub, tile, acts, n, out),
+            _ => tile_sub512::<8>(ctx, sub, tile, acts, n, out),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma")]
+unsafe fn tile_sub512<const R: usize>(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+    let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { ctx.bytes.as_ptr().add(ctx.planes[p]) });
+    let row0 = tile * TILE * ctx.row_bytes;
+    let mut t0 = 0;
+    while t0 < n {
+        unsafe {
+            match n - t0 {
+                1 => sub_tokens::<R, 1>(ctx, sub, tile, &planes, row0, acts, t0, out),
+                2 => sub_tokens::<R, 2>(ctx, sub, tile, &planes, row0, acts, t0, out),
+                3 => sub_tokens::<R, 3>(ctx, sub, tile, &planes, row0, acts, t0, out),
+                _ => sub_tokens::<R, 4>(ctx, sub, tile, &planes, row0, acts, t0, out),
+            }
+        }
+        t0 += 4;
+    }
+}
+
+/// Lane `i` of the first result is the sum of lanes 0–7 of `acc[i]` (columns 0–31 of the
+/// chunk), of the second lanes 8–15: [`reduce16`] without its last addition.
+#[inline(always)]
+unsafe fn reduce16_halves(acc: &[__m512i; TILE]) -> (__m512i, __m512i) {
+    unsafe {
+        let v0 = quad(pair(acc[0], acc[1]), pair(acc[2], acc[3]));
+        let v1 = quad(pair(acc[4], acc[5]), pair(acc[6], acc[7]));
+        let v2 = quad(pair(acc[8], acc[9]), pair(acc[10], acc[11]));
+        let v3 = quad(pair(acc[12], acc[13]), pair(acc[14], acc[15]));
+        // Blocks: rows 0–3 first half, rows 0–3 second half, rows 4–7 first, rows 4–7 second.
+        let s01 = _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v1),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v1),
+        );
+        let s23 = _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(v2, v3),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(v2, v3),
+        );
+        (_mm512_shuffle_i32x4::<0b10_00_10_00>(s01, s23), _mm512_shuffle_i32x4::<0b11_01_11_01>(s01, s23))
+    }
+}
+
+/// Tokens `t0..t0 + NT` of a two-level layer against one tile.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn sub_tokens<const R: usize, const NT: usize>(
+    ctx: &Ctx,
+    sub: &SubMeta,
+    tile: usize,
+    planes: &[*const u8; R],
+    row0: usize,
+    acts: &QuantActs,
+    t0: usize,
+    out: SyncPtr,
+) {
+    unsafe {
+        let blocks = acts.padded / SUB;
+        let mut sums = [_mm512_setzero_ps(); NT];
+        for g in 0..ctx.gpr {
+            let m = &ctx.meta[tile * ctx.gpr + g];
+            let mut f = [_mm512_setzero_ps(); NT];
+            let mut t1 = [_mm512_setzero_si512(); NT];
+            let mut t2 = [_mm512_setzero_si512(); NT];
+            for ch in ctx.chunks(g) {
+                let acc = gemv_group::<R, 1, NT>(ctx, m, planes, row0, acts, ch, t0);
+                let k = tile * sub.spr + 2 * ch;
+                let sc0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sub.scale[k].as_ptr() as *const __m128i));
+                let sc1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sub.scale[k + 1].as_ptr() as *const __m128i));
+                let mn0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sub.offset[k].as_ptr() as *const __m128i));
+                let mn1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sub.offset[k + 1].as_ptr() as *const __m128i));
+                let (fs0, fs1) = (_mm512_cvtepi32_ps(sc0), _mm512_cvtepi32_ps(sc1));
+                for t in 0..NT {
+                    let (d0, d1) = reduce16_halves(&acc[t]);
+                    f[t] = _mm512_add_ps(f[t], _mm512_mul_ps(_mm512_cvtepi32_ps(d0), fs0));
+                    f[t] = _mm512_add_ps(f[t], _mm512_mul_ps(_mm512_cvtepi32_ps(d1), fs1));
+                    let q = (t0 + t) * blocks + 2 * ch;
+                    let (q0, q1) = (_mm512_set1_epi32(acts.qsum[q]), _mm512_set1_epi32(acts.qsum[q + 1]));
+                    t1[t] = _mm512_add_epi32(t1[t], _mm512_mullo_epi32(sc0, q0));
+                    t1[t] = _mm512_add_epi32(t1[t], _mm512_mullo_epi32(sc1, q1));
+                    t2[t] = _mm512_add_epi32(t2[t], _mm512_mullo_epi32(mn0, q0));
+                    t2[t] = _mm512_add_epi32(t2[t], _mm512_mullo_epi32(mn1, q1));
+                }
+            }
+            // (A, z, O) of the 16 rows, lane-wise as `Ctx::azo`.
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(m.scale.as_ptr() as *const __m256i));
+            let o = _mm512_cvtph_ps(_mm256_loadu_si256(m.offset.as_ptr() as *const __m256i));
+            let dt = _mm512_cvtepu8_epi32(_mm_loadu_si128(m.dtype.as_ptr() as *const __m128i));
+            let a = _mm512_mul_ps(s, _mm512_permutexvar_ps(dt, _mm512_loadu_ps(ctx.mu.as_ptr())));
+            let z = _mm512_permutexvar_ps(dt, _mm512_loadu_ps(ctx.z.as_ptr()));
+            for t in 0..NT {
+                // `Ctx::sub_term`, lane-wise.
+                let d = _mm512_set1_ps(acts.d[(t0 + t) * acts.groups + g]);
+                let x = _mm512_sub_ps(f[t], _mm512_mul_ps(z, _mm512_cvtepi32_ps(t1[t])));
+                let term = _mm512_add_ps(
+                    _mm512_mul_ps(x, _mm512_mul_ps(a, d)),
+                    _mm512_mul_ps(_mm512_mul_ps(o, d), _mm512_cvtepi32_ps(t2[t])),
+                );
+                sums[t] = _mm512_add_ps(sums[t], term);
+            }
+        }
+        for (t, s) in sums.iter().enumerate() {
+            _mm512_storeu_ps(out.get().add((t0 + t) * ctx.rows + tile * TILE), *s);
+        }
     }
 }
 
