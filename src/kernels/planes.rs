@@ -202,6 +202,9 @@ struct TileMeta {
 
 /// The one sub-block size the kernel takes: half a 64-column chunk.
 pub const SUB: usize = 32;
+/// Largest group of a two-level layer the kernel takes (its batch path keeps a whole group's
+/// transposed codes on the stack).
+pub const MAX_SUB_GROUP: usize = 2048;
 
 /// Sub-block multipliers of a layer, tile-major like [`TileMeta`]: entry `tile · spr + k` holds
 /// sub-block `k` of the tile's 16 rows. `spr` counts two sub-blocks per 64-column chunk; those
@@ -250,11 +253,12 @@ pub fn unsupported(group: usize, sub: Option<(usize, u32)>) -> Option<String> {
         // Σ_k scale_k·Σq_k over a group must stay inside an i32.
         Some((size, bits)) => (size != SUB
             || !group.is_multiple_of(64)
+            || group > MAX_SUB_GROUP
             || group as f64 * ((1u64 << bits) - 1) as f64 * QMAX as f64 >= i32::MAX as f64)
             .then(|| {
                 format!(
                     "sub-blocks of {size} with {bits}-bit scales in groups of {group} (the bit-serial kernel needs \
-                     sub-blocks of {SUB} in groups that are a multiple of 64)"
+                     sub-blocks of {SUB} in groups that are a multiple of 64 up to {MAX_SUB_GROUP})"
                 )
             }),
     }

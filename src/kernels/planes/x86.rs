@@ -341,6 +341,58 @@ pub unsafe fn tile_sub_avx512(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &Quan
 unsafe fn tile_sub512<const R: usize>(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
     let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { ctx.bytes.as_ptr().add(ctx.planes[p]) });
     let row0 = tile * TILE * ctx.row_bytes;
+    if n > SMALL_BATCH {
+        // A batch: each group's codes built and transposed once (rows in lanes), then every
+        // token's sub-block sums come out per row with no horizontal reduction.
+        // Uninitialized: a group fills only its own chunks' entries, and reads only those.
+        let mut ct = [const { std::mem::MaybeUninit::<__m512i>::uninit() }; TILE * MAX_SUB_CH];
+        for g in 0..ctx.gpr {
+            let m = &ctx.meta[tile * ctx.gpr + g];
+            let chunks = ctx.chunks(g);
+            for (k, ch) in chunks.clone().enumerate() {
+                let mut rows = [_mm512_setzero_si512(); TILE];
+                for (i, row) in rows.iter_mut().enumerate() {
+                    let lv = ctx.levels[m.dtype[i] as usize];
+                    *row = unsafe { codes512::<R>(&planes, row0 + i * ctx.row_bytes + ch * 8, lv, !lv.identity) };
+                }
+                let t = unsafe { transpose16(&rows) };
+                for (dst, v) in ct[k * TILE..(k + 1) * TILE].iter_mut().zip(t) {
+                    dst.write(v);
+                }
+            }
+            // SAFETY: the first `chunks.len() · TILE` entries were written just above.
+            let quads = unsafe { std::slice::from_raw_parts(ct.as_ptr() as *const __m512i, chunks.len() * TILE) };
+            let job = SubJob {
+                ctx,
+                sub,
+                acts,
+                quads,
+                ch0: chunks.start,
+                g,
+                m,
+                tile,
+                out: unsafe { out.get().add(tile * TILE) },
+            };
+            let mut t0 = 0;
+            while t0 < n {
+                let nt = (n - t0).min(BLOCK);
+                unsafe {
+                    match nt {
+                        1 => job.tokens::<1>(t0),
+                        2 => job.tokens::<2>(t0),
+                        3 => job.tokens::<3>(t0),
+                        4 => job.tokens::<4>(t0),
+                        5 => job.tokens::<5>(t0),
+                        6 => job.tokens::<6>(t0),
+                        7 => job.tokens::<7>(t0),
+                        _ => job.tokens::<BLOCK>(t0),
+                    }
+                }
+                t0 += nt;
+            }
+        }
+        return;
+    }
     let mut t0 = 0;
     while t0 < n {
         unsafe {
@@ -352,6 +404,101 @@ unsafe fn tile_sub512<const R: usize>(ctx: &Ctx, sub: &SubMeta, tile: usize, act
             }
         }
         t0 += 4;
+    }
+}
+
+/// Most 64-column chunks in a two-level group.
+const MAX_SUB_CH: usize = super::MAX_SUB_GROUP / 64;
+
+/// One group of a two-level layer for a batch, codes transposed (see [`Job`]).
+struct SubJob<'a> {
+    ctx: &'a Ctx<'a>,
+    sub: &'a SubMeta,
+    acts: &'a QuantActs,
+    /// `quads[j]`, lane `i`: the levels of row `i` at columns `64·ch0 + 4j .. + 4`.
+    quads: &'a [__m512i],
+    ch0: usize,
+    g: usize,
+    m: &'a TileMeta,
+    tile: usize,
+    /// The tile's first row of token 0's output.
+    out: *mut f32,
+}
+
+impl SubJob<'_> {
+    /// Tokens `t0..t0 + NT`: per sub-block of 32 columns, eight `vpdpbusd` give each row's
+    /// exact sum, scaled into `f` in sub-block order; then [`Ctx::sub_term`] lane-wise.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn tokens<const NT: usize>(&self, t0: usize) {
+        let acts = self.acts;
+        let (hi, lo) = (acts.hi.as_ptr(), acts.lo.as_ptr());
+        let blocks = acts.padded / SUB;
+        let col0 = self.ch0 * 64;
+        let base: [usize; NT] = std::array::from_fn(|t| (t0 + t) * acts.padded + col0);
+        let mut f = [_mm512_setzero_ps(); NT];
+        let mut t1 = [_mm512_setzero_si512(); NT];
+        let mut t2 = [_mm512_setzero_si512(); NT];
+        for (s, quads) in self.quads.chunks_exact(SUB / 4).enumerate() {
+            let mut sh = [_mm512_setzero_si512(); NT];
+            let mut sl = [_mm512_setzero_si512(); NT];
+            for (j, &c) in quads.iter().enumerate() {
+                let col = s * SUB + 4 * j;
+                for t in 0..NT {
+                    unsafe {
+                        let qh = (hi.add(base[t] + col) as *const i32).read_unaligned();
+                        let ql = (lo.add(base[t] + col) as *const i32).read_unaligned();
+                        sh[t] = _mm512_dpbusd_epi32(sh[t], c, _mm512_set1_epi32(qh));
+                        sl[t] = _mm512_dpbusd_epi32(sl[t], c, _mm512_set1_epi32(ql));
+                    }
+                }
+            }
+            let k = 2 * self.ch0 + s;
+            let e = self.tile * self.sub.spr + k;
+            unsafe {
+                let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(self.sub.scale[e].as_ptr() as *const __m128i));
+                let mn = _mm512_cvtepi8_epi32(_mm_loadu_si128(self.sub.offset[e].as_ptr() as *const __m128i));
+                let fs = _mm512_cvtepi32_ps(sc);
+                for t in 0..NT {
+                    f[t] = _mm512_add_ps(f[t], _mm512_mul_ps(_mm512_cvtepi32_ps(combine(sh[t], sl[t])), fs));
+                    let q = _mm512_set1_epi32(acts.qsum[(t0 + t) * blocks + k]);
+                    t1[t] = _mm512_add_epi32(t1[t], _mm512_mullo_epi32(sc, q));
+                    t2[t] = _mm512_add_epi32(t2[t], _mm512_mullo_epi32(mn, q));
+                }
+            }
+        }
+        unsafe {
+            let (a, z, o) = azo16(self.ctx, self.m);
+            for t in 0..NT {
+                let term = sub_terms16(f[t], t1[t], t2[t], a, z, o, acts.d[(t0 + t) * acts.groups + self.g]);
+                let p = self.out.add((t0 + t) * self.ctx.rows);
+                // The first group starts from zero, as the reference's accumulator does.
+                let prev = if self.g == 0 { _mm512_setzero_ps() } else { _mm512_loadu_ps(p) };
+                _mm512_storeu_ps(p, _mm512_add_ps(prev, term));
+            }
+        }
+    }
+}
+
+/// `(A, z, O)` of the tile's 16 rows, lane-wise as [`Ctx::azo`](super::Ctx).
+#[inline(always)]
+unsafe fn azo16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512, __m512) {
+    unsafe {
+        let s = _mm512_cvtph_ps(_mm256_loadu_si256(m.scale.as_ptr() as *const __m256i));
+        let o = _mm512_cvtph_ps(_mm256_loadu_si256(m.offset.as_ptr() as *const __m256i));
+        let dt = _mm512_cvtepu8_epi32(_mm_loadu_si128(m.dtype.as_ptr() as *const __m128i));
+        let a = _mm512_mul_ps(s, _mm512_permutexvar_ps(dt, _mm512_loadu_ps(ctx.mu.as_ptr())));
+        (a, _mm512_permutexvar_ps(dt, _mm512_loadu_ps(ctx.z.as_ptr())), o)
+    }
+}
+
+/// [`Ctx::sub_term`](super::Ctx), lane-wise over 16 rows.
+#[inline(always)]
+unsafe fn sub_terms16(f: __m512, t1: __m512i, t2: __m512i, a: __m512, z: __m512, o: __m512, d: f32) -> __m512 {
+    unsafe {
+        let d = _mm512_set1_ps(d);
+        let x = _mm512_sub_ps(f, _mm512_mul_ps(z, _mm512_cvtepi32_ps(t1)));
+        _mm512_add_ps(_mm512_mul_ps(x, _mm512_mul_ps(a, d)), _mm512_mul_ps(_mm512_mul_ps(o, d), _mm512_cvtepi32_ps(t2)))
     }
 }
 
@@ -418,20 +565,9 @@ unsafe fn sub_tokens<const R: usize, const NT: usize>(
                     t2[t] = _mm512_add_epi32(t2[t], _mm512_mullo_epi32(mn1, q1));
                 }
             }
-            // (A, z, O) of the 16 rows, lane-wise as `Ctx::azo`.
-            let s = _mm512_cvtph_ps(_mm256_loadu_si256(m.scale.as_ptr() as *const __m256i));
-            let o = _mm512_cvtph_ps(_mm256_loadu_si256(m.offset.as_ptr() as *const __m256i));
-            let dt = _mm512_cvtepu8_epi32(_mm_loadu_si128(m.dtype.as_ptr() as *const __m128i));
-            let a = _mm512_mul_ps(s, _mm512_permutexvar_ps(dt, _mm512_loadu_ps(ctx.mu.as_ptr())));
-            let z = _mm512_permutexvar_ps(dt, _mm512_loadu_ps(ctx.z.as_ptr()));
+            let (a, z, o) = azo16(ctx, m);
             for t in 0..NT {
-                // `Ctx::sub_term`, lane-wise.
-                let d = _mm512_set1_ps(acts.d[(t0 + t) * acts.groups + g]);
-                let x = _mm512_sub_ps(f[t], _mm512_mul_ps(z, _mm512_cvtepi32_ps(t1[t])));
-                let term = _mm512_add_ps(
-                    _mm512_mul_ps(x, _mm512_mul_ps(a, d)),
-                    _mm512_mul_ps(_mm512_mul_ps(o, d), _mm512_cvtepi32_ps(t2[t])),
-                );
+                let term = sub_terms16(f[t], t1[t], t2[t], a, z, o, acts.d[(t0 + t) * acts.groups + g]);
                 sums[t] = _mm512_add_ps(sums[t], term);
             }
         }
