@@ -665,10 +665,13 @@ impl<'a> Ctx<'a> {
         let full = (tile + 1) * TILE <= self.rows;
         if let Some(sub) = self.sub {
             #[cfg(target_arch = "x86_64")]
-            if full && isa == Isa::Avx512 {
-                return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out) };
+            if full {
+                match isa {
+                    Isa::Avx512 => return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out) },
+                    Isa::Avx2 => return unsafe { x86::tile_sub_avx2(self, sub, tile, acts, n, out) },
+                    Isa::Scalar => {}
+                }
             }
-            // AVX2 has no two-level path yet: the reference serves it.
             return unsafe { self.tile_sub_scalar(sub, tile, acts, n, out) };
         }
         #[cfg(target_arch = "x86_64")]

@@ -770,6 +770,104 @@ pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out:
     }
 }
 
+/// Two-level layers on AVX2: [`tile_avx2`]'s scheme with one exact sum per (row, sub-block of
+/// 32), scaled in float in sub-block order as [`Ctx::tile_sub_scalar`](super::Ctx) does.
+///
+/// # Safety
+/// As [`tile_avx2`].
+#[target_feature(enable = "avx2,f16c,fma")]
+pub unsafe fn tile_sub_avx2(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+    let r = ctx.r as usize;
+    let blocks = acts.padded / SUB;
+    // Four rows at a time; one 32-byte register per sub-block.
+    let mut codes = [[_mm256_setzero_si256(); 2 * MAX_SUB_CH]; 4];
+    for g in 0..ctx.gpr {
+        let m = &ctx.meta[tile * ctx.gpr + g];
+        let chunks = ctx.chunks(g);
+        let nsub = 2 * chunks.len();
+        let mut azo = [[0f32; TILE]; 3];
+        for i in 0..TILE {
+            (azo[0][i], azo[1][i], azo[2][i]) = ctx.azo(m, i);
+        }
+        for quad in 0..TILE / 4 {
+            for (j, row_codes) in codes.iter_mut().enumerate() {
+                let i = 4 * quad + j;
+                let row = tile * TILE + i;
+                let lv = ctx.levels[m.dtype[i] as usize];
+                for (k, ch) in chunks.clone().enumerate() {
+                    for h in 0..2 {
+                        let mut c = _mm256_setzero_si256();
+                        for p in 0..r {
+                            let bits = (ctx.word(p, row, ch) >> (32 * h)) as u32;
+                            let bv = _mm256_set1_epi8((1u32 << (r - 1 - p)) as i8);
+                            c = _mm256_or_si256(c, _mm256_and_si256(unsafe { bits_to_bytes(bits) }, bv));
+                        }
+                        if !lv.identity {
+                            c = unsafe { lookup_avx2(c, &lv.table, r) };
+                        }
+                        row_codes[2 * k + h] = c;
+                    }
+                }
+            }
+            let (a, z, o) = unsafe {
+                (
+                    _mm_loadu_ps(azo[0].as_ptr().add(4 * quad)),
+                    _mm_loadu_ps(azo[1].as_ptr().add(4 * quad)),
+                    _mm_loadu_ps(azo[2].as_ptr().add(4 * quad)),
+                )
+            };
+            for t in 0..n {
+                let at = t * acts.padded + chunks.start * 64;
+                let mut f = _mm_setzero_ps();
+                let (mut t1, mut t2) = (_mm_setzero_si128(), _mm_setzero_si128());
+                for k in 0..nsub {
+                    // [half][row]: sums against the high and the low activation bytes.
+                    let mut acc = [[_mm256_setzero_si256(); 4]; 2];
+                    for (half, src) in [&acts.hi, &acts.lo].into_iter().enumerate() {
+                        let q = unsafe { _mm256_loadu_si256(src.as_ptr().add(at + k * 32) as *const __m256i) };
+                        let q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                        let q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
+                        for (j, a) in acc[half].iter_mut().enumerate() {
+                            let c = codes[j][k];
+                            let c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
+                            let c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
+                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c0, q0));
+                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c1, q1));
+                        }
+                    }
+                    let (dh, dl) = unsafe { (reduce4_avx2(&acc[0]), reduce4_avx2(&acc[1])) };
+                    let dot = _mm_add_epi32(_mm_slli_epi32::<7>(dh), dl);
+                    let sk = 2 * chunks.start + k;
+                    let e = tile * sub.spr + sk;
+                    unsafe {
+                        let sc = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(
+                            (sub.scale[e].as_ptr().add(4 * quad) as *const i32).read_unaligned(),
+                        ));
+                        let mn = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(
+                            (sub.offset[e].as_ptr().add(4 * quad) as *const i32).read_unaligned(),
+                        ));
+                        f = _mm_add_ps(f, _mm_mul_ps(_mm_cvtepi32_ps(dot), _mm_cvtepi32_ps(sc)));
+                        let qs = _mm_set1_epi32(acts.qsum[t * blocks + sk]);
+                        t1 = _mm_add_epi32(t1, _mm_mullo_epi32(sc, qs));
+                        t2 = _mm_add_epi32(t2, _mm_mullo_epi32(mn, qs));
+                    }
+                }
+                unsafe {
+                    // `Ctx::sub_term`, lane-wise.
+                    let d = _mm_set1_ps(acts.d[t * acts.groups + g]);
+                    let x = _mm_sub_ps(f, _mm_mul_ps(z, _mm_cvtepi32_ps(t1)));
+                    let v =
+                        _mm_add_ps(_mm_mul_ps(x, _mm_mul_ps(a, d)), _mm_mul_ps(_mm_mul_ps(o, d), _mm_cvtepi32_ps(t2)));
+                    let p = out.get().add(t * ctx.rows + tile * TILE + 4 * quad);
+                    // The first group starts from zero, as the reference's accumulator does.
+                    let prev = if g == 0 { _mm_setzero_ps() } else { _mm_loadu_ps(p) };
+                    _mm_storeu_ps(p, _mm_add_ps(prev, v));
+                }
+            }
+        }
+    }
+}
+
 /// [`super::quantize_row`] in 16 lanes: the same exact operations (multiply, add, clamp,
 /// truncate), so the same bytes.
 ///
