@@ -86,3 +86,36 @@ fn one_file_runs_at_every_precision() {
         .unwrap();
     assert!(String::from_utf8_lossy(&gguf.stderr).contains("need a .bnest file"));
 }
+
+/// Two-level scales (groups of 576 refined every 32 weights by 6-bit multipliers) give a 4-bit
+/// file under 4.5 bits per weight all-in that follows the reference closely, and they run on the
+/// bit-serial kernels (no f32 fallback).
+#[test]
+fn two_level_four_bit_file_stays_under_budget_and_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-2l.bnest");
+    let source = ModelSource::open(&common::model_path(), None).unwrap();
+    let cfg = QuantConfig {
+        objective: vec![(4, 1.0)],
+        sub_group: 32,
+        sub_bits: 6,
+        ..QuantConfig::new(576, 4, ALL.iter().copied().filter(|d| d.native_bits() <= 4).collect())
+    };
+    bitnest::quantize::quantize_model(&source, "smollm2", &cfg, &out, false).unwrap();
+    let file = bitnest::format::bnest::BnestFile::open(&out).unwrap();
+    let bpw = file.bits_per_weight(&BitsPlan::uniform(Some(4))).unwrap();
+    assert!(bpw <= 4.5, "{bpw} bits per weight");
+    let e = Engine::load(&out, Some(BitsPlan::uniform(Some(4)))).unwrap();
+    for b in &e.model.blocks {
+        for l in [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down] {
+            assert!(l.format_name().ends_with("g576/32"), "{}", l.format_name());
+        }
+    }
+    assert!(e.model.head.format_name().ends_with("g576/32"), "{}", e.model.head.format_name());
+    let a = agreement(&e);
+    eprintln!("two-level 4-bit file: {bpw:.3} bits/weight, top-1 agreement {a:.3}");
+    // Measured: 0.859 (the 8-bit master of groups of 128 read at r = 4: 0.847). Perplexity
+    // shows the gap better: 25.0 against 39.9 for a direct 4-bit file of groups of 128
+    // (docs/QUALITY.md).
+    assert!(a >= 0.83, "agreement {a:.3}");
+}
