@@ -53,9 +53,11 @@ struct QuantizeArgs {
     /// Output .bnest file (written atomically).
     #[arg(long, short = 'o')]
     output: PathBuf,
-    /// Weights per group along the input dimension (a multiple of 8).
-    #[arg(long, default_value_t = 128)]
-    group: usize,
+    /// Weights per group along the input dimension (a multiple of 8). Default: the model's
+    /// width when it is a multiple of 64 up to 2048 (one group per row of its square matrices,
+    /// 576 for SmolLM2-135M), else 512.
+    #[arg(long)]
+    group: Option<usize>,
     /// Planes stored: the highest precision the file can be read at.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(2..=8))]
     master_bits: u32,
@@ -69,9 +71,10 @@ struct QuantizeArgs {
     #[arg(long, default_value = "1,0.9")]
     scale_search: String,
     /// Two-level scales: sub-blocks of this many weights (dividing --group) refine each group's
-    /// scale and offset with small integers, as llama.cpp's k-quants do. 0: none.
-    #[arg(long, default_value_t = 0)]
-    sub_group: usize,
+    /// scale and offset with small integers, as llama.cpp's k-quants do. 0: one level.
+    /// Default: 32 where it divides a larger group, else 0.
+    #[arg(long)]
+    sub_group: Option<usize>,
     /// Bits of each sub-block's scale and of its offset.
     #[arg(long, default_value_t = 5)]
     sub_bits: u32,
@@ -489,18 +492,32 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         .map(|t| t.trim().parse::<f32>())
         .collect::<Result<Vec<_>, _>>()
         .context("bad --scale-search")?;
-    let cfg = QuantConfig {
-        group: a.group,
+    let mut cfg = QuantConfig {
+        group: a.group.unwrap_or(512),
         master_bits: a.master_bits,
         dtypes,
         objective,
         scale_search,
-        sub_group: a.sub_group,
-        sub_bits: if a.sub_group > 0 { a.sub_bits } else { 0 },
+        sub_group: 0,
+        sub_bits: 0,
     };
-    cfg.validate()?;
+    let set_sub = |cfg: &mut QuantConfig| {
+        let g = cfg.group;
+        cfg.sub_group = a.sub_group.unwrap_or(if g > 32 && g.is_multiple_of(32) { 32 } else { 0 });
+        cfg.sub_bits = if cfg.sub_group > 0 { a.sub_bits } else { 0 };
+    };
+    set_sub(&mut cfg);
+    // Bad options fail before the model is read (the default group is checked below).
+    if a.group.is_some() {
+        cfg.validate()?;
+    }
     let path = resolve_model(&a.input)?;
     let source = bitnest::model::ModelSource::open(&path, None)?;
+    if a.group.is_none() {
+        cfg.group = QuantConfig::default_group(source.config()?.dim);
+        set_sub(&mut cfg);
+    }
+    cfg.validate()?;
     let t0 = std::time::Instant::now();
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     bitnest::quantize::quantize_model(&source, &name, &cfg, &a.output, true)?;

@@ -48,6 +48,14 @@ impl QuantConfig {
         }
     }
 
+    /// The group size `bitnest quantize` uses for a model of width `dim`: one group per row of
+    /// its square matrices where the kernel takes that (a multiple of 64 up to 2048), else 512.
+    /// With sub-blocks of 32 the group only carries the f16 pair that sub-scales multiply, so
+    /// a long group costs little; see docs/FORMAT.md for the measurements.
+    pub fn default_group(dim: usize) -> usize {
+        if dim.is_multiple_of(64) && (64..=2048).contains(&dim) { dim } else { 512 }
+    }
+
     /// Sub-blocks per group, or `None` for one scale and offset per group.
     pub fn sub(&self) -> Option<(usize, u32)> {
         (self.sub_group > 0).then_some((self.sub_group, self.sub_bits))
