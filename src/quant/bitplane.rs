@@ -379,16 +379,19 @@ pub fn quantize_group(x: &[f32], cfg: &QuantConfig, codes: &mut [u8], sub: &mut 
             } else {
                 let wanted: Vec<(f32, f32)> = ranges.iter().map(|&r| base(r)).map(|(s, o)| (s * mult, o)).collect();
                 let (s16, o16) = two_level(&wanted, cfg.sub_bits, &mut trial);
-                let e = x
-                    .chunks(size)
-                    .zip(&trial)
-                    .map(|(c, &(sc, mn))| {
-                        let (s, o) = (s16.to_f32() * sc as f32, o16.to_f32() * mn as f32);
-                        c.iter()
-                            .map(|&v| objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective))
-                            .sum::<f64>()
-                    })
-                    .sum();
+                // Summed sub-block by sub-block; a candidate already worse than the best is
+                // dropped early (the sum only grows, so the choice is the same).
+                let mut e = 0f64;
+                for (c, &(sc, mn)) in x.chunks(size).zip(&trial) {
+                    let (s, o) = (s16.to_f32() * sc as f32, o16.to_f32() * mn as f32);
+                    e += c
+                        .iter()
+                        .map(|&v| objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective))
+                        .sum::<f64>();
+                    if best.as_ref().is_some_and(|b| e >= b.0) {
+                        break;
+                    }
+                }
                 (e, s16, o16)
             };
             if best.as_ref().is_none_or(|b| err < b.0) {
