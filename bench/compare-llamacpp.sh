@@ -139,8 +139,11 @@ llama_model() { # type -> path of the re-quantized GGUF (made once)
   echo "$out"
 }
 
-BNEST=${BNEST:-$LC/models/$NAME.bnest}
-if [ "$ONLY" != llamacpp ] && [ -f "$BNEST" ] && [ "$BNEST" = "$LC/models/$NAME.bnest" ] &&
+# Named after the default settings, so a change of defaults makes a new file rather than
+# silently benchmarking an old one (v2: two-level scales).
+DEFAULT_BNEST=$LC/models/$NAME.default-v2.bnest
+BNEST=${BNEST:-$DEFAULT_BNEST}
+if [ "$ONLY" != llamacpp ] && [ -f "$BNEST" ] && [ "$BNEST" = "$DEFAULT_BNEST" ] &&
   ! $B inspect --model "$BNEST" >/dev/null 2>&1; then
   log "the cached $BNEST does not open with this bitnest (format changed?): making it again"
   rm -f "$BNEST"

@@ -34,7 +34,7 @@ export BITNEST_CACHE
 LC=${BITNEST_LLAMACPP:-$BITNEST_CACHE/llama.cpp}
 BIN=$LC/bin
 MODELS=$LC/models
-BNEST=${BNEST:-$(ls "$MODELS"/*.bnest 2>/dev/null | head -1)}
+BNEST=${BNEST:-$(ls "$MODELS"/*.default-v2.bnest "$MODELS"/*.bnest 2>/dev/null | head -1)}
 STAMP=$(date +%Y%m%d-%H%M%S)
 RESULTS=${RESULTS:-$REPO/bench/results}
 log() { echo "[spec-compare] $*" >&2; }

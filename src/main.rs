@@ -76,7 +76,7 @@ struct QuantizeArgs {
     #[arg(long)]
     sub_group: Option<usize>,
     /// Bits of each sub-block's scale and of its offset.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 6)]
     sub_bits: u32,
     #[arg(long, short = 't')]
     threads: Option<usize>,

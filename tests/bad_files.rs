@@ -145,3 +145,28 @@ fn missing_model_and_bad_options_fail_cleanly() {
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
+
+#[test]
+fn bad_quantize_options_fail_before_reading_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.bnest");
+    for (args, expect) in [
+        (&["--group", "128", "--sub-group", "48"][..], "sub-group size 48"),
+        (&["--group", "100"][..], "multiple of 8"),
+        (&["--sub-bits", "9", "--group", "64"][..], "sub-scale bits 9"),
+        (&["--master-bits", "9"][..], "9"),
+    ] {
+        // The model path does not exist: options must be rejected first (or the path named).
+        let o = Command::new(env!("CARGO_BIN_EXE_bitnest"))
+            .args(["quantize", "/nonexistent/model.gguf", "-o"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} accepted");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!out.exists());
+    }
+}
