@@ -78,6 +78,13 @@ struct QuantizeArgs {
     /// Bits of each sub-block's scale and of its offset.
     #[arg(long, default_value_t = 6)]
     sub_bits: u32,
+    /// Calibration text: the model runs over it first, and each weight's error is weighted by
+    /// the mean square of the activations its column sees (llama.cpp's imatrix idea).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Tokens of the calibration text used (in windows of 512).
+    #[arg(long, default_value_t = 8192)]
+    calib_tokens: usize,
     #[arg(long, short = 't')]
     threads: Option<usize>,
 }
@@ -519,8 +526,20 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
     }
     cfg.validate()?;
     let t0 = std::time::Instant::now();
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    bitnest::quantize::quantize_model(&source, &name, &cfg, &a.output, true)?;
+    let mut name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let importance = match &a.calib {
+        None => None,
+        Some(f) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read --calib {}", f.display()))?;
+            eprintln!("calibrating on {} (up to {} tokens)…", f.display(), a.calib_tokens);
+            let imp = bitnest::quantize::calibrate(&source, &text, a.calib_tokens)
+                .with_context(|| format!("calibration on {}", f.display()))?;
+            let file = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name = format!("{name} (calibrated on {file}, {} tokens)", a.calib_tokens);
+            Some(imp)
+        }
+    };
+    bitnest::quantize::quantize_model_with(&source, &name, &cfg, importance.as_ref(), &a.output, true)?;
     let size = std::fs::metadata(&a.output)?.len();
     eprintln!(
         "wrote {} ({:.1} MiB) in {:.1} s",

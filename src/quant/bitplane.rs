@@ -217,7 +217,25 @@ impl BitPlanes {
 
     /// Quantizes `w` (`rows × cols`, row-major).
     pub fn quantize(w: &[f32], rows: usize, cols: usize, cfg: &QuantConfig) -> Result<Self> {
+        Self::quantize_weighted(w, rows, cols, cfg, None)
+    }
+
+    /// [`BitPlanes::quantize`] with an importance per input column (`cols` values ≥ 0, such as
+    /// the mean square of the activations a calibration text feeds this layer): a weight's
+    /// squared error counts `importance[col]` times when datatypes and scales are chosen, so
+    /// the columns that carry large activations are kept more exact (llama.cpp's imatrix idea).
+    pub fn quantize_weighted(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        cfg: &QuantConfig,
+        importance: Option<&[f32]>,
+    ) -> Result<Self> {
         cfg.validate()?;
+        if let Some(h) = importance {
+            ensure!(h.len() == cols, "importance has {} values for {cols} columns", h.len());
+            ensure!(h.iter().all(|v| v.is_finite() && *v >= 0.0), "importance must be finite and ≥ 0");
+        }
         ensure!(w.len() == rows * cols, "weights have {} values, expected {rows} × {cols}", w.len());
         ensure!(w.iter().all(|v| v.is_finite()), "weights contain NaN or infinity");
         let gpr = cols.div_ceil(cfg.group);
@@ -235,7 +253,8 @@ impl BitPlanes {
                 let mut sub = vec![(0u8, 0i8); sub_per_group];
                 for (g, x) in row.chunks(cfg.group).enumerate() {
                     let nsub = if cfg.sub().is_some() { x.len().div_ceil(cfg.sub_group) } else { 0 };
-                    let (d, s, o) = quantize_group(x, cfg, &mut codes[..x.len()], &mut sub[..nsub]);
+                    let h = importance.map(|h| &h[g * cfg.group..g * cfg.group + x.len()]);
+                    let (d, s, o) = quantize_group_weighted(x, h, cfg, &mut codes[..x.len()], &mut sub[..nsub]);
                     meta.push((s.to_bits(), o.to_bits(), d.id()));
                     subs.extend_from_slice(&sub[..nsub]);
                     for (i, &q) in codes[..x.len()].iter().enumerate() {
@@ -349,7 +368,21 @@ impl BitPlanes {
 /// With sub-scales (`sub` holds one entry per sub-block of `x`), the returned scale and offset
 /// are the group's `S` and `O`, and `sub` receives each sub-block's integer multipliers.
 pub fn quantize_group(x: &[f32], cfg: &QuantConfig, codes: &mut [u8], sub: &mut [(u8, i8)]) -> (GroupDtype, f16, f16) {
+    quantize_group_weighted(x, None, cfg, codes, sub)
+}
+
+/// [`quantize_group`] with per-weight importances `h` (see [`BitPlanes::quantize_weighted`]).
+/// They change which datatype and scales win, not the code chosen for a weight once those are
+/// fixed (scaling one weight's error does not move its minimum).
+pub fn quantize_group_weighted(
+    x: &[f32],
+    h: Option<&[f32]>,
+    cfg: &QuantConfig,
+    codes: &mut [u8],
+    sub: &mut [(u8, i8)],
+) -> (GroupDtype, f16, f16) {
     let m = cfg.master_bits;
+    let hw = |j: usize| -> f64 { h.map_or(1.0, |h| h[j] as f64) };
     // Per sub-block (the whole group without sub-scales): min, max.
     let size = if sub.is_empty() { x.len() } else { cfg.sub_group };
     let ranges: Vec<(f32, f32)> = x
@@ -374,7 +407,11 @@ pub fn quantize_group(x: &[f32], cfg: &QuantConfig, codes: &mut [u8], sub: &mut 
             let (err, s16, o16) = if sub.is_empty() {
                 let (bs, bo) = base(ranges[0]);
                 let (s, o) = stored_scale(bs * mult, bo);
-                let e = x.iter().map(|&v| objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective)).sum();
+                let e = x
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| hw(j) * objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective))
+                    .sum();
                 (e, f16::from_f32(s), f16::from_f32(o))
             } else {
                 let wanted: Vec<(f32, f32)> = ranges.iter().map(|&r| base(r)).map(|(s, o)| (s * mult, o)).collect();
@@ -382,11 +419,14 @@ pub fn quantize_group(x: &[f32], cfg: &QuantConfig, codes: &mut [u8], sub: &mut 
                 // Summed sub-block by sub-block; a candidate already worse than the best is
                 // dropped early (the sum only grows, so the choice is the same).
                 let mut e = 0f64;
-                for (c, &(sc, mn)) in x.chunks(size).zip(&trial) {
+                for (k, (c, &(sc, mn))) in x.chunks(size).zip(&trial).enumerate() {
                     let (s, o) = (s16.to_f32() * sc as f32, o16.to_f32() * mn as f32);
                     e += c
                         .iter()
-                        .map(|&v| objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective))
+                        .enumerate()
+                        .map(|(j, &v)| {
+                            hw(k * size + j) * objective(v, grid.nearest((v - o) / s), grid, s, o, &cfg.objective)
+                        })
                         .sum::<f64>();
                     if best.as_ref().is_some_and(|b| e >= b.0) {
                         break;
