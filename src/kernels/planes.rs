@@ -109,7 +109,8 @@ pub struct QuantActs {
     /// `n × groups`: the group's step `d` and `d·Σq`.
     pub d: Vec<f32>,
     pub dsum: Vec<f32>,
-    /// `n × padded / 32`: `Σq` of every 32 columns, for layers with sub-block scales.
+    /// `n × padded / 32`: `Σq` of every 32 columns, for layers with sub-block scales (filled by
+    /// [`QuantActs::sum_sub_blocks`]).
     pub qsum: Vec<i32>,
     pub padded: usize,
     pub groups: usize,
@@ -154,7 +155,12 @@ impl QuantActs {
             let _ = isa;
             quantize_row(xr, group, hr, lr, d, dsum);
         }
-        // Sums per sub-block of 32, from the bytes just written (the same on every path).
+    }
+
+    /// `Σq` of every 32 columns of the `n` tokens last quantized, from their bytes (the same on
+    /// every path): what two-level layers need beside the per-group sums.
+    pub fn sum_sub_blocks(&mut self, n: usize) {
+        let padded = self.padded;
         let blocks = padded / SUB;
         if self.qsum.len() < n * blocks {
             self.qsum.resize(n * blocks, 0);
@@ -408,6 +414,9 @@ impl PlaneLinear {
         }
         ACTS.with_borrow_mut(|acts| {
             acts.quantize_with(&x[..n * cols], n, cols, group, isa);
+            if layers.iter().any(|l| l.sub.is_some()) {
+                acts.sum_sub_blocks(n);
+            }
             let ctxs: [Option<Ctx>; MAX_SHARED] = std::array::from_fn(|i| layers.get(i).map(|l| Ctx::new(l, bits[i])));
             let outs: [SyncPtr; MAX_SHARED] =
                 std::array::from_fn(|i| SyncPtr(ys.get_mut(i).map_or(std::ptr::null_mut(), |y| y.as_mut_ptr())));
@@ -686,9 +695,34 @@ impl<'a> Ctx<'a> {
         unsafe { self.tile_scalar(tile, acts, n, out) }
     }
 
+    /// `(Σ level·hi, Σ level·lo)` of token `t` over columns `js` of chunk `ch` of `row`:
+    /// the exact integer part of the references, bit by bit.
+    fn dot_scalar(
+        &self,
+        row: usize,
+        ch: usize,
+        js: Range<usize>,
+        t: usize,
+        acts: &QuantActs,
+        table: &[u8; 256],
+    ) -> (i32, i32) {
+        let r = self.r as usize;
+        let words: [u64; MAX_BITS as usize] = std::array::from_fn(|p| if p < r { self.word(p, row, ch) } else { 0 });
+        let (mut hi, mut lo) = (0i32, 0i32);
+        for j in js {
+            let mut c = 0usize;
+            for w in &words[..r] {
+                c = (c << 1) | ((w >> j) & 1) as usize;
+            }
+            let at = t * acts.padded + ch * 64 + j;
+            hi += table[c] as i32 * acts.hi[at] as i32;
+            lo += table[c] as i32 * acts.lo[at] as i32;
+        }
+        (hi, lo)
+    }
+
     /// The reference: plain loops over rows, tokens, groups and columns.
     unsafe fn tile_scalar(&self, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
-        let r = self.r as usize;
         for i in 0..TILE {
             let row = tile * TILE + i;
             if row >= self.rows {
@@ -701,17 +735,8 @@ impl<'a> Ctx<'a> {
                     let table = &self.levels[m.dtype[i] as usize].table;
                     let (mut hi, mut lo) = (0i32, 0i32);
                     for ch in self.chunks(g) {
-                        let words: [u64; MAX_BITS as usize] =
-                            std::array::from_fn(|p| if p < r { self.word(p, row, ch) } else { 0 });
-                        for j in 0..64 {
-                            let mut c = 0usize;
-                            for w in &words[..r] {
-                                c = (c << 1) | ((w >> j) & 1) as usize;
-                            }
-                            let at = t * acts.padded + ch * 64 + j;
-                            hi += table[c] as i32 * acts.hi[at] as i32;
-                            lo += table[c] as i32 * acts.lo[at] as i32;
-                        }
+                        let (h, l) = self.dot_scalar(row, ch, 0..64, t, acts, table);
+                        (hi, lo) = (hi + h, lo + l);
                     }
                     let (a, b) = self.ab(m, i);
                     let k = t * acts.groups + g;
@@ -728,7 +753,6 @@ impl Ctx<'_> {
     /// [`Ctx::sub_term`] per group. Every sub-block slot of a chunk is visited, the empty one
     /// past a row's end included (its multipliers are zero), as the vector paths do.
     unsafe fn tile_sub_scalar(&self, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
-        let r = self.r as usize;
         let blocks = acts.padded / SUB;
         for i in 0..TILE {
             let row = tile * TILE + i;
@@ -742,20 +766,9 @@ impl Ctx<'_> {
                     let table = &self.levels[m.dtype[i] as usize].table;
                     let (mut f, mut t1, mut t2) = (0f32, 0i32, 0i32);
                     for ch in self.chunks(g) {
-                        let words: [u64; MAX_BITS as usize] =
-                            std::array::from_fn(|p| if p < r { self.word(p, row, ch) } else { 0 });
                         for half in 0..2 {
                             let k = 2 * ch + half;
-                            let (mut hi, mut lo) = (0i32, 0i32);
-                            for j in half * SUB..(half + 1) * SUB {
-                                let mut c = 0usize;
-                                for w in &words[..r] {
-                                    c = (c << 1) | ((w >> j) & 1) as usize;
-                                }
-                                let at = t * acts.padded + ch * 64 + j;
-                                hi += table[c] as i32 * acts.hi[at] as i32;
-                                lo += table[c] as i32 * acts.lo[at] as i32;
-                            }
+                            let (hi, lo) = self.dot_scalar(row, ch, half * SUB..(half + 1) * SUB, t, acts, table);
                             let sc = sub.scale[tile * sub.spr + k][i];
                             let mn = sub.offset[tile * sub.spr + k][i];
                             f += (128 * hi + lo) as f32 * sc as f32;

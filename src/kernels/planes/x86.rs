@@ -203,12 +203,7 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
         let m = &ctx.meta[tile * ctx.gpr + g];
         let chunks = ctx.chunks(g);
         for (k, ch) in chunks.clone().enumerate() {
-            let mut rows = [_mm512_setzero_si512(); TILE];
-            for (i, row) in rows.iter_mut().enumerate() {
-                let lv = ctx.levels[m.dtype[i] as usize];
-                *row = unsafe { codes512::<R>(&planes, row0 + i * rb + ch * 8, lv, !lv.identity) };
-            }
-            let t = unsafe { transpose16(&rows) };
+            let t = unsafe { chunk_codes_transposed::<R>(ctx, m, &planes, row0, ch) };
             ct[k * TILE..(k + 1) * TILE].copy_from_slice(&t);
         }
         let (a, b) = unsafe { ab16(ctx, m) };
@@ -232,6 +227,26 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
             }
             t0 += nt;
         }
+    }
+}
+
+/// The levels of chunk `ch` of the tile's 16 rows, transposed so that lane `i` of entry `j`
+/// holds row `i`'s levels at columns `4j .. 4j + 4` of the chunk (the batch paths' layout).
+#[inline(always)]
+unsafe fn chunk_codes_transposed<const R: usize>(
+    ctx: &Ctx,
+    m: &TileMeta,
+    planes: &[*const u8; R],
+    row0: usize,
+    ch: usize,
+) -> [__m512i; TILE] {
+    unsafe {
+        let mut rows = [_mm512_setzero_si512(); TILE];
+        for (i, row) in rows.iter_mut().enumerate() {
+            let lv = ctx.levels[m.dtype[i] as usize];
+            *row = codes512::<R>(planes, row0 + i * ctx.row_bytes + ch * 8, lv, !lv.identity);
+        }
+        transpose16(&rows)
     }
 }
 
@@ -350,12 +365,7 @@ unsafe fn tile_sub512<const R: usize>(ctx: &Ctx, sub: &SubMeta, tile: usize, act
             let m = &ctx.meta[tile * ctx.gpr + g];
             let chunks = ctx.chunks(g);
             for (k, ch) in chunks.clone().enumerate() {
-                let mut rows = [_mm512_setzero_si512(); TILE];
-                for (i, row) in rows.iter_mut().enumerate() {
-                    let lv = ctx.levels[m.dtype[i] as usize];
-                    *row = unsafe { codes512::<R>(&planes, row0 + i * ctx.row_bytes + ch * 8, lv, !lv.identity) };
-                }
-                let t = unsafe { transpose16(&rows) };
+                let t = unsafe { chunk_codes_transposed::<R>(ctx, m, &planes, row0, ch) };
                 for (dst, v) in ct[k * TILE..(k + 1) * TILE].iter_mut().zip(t) {
                     dst.write(v);
                 }
@@ -700,11 +710,58 @@ unsafe fn reduce4_avx2(acc: &[__m256i; 4]) -> __m128i {
     _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
 }
 
+/// Levels of row `i` of the tile over `chunks`, one 32-byte register per 32 columns.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn row_codes_avx2(
+    ctx: &Ctx,
+    m: &TileMeta,
+    tile: usize,
+    i: usize,
+    chunks: std::ops::Range<usize>,
+    out: &mut [__m256i],
+) {
+    let r = ctx.r as usize;
+    let row = tile * TILE + i;
+    let lv = ctx.levels[m.dtype[i] as usize];
+    for (k, ch) in chunks.enumerate() {
+        for h in 0..2 {
+            let mut c = _mm256_setzero_si256();
+            for p in 0..r {
+                let bits = (ctx.word(p, row, ch) >> (32 * h)) as u32;
+                let bv = _mm256_set1_epi8((1u32 << (r - 1 - p)) as i8);
+                c = _mm256_or_si256(c, _mm256_and_si256(unsafe { bits_to_bytes(bits) }, bv));
+            }
+            if !lv.identity {
+                c = unsafe { lookup_avx2(c, &lv.table, r) };
+            }
+            out[2 * k + h] = c;
+        }
+    }
+}
+
+/// Adds four rows' products with the 32 activations at `at` to `acc[0]` (high bytes) and
+/// `acc[1]` (low bytes), widened to 16 bits (`vpmaddubsw` would saturate on 255 × 127).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn madd4_avx2(acc: &mut [[__m256i; 4]; 2], codes: [__m256i; 4], acts: &QuantActs, at: usize) {
+    for (half, src) in [&acts.hi, &acts.lo].into_iter().enumerate() {
+        let q = unsafe { _mm256_loadu_si256(src.as_ptr().add(at) as *const __m256i) };
+        let q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+        let q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
+        for (a, &c) in acc[half].iter_mut().zip(&codes) {
+            let c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
+            let c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
+            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c0, q0));
+            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c1, q1));
+        }
+    }
+}
+
 /// # Safety
 /// AVX2 and F16C present; the tile's rows exist and `out` is exclusive to them.
 #[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
-    let r = ctx.r as usize;
     // Four rows at a time; two 32-byte halves per 64-column chunk.
     let mut codes = [[_mm256_setzero_si256(); 2 * MAX_CH]; 4];
     for g in 0..ctx.gpr {
@@ -717,23 +774,7 @@ pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out:
         }
         for sub in 0..TILE / 4 {
             for (j, row_codes) in codes.iter_mut().enumerate() {
-                let i = 4 * sub + j;
-                let row = tile * TILE + i;
-                let lv = ctx.levels[m.dtype[i] as usize];
-                for (k, ch) in chunks.clone().enumerate() {
-                    for h in 0..2 {
-                        let mut c = _mm256_setzero_si256();
-                        for p in 0..r {
-                            let bits = (ctx.word(p, row, ch) >> (32 * h)) as u32;
-                            let bv = _mm256_set1_epi8((1u32 << (r - 1 - p)) as i8);
-                            c = _mm256_or_si256(c, _mm256_and_si256(unsafe { bits_to_bytes(bits) }, bv));
-                        }
-                        if !lv.identity {
-                            c = unsafe { lookup_avx2(c, &lv.table, r) };
-                        }
-                        row_codes[2 * k + h] = c;
-                    }
-                }
+                unsafe { row_codes_avx2(ctx, m, tile, 4 * sub + j, chunks.clone(), row_codes) };
             }
             let (a, b) =
                 unsafe { (_mm_loadu_ps(ab[0].as_ptr().add(4 * sub)), _mm_loadu_ps(ab[1].as_ptr().add(4 * sub))) };
@@ -742,18 +783,9 @@ pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out:
                 // [half][row]: sums against the high and the low activation bytes.
                 let mut acc = [[_mm256_setzero_si256(); 4]; 2];
                 for k in 0..2 * nch {
-                    for (half, src) in [&acts.hi, &acts.lo].into_iter().enumerate() {
-                        let q = unsafe { _mm256_loadu_si256(src.as_ptr().add(at + k * 32) as *const __m256i) };
-                        let q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
-                        let q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
-                        for (j, a) in acc[half].iter_mut().enumerate() {
-                            let c = codes[j][k];
-                            let c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
-                            let c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
-                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c0, q0));
-                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c1, q1));
-                        }
-                    }
+                    unsafe {
+                        madd4_avx2(&mut acc, [codes[0][k], codes[1][k], codes[2][k], codes[3][k]], acts, at + k * 32)
+                    };
                 }
                 let (dh, dl) = unsafe { (reduce4_avx2(&acc[0]), reduce4_avx2(&acc[1])) };
                 let k = t * acts.groups + g;
@@ -777,7 +809,6 @@ pub unsafe fn tile_avx2(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out:
 /// As [`tile_avx2`].
 #[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn tile_sub_avx2(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
-    let r = ctx.r as usize;
     let blocks = acts.padded / SUB;
     // Four rows at a time; one 32-byte register per sub-block.
     let mut codes = [[_mm256_setzero_si256(); 2 * MAX_SUB_CH]; 4];
@@ -791,23 +822,7 @@ pub unsafe fn tile_sub_avx2(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantA
         }
         for quad in 0..TILE / 4 {
             for (j, row_codes) in codes.iter_mut().enumerate() {
-                let i = 4 * quad + j;
-                let row = tile * TILE + i;
-                let lv = ctx.levels[m.dtype[i] as usize];
-                for (k, ch) in chunks.clone().enumerate() {
-                    for h in 0..2 {
-                        let mut c = _mm256_setzero_si256();
-                        for p in 0..r {
-                            let bits = (ctx.word(p, row, ch) >> (32 * h)) as u32;
-                            let bv = _mm256_set1_epi8((1u32 << (r - 1 - p)) as i8);
-                            c = _mm256_or_si256(c, _mm256_and_si256(unsafe { bits_to_bytes(bits) }, bv));
-                        }
-                        if !lv.identity {
-                            c = unsafe { lookup_avx2(c, &lv.table, r) };
-                        }
-                        row_codes[2 * k + h] = c;
-                    }
-                }
+                unsafe { row_codes_avx2(ctx, m, tile, 4 * quad + j, chunks.clone(), row_codes) };
             }
             let (a, z, o) = unsafe {
                 (
@@ -823,18 +838,9 @@ pub unsafe fn tile_sub_avx2(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantA
                 for k in 0..nsub {
                     // [half][row]: sums against the high and the low activation bytes.
                     let mut acc = [[_mm256_setzero_si256(); 4]; 2];
-                    for (half, src) in [&acts.hi, &acts.lo].into_iter().enumerate() {
-                        let q = unsafe { _mm256_loadu_si256(src.as_ptr().add(at + k * 32) as *const __m256i) };
-                        let q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
-                        let q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
-                        for (j, a) in acc[half].iter_mut().enumerate() {
-                            let c = codes[j][k];
-                            let c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
-                            let c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
-                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c0, q0));
-                            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c1, q1));
-                        }
-                    }
+                    unsafe {
+                        madd4_avx2(&mut acc, [codes[0][k], codes[1][k], codes[2][k], codes[3][k]], acts, at + k * 32)
+                    };
                     let (dh, dl) = unsafe { (reduce4_avx2(&acc[0]), reduce4_avx2(&acc[1])) };
                     let dot = _mm_add_epi32(_mm_slli_epi32::<7>(dh), dl);
                     let sk = 2 * chunks.start + k;
