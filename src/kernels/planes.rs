@@ -97,10 +97,15 @@ impl Levels {
     }
 }
 
-/// Activations of `n` tokens quantized to 15 bits per weight group and split into two int8
-/// halves, `q = 128·hi + lo` (`hi` signed, `lo` in 0..128), so that `vpdpbusd` (u8 × s8) takes
-/// both: two integer products per weight keep the result within 2^-14 of the f32 product,
-/// where plain int8 activations cost about 1.7% perplexity on SmolLM2.
+/// Activations of `n` tokens, quantized once per matmul in the form its layers need.
+///
+/// - **One-level layers**: 15 bits per weight group, split into two int8 halves,
+///   `q = 128·hi + lo` (`hi` signed, `lo` in 0..128), so that `vpdpbusd` (u8 × s8) takes both.
+///   With a single step per group of 128 or more columns, plain int8 cost about 1.7% perplexity
+///   on SmolLM2; two products per weight keep the result within 2^-14 of the f32 product.
+/// - **Two-level layers** ([`QuantActs::quantize_blocks`]): int8 with one step per 32 columns,
+///   as llama.cpp's `Q8` activations. The weights already carry a scale per 32, so the step
+///   costs one multiply per sub-block, and each weight needs one `vpdpbusd` instead of two.
 #[derive(Default)]
 pub struct QuantActs {
     /// `n × padded_cols`, zero past `cols`.
@@ -109,15 +114,19 @@ pub struct QuantActs {
     /// `n × groups`: the group's step `d` and `d·Σq`.
     pub d: Vec<f32>,
     pub dsum: Vec<f32>,
-    /// `n × padded / 32`: `Σq` of every 32 columns, for layers with sub-block scales (filled by
-    /// [`QuantActs::sum_sub_blocks`]).
-    pub qsum: Vec<i32>,
+    /// Two-level layers: `n × padded` int8 activations, zero past `cols`.
+    pub q8: Vec<i8>,
+    /// `n × padded / 32`: each block's step `e` and `e·Σq`.
+    pub e: Vec<f32>,
+    pub eq: Vec<f32>,
     pub padded: usize,
     pub groups: usize,
 }
 
 /// Largest magnitude of a quantized activation (15 bits).
 pub const QMAX: f32 = 16383.0;
+/// Largest magnitude of an int8 activation of a two-level layer.
+pub const Q8MAX: f32 = 127.0;
 
 impl QuantActs {
     /// Quantizes `x` (`n × cols`) with one scale per `group` columns: `q = round(x·QMAX/amax)`.
@@ -157,21 +166,63 @@ impl QuantActs {
         }
     }
 
-    /// `Σq` of every 32 columns of the `n` tokens last quantized, from their bytes (the same on
-    /// every path): what two-level layers need beside the per-group sums.
-    pub fn sum_sub_blocks(&mut self, n: usize) {
-        let padded = self.padded;
+    /// Quantizes `x` (`n × cols`) to int8 with one step per 32 columns,
+    /// `q = round(x·127/amax)`: what two-level layers read.
+    pub fn quantize_blocks(&mut self, x: &[f32], n: usize, cols: usize) {
+        self.quantize_blocks_with(x, n, cols, Isa::detect());
+    }
+
+    /// [`QuantActs::quantize_blocks`] on the given path (every path gives the same bytes).
+    pub fn quantize_blocks_with(&mut self, x: &[f32], n: usize, cols: usize, isa: Isa) {
+        let padded = row_bytes(cols) * 8;
         let blocks = padded / SUB;
-        if self.qsum.len() < n * blocks {
-            self.qsum.resize(n * blocks, 0);
+        self.padded = padded;
+        // Grows once to the largest batch, as `quantize_with` does.
+        if self.q8.len() < n * padded {
+            self.q8.resize(n * padded, 0);
+        }
+        if self.e.len() < n * blocks {
+            self.e.resize(n * blocks, 0.0);
+            self.eq.resize(n * blocks, 0.0);
         }
         for t in 0..n {
-            for (b, q) in self.qsum[t * blocks..(t + 1) * blocks].iter_mut().enumerate() {
-                let at = t * padded + b * SUB;
-                *q = (0..SUB).map(|j| 128 * self.hi[at + j] as i32 + self.lo[at + j] as i32).sum();
+            let q = &mut self.q8[t * padded..(t + 1) * padded];
+            for (b, xb) in x[t * cols..(t + 1) * cols].chunks(SUB).enumerate() {
+                let qb = &mut q[b * SUB..b * SUB + xb.len()];
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512 && xb.len() == SUB {
+                    // SAFETY: the AVX-512 path is only chosen where the CPU has it.
+                    let (e, eq) = unsafe { x86::quantize_block_avx512(xb.try_into().unwrap(), qb.try_into().unwrap()) };
+                    self.e[t * blocks + b] = e;
+                    self.eq[t * blocks + b] = eq;
+                    continue;
+                }
+                let _ = isa;
+                let (e, eq) = quantize_block(xb, qb);
+                self.e[t * blocks + b] = e;
+                self.eq[t * blocks + b] = eq;
             }
+            q[cols..].fill(0);
+            let full = cols.div_ceil(SUB);
+            self.e[t * blocks + full..(t + 1) * blocks].fill(0.0);
+            self.eq[t * blocks + full..(t + 1) * blocks].fill(0.0);
         }
     }
+}
+
+/// One block of at most 32 activations to int8 (round half away from zero); returns the step
+/// and the step times `Σq`. Plain loops the compiler vectorizes; every path reads these bytes.
+fn quantize_block(xb: &[f32], q: &mut [i8]) -> (f32, f32) {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let (e, id) = if amax > 0.0 { (amax / Q8MAX, Q8MAX / amax) } else { (0.0, 0.0) };
+    let mut sum = 0i32;
+    for (x, q) in xb.iter().zip(q.iter_mut()) {
+        let y = x * id;
+        let v = (y + 0.5f32.copysign(y)).clamp(-Q8MAX, Q8MAX) as i32;
+        *q = v as i8;
+        sum += v;
+    }
+    (e, e * sum as f32)
 }
 
 /// One token's activations: the reference for [`QuantActs::quantize`].
@@ -256,17 +307,15 @@ pub fn unsupported(group: usize, sub: Option<(usize, u32)>) -> Option<String> {
     match sub {
         None => (!group.is_multiple_of(64) || group > MAX_GROUP)
             .then(|| format!("group size {group} (the bit-serial kernel needs a multiple of 64 up to {MAX_GROUP})")),
-        // Σ_k scale_k·Σq_k over a group must stay inside an i32.
-        Some((size, bits)) => (size != SUB
-            || !group.is_multiple_of(64)
-            || group > MAX_SUB_GROUP
-            || group as f64 * ((1u64 << bits) - 1) as f64 * QMAX as f64 >= i32::MAX as f64)
-            .then(|| {
+        // Multipliers are kept as bytes.
+        Some((size, bits)) => {
+            (size != SUB || !group.is_multiple_of(64) || group > MAX_SUB_GROUP || bits > 8).then(|| {
                 format!(
                     "sub-blocks of {size} with {bits}-bit scales in groups of {group} (the bit-serial kernel needs \
                      sub-blocks of {SUB} in groups that are a multiple of 64 up to {MAX_SUB_GROUP})"
                 )
-            }),
+            })
+        }
     }
 }
 
@@ -413,9 +462,12 @@ impl PlaneLinear {
             assert!(x.len() >= n * cols && y.len() >= n * l.rows);
         }
         ACTS.with_borrow_mut(|acts| {
-            acts.quantize_with(&x[..n * cols], n, cols, group, isa);
+            // Each form only where a layer reads it (a shared input has one kind in practice).
+            if layers.iter().any(|l| l.sub.is_none()) {
+                acts.quantize_with(&x[..n * cols], n, cols, group, isa);
+            }
             if layers.iter().any(|l| l.sub.is_some()) {
-                acts.sum_sub_blocks(n);
+                acts.quantize_blocks_with(&x[..n * cols], n, cols, isa);
             }
             let ctxs: [Option<Ctx>; MAX_SHARED] = std::array::from_fn(|i| layers.get(i).map(|l| Ctx::new(l, bits[i])));
             let outs: [SyncPtr; MAX_SHARED] =
@@ -660,12 +712,20 @@ impl<'a> Ctx<'a> {
         (s * self.mu[d], self.z[d], f16::from_bits(m.offset[i]).to_f32())
     }
 
-    /// The float part of a two-level group, shared by every path: `f = Σ_k dot_k·sc_k` summed
-    /// in float in sub-block order, `t1 = Σ_k sc_k·Σq_k` and `t2 = Σ_k mn_k·Σq_k` exact.
+    /// One sub-block's float steps, shared by every path in this order: `dot` is the exact
+    /// `Σ level·q` of the sub-block, `e` and `eq` the activations' step and step·`Σq`.
     #[inline(always)]
-    fn sub_term(f: f32, t1: i32, t2: i32, a: f32, z: f32, o: f32, d: f32) -> f32 {
-        let x = f - z * t1 as f32;
-        x * (a * d) + (o * d) * t2 as f32
+    fn sub_step(acc: &mut [f32; 3], dot: i32, sc: f32, mn: f32, e: f32, eq: f32) {
+        acc[0] += dot as f32 * (sc * e);
+        acc[1] += sc * eq;
+        acc[2] += mn * eq;
+    }
+
+    /// The float part of a two-level group, shared by every path: from `[F, T1, T2]` of
+    /// [`Ctx::sub_step`] (summed in sub-block order), `A·(F − z·T1) + O·T2`.
+    #[inline(always)]
+    fn sub_term(acc: [f32; 3], a: f32, z: f32, o: f32) -> f32 {
+        (acc[0] - z * acc[1]) * a + o * acc[2]
     }
 
     /// # Safety
@@ -695,30 +755,34 @@ impl<'a> Ctx<'a> {
         unsafe { self.tile_scalar(tile, acts, n, out) }
     }
 
-    /// `(Σ level·hi, Σ level·lo)` of token `t` over columns `js` of chunk `ch` of `row`:
+    /// `Σ level·q` of token `t` over columns `js` of chunk `ch` of `row`, for each activation
+    /// byte array in `qs` (both halves of 15-bit activations, or the int8 of two-level layers):
     /// the exact integer part of the references, bit by bit.
-    fn dot_scalar(
+    #[allow(clippy::too_many_arguments)]
+    fn dot_scalar<const K: usize>(
         &self,
         row: usize,
         ch: usize,
         js: Range<usize>,
         t: usize,
-        acts: &QuantActs,
+        padded: usize,
+        qs: [&[i8]; K],
         table: &[u8; 256],
-    ) -> (i32, i32) {
+    ) -> [i32; K] {
         let r = self.r as usize;
         let words: [u64; MAX_BITS as usize] = std::array::from_fn(|p| if p < r { self.word(p, row, ch) } else { 0 });
-        let (mut hi, mut lo) = (0i32, 0i32);
+        let mut dot = [0i32; K];
         for j in js {
             let mut c = 0usize;
             for w in &words[..r] {
                 c = (c << 1) | ((w >> j) & 1) as usize;
             }
-            let at = t * acts.padded + ch * 64 + j;
-            hi += table[c] as i32 * acts.hi[at] as i32;
-            lo += table[c] as i32 * acts.lo[at] as i32;
+            let at = t * padded + ch * 64 + j;
+            for (d, q) in dot.iter_mut().zip(&qs) {
+                *d += table[c] as i32 * q[at] as i32;
+            }
         }
-        (hi, lo)
+        dot
     }
 
     /// The reference: plain loops over rows, tokens, groups and columns.
@@ -735,7 +799,7 @@ impl<'a> Ctx<'a> {
                     let table = &self.levels[m.dtype[i] as usize].table;
                     let (mut hi, mut lo) = (0i32, 0i32);
                     for ch in self.chunks(g) {
-                        let (h, l) = self.dot_scalar(row, ch, 0..64, t, acts, table);
+                        let [h, l] = self.dot_scalar(row, ch, 0..64, t, acts.padded, [&acts.hi, &acts.lo], table);
                         (hi, lo) = (hi + h, lo + l);
                     }
                     let (a, b) = self.ab(m, i);
@@ -764,21 +828,20 @@ impl Ctx<'_> {
                 for g in 0..self.gpr {
                     let m = &self.meta[tile * self.gpr + g];
                     let table = &self.levels[m.dtype[i] as usize].table;
-                    let (mut f, mut t1, mut t2) = (0f32, 0i32, 0i32);
+                    let mut fs = [0f32; 3];
                     for ch in self.chunks(g) {
                         for half in 0..2 {
                             let k = 2 * ch + half;
-                            let (hi, lo) = self.dot_scalar(row, ch, half * SUB..(half + 1) * SUB, t, acts, table);
-                            let sc = sub.scale[tile * sub.spr + k][i];
-                            let mn = sub.offset[tile * sub.spr + k][i];
-                            f += (128 * hi + lo) as f32 * sc as f32;
-                            let qs = acts.qsum[t * blocks + k];
-                            t1 += sc as i32 * qs;
-                            t2 += mn as i32 * qs;
+                            let js = half * SUB..(half + 1) * SUB;
+                            let [dot] = self.dot_scalar(row, ch, js, t, acts.padded, [&acts.q8], table);
+                            let sc = sub.scale[tile * sub.spr + k][i] as f32;
+                            let mn = sub.offset[tile * sub.spr + k][i] as f32;
+                            let b = t * blocks + k;
+                            Ctx::sub_step(&mut fs, dot, sc, mn, acts.e[b], acts.eq[b]);
                         }
                     }
                     let (a, z, o) = self.azo(m, i);
-                    acc += Ctx::sub_term(f, t1, t2, a, z, o, acts.d[t * acts.groups + g]);
+                    acc += Ctx::sub_term(fs, a, z, o);
                 }
                 unsafe { *out.get().add(t * self.rows + row) = acc };
             }
@@ -887,10 +950,23 @@ mod tests {
                             (0..cols).map(|k| w[o * cols + k] as f64 * x[t * cols + k] as f64).sum::<f64>();
                         let mag: f64 =
                             (0..cols).map(|k| (w[o * cols + k] as f64 * x[t * cols + k] as f64).abs()).sum::<f64>();
-                        // 15-bit activations: ≤ half a step of 16383 per element.
+                        // Activations are off by at most half a step: of 16383 per group for
+                        // one-level layers, of 127 per block of 32 for two-level ones.
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let act = if sub.is_some() {
+                            (0..cols)
+                                .map(|k| {
+                                    let block = &xt[k / 32 * 32..(k / 32 * 32 + 32).min(cols)];
+                                    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                                    (w[o * cols + k] as f64).abs() * amax / 127.0 / 2.0
+                                })
+                                .sum::<f64>()
+                        } else {
+                            0.0
+                        };
                         let err = (y[t * rows + o] as f64 - exact).abs();
                         assert!(
-                            err <= 1e-4 * mag + 1e-5,
+                            err <= 1.01 * act + 1e-4 * mag + 1e-5,
                             "r{r} {rows}x{cols} t{t} o{o}: {} vs {exact}",
                             y[t * rows + o]
                         );
@@ -1019,7 +1095,9 @@ mod tests {
         assert!(unsupported(128, None).is_none());
         assert!(unsupported(576, Some((32, 6))).is_none());
         assert!(unsupported(576, Some((64, 6))).is_some());
-        assert!(unsupported(576, Some((32, 8))).is_some());
+        assert!(unsupported(576, Some((32, 8))).is_none());
+        assert!(unsupported(576, Some((32, 9))).is_some());
+        assert!(unsupported(4096, Some((32, 6))).is_some());
     }
 
     #[test]
@@ -1049,6 +1127,58 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got.d[..g]), bits(&want.d[..g]));
                 assert_eq!(bits(&got.dsum[..g]), bits(&want.dsum[..g]));
+            }
+        }
+    }
+
+    #[test]
+    fn block_quantization_is_the_same_on_every_path() {
+        let mut rng = StdRng::seed_from_u64(19);
+        for &(n, cols) in &[(1, 64), (3, 300), (2, 576), (4, 1536), (2, 70)] {
+            let mut x = heavy(&mut rng, n * cols);
+            // A block of zeros, exact halves of a step, and a huge value.
+            x[..32].fill(0.0);
+            x[40] = 1.0;
+            x[41] = 0.5 / Q8MAX;
+            x[cols - 1] = -1e30;
+            let mut want = QuantActs::default();
+            want.quantize_blocks_with(&x, n, cols, Isa::Scalar);
+            for isa in Isa::available() {
+                let mut got = QuantActs::default();
+                got.quantize_blocks_with(&x, n, cols, isa);
+                let (p, b) = (n * want.padded, n * want.padded / SUB);
+                assert_eq!(got.q8[..p], want.q8[..p], "{isa:?} n{n} cols{cols}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.e[..b]), bits(&want.e[..b]));
+                assert_eq!(bits(&got.eq[..b]), bits(&want.eq[..b]));
+            }
+        }
+    }
+
+    #[test]
+    fn block_quantization_round_trips_within_half_a_step() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let (n, cols) = (3, 200);
+        let mut x = heavy(&mut rng, n * cols);
+        x[32..64].fill(0.0);
+        let mut a = QuantActs::default();
+        a.quantize_blocks(&x, n, cols);
+        let blocks = a.padded / SUB;
+        assert_eq!(blocks, 8, "200 columns pad to 256");
+        for t in 0..n {
+            for b in 0..blocks {
+                let e = a.e[t * blocks + b];
+                let qs: Vec<i32> = (0..SUB).map(|j| a.q8[t * a.padded + b * SUB + j] as i32).collect();
+                assert!(qs.iter().all(|q| q.abs() <= 127));
+                assert_eq!(a.eq[t * blocks + b].to_bits(), (e * qs.iter().sum::<i32>() as f32).to_bits());
+                for (j, q) in qs.iter().enumerate() {
+                    let c = b * SUB + j;
+                    let want = if c < cols { x[t * cols + c] } else { 0.0 };
+                    assert!((*q as f32 * e - want).abs() <= 0.5 * e * 1.0001 + 1e-7, "t{t} col {c}");
+                }
+                if (t == 0 && b == 1) || b * SUB >= cols {
+                    assert_eq!(e, 0.0, "an all-zero or padding block has step 0");
+                }
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Ctx, Levels, QMAX, QuantActs, SUB, SubMeta, SyncPtr, TILE, TileMeta};
+use super::{Ctx, Levels, Q8MAX, QMAX, QuantActs, SUB, SubMeta, SyncPtr, TILE, TileMeta};
 
 /// Largest number of 64-column chunks in a group.
 const MAX_CH: usize = super::MAX_GROUP / 64;
@@ -33,11 +33,10 @@ unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Lev
     unsafe {
         let mut c = _mm512_setzero_si512();
         for (p, b) in planes.iter().enumerate() {
-            let bits = (b.add(off) as *const u64).read_unaligned();
             let bv = _mm512_set1_epi8((1u32 << (R - 1 - p)) as i8);
             if p == 0 {
                 // The first plane sets bytes rather than adding to zeros: one instruction less.
-                c = _mm512_maskz_mov_epi8(bits, bv);
+                c = _mm512_maskz_mov_epi8((b.add(off) as *const u64).read_unaligned(), bv);
                 continue;
             }
             // One masked byte add per plane. Written out because LLVM otherwise turns
@@ -46,7 +45,7 @@ unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Lev
                 "kmovq {k}, {bits}",
                 "vpaddb {c}{{{k}}}, {c}, {bv}",
                 k = out(kreg) _,
-                bits = in(reg) bits,
+                bits = in(reg) (b.add(off) as *const u64).read_unaligned(),
                 c = inout(zmm_reg) c,
                 bv = in(zmm_reg) bv,
                 options(pure, nomem, nostack),
@@ -442,45 +441,35 @@ impl SubJob<'_> {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn tokens<const NT: usize>(&self, t0: usize) {
         let acts = self.acts;
-        let (hi, lo) = (acts.hi.as_ptr(), acts.lo.as_ptr());
+        let q8 = acts.q8.as_ptr();
         let blocks = acts.padded / SUB;
         let col0 = self.ch0 * 64;
         let base: [usize; NT] = std::array::from_fn(|t| (t0 + t) * acts.padded + col0);
-        let mut f = [_mm512_setzero_ps(); NT];
-        let mut t1 = [_mm512_setzero_si512(); NT];
-        let mut t2 = [_mm512_setzero_si512(); NT];
+        let mut fs = [[_mm512_setzero_ps(); 3]; NT];
         for (s, quads) in self.quads.chunks_exact(SUB / 4).enumerate() {
-            let mut sh = [_mm512_setzero_si512(); NT];
-            let mut sl = [_mm512_setzero_si512(); NT];
+            let mut dot = [_mm512_setzero_si512(); NT];
             for (j, &c) in quads.iter().enumerate() {
                 let col = s * SUB + 4 * j;
                 for t in 0..NT {
                     unsafe {
-                        let qh = (hi.add(base[t] + col) as *const i32).read_unaligned();
-                        let ql = (lo.add(base[t] + col) as *const i32).read_unaligned();
-                        sh[t] = _mm512_dpbusd_epi32(sh[t], c, _mm512_set1_epi32(qh));
-                        sl[t] = _mm512_dpbusd_epi32(sl[t], c, _mm512_set1_epi32(ql));
+                        let q = (q8.add(base[t] + col) as *const i32).read_unaligned();
+                        dot[t] = _mm512_dpbusd_epi32(dot[t], c, _mm512_set1_epi32(q));
                     }
                 }
             }
             let k = 2 * self.ch0 + s;
-            let e = self.tile * self.sub.spr + k;
             unsafe {
-                let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(self.sub.scale[e].as_ptr() as *const __m128i));
-                let mn = _mm512_cvtepi8_epi32(_mm_loadu_si128(self.sub.offset[e].as_ptr() as *const __m128i));
-                let fs = _mm512_cvtepi32_ps(sc);
+                let (sc, mn) = sub_multipliers(self.sub, self.tile * self.sub.spr + k);
                 for t in 0..NT {
-                    f[t] = _mm512_add_ps(f[t], _mm512_mul_ps(_mm512_cvtepi32_ps(combine(sh[t], sl[t])), fs));
-                    let q = _mm512_set1_epi32(acts.qsum[(t0 + t) * blocks + k]);
-                    t1[t] = _mm512_add_epi32(t1[t], _mm512_mullo_epi32(sc, q));
-                    t2[t] = _mm512_add_epi32(t2[t], _mm512_mullo_epi32(mn, q));
+                    let b = (t0 + t) * blocks + k;
+                    sub_step16(&mut fs[t], dot[t], sc, mn, acts.e[b], acts.eq[b]);
                 }
             }
         }
         unsafe {
             let (a, z, o) = azo16(self.ctx, self.m);
             for t in 0..NT {
-                let term = sub_terms16(f[t], t1[t], t2[t], a, z, o, acts.d[(t0 + t) * acts.groups + self.g]);
+                let term = sub_terms16(fs[t], a, z, o);
                 let p = self.out.add((t0 + t) * self.ctx.rows);
                 // The first group starts from zero, as the reference's accumulator does.
                 let prev = if self.g == 0 { _mm512_setzero_ps() } else { _mm512_loadu_ps(p) };
@@ -502,13 +491,33 @@ unsafe fn azo16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512, __m512) {
     }
 }
 
+/// Sub-block entry `e`'s scale and offset multipliers of the tile's 16 rows, as floats.
+#[inline(always)]
+unsafe fn sub_multipliers(sub: &SubMeta, e: usize) -> (__m512, __m512) {
+    unsafe {
+        let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(sub.scale[e].as_ptr() as *const __m128i));
+        let mn = _mm512_cvtepi8_epi32(_mm_loadu_si128(sub.offset[e].as_ptr() as *const __m128i));
+        (_mm512_cvtepi32_ps(sc), _mm512_cvtepi32_ps(mn))
+    }
+}
+
+/// [`Ctx::sub_step`](super::Ctx), lane-wise over 16 rows.
+#[inline(always)]
+unsafe fn sub_step16(acc: &mut [__m512; 3], dot: __m512i, sc: __m512, mn: __m512, e: f32, eq: f32) {
+    unsafe {
+        let eq = _mm512_set1_ps(eq);
+        acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, _mm512_set1_ps(e))));
+        acc[1] = _mm512_add_ps(acc[1], _mm512_mul_ps(sc, eq));
+        acc[2] = _mm512_add_ps(acc[2], _mm512_mul_ps(mn, eq));
+    }
+}
+
 /// [`Ctx::sub_term`](super::Ctx), lane-wise over 16 rows.
 #[inline(always)]
-unsafe fn sub_terms16(f: __m512, t1: __m512i, t2: __m512i, a: __m512, z: __m512, o: __m512, d: f32) -> __m512 {
+unsafe fn sub_terms16(acc: [__m512; 3], a: __m512, z: __m512, o: __m512) -> __m512 {
     unsafe {
-        let d = _mm512_set1_ps(d);
-        let x = _mm512_sub_ps(f, _mm512_mul_ps(z, _mm512_cvtepi32_ps(t1)));
-        _mm512_add_ps(_mm512_mul_ps(x, _mm512_mul_ps(a, d)), _mm512_mul_ps(_mm512_mul_ps(o, d), _mm512_cvtepi32_ps(t2)))
+        let x = _mm512_sub_ps(acc[0], _mm512_mul_ps(z, acc[1]));
+        _mm512_add_ps(_mm512_mul_ps(x, a), _mm512_mul_ps(o, acc[2]))
     }
 }
 
@@ -534,7 +543,13 @@ unsafe fn reduce16_halves(acc: &[__m512i; TILE]) -> (__m512i, __m512i) {
     }
 }
 
-/// Tokens `t0..t0 + NT` of a two-level layer against one tile.
+/// Most 64-column chunks one pass over a tile's rows covers in [`sub_tokens`]: its sums wait
+/// on the stack (`SPAN · NT` vectors per row) until the pass ends.
+const SPAN: usize = 8;
+
+/// Tokens `t0..t0 + NT` of a two-level layer against one tile. Each row's chunks of a span
+/// are built in one run (plane words read in order, row overheads paid once per span), then
+/// each chunk's 16 rows are reduced to two sub-block sums per row.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn sub_tokens<const R: usize, const NT: usize>(
@@ -550,39 +565,74 @@ unsafe fn sub_tokens<const R: usize, const NT: usize>(
     unsafe {
         let blocks = acts.padded / SUB;
         let mut sums = [_mm512_setzero_ps(); NT];
+        // `buf[k][t][i]`: row `i`'s lane-partial sums of the span's chunk `k` for token `t`.
+        let mut buf = [[[const { std::mem::MaybeUninit::<__m512i>::uninit() }; TILE]; NT]; SPAN];
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
-            let mut f = [_mm512_setzero_ps(); NT];
-            let mut t1 = [_mm512_setzero_si512(); NT];
-            let mut t2 = [_mm512_setzero_si512(); NT];
-            for ch in ctx.chunks(g) {
-                let acc = gemv_group::<R, 1, NT>(ctx, m, planes, row0, acts, ch, t0);
-                let k = tile * sub.spr + 2 * ch;
-                let sc0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sub.scale[k].as_ptr() as *const __m128i));
-                let sc1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(sub.scale[k + 1].as_ptr() as *const __m128i));
-                let mn0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sub.offset[k].as_ptr() as *const __m128i));
-                let mn1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(sub.offset[k + 1].as_ptr() as *const __m128i));
-                let (fs0, fs1) = (_mm512_cvtepi32_ps(sc0), _mm512_cvtepi32_ps(sc1));
-                for t in 0..NT {
-                    let (d0, d1) = reduce16_halves(&acc[t]);
-                    f[t] = _mm512_add_ps(f[t], _mm512_mul_ps(_mm512_cvtepi32_ps(d0), fs0));
-                    f[t] = _mm512_add_ps(f[t], _mm512_mul_ps(_mm512_cvtepi32_ps(d1), fs1));
-                    let q = (t0 + t) * blocks + 2 * ch;
-                    let (q0, q1) = (_mm512_set1_epi32(acts.qsum[q]), _mm512_set1_epi32(acts.qsum[q + 1]));
-                    t1[t] = _mm512_add_epi32(t1[t], _mm512_mullo_epi32(sc0, q0));
-                    t1[t] = _mm512_add_epi32(t1[t], _mm512_mullo_epi32(sc1, q1));
-                    t2[t] = _mm512_add_epi32(t2[t], _mm512_mullo_epi32(mn0, q0));
-                    t2[t] = _mm512_add_epi32(t2[t], _mm512_mullo_epi32(mn1, q1));
+            let mut fs = [[_mm512_setzero_ps(); 3]; NT];
+            let chunks = ctx.chunks(g);
+            let spans = chunks.len().div_ceil(SPAN);
+            for sp in 0..spans {
+                // Spans of near-equal length: a group of 9 chunks goes 4 + 5, not 8 + 1.
+                let c0 = chunks.start + sp * chunks.len() / spans;
+                let c1 = chunks.start + (sp + 1) * chunks.len() / spans;
+                for i in 0..TILE {
+                    // Datatype ids were validated when the layer was built.
+                    let lv = *ctx.levels.get_unchecked(*m.dtype.get_unchecked(i) as usize);
+                    let off = row0 + i * ctx.row_bytes + c0 * 8;
+                    if lv.identity {
+                        sub_row::<R, NT, false>(planes, off, lv, acts, t0, c0..c1, &mut buf, i);
+                    } else {
+                        sub_row::<R, NT, true>(planes, off, lv, acts, t0, c0..c1, &mut buf, i);
+                    }
+                }
+                for ch in c0..c1 {
+                    let k = tile * sub.spr + 2 * ch;
+                    let (sc0, mn0) = sub_multipliers(sub, k);
+                    let (sc1, mn1) = sub_multipliers(sub, k + 1);
+                    for t in 0..NT {
+                        // SAFETY: `sub_row` wrote every row of chunks c0..c1 for every token.
+                        let acc = &*(buf[ch - c0][t].as_ptr() as *const [__m512i; TILE]);
+                        let (d0, d1) = reduce16_halves(acc);
+                        let b = (t0 + t) * blocks + 2 * ch;
+                        sub_step16(&mut fs[t], d0, sc0, mn0, acts.e[b], acts.eq[b]);
+                        sub_step16(&mut fs[t], d1, sc1, mn1, acts.e[b + 1], acts.eq[b + 1]);
+                    }
                 }
             }
             let (a, z, o) = azo16(ctx, m);
             for t in 0..NT {
-                let term = sub_terms16(f[t], t1[t], t2[t], a, z, o, acts.d[(t0 + t) * acts.groups + g]);
-                sums[t] = _mm512_add_ps(sums[t], term);
+                sums[t] = _mm512_add_ps(sums[t], sub_terms16(fs[t], a, z, o));
             }
         }
         for (t, s) in sums.iter().enumerate() {
             _mm512_storeu_ps(out.get().add((t0 + t) * ctx.rows + tile * TILE), *s);
+        }
+    }
+}
+
+/// Row `i`'s chunks `span` for tokens `t0..t0 + NT`: codes built once per chunk, and per token
+/// `Σ level·q` lane-partial into `buf[chunk − span.start][t][i]`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn sub_row<const R: usize, const NT: usize, const LOOKUP: bool>(
+    planes: &[*const u8; R],
+    off: usize,
+    lv: &Levels,
+    acts: &QuantActs,
+    t0: usize,
+    span: std::ops::Range<usize>,
+    buf: &mut [[[std::mem::MaybeUninit<__m512i>; TILE]; NT]; SPAN],
+    i: usize,
+) {
+    unsafe {
+        let q8 = acts.q8.as_ptr();
+        for (k, ch) in span.enumerate() {
+            let c = codes512::<R>(planes, off + k * 8, lv, LOOKUP);
+            for t in 0..NT {
+                let q = _mm512_loadu_si512(q8.add((t0 + t) * acts.padded + ch * 64) as *const __m512i);
+                buf[k][t][i].write(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q));
+            }
         }
     }
 }
@@ -746,15 +796,22 @@ unsafe fn row_codes_avx2(
 #[target_feature(enable = "avx2")]
 unsafe fn madd4_avx2(acc: &mut [[__m256i; 4]; 2], codes: [__m256i; 4], acts: &QuantActs, at: usize) {
     for (half, src) in [&acts.hi, &acts.lo].into_iter().enumerate() {
-        let q = unsafe { _mm256_loadu_si256(src.as_ptr().add(at) as *const __m256i) };
-        let q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
-        let q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
-        for (a, &c) in acc[half].iter_mut().zip(&codes) {
-            let c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
-            let c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
-            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c0, q0));
-            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c1, q1));
-        }
+        unsafe { madd4_one_avx2(&mut acc[half], codes, src, at) };
+    }
+}
+
+/// Adds four rows' products with the 32 activation bytes of `src` at `at` to `acc`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn madd4_one_avx2(acc: &mut [__m256i; 4], codes: [__m256i; 4], src: &[i8], at: usize) {
+    let q = unsafe { _mm256_loadu_si256(src.as_ptr().add(at) as *const __m256i) };
+    let q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+    let q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
+    for (a, &c) in acc.iter_mut().zip(&codes) {
+        let c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));
+        let c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(c));
+        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c0, q0));
+        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(c1, q1));
     }
 }
 
@@ -833,37 +890,35 @@ pub unsafe fn tile_sub_avx2(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantA
             };
             for t in 0..n {
                 let at = t * acts.padded + chunks.start * 64;
-                let mut f = _mm_setzero_ps();
-                let (mut t1, mut t2) = (_mm_setzero_si128(), _mm_setzero_si128());
+                let (mut f, mut t1, mut t2) = (_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps());
                 for k in 0..nsub {
-                    // [half][row]: sums against the high and the low activation bytes.
-                    let mut acc = [[_mm256_setzero_si256(); 4]; 2];
+                    let mut acc = [_mm256_setzero_si256(); 4];
                     unsafe {
-                        madd4_avx2(&mut acc, [codes[0][k], codes[1][k], codes[2][k], codes[3][k]], acts, at + k * 32)
+                        let codes = [codes[0][k], codes[1][k], codes[2][k], codes[3][k]];
+                        madd4_one_avx2(&mut acc, codes, &acts.q8, at + k * 32)
                     };
-                    let (dh, dl) = unsafe { (reduce4_avx2(&acc[0]), reduce4_avx2(&acc[1])) };
-                    let dot = _mm_add_epi32(_mm_slli_epi32::<7>(dh), dl);
+                    let dot = unsafe { reduce4_avx2(&acc) };
                     let sk = 2 * chunks.start + k;
                     let e = tile * sub.spr + sk;
                     unsafe {
-                        let sc = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(
+                        let sc = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(
                             (sub.scale[e].as_ptr().add(4 * quad) as *const i32).read_unaligned(),
-                        ));
-                        let mn = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(
+                        )));
+                        let mn = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(
                             (sub.offset[e].as_ptr().add(4 * quad) as *const i32).read_unaligned(),
-                        ));
-                        f = _mm_add_ps(f, _mm_mul_ps(_mm_cvtepi32_ps(dot), _mm_cvtepi32_ps(sc)));
-                        let qs = _mm_set1_epi32(acts.qsum[t * blocks + sk]);
-                        t1 = _mm_add_epi32(t1, _mm_mullo_epi32(sc, qs));
-                        t2 = _mm_add_epi32(t2, _mm_mullo_epi32(mn, qs));
+                        )));
+                        // `Ctx::sub_step`, lane-wise.
+                        let b = t * blocks + sk;
+                        let eq = _mm_set1_ps(acts.eq[b]);
+                        f = _mm_add_ps(f, _mm_mul_ps(_mm_cvtepi32_ps(dot), _mm_mul_ps(sc, _mm_set1_ps(acts.e[b]))));
+                        t1 = _mm_add_ps(t1, _mm_mul_ps(sc, eq));
+                        t2 = _mm_add_ps(t2, _mm_mul_ps(mn, eq));
                     }
                 }
                 unsafe {
                     // `Ctx::sub_term`, lane-wise.
-                    let d = _mm_set1_ps(acts.d[t * acts.groups + g]);
-                    let x = _mm_sub_ps(f, _mm_mul_ps(z, _mm_cvtepi32_ps(t1)));
-                    let v =
-                        _mm_add_ps(_mm_mul_ps(x, _mm_mul_ps(a, d)), _mm_mul_ps(_mm_mul_ps(o, d), _mm_cvtepi32_ps(t2)));
+                    let x = _mm_sub_ps(f, _mm_mul_ps(z, t1));
+                    let v = _mm_add_ps(_mm_mul_ps(x, a), _mm_mul_ps(o, t2));
                     let p = out.get().add(t * ctx.rows + tile * TILE + 4 * quad);
                     // The first group starts from zero, as the reference's accumulator does.
                     let prev = if g == 0 { _mm_setzero_ps() } else { _mm_loadu_ps(p) };
@@ -928,4 +983,30 @@ pub unsafe fn quantize_row_avx512(
     }
     hr[cols..].fill(0);
     lr[cols..].fill(0);
+}
+
+/// [`super::quantize_block`] for a whole block of 32 in two vectors: the same exact operations,
+/// so the same bytes.
+///
+/// # Safety
+/// AVX-512 F/BW present.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize_block_avx512(xb: &[f32; 32], q: &mut [i8; 32]) -> (f32, f32) {
+    unsafe {
+        let v = [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        let (e, id) = if amax > 0.0 { (amax / Q8MAX, Q8MAX / amax) } else { (0.0, 0.0) };
+        let (idv, half, sign) = (_mm512_set1_ps(id), _mm512_set1_ps(0.5), _mm512_set1_epi32(i32::MIN));
+        let (lo_q, hi_q) = (_mm512_set1_ps(-Q8MAX), _mm512_set1_ps(Q8MAX));
+        let mut sum = _mm512_setzero_si512();
+        for (h, x) in v.into_iter().enumerate() {
+            let y = _mm512_mul_ps(x, idv);
+            let s = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(y), sign), _mm512_castps_si512(half));
+            let t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, _mm512_castsi512_ps(s)), lo_q), hi_q);
+            let qi = _mm512_cvttps_epi32(t);
+            _mm_storeu_si128(q.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(qi));
+            sum = _mm512_add_epi32(sum, qi);
+        }
+        (e, e * _mm512_reduce_add_epi32(sum) as f32)
+    }
 }
