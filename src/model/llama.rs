@@ -62,6 +62,35 @@ pub struct Session {
     tree_off: Vec<usize>,
 }
 
+/// Runs `f(t)` for every token `t < n`: spread over the team for prefill-sized batches, in
+/// place for a few tokens, where a parallel region costs more than these element-wise steps.
+fn each_token(n: usize, f: impl Fn(usize) + Sync) {
+    const PER_TASK: usize = 16;
+    if n < 2 * PER_TASK {
+        (0..n).for_each(f);
+        return;
+    }
+    crate::kernels::team::parallel_for(n.div_ceil(PER_TASK), |task| {
+        (task * PER_TASK..((task + 1) * PER_TASK).min(n)).for_each(&f);
+    });
+}
+
+/// Row `t` (`width` floats) of the buffer behind `p`.
+///
+/// # Safety
+/// The row is inside the buffer, and no one else touches it while the slice lives.
+unsafe fn row_mut<'a>(p: SyncPtr, t: usize, width: usize) -> &'a mut [f32] {
+    unsafe { std::slice::from_raw_parts_mut(p.get().add(t * width), width) }
+}
+
+/// RMSNorm of the first `n` rows of `x` into `out`, rows in parallel for large batches.
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], n: usize, dim: usize) {
+    assert!(x.len() >= n * dim && out.len() >= n * dim);
+    let o = SyncPtr(out.as_mut_ptr());
+    // SAFETY: token t owns row t of `out`, which holds n rows.
+    each_token(n, |t| rms_norm(&x[t * dim..(t + 1) * dim], w, eps, unsafe { row_mut(o, t, dim) }));
+}
+
 thread_local! {
     /// Attention scores of one task (a few query heads of one token), per worker thread.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -269,30 +298,32 @@ impl Llama {
         }
         for (l, b) in self.blocks.iter().enumerate() {
             // Attention.
-            for t in 0..n {
-                rms_norm(&s.x[t * dim..(t + 1) * dim], &b.attn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
-            }
+            norm_rows(&s.x, &b.attn_norm, c.rms_eps, &mut s.xn, n, dim);
             // One quantization of the input and one parallel region for all three.
             forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &s.xn, n, &mut [&mut s.q, &mut s.k, &mut s.v], max_bits);
             let layer_base = l * s.capacity * kv_dim;
-            for t in 0..n {
-                let pos = s.positions[t];
-                self.rope.apply(&mut s.q[t * q_dim..(t + 1) * q_dim], pos);
-                self.rope.apply(&mut s.k[t * kv_dim..(t + 1) * kv_dim], pos);
-                let at = layer_base + (s.pos + t) * kv_dim;
-                s.k_cache[at..at + kv_dim].copy_from_slice(&s.k[t * kv_dim..(t + 1) * kv_dim]);
-                s.v_cache[at..at + kv_dim].copy_from_slice(&s.v[t * kv_dim..(t + 1) * kv_dim]);
-            }
+            assert!(s.q.len() >= n * q_dim && s.k.len() >= n * kv_dim && s.gate.len() >= n * c.ffn_dim);
+            let (q, k) = (SyncPtr(s.q.as_mut_ptr()), SyncPtr(s.k.as_mut_ptr()));
+            let positions = &s.positions;
+            each_token(n, |t| {
+                // SAFETY: token t owns row t of the query and key buffers.
+                let (q, k) = unsafe { (row_mut(q, t, q_dim), row_mut(k, t, kv_dim)) };
+                self.rope.apply(q, positions[t]);
+                self.rope.apply(k, positions[t]);
+            });
+            let at = layer_base + s.pos * kv_dim;
+            s.k_cache[at..at + n * kv_dim].copy_from_slice(&s.k[..n * kv_dim]);
+            s.v_cache[at..at + n * kv_dim].copy_from_slice(&s.v[..n * kv_dim]);
             self.attention(s, l, n, tree);
             b.wo.forward_capped(&s.att, n, &mut s.tmp, max_bits);
             s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
 
             // MLP.
-            for t in 0..n {
-                rms_norm(&s.x[t * dim..(t + 1) * dim], &b.ffn_norm, c.rms_eps, &mut s.xn[t * dim..(t + 1) * dim]);
-            }
+            norm_rows(&s.x, &b.ffn_norm, c.rms_eps, &mut s.xn, n, dim);
             forward_shared(&[&*b.w_gate, &*b.w_up], &s.xn, n, &mut [&mut s.gate, &mut s.up], max_bits);
-            silu_mul(&mut s.gate[..n * c.ffn_dim], &s.up);
+            let (gate, up, f) = (SyncPtr(s.gate.as_mut_ptr()), &s.up, c.ffn_dim);
+            // SAFETY: token t owns row t of the gate buffer.
+            each_token(n, |t| silu_mul(unsafe { row_mut(gate, t, f) }, &up[t * f..(t + 1) * f]));
             b.w_down.forward_capped(&s.gate, n, &mut s.tmp, max_bits);
             s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
         }
