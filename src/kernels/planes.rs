@@ -210,6 +210,13 @@ impl QuantActs {
     }
 }
 
+/// `y` rounded half away from zero and clamped to `±max`, without a libm call (the clamped value
+/// is below 2^23, so the cast is exact): the rounding of both activation quantizers.
+#[inline(always)]
+fn round_to(y: f32, max: f32) -> i32 {
+    (y + 0.5f32.copysign(y)).clamp(-max, max) as i32
+}
+
 /// One block of at most 32 activations to int8 (round half away from zero); returns the step
 /// and the step times `Σq`. Plain loops the compiler vectorizes; every path reads these bytes.
 fn quantize_block(xb: &[f32], q: &mut [i8]) -> (f32, f32) {
@@ -217,8 +224,7 @@ fn quantize_block(xb: &[f32], q: &mut [i8]) -> (f32, f32) {
     let (e, id) = if amax > 0.0 { (amax / Q8MAX, Q8MAX / amax) } else { (0.0, 0.0) };
     let mut sum = 0i32;
     for (x, q) in xb.iter().zip(q.iter_mut()) {
-        let y = x * id;
-        let v = (y + 0.5f32.copysign(y)).clamp(-Q8MAX, Q8MAX) as i32;
+        let v = round_to(x * id, Q8MAX);
         *q = v as i8;
         sum += v;
     }
@@ -234,9 +240,7 @@ fn quantize_row(xr: &[f32], group: usize, hr: &mut [i8], lr: &mut [i8], d: &mut 
         let (dg, id) = if amax > 0.0 { (amax / QMAX, QMAX / amax) } else { (0.0, 0.0) };
         let mut sum = 0i32;
         for j in cols_g {
-            // Round half away from zero without a libm call (|x·id| ≤ QMAX: the cast is exact).
-            let y = xr[j] * id;
-            let q = (y + 0.5f32.copysign(y)).clamp(-QMAX, QMAX) as i32;
+            let q = round_to(xr[j] * id, QMAX);
             hr[j] = (q >> 7) as i8;
             lr[j] = (q & 127) as i8;
             sum += q;
@@ -312,7 +316,8 @@ pub fn unsupported(group: usize, sub: Option<(usize, u32)>) -> Option<String> {
             (size != SUB || !group.is_multiple_of(64) || group > MAX_SUB_GROUP || bits > 8).then(|| {
                 format!(
                     "sub-blocks of {size} with {bits}-bit scales in groups of {group} (the bit-serial kernel needs \
-                     sub-blocks of {SUB} in groups that are a multiple of 64 up to {MAX_SUB_GROUP})"
+                     sub-blocks of {SUB} with scales of at most 8 bits, in groups that are a multiple of 64 up to \
+                     {MAX_SUB_GROUP})"
                 )
             })
         }

@@ -957,17 +957,13 @@ pub unsafe fn quantize_row_avx512(
         }
         let amax = _mm512_reduce_max_ps(m);
         let (dg, id) = if amax > 0.0 { (amax / QMAX, QMAX / amax) } else { (0.0, 0.0) };
-        let (idv, half, sign) = (_mm512_set1_ps(id), _mm512_set1_ps(0.5), _mm512_set1_epi32(i32::MIN));
-        let (lo_q, hi_q) = (_mm512_set1_ps(-QMAX), _mm512_set1_ps(QMAX));
+        let idv = _mm512_set1_ps(id);
         let mut sum = _mm512_setzero_si512();
         let mut j = c0;
         while j < c1 {
             let k = mask(j);
             unsafe {
-                let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr.as_ptr().add(j)), idv);
-                let h = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(y), sign), _mm512_castps_si512(half));
-                let t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, _mm512_castsi512_ps(h)), lo_q), hi_q);
-                let q = _mm512_cvttps_epi32(t);
+                let q = round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr.as_ptr().add(j)), idv), QMAX);
                 _mm512_mask_cvtepi32_storeu_epi8(hr.as_mut_ptr().add(j), k, _mm512_srai_epi32::<7>(q));
                 _mm512_mask_cvtepi32_storeu_epi8(
                     lr.as_mut_ptr().add(j),
@@ -985,6 +981,19 @@ pub unsafe fn quantize_row_avx512(
     lr[cols..].fill(0);
 }
 
+/// [`super::round_to`] in 16 lanes: the same add of ±0.5, clamp and truncation.
+#[inline(always)]
+unsafe fn round16(y: __m512, max: f32) -> __m512i {
+    unsafe {
+        let half = _mm512_or_si512(
+            _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(i32::MIN)),
+            _mm512_castps_si512(_mm512_set1_ps(0.5)),
+        );
+        let t = _mm512_add_ps(y, _mm512_castsi512_ps(half));
+        _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-max)), _mm512_set1_ps(max)))
+    }
+}
+
 /// [`super::quantize_block`] for a whole block of 32 in two vectors: the same exact operations,
 /// so the same bytes.
 ///
@@ -996,14 +1005,10 @@ pub unsafe fn quantize_block_avx512(xb: &[f32; 32], q: &mut [i8; 32]) -> (f32, f
         let v = [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))];
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
         let (e, id) = if amax > 0.0 { (amax / Q8MAX, Q8MAX / amax) } else { (0.0, 0.0) };
-        let (idv, half, sign) = (_mm512_set1_ps(id), _mm512_set1_ps(0.5), _mm512_set1_epi32(i32::MIN));
-        let (lo_q, hi_q) = (_mm512_set1_ps(-Q8MAX), _mm512_set1_ps(Q8MAX));
+        let idv = _mm512_set1_ps(id);
         let mut sum = _mm512_setzero_si512();
         for (h, x) in v.into_iter().enumerate() {
-            let y = _mm512_mul_ps(x, idv);
-            let s = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(y), sign), _mm512_castps_si512(half));
-            let t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, _mm512_castsi512_ps(s)), lo_q), hi_q);
-            let qi = _mm512_cvttps_epi32(t);
+            let qi = round16(_mm512_mul_ps(x, idv), Q8MAX);
             _mm_storeu_si128(q.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(qi));
             sum = _mm512_add_epi32(sum, qi);
         }
