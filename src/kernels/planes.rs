@@ -484,13 +484,10 @@ impl PlaneLinear {
                 total += l.rows.div_ceil(TILE);
                 ends[i] = total;
             }
-            // Enough tasks to balance the threads, few enough that each streams a long stretch.
-            let tasks = (rayon::current_num_threads() * 4).min(total).max(1);
-            let per = total.div_ceil(tasks);
             let acts = &*acts;
-            let run = |task: usize| {
+            let run = |tiles: std::ops::Range<usize>| {
                 let mut li = 0;
-                for t in task * per..((task + 1) * per).min(total) {
+                for t in tiles {
                     while t >= ends[li] {
                         li += 1;
                     }
@@ -500,12 +497,9 @@ impl PlaneLinear {
                     unsafe { ctx.tile(tile, acts, n, outs[li], isa) };
                 }
             };
-            let count = total.div_ceil(per);
-            if count == 1 {
-                run(0);
-            } else {
-                super::team::parallel_for(count, run);
-            }
+            // Long runs of tiles first (each streams a long stretch of planes), single tiles at
+            // the end, so neither thread idles long waiting for the other.
+            super::team::parallel_chunks(total, 1, run);
         });
         for (l, y) in layers.iter().zip(ys.iter_mut()) {
             if let Some(b) = &l.bias {

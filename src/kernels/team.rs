@@ -45,6 +45,41 @@ pub fn parallel_for(count: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
+/// Runs `f` over `0..total` cut into chunks that shrink as the work runs out (guided
+/// scheduling): early chunks are long, so each task streams a long stretch of weights, and the
+/// last ones are `min_chunk` long, so the threads finish within a small chunk of each other
+/// instead of one waiting out the other's last long task. Chunks are handed out in order.
+pub fn parallel_chunks(total: usize, min_chunk: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    let b = guided_bounds(total, min_chunk, rayon::current_num_threads());
+    parallel_for(b.chunks, |i| f(b.at[i]..b.at[i + 1]));
+}
+
+/// Most chunks [`parallel_chunks`] makes of one range.
+const MAX_CHUNKS: usize = 256;
+
+/// Chunk boundaries for [`parallel_chunks`], on the stack (no allocation per region): chunk
+/// `i` is `at[i]..at[i + 1]`.
+struct ChunkBounds {
+    at: [usize; MAX_CHUNKS + 1],
+    chunks: usize,
+}
+
+/// Each chunk takes a `2·threads`-th of what is left (at least `min_chunk`); the last of
+/// [`MAX_CHUNKS`] takes the remainder.
+fn guided_bounds(total: usize, min_chunk: usize, threads: usize) -> ChunkBounds {
+    let mut b = ChunkBounds { at: [0; MAX_CHUNKS + 1], chunks: 0 };
+    let (min_chunk, share) = (min_chunk.max(1), 2 * threads.max(1));
+    let mut at = 0;
+    while at < total {
+        let left = total - at;
+        let step = if b.chunks + 1 == MAX_CHUNKS { left } else { left.div_ceil(share).max(min_chunk).min(left) };
+        at += step;
+        b.chunks += 1;
+        b.at[b.chunks] = at;
+    }
+    b
+}
+
 static TEAM: OnceLock<Team> = OnceLock::new();
 
 /// What one region asks of the workers; it lives on the caller's stack for the region's span.
@@ -190,6 +225,34 @@ mod tests {
                 std::thread::sleep(SPIN * 3);
             }
         }
+    }
+
+    #[test]
+    fn guided_chunks_cover_the_range_once_and_shrink() {
+        for total in [0usize, 1, 5, 60, 96, 3072, 100_000] {
+            for threads in [1usize, 2, 3, 8] {
+                for min_chunk in [1usize, 4] {
+                    let b = guided_bounds(total, min_chunk, threads);
+                    assert!(b.chunks <= MAX_CHUNKS);
+                    assert_eq!(b.at[b.chunks], total, "total {total}, threads {threads}");
+                    let sizes: Vec<usize> = (0..b.chunks).map(|i| b.at[i + 1] - b.at[i]).collect();
+                    assert!(sizes.iter().all(|&s| s > 0));
+                    // Non-increasing, except that the capped last chunk takes the remainder.
+                    let body = &sizes[..sizes.len().saturating_sub(1)];
+                    assert!(body.windows(2).all(|w| w[0] >= w[1]), "{sizes:?}");
+                    if b.chunks < MAX_CHUNKS && total >= 2 * min_chunk * threads {
+                        assert!(*sizes.last().unwrap() <= min_chunk.max(1), "{sizes:?}");
+                    }
+                }
+            }
+        }
+        let hits: Vec<AtomicU64> = (0..1000).map(|_| AtomicU64::new(0)).collect();
+        parallel_chunks(1000, 3, |r| {
+            r.for_each(|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 
     #[test]
