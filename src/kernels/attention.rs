@@ -91,7 +91,7 @@ pub fn attend_group(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f3
 fn simd_ok() -> bool {
     use crate::kernels::planes::Isa;
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| Isa::detect() == Isa::Avx512 && std::is_x86_feature_detected!("fma"))
+    *OK.get_or_init(|| matches!(Isa::detect(), Isa::Avx512 | Isa::Avx512Gfni) && std::is_x86_feature_detected!("fma"))
 }
 
 /// Bounds every path relies on (the SIMD paths read without further checks).

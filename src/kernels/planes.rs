@@ -3,7 +3,9 @@
 //!
 //! For every output row and weight group the kernel
 //! 1. rebuilds the `r`-bit codes of 64 weights from `r` plane words, one masked byte add per
-//!    plane (AVX-512: `kmov` + `vpaddb{k}`), so the cost is linear in `r`;
+//!    plane (AVX-512: `kmov` + `vpaddb{k}`), so the cost is linear in `r`; with GFNI the
+//!    decode loop instead transposes 8 × 8 bit matrices of plane bytes into codes
+//!    (`vgf2p8affineqb`, one per 64 weights whatever `r`, after a byte permute or two);
 //! 2. maps codes to unsigned 8-bit *levels* through the group datatype's table at `r` bits
 //!    (`vpermb` / `vpermi2b`; skipped where the table is the identity, as for uniform INT);
 //! 3. takes the exact integer dot product with the activations, quantized to int8 once per
@@ -156,7 +158,7 @@ impl QuantActs {
             let d = &mut self.d[t * groups..(t + 1) * groups];
             let dsum = &mut self.dsum[t * groups..(t + 1) * groups];
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512 {
+            if matches!(isa, Isa::Avx512 | Isa::Avx512Gfni) {
                 // SAFETY: the AVX-512 path is only chosen where the CPU has it.
                 unsafe { x86::quantize_row_avx512(xr, group, hr, lr, d, dsum) };
                 continue;
@@ -190,7 +192,7 @@ impl QuantActs {
             for (b, xb) in x[t * cols..(t + 1) * cols].chunks(SUB).enumerate() {
                 let qb = &mut q[b * SUB..b * SUB + xb.len()];
                 #[cfg(target_arch = "x86_64")]
-                if isa == Isa::Avx512 && xb.len() == SUB {
+                if matches!(isa, Isa::Avx512 | Isa::Avx512Gfni) && xb.len() == SUB {
                     // SAFETY: the AVX-512 path is only chosen where the CPU has it.
                     let (e, eq) = unsafe { x86::quantize_block_avx512(xb.try_into().unwrap(), qb.try_into().unwrap()) };
                     self.e[t * blocks + b] = e;
@@ -581,6 +583,8 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512,
+    /// AVX-512 with GFNI: the decode loop builds codes by bit-matrix transposes.
+    Avx512Gfni,
 }
 
 impl Isa {
@@ -593,6 +597,7 @@ impl Isa {
             match forced.as_deref() {
                 Some("scalar") => Isa::Scalar,
                 Some("avx2") if Isa::available().contains(&Isa::Avx2) => Isa::Avx2,
+                Some("avx512") if Isa::available().contains(&Isa::Avx512) => Isa::Avx512,
                 _ => best,
             }
         })
@@ -615,6 +620,9 @@ impl Isa {
                 && is_x86_feature_detected!("f16c")
             {
                 v.push(Isa::Avx512);
+                if is_x86_feature_detected!("gfni") {
+                    v.push(Isa::Avx512Gfni);
+                }
             }
         }
         v
@@ -735,7 +743,8 @@ impl<'a> Ctx<'a> {
             #[cfg(target_arch = "x86_64")]
             if full {
                 match isa {
-                    Isa::Avx512 => return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out) },
+                    Isa::Avx512 => return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out, false) },
+                    Isa::Avx512Gfni => return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out, true) },
                     Isa::Avx2 => return unsafe { x86::tile_sub_avx2(self, sub, tile, acts, n, out) },
                     Isa::Scalar => {}
                 }
@@ -745,7 +754,7 @@ impl<'a> Ctx<'a> {
         #[cfg(target_arch = "x86_64")]
         if full {
             match isa {
-                Isa::Avx512 => return unsafe { x86::tile_avx512(self, tile, acts, n, out) },
+                Isa::Avx512 | Isa::Avx512Gfni => return unsafe { x86::tile_avx512(self, tile, acts, n, out) },
                 Isa::Avx2 => return unsafe { x86::tile_avx2(self, tile, acts, n, out) },
                 Isa::Scalar => {}
             }

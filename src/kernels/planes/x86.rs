@@ -54,6 +54,15 @@ unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Lev
         if !lookup {
             return c;
         }
+        levels512::<R>(c, lv)
+    }
+}
+
+/// Codes mapped to their levels through the datatype's table (`vpermb` / `vpermi2b`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn levels512<const R: usize>(c: __m512i, lv: &Levels) -> __m512i {
+    unsafe {
         let tp = lv.table.as_ptr() as *const __m512i;
         // `Levels` is 64-byte aligned and 256 bytes long.
         match R {
@@ -67,6 +76,149 @@ unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Lev
         }
     }
 }
+
+/// Codes of up to four consecutive 64-column chunks of one row, built with GFNI.
+///
+/// The `R` plane words of 8 adjacent weights, as the rows of an 8 × 8 bit matrix, transpose
+/// into those weights' codes: one `vgf2p8affineqb` turns 64 such matrices into 64 codes. The
+/// plane bytes reach their matrix rows by byte permutes: plane `p` sits in row `8 − R + p`, so
+/// the first plane ends up the code's top bit and the unused rows are zero. Against
+/// [`codes512`] (a mask move and a masked add per plane and chunk) this costs one load per two
+/// planes, a permute or two and one transpose per chunk, whatever `R`.
+///
+/// Registers: plane pair `k` is loaded as `[plane 2k | plane 2k + 1]`, 32 bytes each (`NC`
+/// chunks' worth, zero beyond). Up to four planes, one two-source permute per chunk builds
+/// its matrices; beyond four, two permutes first gather planes 0–3 and 4–7 of two chunks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
+unsafe fn codes_gf<const R: usize, const NC: usize>(planes: &[*const u8; R], off: usize) -> [__m512i; NC] {
+    unsafe {
+        let m: u32 = if NC >= 4 { u32::MAX } else { (1u32 << (8 * NC)) - 1 };
+        // Byte j of each qword is 1 << j: the affine step then yields the transpose.
+        let unit = _mm512_set1_epi64(0x8040_2010_0804_0201u64 as i64);
+        let zero_rows = GF_ROWS[R];
+        let mut out = [_mm512_setzero_si512(); NC];
+        if R <= 4 {
+            let s0 = pair_regs::<R>(planes, off, 0, m);
+            let s1 = if R > 2 { pair_regs::<R>(planes, off, 1, m) } else { s0 };
+            for (c, o) in out.iter_mut().enumerate() {
+                let idx = _mm512_loadu_si512(GF_Q4[R][c].as_ptr() as *const __m512i);
+                let q = _mm512_maskz_permutex2var_epi8(zero_rows, s0, idx, s1);
+                *o = _mm512_gf2p8affine_epi64_epi8::<0>(unit, q);
+            }
+        } else {
+            let (s0, s1, s2) = (
+                pair_regs::<R>(planes, off, 0, m),
+                pair_regs::<R>(planes, off, 1, m),
+                pair_regs::<R>(planes, off, 2, m),
+            );
+            let s3 = if R > 6 { pair_regs::<R>(planes, off, 3, m) } else { s2 };
+            for h in 0..NC.div_ceil(2) {
+                let ti = _mm512_loadu_si512(GF_T[h].as_ptr() as *const __m512i);
+                let t = _mm512_permutex2var_epi8(s0, ti, s1);
+                let u = _mm512_permutex2var_epi8(s2, ti, s3);
+                for c in 2 * h..(2 * h + 2).min(NC) {
+                    let idx = _mm512_loadu_si512(GF_Q8[R][c % 2].as_ptr() as *const __m512i);
+                    let q = _mm512_maskz_permutex2var_epi8(zero_rows, t, idx, u);
+                    out[c] = _mm512_gf2p8affine_epi64_epi8::<0>(unit, q);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Planes `2k` and `2k + 1` at `off`, `m`-masked 32 bytes each, in the low and high halves.
+#[inline(always)]
+unsafe fn pair_regs<const R: usize>(planes: &[*const u8; R], off: usize, k: usize, m: u32) -> __m512i {
+    unsafe {
+        let lo = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(m, planes[2 * k].add(off) as *const i8));
+        if 2 * k + 1 < R {
+            _mm512_inserti64x4::<1>(lo, _mm256_maskz_loadu_epi8(m, planes[2 * k + 1].add(off) as *const i8))
+        } else {
+            lo
+        }
+    }
+}
+
+/// Where plane `p` of a pair register lives in a two-source permute's index space.
+const fn pair_pos(p: usize) -> usize {
+    if p < 2 { 32 * p } else { 64 + 32 * (p - 2) }
+}
+
+/// `GF_Q4[R][c]`, R ≤ 4: matrix byte `8q + 8 − R + p` of chunk `c` ← plane `p`, byte `8c + q`.
+static GF_Q4: [[[u8; 64]; 4]; 9] = {
+    let mut t = [[[0u8; 64]; 4]; 9];
+    let mut r = 1;
+    while r <= 4 {
+        let mut c = 0;
+        while c < 4 {
+            let mut q = 0;
+            while q < 8 {
+                let mut p = 0;
+                while p < r {
+                    t[r][c][8 * q + 8 - r + p] = (pair_pos(p) + 8 * c + q) as u8;
+                    p += 1;
+                }
+                q += 1;
+            }
+            c += 1;
+        }
+        r += 1;
+    }
+    t
+};
+
+/// `GF_T[h]`: byte `16p + b` ← plane `p` (of the two pair registers), byte `16h + b`.
+static GF_T: [[u8; 64]; 2] = {
+    let mut t = [[0u8; 64]; 2];
+    let mut h = 0;
+    while h < 2 {
+        let mut i = 0;
+        while i < 64 {
+            t[h][i] = (pair_pos(i / 16) + 16 * h + i % 16) as u8;
+            i += 1;
+        }
+        h += 1;
+    }
+    t
+};
+
+/// `GF_Q8[R][c % 2]`, R > 4: matrix byte `8q + 8 − R + p` ← byte `8(c % 2) + q` of plane `p`
+/// in the gathered registers (planes 0–3 in the first, 4–7 in the second).
+static GF_Q8: [[[u8; 64]; 2]; 9] = {
+    let mut t = [[[0u8; 64]; 2]; 9];
+    let mut r = 5;
+    while r <= 8 {
+        let mut c = 0;
+        while c < 2 {
+            let mut q = 0;
+            while q < 8 {
+                let mut p = 0;
+                while p < r {
+                    let base = if p < 4 { 16 * p } else { 64 + 16 * (p - 4) };
+                    t[r][c][8 * q + 8 - r + p] = (base + 8 * c + q) as u8;
+                    p += 1;
+                }
+                q += 1;
+            }
+            c += 1;
+        }
+        r += 1;
+    }
+    t
+};
+
+/// Bytes of the matrices that hold a plane (rows `8 − R ..` of each qword); the rest are zero.
+static GF_ROWS: [u64; 9] = {
+    let mut t = [0u64; 9];
+    let mut r = 1;
+    while r <= 8 {
+        t[r] = ((0xFFu64 << (8 - r)) & 0xFF) * 0x0101_0101_0101_0101;
+        r += 1;
+    }
+    t
+};
 
 /// Interleaved pairwise sums of `a` and `b` (first step of [`reduce16`]).
 #[inline(always)]
@@ -336,23 +488,65 @@ unsafe fn gemv_group<const R: usize, const CH: usize, const NT: usize>(
 ///
 /// # Safety
 /// As [`tile_avx512`].
-pub unsafe fn tile_sub_avx512(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+pub unsafe fn tile_sub_avx512(
+    ctx: &Ctx,
+    sub: &SubMeta,
+    tile: usize,
+    acts: &QuantActs,
+    n: usize,
+    out: SyncPtr,
+    gfni: bool,
+) {
     unsafe {
+        macro_rules! go {
+            ($r:literal) => {
+                if gfni {
+                    tile_sub512_gf::<$r>(ctx, sub, tile, acts, n, out)
+                } else {
+                    tile_sub512::<$r>(ctx, sub, tile, acts, n, out)
+                }
+            };
+        }
         match ctx.r {
-            1 => tile_sub512::<1>(ctx, sub, tile, acts, n, out),
-            2 => tile_sub512::<2>(ctx, sub, tile, acts, n, out),
-            3 => tile_sub512::<3>(ctx, sub, tile, acts, n, out),
-            4 => tile_sub512::<4>(ctx, sub, tile, acts, n, out),
-            5 => tile_sub512::<5>(ctx, sub, tile, acts, n, out),
-            6 => tile_sub512::<6>(ctx, sub, tile, acts, n, out),
-            7 => tile_sub512::<7>(ctx, sub, tile, acts, n, out),
-            _ => tile_sub512::<8>(ctx, sub, tile, acts, n, out),
+            1 => go!(1),
+            2 => go!(2),
+            3 => go!(3),
+            4 => go!(4),
+            5 => go!(5),
+            6 => go!(6),
+            7 => go!(7),
+            _ => go!(8),
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma")]
 unsafe fn tile_sub512<const R: usize>(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
+    unsafe { tile_sub_body::<R, false>(ctx, sub, tile, acts, n, out) }
+}
+
+/// [`tile_sub512`] with the codes of the decode loop built by [`codes_gf`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma,gfni")]
+unsafe fn tile_sub512_gf<const R: usize>(
+    ctx: &Ctx,
+    sub: &SubMeta,
+    tile: usize,
+    acts: &QuantActs,
+    n: usize,
+    out: SyncPtr,
+) {
+    unsafe { tile_sub_body::<R, true>(ctx, sub, tile, acts, n, out) }
+}
+
+#[inline(always)]
+unsafe fn tile_sub_body<const R: usize, const GF: bool>(
+    ctx: &Ctx,
+    sub: &SubMeta,
+    tile: usize,
+    acts: &QuantActs,
+    n: usize,
+    out: SyncPtr,
+) {
     let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { ctx.bytes.as_ptr().add(ctx.planes[p]) });
     let row0 = tile * TILE * ctx.row_bytes;
     if n > SMALL_BATCH {
@@ -406,10 +600,10 @@ unsafe fn tile_sub512<const R: usize>(ctx: &Ctx, sub: &SubMeta, tile: usize, act
     while t0 < n {
         unsafe {
             match n - t0 {
-                1 => sub_tokens::<R, 1>(ctx, sub, tile, &planes, row0, acts, t0, out),
-                2 => sub_tokens::<R, 2>(ctx, sub, tile, &planes, row0, acts, t0, out),
-                3 => sub_tokens::<R, 3>(ctx, sub, tile, &planes, row0, acts, t0, out),
-                _ => sub_tokens::<R, 4>(ctx, sub, tile, &planes, row0, acts, t0, out),
+                1 => sub_tokens::<R, 1, GF>(ctx, sub, tile, &planes, row0, acts, t0, out),
+                2 => sub_tokens::<R, 2, GF>(ctx, sub, tile, &planes, row0, acts, t0, out),
+                3 => sub_tokens::<R, 3, GF>(ctx, sub, tile, &planes, row0, acts, t0, out),
+                _ => sub_tokens::<R, 4, GF>(ctx, sub, tile, &planes, row0, acts, t0, out),
             }
         }
         t0 += 4;
@@ -552,7 +746,7 @@ const SPAN: usize = 8;
 /// each chunk's 16 rows are reduced to two sub-block sums per row.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn sub_tokens<const R: usize, const NT: usize>(
+unsafe fn sub_tokens<const R: usize, const NT: usize, const GF: bool>(
     ctx: &Ctx,
     sub: &SubMeta,
     tile: usize,
@@ -581,9 +775,9 @@ unsafe fn sub_tokens<const R: usize, const NT: usize>(
                     let lv = *ctx.levels.get_unchecked(*m.dtype.get_unchecked(i) as usize);
                     let off = row0 + i * ctx.row_bytes + c0 * 8;
                     if lv.identity {
-                        sub_row::<R, NT, false>(planes, off, lv, acts, t0, c0..c1, &mut buf, i);
+                        sub_row::<R, NT, false, GF>(planes, off, lv, acts, t0, c0..c1, &mut buf, i);
                     } else {
-                        sub_row::<R, NT, true>(planes, off, lv, acts, t0, c0..c1, &mut buf, i);
+                        sub_row::<R, NT, true, GF>(planes, off, lv, acts, t0, c0..c1, &mut buf, i);
                     }
                 }
                 for ch in c0..c1 {
@@ -615,7 +809,7 @@ unsafe fn sub_tokens<const R: usize, const NT: usize>(
 /// `Σ level·q` lane-partial into `buf[chunk − span.start][t][i]`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn sub_row<const R: usize, const NT: usize, const LOOKUP: bool>(
+unsafe fn sub_row<const R: usize, const NT: usize, const LOOKUP: bool, const GF: bool>(
     planes: &[*const u8; R],
     off: usize,
     lv: &Levels,
@@ -626,12 +820,54 @@ unsafe fn sub_row<const R: usize, const NT: usize, const LOOKUP: bool>(
     i: usize,
 ) {
     unsafe {
+        if GF {
+            // Runs of up to four chunks, each run's codes built together.
+            let mut k = 0;
+            while k < span.len() {
+                let ch = span.start + k;
+                match span.len() - k {
+                    1 => sub_run::<R, NT, LOOKUP, 1>(planes, off, lv, acts, t0, ch, k, buf, i),
+                    2 => sub_run::<R, NT, LOOKUP, 2>(planes, off, lv, acts, t0, ch, k, buf, i),
+                    3 => sub_run::<R, NT, LOOKUP, 3>(planes, off, lv, acts, t0, ch, k, buf, i),
+                    _ => sub_run::<R, NT, LOOKUP, 4>(planes, off, lv, acts, t0, ch, k, buf, i),
+                }
+                k += 4;
+            }
+            return;
+        }
         let q8 = acts.q8.as_ptr();
         for (k, ch) in span.enumerate() {
             let c = codes512::<R>(planes, off + k * 8, lv, LOOKUP);
             for t in 0..NT {
                 let q = _mm512_loadu_si512(q8.add((t0 + t) * acts.padded + ch * 64) as *const __m512i);
                 buf[k][t][i].write(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q));
+            }
+        }
+    }
+}
+
+/// [`sub_row`]'s `NC` chunks from chunk `ch` (entry `k` of the span) with [`codes_gf`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn sub_run<const R: usize, const NT: usize, const LOOKUP: bool, const NC: usize>(
+    planes: &[*const u8; R],
+    off: usize,
+    lv: &Levels,
+    acts: &QuantActs,
+    t0: usize,
+    ch: usize,
+    k: usize,
+    buf: &mut [[[std::mem::MaybeUninit<__m512i>; TILE]; NT]; SPAN],
+    i: usize,
+) {
+    unsafe {
+        let q8 = acts.q8.as_ptr();
+        let codes = codes_gf::<R, NC>(planes, off + k * 8);
+        for (j, &c) in codes.iter().enumerate() {
+            let c = if LOOKUP { levels512::<R>(c, lv) } else { c };
+            for t in 0..NT {
+                let q = _mm512_loadu_si512(q8.add((t0 + t) * acts.padded + (ch + j) * 64) as *const __m512i);
+                buf[k + j][t][i].write(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q));
             }
         }
     }
