@@ -345,13 +345,22 @@ impl Llama {
         let att = SyncPtr(s.att.as_mut_ptr());
         let start = s.pos;
         let (slots, off) = (&s.tree_slots, &s.tree_off);
+        // A few tokens (decode) make too few (KV head, token) items to keep the team busy:
+        // there each task takes one query head, re-reading its group's keys from cache.
+        let split = n * c.n_kv_heads < 16;
+        let per_item = if split { 1 } else { group };
         let work = |item: usize| {
-            let (g, t) = (item % c.n_kv_heads, item / c.n_kv_heads);
+            let (g, t, j_lo) = if split {
+                let (h, t) = (item % c.n_heads, item / c.n_heads);
+                (h / group, t, h % group)
+            } else {
+                (item % c.n_kv_heads, item / c.n_kv_heads, 0)
+            };
             let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: g * hd };
             let (prefix, extra) = if tree { (start, &slots[off[t]..off[t + 1]]) } else { (start + t + 1, &[][..]) };
-            // Query heads of the group, at most eight per call (a fixed array: no allocation).
-            for j0 in (0..group).step_by(8) {
-                let m = (group - j0).min(8);
+            // Query heads of the item, at most eight per call (a fixed array: no allocation).
+            for j0 in (j_lo..j_lo + per_item).step_by(8) {
+                let m = (j_lo + per_item - j0).min(8);
                 let mut qs: [Query; 8] = Default::default();
                 for (j, slot) in qs.iter_mut().enumerate().take(m) {
                     let h = g * group + j0 + j;
@@ -370,7 +379,7 @@ impl Llama {
                 });
             }
         };
-        let items = c.n_kv_heads * n;
+        let items = if split { c.n_heads * n } else { c.n_kv_heads * n };
         if n * (start + n) < 256 {
             (0..items).for_each(work);
         } else {
