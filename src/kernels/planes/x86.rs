@@ -695,13 +695,29 @@ unsafe fn sub_row<const R: usize, const NT: usize, const LOOKUP: bool, const GF:
             }
             return;
         }
-        let q8 = acts.q8.as_ptr();
         for (k, ch) in span.enumerate() {
             let c = codes512::<R>(planes, off + k * 8, lv, LOOKUP);
-            for t in 0..NT {
-                let q = _mm512_loadu_si512(q8.add((t0 + t) * acts.padded + ch * 64) as *const __m512i);
-                buf[k][t][i].write(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q));
-            }
+            chunk_dots::<NT>(c, acts, t0, ch, &mut buf[k], i);
+        }
+    }
+}
+
+/// Row `i`'s lane-partial `Σ level·q` of chunk `ch` (levels `c`) for tokens `t0..t0 + NT`,
+/// into `slot[t][i]`.
+#[inline(always)]
+unsafe fn chunk_dots<const NT: usize>(
+    c: __m512i,
+    acts: &QuantActs,
+    t0: usize,
+    ch: usize,
+    slot: &mut [[std::mem::MaybeUninit<__m512i>; TILE]; NT],
+    i: usize,
+) {
+    unsafe {
+        let q8 = acts.q8.as_ptr();
+        for (t, s) in slot.iter_mut().enumerate() {
+            let q = _mm512_loadu_si512(q8.add((t0 + t) * acts.padded + ch * 64) as *const __m512i);
+            s[i].write(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q));
         }
     }
 }
@@ -721,14 +737,10 @@ unsafe fn sub_run<const R: usize, const NT: usize, const LOOKUP: bool, const NC:
     i: usize,
 ) {
     unsafe {
-        let q8 = acts.q8.as_ptr();
         let codes = codes_gf::<R, NC>(planes, off + k * 8);
         for (j, &c) in codes.iter().enumerate() {
             let c = if LOOKUP { levels512::<R>(c, lv) } else { c };
-            for t in 0..NT {
-                let q = _mm512_loadu_si512(q8.add((t0 + t) * acts.padded + (ch + j) * 64) as *const __m512i);
-                buf[k + j][t][i].write(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q));
-            }
+            chunk_dots::<NT>(c, acts, t0, ch + j, &mut buf[k + j], i);
         }
     }
 }

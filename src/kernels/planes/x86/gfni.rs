@@ -23,7 +23,6 @@ pub(super) unsafe fn codes_gf<const R: usize, const NC: usize>(planes: &[*const 
         let m: u32 = if NC >= 4 { u32::MAX } else { (1u32 << (8 * NC)) - 1 };
         // Byte j of each qword is 1 << j: the affine step then yields the transpose.
         let unit = _mm512_set1_epi64(0x8040_2010_0804_0201u64 as i64);
-        let zero_rows = GF_ROWS[R];
         let mut out = [_mm512_setzero_si512(); NC];
         if R <= 4 {
             // Two chunks per matrix, a nibble each: plane bytes of column byte `q` of chunk `c`
@@ -48,6 +47,8 @@ pub(super) unsafe fn codes_gf<const R: usize, const NC: usize>(planes: &[*const 
                 pair_regs::<R>(planes, off, 2, m),
             );
             let s3 = if R > 6 { pair_regs::<R>(planes, off, 3, m) } else { s2 };
+            // Bytes of the matrices that hold a plane (rows `8 − R ..` of each qword).
+            let zero_rows = ((0xFFu64 << (8 - R)) & 0xFF) * 0x0101_0101_0101_0101;
             for h in 0..NC.div_ceil(2) {
                 let ti = _mm512_loadu_si512(GF_T[h].as_ptr() as *const __m512i);
                 let t = _mm512_permutex2var_epi8(s0, ti, s1);
@@ -145,17 +146,6 @@ static GF_Q8: [[[u8; 64]; 2]; 9] = {
             }
             c += 1;
         }
-        r += 1;
-    }
-    t
-};
-
-/// Bytes of the matrices that hold a plane (rows `8 − R ..` of each qword); the rest are zero.
-static GF_ROWS: [u64; 9] = {
-    let mut t = [0u64; 9];
-    let mut r = 1;
-    while r <= 8 {
-        t[r] = ((0xFFu64 << (8 - r)) & 0xFF) * 0x0101_0101_0101_0101;
         r += 1;
     }
     t
