@@ -304,7 +304,55 @@ pub struct PlaneLinear {
     /// `tiles × groups`, rows past `rows` padded with zero scale and offset.
     meta: Vec<TileMeta>,
     sub: Option<SubMeta>,
+    /// The first `bits` planes again, tile-interleaved for the rows-in-lanes loop; built for
+    /// two-level layers on CPUs whose best path is [`Isa::Avx512Gfni`].
+    quads: Option<QuadPlanes>,
     bias: Option<Vec<f32>>,
+}
+
+/// Planes laid out so that one 64-bit word holds a 16-row × 4-column block of a tile: word
+/// `j` of tile `t` (plane `p`) has bit `4i + c` = the plane's bit of row `16t + i`, column
+/// `4j + c`. A GF(2) transpose of `R` such words gives 64 codes already in the order
+/// `vpdpbusd` wants when a vector lane holds one row, so the decode loop needs no horizontal
+/// reduction (`docs/KERNELS.md`, rows in lanes). Full tiles only; each plane has the size of
+/// its row-major original, so a tile starts at the same offset in both.
+struct QuadPlanes {
+    words: Vec<u64>,
+    /// Bytes per plane.
+    plane_len: usize,
+    planes: u32,
+}
+
+impl QuadPlanes {
+    /// Re-lays out the first `planes` of `l`'s row-major planes, tile by tile in parallel,
+    /// handing each plane's replaced byte range to `release` once it is copied.
+    fn build(l: &PlaneLinear, planes: u32, release: &mut dyn FnMut(Range<usize>)) -> QuadPlanes {
+        use rayon::prelude::*;
+        let tiles = l.rows / TILE;
+        let per_tile = 2 * l.row_bytes; // words: one per 4 columns
+        let plane_words = tiles * per_tile;
+        let mut words = vec![0u64; plane_words * planes as usize];
+        let bytes = (*l.store).as_ref();
+        for (p, plane) in words.chunks_mut(plane_words).enumerate() {
+            let start = l.planes[p].start;
+            plane.par_chunks_mut(per_tile).enumerate().for_each(|(t, w)| {
+                quad_tile(&bytes[start + t * TILE * l.row_bytes..][..TILE * l.row_bytes], l.row_bytes, w);
+            });
+            release(start..start + plane_words * 8);
+        }
+        QuadPlanes { words, plane_len: plane_words * 8, planes }
+    }
+}
+
+/// One tile of one plane, row-major (`TILE` rows of `row_bytes`), into its `2·row_bytes`
+/// block words.
+fn quad_tile(src: &[u8], row_bytes: usize, w: &mut [u64]) {
+    for (i, row) in src.chunks_exact(row_bytes).enumerate() {
+        for (b, &v) in row.iter().enumerate() {
+            w[2 * b] |= u64::from(v & 0x0F) << (4 * i);
+            w[2 * b + 1] |= u64::from(v >> 4) << (4 * i);
+        }
+    }
 }
 
 /// Why a plane tensor cannot use this kernel (it then falls back to f32). `sub` is the
@@ -383,12 +431,25 @@ impl PlaneLinear {
             row_bytes: rb,
             meta,
             sub: None,
+            quads: None,
             bias: None,
         };
         match sub {
             Some(sub) => l.with_sub(sub),
             None => Ok(l),
         }
+    }
+
+    /// Adds the tile-interleaved copy of the planes read at [`PlaneLinear::bits`] when this
+    /// CPU's best path computes from it (two-level layers, [`Isa::Avx512Gfni`]). `release`
+    /// gets each row-major plane range the copy replaces (full tiles) as soon as it is
+    /// copied: a mapped file can drop those pages then, so the weights are never resident
+    /// twice, not even while loading.
+    pub fn interleaved(mut self, mut release: impl FnMut(Range<usize>)) -> Self {
+        if self.sub.is_some() && Isa::detect() == Isa::Avx512Gfni && self.rows >= TILE {
+            self.quads = Some(QuadPlanes::build(&self, self.bits, &mut release));
+        }
+        self
     }
 
     /// Lays out a two-level tensor's sub-block multipliers tile-major.
@@ -433,6 +494,7 @@ impl PlaneLinear {
             bp.sub.as_ref(),
             bits,
         )
+        .map(|l| l.interleaved(|_| {}))
     }
 
     pub fn with_bias(mut self, bias: Option<Vec<f32>>) -> Self {
@@ -532,9 +594,18 @@ impl PlaneLinear {
                     }
                 };
                 let mut c = 0usize;
-                for p in &self.planes[..r as usize] {
-                    let byte = bytes[p.start + i * self.row_bytes + col / 8];
-                    c = (c << 1) | ((byte >> (col % 8)) & 1) as usize;
+                for (p, plane) in self.planes[..r as usize].iter().enumerate() {
+                    let bit = match &self.quads {
+                        // The interleaved copy, where there is one: the row-major pages it
+                        // replaced stay untouched (and, from a file, not resident).
+                        Some(q) if p < q.planes as usize && i < (self.rows / TILE) * TILE => {
+                            let per_tile = 2 * self.row_bytes;
+                            let w = q.words[p * (q.plane_len / 8) + (i / TILE) * per_tile + col / 4];
+                            (w >> (4 * (i % TILE) + col % 4)) & 1
+                        }
+                        _ => u64::from(bytes[plane.start + i * self.row_bytes + col / 8] >> (col % 8)) & 1,
+                    };
+                    c = (c << 1) | bit as usize;
                 }
                 *v = s * view[c] + o;
             }
@@ -641,6 +712,8 @@ struct Ctx<'a> {
     gpr: usize,
     meta: &'a [TileMeta],
     sub: Option<&'a SubMeta>,
+    /// The tile-interleaved planes and bytes per plane, when they hold the `r` planes read.
+    quads: Option<(&'a [u8], usize)>,
     r: u32,
     /// Per datatype id: its tables at `r`.
     levels: [&'static Levels; ALL.len()],
@@ -675,6 +748,12 @@ impl<'a> Ctx<'a> {
             gpr: l.cols.div_ceil(l.group),
             meta: &l.meta,
             sub: l.sub.as_ref(),
+            quads: l.quads.as_ref().filter(|q| r <= q.planes).map(|q| {
+                // SAFETY: u64 words viewed as their bytes (little-endian: word bit k is bit
+                // k % 8 of byte k / 8, as in a row-major plane word).
+                let b = unsafe { std::slice::from_raw_parts(q.words.as_ptr() as *const u8, q.words.len() * 8) };
+                (b, q.plane_len)
+            }),
             r,
             levels,
         }
@@ -744,6 +823,9 @@ impl<'a> Ctx<'a> {
             if full {
                 match isa {
                     Isa::Avx512 => return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out, false) },
+                    Isa::Avx512Gfni if self.quads.is_some() => {
+                        return unsafe { x86::tile_quads(self, sub, tile, acts, n, out) };
+                    }
                     Isa::Avx512Gfni => return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out, true) },
                     Isa::Avx2 => return unsafe { x86::tile_sub_avx2(self, sub, tile, acts, n, out) },
                     Isa::Scalar => {}
@@ -1080,17 +1162,38 @@ mod tests {
     #[test]
     fn row_decodes_like_bitplanes() {
         let mut rng = StdRng::seed_from_u64(5);
+        // The two-level layer has two full tiles, which a GFNI machine reads from the
+        // tile-interleaved copy, and a ragged tail read from the row-major planes.
         for bp in
-            [layer(&mut rng, 10, 320, 64, 6, &ALL[..5]), two_level(&mut rng, 10, 320, 64, 6, &ALL[..5], Some((32, 4)))]
+            [layer(&mut rng, 10, 320, 64, 6, &ALL[..5]), two_level(&mut rng, 40, 320, 64, 6, &ALL[..5], Some((32, 4)))]
         {
             let lin = PlaneLinear::from_bitplanes(&bp, 6).unwrap();
             for r in 1..=6 {
-                let mut w = vec![0f32; 10 * 320];
+                let mut w = vec![0f32; bp.rows * 320];
                 bp.dequantize(r, &mut w).unwrap();
-                for i in 0..10 {
+                for i in 0..bp.rows {
                     let mut row = vec![0f32; 320];
                     lin.row_at(i, &mut row, r);
                     assert_eq!(row, &w[i * 320..(i + 1) * 320]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_words_hold_each_blocks_bits() {
+        // Two tiles of 16 rows, 72 bytes a row (576 columns): word j of tile t has bit 4i + c
+        // = the row-major bit of row 16t + i, column 4j + c.
+        let mut rng = StdRng::seed_from_u64(9);
+        let rb = 72;
+        let src: Vec<u8> = (0..2 * TILE * rb).map(|_| rng.random()).collect();
+        for t in 0..2 {
+            let mut w = vec![0u64; 2 * rb];
+            quad_tile(&src[t * TILE * rb..(t + 1) * TILE * rb], rb, &mut w);
+            for i in 0..TILE {
+                for col in 0..8 * rb {
+                    let want = (src[(TILE * t + i) * rb + col / 8] >> (col % 8)) & 1;
+                    assert_eq!((w[col / 4] >> (4 * i + col % 4)) & 1, want as u64, "tile {t} row {i} col {col}");
                 }
             }
         }
