@@ -695,10 +695,24 @@ impl SubJob<'_> {
                 std::array::from_fn(|t| if NT <= 4 { _mm512_add_epi32(dot[t][0], dot[t][1]) } else { dot[t][0] });
             let k = 2 * self.ch0 + s;
             unsafe {
+                let sc = sub_multipliers(self.sub, self.tile * self.sub.spr + k).0;
+                for t in 0..NT {
+                    let e = _mm512_set1_ps(acts.e[(t0 + t) * blocks + k]);
+                    fs[t][0] = _mm512_add_ps(fs[t][0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_mul_ps(sc, e)));
+                }
+            }
+        }
+        // The two sums that do not involve the weights' codes, `Σ sc·eq` and `Σ mn·eq`, in the
+        // same sub-block order as [`sub_step16`] (each accumulator sees the same operations),
+        // but outside the dot loop, whose registers they would otherwise spill.
+        for s in 0..self.quads.len() / (SUB / 4) {
+            let k = 2 * self.ch0 + s;
+            unsafe {
                 let (sc, mn) = sub_multipliers(self.sub, self.tile * self.sub.spr + k);
                 for t in 0..NT {
-                    let b = (t0 + t) * blocks + k;
-                    sub_step16(&mut fs[t], dot[t], sc, mn, acts.e[b], acts.eq[b]);
+                    let eq = _mm512_set1_ps(acts.eq[(t0 + t) * blocks + k]);
+                    fs[t][1] = _mm512_add_ps(fs[t][1], _mm512_mul_ps(sc, eq));
+                    fs[t][2] = _mm512_add_ps(fs[t][2], _mm512_mul_ps(mn, eq));
                 }
             }
         }
