@@ -494,18 +494,18 @@ unsafe fn tile_quads_r<const R: usize>(
     let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { bytes.as_ptr().add(p * plane_len) });
     // A tile starts where its row-major original does; 64 columns are 16 words per plane.
     let at0 = tile * TILE * ctx.row_bytes;
-    if n <= SMALL_BATCH {
-        let mut t0 = 0;
-        while t0 < n {
-            unsafe {
-                match n - t0 {
-                    1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    _ => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                }
+    if n <= QUADS_SMALL {
+        unsafe {
+            match n {
+                1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, 0, out),
             }
-            t0 += SMALL_BATCH;
         }
         return;
     }
@@ -530,6 +530,10 @@ unsafe fn tile_quads_r<const R: usize>(
         unsafe { job.all_tokens(n) };
     }
 }
+
+/// Most tokens [`quads_tokens`] takes (codes used straight from registers); larger batches
+/// build each group's codes into a buffer once and go through [`SubJob`].
+const QUADS_SMALL: usize = 8;
 
 /// The table lookups a tile's group needs with rows in lanes: per datatype present that is not
 /// the identity at `r`, its table and a byte mask of its rows (four bytes a row). Uniform INT
@@ -601,16 +605,30 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
                     for (j, c) in codes.into_iter().enumerate() {
                         let c = looks.apply::<R>(c);
                         let col = 32 * k + 16 * h + 4 * j;
+                        // Two chains per token up to four tokens; beyond, the tokens' own
+                        // chains are enough to hide the latency.
+                        let chain = if NT <= 4 { j % 2 } else { 0 };
                         for t in 0..NT {
                             let q = (q8.add((t0 + t) * acts.padded + col) as *const i32).read_unaligned();
-                            dot[t][j % 2] = _mm512_dpbusd_epi32(dot[t][j % 2], c, _mm512_set1_epi32(q));
+                            dot[t][chain] = _mm512_dpbusd_epi32(dot[t][chain], c, _mm512_set1_epi32(q));
                         }
                     }
                 }
+                let sc = sub_multipliers(sub, tile * sub.spr + k).0;
+                for t in 0..NT {
+                    let dot = if NT <= 4 { _mm512_add_epi32(dot[t][0], dot[t][1]) } else { dot[t][0] };
+                    let e = _mm512_set1_ps(acts.e[(t0 + t) * blocks + k]);
+                    fs[t][0] = _mm512_add_ps(fs[t][0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, e)));
+                }
+            }
+            // The code-free sums of [`sub_step16`], in the same order, after the dot loop (as in
+            // [`SubJob::tokens`]) so that eight tokens fit the registers.
+            for k in 2 * chunks.start..2 * chunks.end {
                 let (sc, mn) = sub_multipliers(sub, tile * sub.spr + k);
                 for t in 0..NT {
-                    let b = (t0 + t) * blocks + k;
-                    sub_step16(&mut fs[t], _mm512_add_epi32(dot[t][0], dot[t][1]), sc, mn, acts.e[b], acts.eq[b]);
+                    let eq = _mm512_set1_ps(acts.eq[(t0 + t) * blocks + k]);
+                    fs[t][1] = _mm512_add_ps(fs[t][1], _mm512_mul_ps(sc, eq));
+                    fs[t][2] = _mm512_add_ps(fs[t][2], _mm512_mul_ps(mn, eq));
                 }
             }
             let (a, z, o) = azo16(ctx, m);
