@@ -88,7 +88,7 @@ pub fn attend_group(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f3
 /// Whether the AVX-512 path runs (`BITNEST_ISA=avx2` or `scalar` turns it off, as for the
 /// linear kernels).
 #[cfg(target_arch = "x86_64")]
-fn simd_ok() -> bool {
+pub(crate) fn simd_ok() -> bool {
     use crate::kernels::planes::Isa;
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| matches!(Isa::detect(), Isa::Avx512 | Isa::Avx512Gfni) && std::is_x86_feature_detected!("fma"))
@@ -203,7 +203,7 @@ fn group_ref(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 // Index loops walk the chunks of a head in several arrays in step.
 #[allow(clippy::needless_range_loop)]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{EXP_MIN, EXP_P, HeadView, LN2_HI, LN2_LO, LOG2E, Query, ROUND};
@@ -402,7 +402,7 @@ mod x86 {
 
     /// [`super::exp_ref`] in 16 lanes.
     #[inline(always)]
-    unsafe fn exp16(x: __m512) -> __m512 {
+    pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
         unsafe {
             let ok = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN));
             let round = _mm512_set1_ps(ROUND);

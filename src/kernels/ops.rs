@@ -1,5 +1,7 @@
 //! Small element-wise kernels of the transformer block.
 
+use super::attention::exp_ref;
+
 /// RMSNorm: `out = x / sqrt(mean(x²) + eps) · w`. The sum is taken in f64 so the result does not
 /// depend on vector width.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -11,9 +13,56 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// SiLU-gated product used by the llama MLP: `gate ← silu(gate) · up`.
+///
+/// `silu(g) = g·σ(g)`, with `σ` from `e = e^(−|g|)` by [`exp_ref`] (whose argument must not be
+/// positive): `1/(1 + e)` for `g ≥ 0`, `e/(1 + e)` below. The AVX-512 path does the same
+/// operations on 16 lanes, so a token's result does not depend on the path or on the other
+/// tokens of its pass; it replaces a libm `expf` call per element, which took 1.5–5% of a
+/// decode or prefill profile on the caller's thread.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    let n = gate.len().min(up.len());
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::attention::simd_ok() {
+        // SAFETY: AVX-512F and FMA checked by `simd_ok`.
+        done = unsafe { x86::silu_mul_avx512(&mut gate[..n], &up[..n]) };
+    }
+    for (g, &u) in gate[done..n].iter_mut().zip(&up[done..n]) {
+        *g = silu_ref(*g) * u;
+    }
+}
+
+/// `g·σ(g)`, the scalar reference of [`silu_mul`].
+fn silu_ref(g: f32) -> f32 {
+    let e = exp_ref(-g.abs());
+    let s = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+    g * s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use crate::kernels::attention::x86::exp16;
+
+    /// [`super::silu_mul`] over whole vectors of 16; returns how many elements it did.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) -> usize {
+        let full = gate.len() / 16 * 16;
+        let one = _mm512_set1_ps(1.0);
+        for i in (0..full).step_by(16) {
+            unsafe {
+                let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+                let u = _mm512_loadu_ps(up.as_ptr().add(i));
+                let e = exp16(_mm512_xor_ps(_mm512_abs_ps(g), _mm512_set1_ps(-0.0)));
+                let d = _mm512_add_ps(one, e);
+                let pos = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(g, _mm512_setzero_ps());
+                let s = _mm512_div_ps(_mm512_mask_blend_ps(pos, e, one), d);
+                _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_mul_ps(g, s), u));
+            }
+        }
+        full
     }
 }
 
@@ -101,6 +150,30 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silu_is_accurate_and_the_same_on_every_path() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // Typical gates, large ones of both signs, zeros, infinities and NaN; a length that
+        // leaves a scalar tail.
+        let mut g: Vec<f32> = (0..1000).map(|_| rng.random_range(-12.0f32..12.0)).collect();
+        g.extend([0.0, -0.0, 90.0, -90.0, 1e-30, -1e-30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e30, -1e30]);
+        let u: Vec<f32> = (0..g.len()).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let mut got = g.clone();
+        silu_mul(&mut got, &u);
+        for ((&x, &u), &y) in g.iter().zip(&u).zip(&got) {
+            // The scalar reference, bit for bit (the SIMD path ran on AVX-512 machines).
+            let want = silu_ref(x) * u;
+            assert!(want.to_bits() == y.to_bits() || (want.is_nan() && y.is_nan()), "silu({x})·{u}: {y} vs {want}");
+            // Against f64: within a few ulp where finite.
+            let exact = (x as f64) / (1.0 + (-(x as f64)).exp()) * u as f64;
+            if exact.is_finite() && x.is_finite() {
+                // Below e^-87 the exponential flushes to zero (as in attention).
+                assert!((y as f64 - exact).abs() <= 4e-7 * exact.abs() + 1e-30, "silu({x})·{u}: {y} vs {exact}");
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_unit_rms() {
