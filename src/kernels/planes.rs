@@ -187,29 +187,51 @@ impl QuantActs {
             self.e.resize(n * blocks, 0.0);
             self.eq.resize(n * blocks, 0.0);
         }
-        for t in 0..n {
-            let q = &mut self.q8[t * padded..(t + 1) * padded];
-            for (b, xb) in x[t * cols..(t + 1) * cols].chunks(SUB).enumerate() {
-                let qb = &mut q[b * SUB..b * SUB + xb.len()];
-                #[cfg(target_arch = "x86_64")]
-                if matches!(isa, Isa::Avx512 | Isa::Avx512Gfni) && xb.len() == SUB {
-                    // SAFETY: the AVX-512 path is only chosen where the CPU has it.
-                    let (e, eq) = unsafe { x86::quantize_block_avx512(xb.try_into().unwrap(), qb.try_into().unwrap()) };
-                    self.e[t * blocks + b] = e;
-                    self.eq[t * blocks + b] = eq;
-                    continue;
-                }
-                let _ = isa;
-                let (e, eq) = quantize_block(xb, qb);
-                self.e[t * blocks + b] = e;
-                self.eq[t * blocks + b] = eq;
-            }
-            q[cols..].fill(0);
-            let full = cols.div_ceil(SUB);
-            self.e[t * blocks + full..(t + 1) * blocks].fill(0.0);
-            self.eq[t * blocks + full..(t + 1) * blocks].fill(0.0);
+        // Tokens are independent; a prefill's worth is spread over the team (each task writes
+        // only its own tokens' rows, so the bytes do not depend on the split).
+        let (q8, e, eq) = (self.q8.as_mut_ptr() as usize, self.e.as_mut_ptr() as usize, self.eq.as_mut_ptr() as usize);
+        let one = |t: usize| {
+            // SAFETY: token `t`'s rows of the three buffers (sized above) are written by this
+            // call alone.
+            let (q, e, eq) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut((q8 as *mut i8).add(t * padded), padded),
+                    std::slice::from_raw_parts_mut((e as *mut f32).add(t * blocks), blocks),
+                    std::slice::from_raw_parts_mut((eq as *mut f32).add(t * blocks), blocks),
+                )
+            };
+            quantize_token(&x[t * cols..(t + 1) * cols], q, e, eq, isa);
+        };
+        const PER_TASK: usize = 16;
+        if n >= 2 * PER_TASK {
+            super::team::parallel_for(n.div_ceil(PER_TASK), |c| {
+                (c * PER_TASK..n.min((c + 1) * PER_TASK)).for_each(one)
+            });
+        } else {
+            (0..n).for_each(one);
         }
     }
+}
+
+/// One token's int8 blocks of 32 (`q`, zero past the row) with their steps `e` and `e·Σq`
+/// (zero for blocks past the row).
+fn quantize_token(x: &[f32], q: &mut [i8], e: &mut [f32], eq: &mut [f32], isa: Isa) {
+    let cols = x.len();
+    for (b, xb) in x.chunks(SUB).enumerate() {
+        let qb = &mut q[b * SUB..b * SUB + xb.len()];
+        #[cfg(target_arch = "x86_64")]
+        if matches!(isa, Isa::Avx512 | Isa::Avx512Gfni) && xb.len() == SUB {
+            // SAFETY: the AVX-512 path is only chosen where the CPU has it.
+            (e[b], eq[b]) = unsafe { x86::quantize_block_avx512(xb.try_into().unwrap(), qb.try_into().unwrap()) };
+            continue;
+        }
+        let _ = isa;
+        (e[b], eq[b]) = quantize_block(xb, qb);
+    }
+    q[cols..].fill(0);
+    let full = cols.div_ceil(SUB);
+    e[full..].fill(0.0);
+    eq[full..].fill(0.0);
 }
 
 /// `y` rounded half away from zero and clamped to `±max`, without a libm call (the clamped value
