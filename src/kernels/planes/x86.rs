@@ -5,12 +5,36 @@
 use std::arch::x86_64::*;
 
 use super::{Ctx, Levels, Q8MAX, QMAX, QuantActs, SUB, SubMeta, SyncPtr, TILE, TileMeta};
-use crate::quant::dtype::ALL;
 
 mod avx2;
 mod gfni;
+mod quads;
 pub use avx2::{tile_avx2, tile_sub_avx2};
 use gfni::codes_gf;
+pub use quads::tile_quads;
+
+/// Runs `$job.tokens::<NT>(t0)` over tokens `0..$n` in blocks of up to [`BLOCK`]: the token
+/// loop of both batch jobs ([`Job`], [`SubJob`]), whose `tokens` differ.
+macro_rules! by_blocks {
+    ($job:expr, $n:expr) => {{
+        let (job, n) = ($job, $n);
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(BLOCK);
+            match nt {
+                1 => job.tokens::<1>(t0),
+                2 => job.tokens::<2>(t0),
+                3 => job.tokens::<3>(t0),
+                4 => job.tokens::<4>(t0),
+                5 => job.tokens::<5>(t0),
+                6 => job.tokens::<6>(t0),
+                7 => job.tokens::<7>(t0),
+                _ => job.tokens::<BLOCK>(t0),
+            }
+            t0 += nt;
+        }
+    }};
+}
 
 /// Largest number of 64-column chunks in a group.
 pub(super) const MAX_CH: usize = super::MAX_GROUP / 64;
@@ -225,23 +249,7 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
         let quads = &ct[..chunks.len() * TILE];
         let job =
             Job { ctx, acts, quads, col0: chunks.start * 64, g, a, b, out: unsafe { out.get().add(tile * TILE) } };
-        let mut t0 = 0;
-        while t0 < n {
-            let nt = (n - t0).min(BLOCK);
-            unsafe {
-                match nt {
-                    1 => job.tokens::<1>(t0),
-                    2 => job.tokens::<2>(t0),
-                    3 => job.tokens::<3>(t0),
-                    4 => job.tokens::<4>(t0),
-                    5 => job.tokens::<5>(t0),
-                    6 => job.tokens::<6>(t0),
-                    7 => job.tokens::<7>(t0),
-                    _ => job.tokens::<BLOCK>(t0),
-                }
-            }
-            t0 += nt;
-        }
+        unsafe { by_blocks!(job, n) };
     }
 }
 
@@ -458,190 +466,6 @@ unsafe fn tile_sub_body<const R: usize, const GF: bool>(
     }
 }
 
-/// A full tile of a two-level layer from its tile-interleaved planes (`Ctx::quads`), for any
-/// number of tokens: each group's codes come out of [`codes_gf`] with one row per lane, so
-/// every token's sub-block sums are plain `vpdpbusd` accumulations ([`SubJob`]), with no
-/// transpose and no horizontal reduction.
-///
-/// # Safety
-/// AVX-512 F/BW/VL/VNNI/VBMI, GFNI and F16C present; `ctx.quads` set; the tile is full; `out`
-/// as for [`tile_avx512`].
-pub unsafe fn tile_quads(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
-    unsafe {
-        match ctx.r {
-            1 => tile_quads_r::<1>(ctx, sub, tile, acts, n, out),
-            2 => tile_quads_r::<2>(ctx, sub, tile, acts, n, out),
-            3 => tile_quads_r::<3>(ctx, sub, tile, acts, n, out),
-            4 => tile_quads_r::<4>(ctx, sub, tile, acts, n, out),
-            5 => tile_quads_r::<5>(ctx, sub, tile, acts, n, out),
-            6 => tile_quads_r::<6>(ctx, sub, tile, acts, n, out),
-            7 => tile_quads_r::<7>(ctx, sub, tile, acts, n, out),
-            _ => tile_quads_r::<8>(ctx, sub, tile, acts, n, out),
-        }
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma,gfni")]
-unsafe fn tile_quads_r<const R: usize>(
-    ctx: &Ctx,
-    sub: &SubMeta,
-    tile: usize,
-    acts: &QuantActs,
-    n: usize,
-    out: SyncPtr,
-) {
-    let (bytes, plane_len) = ctx.quads.expect("tile-interleaved planes");
-    let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { bytes.as_ptr().add(p * plane_len) });
-    // A tile starts where its row-major original does; 64 columns are 16 words per plane.
-    let at0 = tile * TILE * ctx.row_bytes;
-    if n <= QUADS_SMALL {
-        unsafe {
-            match n {
-                1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, 0, out),
-            }
-        }
-        return;
-    }
-    // A batch: each group's codes built once into a buffer, then every token in blocks.
-    let mut ct = [const { std::mem::MaybeUninit::<__m512i>::uninit() }; TILE * MAX_SUB_CH];
-    for g in 0..ctx.gpr {
-        let m = &ctx.meta[tile * ctx.gpr + g];
-        let looks = Lookups::of(ctx, m);
-        let chunks = ctx.chunks(g);
-        for k in 0..chunks.len() {
-            for h in 0..4 {
-                let codes = unsafe { codes_gf::<R, 4>(&planes, at0 + (chunks.start + k) * 128 + 32 * h) };
-                for (j, c) in codes.into_iter().enumerate() {
-                    ct[16 * k + 4 * h + j].write(unsafe { looks.apply::<R>(c) });
-                }
-            }
-        }
-        // SAFETY: the first `16 · chunks.len()` entries were written just above.
-        let quads = unsafe { std::slice::from_raw_parts(ct.as_ptr() as *const __m512i, chunks.len() * 16) };
-        let job =
-            SubJob { ctx, sub, acts, quads, ch0: chunks.start, g, m, tile, out: unsafe { out.get().add(tile * TILE) } };
-        unsafe { job.all_tokens(n) };
-    }
-}
-
-/// Most tokens [`quads_tokens`] takes (codes used straight from registers); larger batches
-/// build each group's codes into a buffer once and go through [`SubJob`].
-const QUADS_SMALL: usize = 8;
-
-/// The table lookups a tile's group needs with rows in lanes: per datatype present that is not
-/// the identity at `r`, its table and a byte mask of its rows (four bytes a row). Uniform INT
-/// tiles, the common case, have none.
-struct Lookups<'a> {
-    n: usize,
-    at: [(u64, &'a Levels); ALL.len()],
-}
-
-impl<'a> Lookups<'a> {
-    #[inline(always)]
-    fn of(ctx: &Ctx<'a>, m: &TileMeta) -> Self {
-        let mut masks = [0u64; ALL.len()];
-        for i in 0..TILE {
-            let d = m.dtype[i] as usize;
-            if !ctx.levels[d].identity {
-                masks[d] |= 0xF << (4 * i);
-            }
-        }
-        let mut l = Lookups { n: 0, at: [(0, ctx.levels[0]); ALL.len()] };
-        for (d, &mask) in masks.iter().enumerate() {
-            if mask != 0 {
-                l.at[l.n] = (mask, ctx.levels[d]);
-                l.n += 1;
-            }
-        }
-        l
-    }
-
-    /// Codes to levels, each row through its datatype's table.
-    #[inline(always)]
-    unsafe fn apply<const R: usize>(&self, mut c: __m512i) -> __m512i {
-        for &(mask, lv) in &self.at[..self.n] {
-            c = unsafe { _mm512_mask_blend_epi8(mask, c, levels512::<R>(c, lv)) };
-        }
-        c
-    }
-}
-
-/// Tokens `t0..t0 + NT` (decoding, small verification trees) against one full tile of
-/// tile-interleaved planes: per sub-block, eight blocks of codes built and used at once by
-/// every token's `vpdpbusd` (two chains per token), then the same float step as every path.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn quads_tokens<const R: usize, const NT: usize>(
-    ctx: &Ctx,
-    sub: &SubMeta,
-    tile: usize,
-    planes: &[*const u8; R],
-    at0: usize,
-    acts: &QuantActs,
-    t0: usize,
-    out: SyncPtr,
-) {
-    unsafe {
-        let q8 = acts.q8.as_ptr();
-        let blocks = acts.padded / SUB;
-        let mut sums = [_mm512_setzero_ps(); NT];
-        for g in 0..ctx.gpr {
-            let m = &ctx.meta[tile * ctx.gpr + g];
-            let looks = Lookups::of(ctx, m);
-            let mut fs = [[_mm512_setzero_ps(); 3]; NT];
-            let chunks = ctx.chunks(g);
-            for k in 2 * chunks.start..2 * chunks.end {
-                // Sub-block `k`: 32 columns, eight blocks of four, 64 bytes of each plane.
-                let mut dot = [[_mm512_setzero_si512(); 2]; NT];
-                for h in 0..2 {
-                    let codes = codes_gf::<R, 4>(planes, at0 + 64 * k + 32 * h);
-                    for (j, c) in codes.into_iter().enumerate() {
-                        let c = looks.apply::<R>(c);
-                        let col = 32 * k + 16 * h + 4 * j;
-                        // Two chains per token up to four tokens; beyond, the tokens' own
-                        // chains are enough to hide the latency.
-                        let chain = if NT <= 4 { j % 2 } else { 0 };
-                        for t in 0..NT {
-                            let q = (q8.add((t0 + t) * acts.padded + col) as *const i32).read_unaligned();
-                            dot[t][chain] = _mm512_dpbusd_epi32(dot[t][chain], c, _mm512_set1_epi32(q));
-                        }
-                    }
-                }
-                let sc = sub_multipliers(sub, tile * sub.spr + k).0;
-                for t in 0..NT {
-                    let dot = if NT <= 4 { _mm512_add_epi32(dot[t][0], dot[t][1]) } else { dot[t][0] };
-                    let e = _mm512_set1_ps(acts.e[(t0 + t) * blocks + k]);
-                    fs[t][0] = _mm512_add_ps(fs[t][0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, e)));
-                }
-            }
-            // The code-free sums of [`sub_step16`], in the same order, after the dot loop (as in
-            // [`SubJob::tokens`]) so that eight tokens fit the registers.
-            for k in 2 * chunks.start..2 * chunks.end {
-                let (sc, mn) = sub_multipliers(sub, tile * sub.spr + k);
-                for t in 0..NT {
-                    let eq = _mm512_set1_ps(acts.eq[(t0 + t) * blocks + k]);
-                    fs[t][1] = _mm512_add_ps(fs[t][1], _mm512_mul_ps(sc, eq));
-                    fs[t][2] = _mm512_add_ps(fs[t][2], _mm512_mul_ps(mn, eq));
-                }
-            }
-            let (a, z, o) = azo16(ctx, m);
-            for t in 0..NT {
-                sums[t] = _mm512_add_ps(sums[t], sub_terms16(fs[t], a, z, o));
-            }
-        }
-        for (t, s) in sums.iter().enumerate() {
-            _mm512_storeu_ps(out.get().add((t0 + t) * ctx.rows + tile * TILE), *s);
-        }
-    }
-}
-
 /// Most 64-column chunks in a two-level group.
 pub(super) const MAX_SUB_CH: usize = super::MAX_SUB_GROUP / 64;
 
@@ -664,23 +488,7 @@ impl SubJob<'_> {
     /// Every token, in blocks of up to [`BLOCK`].
     #[inline(always)]
     unsafe fn all_tokens(&self, n: usize) {
-        let mut t0 = 0;
-        while t0 < n {
-            let nt = (n - t0).min(BLOCK);
-            unsafe {
-                match nt {
-                    1 => self.tokens::<1>(t0),
-                    2 => self.tokens::<2>(t0),
-                    3 => self.tokens::<3>(t0),
-                    4 => self.tokens::<4>(t0),
-                    5 => self.tokens::<5>(t0),
-                    6 => self.tokens::<6>(t0),
-                    7 => self.tokens::<7>(t0),
-                    _ => self.tokens::<BLOCK>(t0),
-                }
-            }
-            t0 += nt;
-        }
+        unsafe { by_blocks!(self, n) }
     }
 
     /// Tokens `t0..t0 + NT`: per sub-block of 32 columns, eight `vpdpbusd` give each row's
@@ -720,20 +528,8 @@ impl SubJob<'_> {
                 }
             }
         }
-        // The two sums that do not involve the weights' codes, `Σ sc·eq` and `Σ mn·eq`, in the
-        // same sub-block order as [`sub_step16`] (each accumulator sees the same operations),
-        // but outside the dot loop, whose registers they would otherwise spill.
-        for s in 0..self.quads.len() / (SUB / 4) {
-            let k = 2 * self.ch0 + s;
-            unsafe {
-                let (sc, mn) = sub_multipliers(self.sub, self.tile * self.sub.spr + k);
-                for t in 0..NT {
-                    let eq = _mm512_set1_ps(acts.eq[(t0 + t) * blocks + k]);
-                    fs[t][1] = _mm512_add_ps(fs[t][1], _mm512_mul_ps(sc, eq));
-                    fs[t][2] = _mm512_add_ps(fs[t][2], _mm512_mul_ps(mn, eq));
-                }
-            }
-        }
+        let ks = 2 * self.ch0..2 * self.ch0 + self.quads.len() / (SUB / 4);
+        unsafe { code_free_sums(self.sub, self.tile, ks, acts, t0, &mut fs) };
         unsafe {
             let (a, z, o) = azo16(self.ctx, self.m);
             for t in 0..NT {
@@ -786,6 +582,31 @@ unsafe fn sub_terms16(acc: [__m512; 3], a: __m512, z: __m512, o: __m512) -> __m5
     unsafe {
         let x = _mm512_sub_ps(acc[0], _mm512_mul_ps(z, acc[1]));
         _mm512_add_ps(_mm512_mul_ps(x, a), _mm512_mul_ps(o, acc[2]))
+    }
+}
+
+/// The two sums of [`sub_step16`] that do not involve the weights' codes, `Σ sc·eq` and
+/// `Σ mn·eq` over sub-blocks `ks` of the tile, for tokens `t0..t0 + NT`: the same operations in
+/// the same sub-block order, run after a dot loop so that its registers are not spilled.
+#[inline(always)]
+unsafe fn code_free_sums<const NT: usize>(
+    sub: &SubMeta,
+    tile: usize,
+    ks: std::ops::Range<usize>,
+    acts: &QuantActs,
+    t0: usize,
+    fs: &mut [[__m512; 3]; NT],
+) {
+    let blocks = acts.padded / SUB;
+    for k in ks {
+        unsafe {
+            let (sc, mn) = sub_multipliers(sub, tile * sub.spr + k);
+            for t in 0..NT {
+                let eq = _mm512_set1_ps(acts.eq[(t0 + t) * blocks + k]);
+                fs[t][1] = _mm512_add_ps(fs[t][1], _mm512_mul_ps(sc, eq));
+                fs[t][2] = _mm512_add_ps(fs[t][2], _mm512_mul_ps(mn, eq));
+            }
+        }
     }
 }
 
