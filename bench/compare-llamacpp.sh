@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Side-by-side speed of bitnest and llama.cpp on the same model, machine, thread count and run:
 # `llama-bench -p 512 -n 128 -r $R` for llama.cpp types and `bitnest bench` for each r-bit view
-# of one .bnest file. Writes a markdown table and the raw JSON to bench/results/.
+# of one .bnest file, in $ROUNDS interleaved rounds (every engine once per round), so that a
+# slow minute of a shared host falls on all of them rather than on whichever ran then. Writes a
+# markdown table (means and standard deviations over rounds) and the raw JSON to bench/results/.
 #
 #   bash bench/compare-llamacpp.sh                   # everything (builds llama.cpp once, ~30 min on 2 cores)
-#   T=4 R=5 BITS="8 4 2" bash bench/compare-llamacpp.sh
+#   T=4 ROUNDS=5 BITS="8 4 2" bash bench/compare-llamacpp.sh
 #   ONLY=build bash bench/compare-llamacpp.sh         # only build llama.cpp into the cache
 #   ONLY=llamacpp bash bench/compare-llamacpp.sh      # only the llama.cpp rows
 #   ONLY=bitnest bash bench/compare-llamacpp.sh       # only the bitnest rows
 #
 # Settings (environment):
-#   T=2 R=3 P=512 N=128                 threads, repetitions, prompt and generated tokens
+#   T=2 ROUNDS=5 R=1 P=512 N=128        threads, rounds, repetitions per round, prompt and generated tokens
 #   BITS="8 6 5 4 3 2"                  bitnest views of the .bnest file
 #   BITNEST_F32=1                       also a bitnest row for SRC itself (0 leaves it out)
 #   LLAMA_TYPES="Q4_0 IQ4_NL Q8_0"      llama.cpp types, re-quantized from SRC
@@ -29,7 +31,8 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 
 T=${T:-2}
-R=${R:-3}
+ROUNDS=${ROUNDS:-5}
+R=${R:-1}
 P=${P:-512}
 N=${N:-128}
 BITS=${BITS:-8 6 5 4 3 2}
@@ -157,7 +160,7 @@ fi
 mkdir -p "$RESULTS"
 RAW=$RESULTS/compare-$STAMP.jsonl
 : >"$RAW"
-log "threads $T, repetitions $R, pp$P / tg$N; raw results: $RAW"
+log "threads $T, $ROUNDS rounds of $R repetitions, pp$P / tg$N; raw results: $RAW"
 
 # Peak RSS of a child process (llama-bench has none of its own): getrusage(RUSAGE_CHILDREN).
 with_rss() {
@@ -169,17 +172,22 @@ sys.stdout.write(json.dumps({"rc": p.returncode, "peak_rss_mib": kib / 1024, "ou
 PY
 }
 
-if [ "$ONLY" != bitnest ]; then
-  for ty in $LLAMA_TYPES; do
-    m=$(llama_model "$ty")
-    log "llama-bench $ty"
-    with_rss "$BIN/llama-bench" -m "$m" -t "$T" -p "$P" -n "$N" -r "$R" -o json | python3 -c '
+# CPU time the hypervisor gave to others while we ran (the `steal` column of /proc/stat), in
+# clock ticks summed over CPUs; reported so that a noisy run says so.
+cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$5+$6+$7+$8+$9, $9}' /proc/stat 2>/dev/null || echo "0 0"; }
+
+llama_row() { # round, type
+  local round=$1 ty=$2 m
+  m=$(llama_model "$ty")
+  log "round $round: llama-bench $ty"
+  with_rss "$BIN/llama-bench" -m "$m" -t "$T" -p "$P" -n "$N" -r "$R" -o json | python3 -c '
 import json, os, sys
 w = json.load(sys.stdin)
 if w["rc"] != 0:
     sys.exit("llama-bench failed")
 rows = json.loads(w["out"])
-d = {"engine": "llama.cpp", "name": sys.argv[1], "file": sys.argv[2], "peak_rss_mb": w["peak_rss_mib"]}
+d = {"engine": "llama.cpp", "name": sys.argv[1], "file": sys.argv[2], "peak_rss_mb": w["peak_rss_mib"],
+     "round": int(sys.argv[3])}
 for r in rows:
     key = "pp" if r["n_prompt"] > 0 else "tg"
     d[key + "_tok_s"], d[key + "_std"] = r["avg_ts"], r["stddev_ts"]
@@ -188,58 +196,96 @@ for r in rows:
     d["file_mb"] = os.path.getsize(sys.argv[2]) / 2**20
     d["threads"] = r["n_threads"]
     d["build"] = r.get("build_commit")
-print(json.dumps(d))' "$ty" "$m" >>"$RAW" || die "llama-bench $ty failed"
-  done
-fi
+print(json.dumps(d))' "$ty" "$m" "$round" >>"$RAW" || die "llama-bench $ty failed"
+}
 
-bitnest_row() { # row name, bench args...
-  local name=$1; shift
-  log "bitnest bench $*"
+bitnest_row() { # round, row name, bench args...
+  local round=$1 name=$2; shift 2
+  log "round $round: bitnest bench $*"
   $B bench "$@" --threads "$T" -p "$P" -n "$N" -r "$R" --format json | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
 d.update(engine="bitnest", name=sys.argv[1], pp_tok_s=d["pp512_tok_s"], pp_std=d["pp512_std"],
-         tg_tok_s=d["tg128_tok_s"], tg_std=d["tg128_std"])
-print(json.dumps(d))' "$name" >>"$RAW" || die "bitnest bench $* failed"
+         tg_tok_s=d["tg128_tok_s"], tg_std=d["tg128_std"], round=int(sys.argv[2]))
+print(json.dumps(d))' "$name" "$round" >>"$RAW" || die "bitnest bench $* failed"
 }
 
-if [ "$ONLY" != llamacpp ]; then
-  for r in $BITS; do
-    bitnest_row "bitnest r=$r" --model "$BNEST" --bits "$r"
-  done
-  # The source GGUF as bitnest runs it today (dequantized to f32 at load): the baseline.
-  [ "${BITNEST_F32:-1}" = 0 ] || bitnest_row "bitnest f32 (GGUF)" --model "$SRC"
-fi
+TICKS0=$(cpu_ticks)
+for round in $(seq 1 "$ROUNDS"); do
+  if [ "$ONLY" != bitnest ]; then
+    for ty in $LLAMA_TYPES; do llama_row "$round" "$ty"; done
+  fi
+  if [ "$ONLY" != llamacpp ]; then
+    for r in $BITS; do
+      bitnest_row "$round" "bitnest r=$r" --model "$BNEST" --bits "$r"
+    done
+    # The source GGUF as bitnest runs it today (dequantized to f32 at load): the baseline.
+    [ "${BITNEST_F32:-1}" = 0 ] || bitnest_row "$round" "bitnest f32 (GGUF)" --model "$SRC"
+  fi
+done
+TICKS1=$(cpu_ticks)
+STEAL=$(python3 -c 'import sys; a, b = sys.argv[1].split(), sys.argv[2].split()
+t, s = int(b[0]) - int(a[0]), int(b[1]) - int(a[1])
+print(f"{100 * s / t:.1f}" if t > 0 else "–")' "$TICKS0" "$TICKS1")
 
 # ---------------------------------------------------------------- report
 MD=$RESULTS/compare-$STAMP.md
 CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs || uname -m)
-python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" <<'PY'
-import json, sys
-raw, md, t, r, p, n, src, cpu, commit = sys.argv[1:]
-rows = [json.loads(l) for l in open(raw) if l.strip()]
+python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" "$ROUNDS" "$STEAL" <<'PY'
+import json, statistics, sys
+raw, md, t, r, p, n, src, cpu, commit, rounds, steal = sys.argv[1:]
+runs = [json.loads(l) for l in open(raw) if l.strip()]
+# One row per engine/type: the mean over rounds of each round's tok/s, the standard deviation
+# over rounds (over repetitions when there was one round), the largest peak RSS.
+rows, by_name = [], {}
+for d in runs:
+    if d["name"] not in by_name:
+        by_name[d["name"]] = []
+        rows.append(dict(d))
+    by_name[d["name"]].append(d)
+for d in rows:
+    same = by_name[d["name"]]
+    for k in ("pp", "tg"):
+        vals = [x[k + "_tok_s"] for x in same if x.get(k + "_tok_s") is not None]
+        if vals:
+            d[k + "_tok_s"] = statistics.fmean(vals)
+            if len(vals) > 1:
+                d[k + "_std"] = statistics.stdev(vals)
+    rss = [x["peak_rss_mb"] for x in same if x.get("peak_rss_mb") is not None]
+    d["peak_rss_mb"] = max(rss) if rss else None
 ref = next((d for d in rows if d["engine"] == "llama.cpp" and d["name"] == "Q4_0"), None)
+ref_round = {x["round"]: x for x in by_name.get("Q4_0", []) if "round" in x}
 def f(x, nd=1):
     return "–" if x is None else f"{x:.{nd}f}"
 def ratio(d, k):
     if ref is None or d.get(k) is None:
         return "–"
     return f"{d[k] / ref[k]:.2f}×"
+def spread(d, k):
+    # Each round's ratio against the Q4_0 run of the same round: the paired comparison.
+    rs = [x[k] / ref_round[x["round"]][k] for x in by_name[d["name"]]
+          if x.get("round") in ref_round and x.get(k) and ref_round[x["round"]].get(k)]
+    return f"{min(rs):.2f}–{max(rs):.2f}" if len(rs) > 1 else "–"
 out = []
-out.append(f"# bitnest vs llama.cpp: pp{p} / tg{n}, {t} threads, {r} repetitions\n")
+out.append(f"# bitnest vs llama.cpp: pp{p} / tg{n}, {t} threads, {rounds} rounds of {r} repetitions\n")
 builds = sorted({d["build"] for d in rows if d.get("build")})
 out.append(f"Source model: `{src.split('/')[-1]}`. Machine: {cpu}. bitnest {commit}"
            + (f", llama.cpp {', '.join(builds)}" if builds else "") + ". "
            f"Produced by `bash bench/compare-llamacpp.sh`; raw numbers in `{raw.split('/')[-1]}`. "
-           "Sizes are MiB; peak RSS is VmHWM for bitnest and the getrusage max RSS of the llama-bench process "
-           "(which runs both tests). Ratios are tok/s over llama.cpp Q4_0's from the same run.\n")
-out.append(f"| engine / type | bits/weight | file MiB | pp{p} tok/s | tg{n} tok/s | peak RSS MiB | pp vs Q4_0 | tg vs Q4_0 |")
-out.append("|---|---|---|---|---|---|---|---|")
+           "Every engine runs once per round, rounds one after another; tok/s are means over rounds ± their "
+           "standard deviation. Sizes are MiB; peak RSS is VmHWM for bitnest and the getrusage max RSS of the "
+           "llama-bench process (which runs both tests). Ratios are mean tok/s over llama.cpp Q4_0's; the "
+           "range is the lowest and highest ratio of one round to the Q4_0 run of the same round. "
+           f"CPU time stolen by the hypervisor during the runs: {steal}%.\n")
+out.append(f"| engine / type | bits/weight | file MiB | pp{p} tok/s | tg{n} tok/s | peak RSS MiB "
+           "| pp vs Q4_0 | tg vs Q4_0 | pp range | tg range |")
+out.append("|---|---|---|---|---|---|---|---|---|---|")
 for d in rows:
     out.append(
         f"| {d['name']} | {f(d.get('bits_per_weight'), 2)} | {f(d.get('file_mb'))} "
         f"| {f(d.get('pp_tok_s'))} ± {f(d.get('pp_std'))} | {f(d.get('tg_tok_s'))} ± {f(d.get('tg_std'))} "
-        f"| {f(d.get('peak_rss_mb'), 0)} | {ratio(d, 'pp_tok_s')} | {ratio(d, 'tg_tok_s')} |")
+        f"| {f(d.get('peak_rss_mb'), 0)} | {ratio(d, 'pp_tok_s')} | {ratio(d, 'tg_tok_s')} "
+        f"| {spread(d, 'pp_tok_s')} | {spread(d, 'tg_tok_s')} |")
 out.append("")
 if any(d["engine"] == "bitnest" for d in rows):
     out.append("bitnest peak RSS against the budget file + KV cache + 64 MiB: " + ", ".join(

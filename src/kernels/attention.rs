@@ -224,18 +224,80 @@ pub(crate) mod x86 {
     #[inline(always)]
     unsafe fn group<const NC: usize>(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         unsafe {
-            let mut off = 0;
-            let mut invs = [0f32; 4];
             // Up to four queries (`16 / NC` for wide heads) share each pass over the values.
             let per = 16 / NC;
-            for part in qs.chunks_mut(per) {
-                let base = off;
-                for (m, q) in part.iter_mut().enumerate() {
-                    let len = q.len();
-                    invs[m] = weights::<NC>(kv, scale, q, &mut scores[off..off + len]);
-                    off += len;
+            if qs.len() > per {
+                return blocked::<NC>(kv, scale, qs, scores);
+            }
+            let mut invs = [0f32; 4];
+            let mut off = 0;
+            for (m, q) in qs.iter_mut().enumerate() {
+                let len = q.len();
+                let sc = &mut scores[off..off + len];
+                let qv = load_query::<NC>(q);
+                let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+                let mut i0 = 0;
+                while i0 < len {
+                    score_chunk::<NC>(kv, scale, &qv, q, i0, (len - i0).min(16), sc, &mut vmax);
+                    i0 += 16;
                 }
-                values::<NC>(kv, part, &scores[base..off], &invs);
+                invs[m] = softmax(sc, vmax);
+                off += len;
+            }
+            values::<NC>(kv, qs, &scores[..off], &invs);
+        }
+    }
+
+    /// Most queries [`blocked`] takes in one pass.
+    const BLOCK_QUERIES: usize = 32;
+
+    /// Many queries over one KV head (prefill, verification: several tokens times the query
+    /// heads of a group): their scores over the shared positions are taken 16 positions at a
+    /// time for every query in turn, so those keys are read from L1 by all of them rather than
+    /// streamed from L2 once per query. Each score is still computed on its own, so the bits
+    /// are those of [`group`].
+    #[inline(always)]
+    unsafe fn blocked<const NC: usize>(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+        unsafe {
+            let per = 16 / NC;
+            let mut base = 0;
+            for block in qs.chunks_mut(BLOCK_QUERIES) {
+                let m = block.len();
+                let mut offs = [0usize; BLOCK_QUERIES + 1];
+                for (k, q) in block.iter().enumerate() {
+                    offs[k + 1] = offs[k] + q.len();
+                }
+                let sc = &mut scores[base..base + offs[m]];
+                let mut vmax = [_mm512_set1_ps(f32::NEG_INFINITY); BLOCK_QUERIES];
+                let shared = block.iter().map(|q| q.prefix).max().unwrap_or(0);
+                let mut p0 = 0;
+                while p0 < shared {
+                    for (k, q) in block.iter().enumerate() {
+                        if q.prefix > p0 {
+                            let qv = load_query::<NC>(q);
+                            let nb = (q.prefix - p0).min(16);
+                            score_chunk::<NC>(kv, scale, &qv, q, p0, nb, &mut sc[offs[k]..offs[k + 1]], &mut vmax[k]);
+                        }
+                    }
+                    p0 += 16;
+                }
+                let mut invs = [0f32; BLOCK_QUERIES];
+                for (k, q) in block.iter().enumerate() {
+                    let (len, qv) = (q.len(), load_query::<NC>(q));
+                    let own = &mut sc[offs[k]..offs[k + 1]];
+                    let mut i0 = q.prefix;
+                    while i0 < len {
+                        score_chunk::<NC>(kv, scale, &qv, q, i0, (len - i0).min(16), own, &mut vmax[k]);
+                        i0 += 16;
+                    }
+                    invs[k] = softmax(own, vmax[k]);
+                }
+                for (i, part) in block.chunks_mut(per).enumerate() {
+                    let (a, b) = (offs[i * per], offs[(i * per + part.len()).min(m)]);
+                    let inv4: [f32; 4] = std::array::from_fn(|j| invs.get(i * per + j).copied().unwrap_or(0.0));
+                    values::<NC>(kv, part, &sc[a..b], &inv4);
+                }
+                base += offs[m];
             }
         }
     }
@@ -246,16 +308,30 @@ pub(crate) mod x86 {
         unsafe { base.as_ptr().add(q.pos(i) * kv.stride + kv.offset) }
     }
 
-    /// The query's scores, turned into `exp(s − max)` in place; returns `1/Σ`.
     #[inline(always)]
-    unsafe fn weights<const NC: usize>(kv: HeadView, scale: f32, q: &Query, sc: &mut [f32]) -> f32 {
+    unsafe fn load_query<const NC: usize>(q: &Query) -> [__m512; NC] {
+        unsafe { std::array::from_fn(|c| _mm512_loadu_ps(q.q.as_ptr().add(16 * c))) }
+    }
+
+    /// Scores of the query's entries `i0 .. i0 + nb` (`nb ≤ 16`) into `sc`, their maximum
+    /// folded into `vmax`. Each score is its own chain and its own lane of the reduction, so
+    /// how entries are cut into chunks does not change any bit.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn score_chunk<const NC: usize>(
+        kv: HeadView,
+        scale: f32,
+        qv: &[__m512; NC],
+        q: &Query,
+        i0: usize,
+        nb: usize,
+        sc: &mut [f32],
+        vmax: &mut __m512,
+    ) {
         unsafe {
-            let len = sc.len();
-            let qv: [__m512; NC] = std::array::from_fn(|c| _mm512_loadu_ps(q.q.as_ptr().add(16 * c)));
-            let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-            let mut i0 = 0;
-            while i0 < len {
-                let nb = (len - i0).min(16);
+            let dots = if nb == 16 && i0 + 16 <= q.prefix {
+                dots16::<NC>(qv, kv.keys.as_ptr().add(i0 * kv.stride + kv.offset), kv.stride)
+            } else {
                 let mut acc = [_mm512_setzero_ps(); 16];
                 for (j, a) in acc.iter_mut().enumerate().take(nb) {
                     let k = row(kv.keys, kv, q, i0 + j);
@@ -263,12 +339,37 @@ pub(crate) mod x86 {
                         *a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k.add(16 * c)), *a);
                     }
                 }
-                let s = _mm512_mul_ps(reduce16(&acc), _mm512_set1_ps(scale));
-                let mask = if nb == 16 { 0xffff } else { (1u16 << nb) - 1 };
-                _mm512_mask_storeu_ps(sc.as_mut_ptr().add(i0), mask, s);
-                vmax = _mm512_mask_max_ps(vmax, mask, vmax, s);
-                i0 += 16;
+                reduce16(&acc)
+            };
+            let s = _mm512_mul_ps(dots, _mm512_set1_ps(scale));
+            let mask = if nb == 16 { 0xffff } else { (1u16 << nb) - 1 };
+            _mm512_mask_storeu_ps(sc.as_mut_ptr().add(i0), mask, s);
+            *vmax = _mm512_mask_max_ps(*vmax, mask, *vmax, s);
+        }
+    }
+
+    /// The dot products of 16 consecutive keys (`k0`, one `stride` apart) with the query,
+    /// unrolled so that the sums stay in registers.
+    #[inline(always)]
+    unsafe fn dots16<const NC: usize>(qv: &[__m512; NC], k0: *const f32, stride: usize) -> __m512 {
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for j in 0..16 {
+                let k = k0.add(j * stride);
+                for c in 0..NC {
+                    acc[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k.add(16 * c)), acc[j]);
+                }
             }
+            reduce16(&acc)
+        }
+    }
+
+    /// The query's scores `sc`, whose maximum is in `vmax`, turned into `exp(s − max)` in
+    /// place; returns `1/Σ`.
+    #[inline(always)]
+    unsafe fn softmax(sc: &mut [f32], vmax: __m512) -> f32 {
+        unsafe {
+            let len = sc.len();
             let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
             let mut sums = _mm512_setzero_ps();
             let mut i0 = 0;
@@ -487,8 +588,9 @@ mod tests {
             for kvh in 0..kv_heads {
                 let kv = HeadView { keys: &keys, values: &values, stride, offset: kvh * hd };
                 let scale = 1.0 / (hd as f32).sqrt() * rng.random_range(0.5..6.0);
-                // Up to seven queries: causal tails of different lengths, and tree nodes.
-                let m = rng.random_range(1..8usize);
+                // Causal tails of different lengths, and tree nodes: up to seven queries, or
+                // as many as a prefill block takes and more (several blocks of the kernel).
+                let m = if rng.random_bool(0.25) { rng.random_range(8..70usize) } else { rng.random_range(1..8usize) };
                 let qv: Vec<Vec<f32>> = (0..m).map(|_| rand_vec(&mut rng, hd, 2.0)).collect();
                 let mut specs: Vec<(usize, Vec<u32>)> = Vec::new();
                 for _ in 0..m {

@@ -91,6 +91,12 @@ fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], n: usize, dim: usi
     each_token(n, |t| rms_norm(&x[t * dim..(t + 1) * dim], w, eps, unsafe { row_mut(o, t, dim) }));
 }
 
+/// Most queries one attention task takes: [`TOKENS_PER_ITEM`] tokens times the query heads
+/// of a KV head (three for SmolLM2), under the kernel's block of 32.
+const MAX_ITEM_QUERIES: usize = 24;
+/// Tokens per attention task when there are many.
+const TOKENS_PER_ITEM: usize = 8;
+
 thread_local! {
     /// Attention scores of one task (a few query heads of one token), per worker thread.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -346,40 +352,50 @@ impl Llama {
         let start = s.pos;
         let (slots, off) = (&s.tree_slots, &s.tree_off);
         // A few tokens (decode) make too few (KV head, token) items to keep the team busy:
-        // there each task takes one query head, re-reading its group's keys from cache.
+        // there each task takes one query head, re-reading its group's keys from cache. Many
+        // tokens (prefill, verification) go [`TOKENS_PER_ITEM`] to a task, so that all their
+        // query heads share each key the kernel reads; the latest tokens, which see the most
+        // positions, come first so that the team finishes together.
         let split = n * c.n_kv_heads < 16;
-        let per_item = if split { 1 } else { group };
+        let (heads_per, tokens_per) = if split {
+            (1, 1)
+        } else {
+            let hp = group.div_ceil(group.div_ceil(MAX_ITEM_QUERIES));
+            (hp, (MAX_ITEM_QUERIES / hp).clamp(1, TOKENS_PER_ITEM))
+        };
+        let head_chunks = group.div_ceil(heads_per);
+        let blocks = n.div_ceil(tokens_per);
+        let per_block = c.n_kv_heads * head_chunks;
         let work = |item: usize| {
-            let (g, t, j_lo) = if split {
-                let (h, t) = (item % c.n_heads, item / c.n_heads);
-                (h / group, t, h % group)
-            } else {
-                (item % c.n_kv_heads, item / c.n_kv_heads, 0)
-            };
+            let b = blocks - 1 - item / per_block;
+            let (g, hc) = (item % per_block / head_chunks, item % head_chunks);
+            let (t0, t1) = (b * tokens_per, ((b + 1) * tokens_per).min(n));
+            let heads = hc * heads_per..((hc + 1) * heads_per).min(group);
             let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: g * hd };
-            let (prefix, extra) = if tree { (start, &slots[off[t]..off[t + 1]]) } else { (start + t + 1, &[][..]) };
-            // Query heads of the item, at most eight per call (a fixed array: no allocation).
-            for j0 in (j_lo..j_lo + per_item).step_by(8) {
-                let m = (j_lo + per_item - j0).min(8);
-                let mut qs: [Query; 8] = Default::default();
-                for (j, slot) in qs.iter_mut().enumerate().take(m) {
-                    let h = g * group + j0 + j;
+            // The item's queries (a fixed array: no allocation).
+            let mut qs: [Query; MAX_ITEM_QUERIES] = Default::default();
+            let mut m = 0;
+            for t in t0..t1 {
+                let (prefix, extra) = if tree { (start, &slots[off[t]..off[t + 1]]) } else { (start + t + 1, &[][..]) };
+                for j in heads.clone() {
+                    let h = g * group + j;
                     let at = t * q_dim + h * hd;
                     // SAFETY: (token t, head h) owns columns [h·hd, (h+1)·hd) of att row t; t < n.
                     let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(at), hd) };
-                    *slot = Query { q: &q[at..at + hd], prefix, extra, out };
+                    qs[m] = Query { q: &q[at..at + hd], prefix, extra, out };
+                    m += 1;
                 }
-                SCORES.with_borrow_mut(|sc| {
-                    let need = m * (prefix + extra.len());
-                    if sc.len() < need {
-                        // Grows rarely: never below 64 Ki floats, then to a power of two.
-                        sc.resize(need.next_power_of_two().max(1 << 16), 0.0);
-                    }
-                    attend_group(kv, scale, &mut qs[..m], sc);
-                });
             }
+            SCORES.with_borrow_mut(|sc| {
+                let need: usize = qs[..m].iter().map(|q| q.prefix + q.extra.len()).sum();
+                if sc.len() < need {
+                    // Grows rarely: never below 64 Ki floats, then to a power of two.
+                    sc.resize(need.next_power_of_two().max(1 << 16), 0.0);
+                }
+                attend_group(kv, scale, &mut qs[..m], sc);
+            });
         };
-        let items = if split { c.n_heads * n } else { c.n_kv_heads * n };
+        let items = blocks * per_block;
         if n * (start + n) < 256 {
             (0..items).for_each(work);
         } else {
