@@ -1,6 +1,7 @@
 //! Prefill attention of one layer (SmolLM2's shape: 9 query heads over 3 KV heads of 64) in
 //! cache, one thread, best of several rounds: the kernel as the model calls it, with the
-//! queries of 8 tokens per call (what prefill does) and of one token per call.
+//! queries of 8 tokens per call (what prefill does) and of one token per call; then one
+//! decoded token at a few context lengths, each query head alone and a KV head's together.
 //!
 //! `cargo run --release --example attention_cost -- [TOKENS]`
 
@@ -48,5 +49,34 @@ fn main() {
             best * 1e9 / scores,
             4.0 * hd as f64 * scores / best / 1e9
         );
+    }
+    for len in [64usize, 128, 512, n] {
+        for per_call in [1usize, group] {
+            let mut best = f64::MAX;
+            for _ in 0..7 {
+                let t = Instant::now();
+                for _ in 0..20 {
+                    for g in 0..kv_heads {
+                        let kv = HeadView { keys: &keys, values: &values, stride: kv_dim, offset: g * hd };
+                        let mut outs = att[g * group * hd..(g + 1) * group * hd].chunks_mut(hd);
+                        let mut qs: Vec<Query> = (0..group)
+                            .map(|j| {
+                                let at = (g * group + j) * hd;
+                                Query { q: &q[at..at + hd], prefix: len, extra: &[], out: outs.next().unwrap() }
+                            })
+                            .collect();
+                        for part in qs.chunks_mut(per_call) {
+                            attend_group(kv, scale, part, &mut sc);
+                        }
+                    }
+                }
+                best = best.min(t.elapsed().as_secs_f64() / 20.0);
+            }
+            println!(
+                "decode at {len} positions, {per_call} query heads per call: {:.2} µs, {:.1} ns per score",
+                best * 1e6,
+                best * 1e9 / (heads * len) as f64
+            );
+        }
     }
 }

@@ -351,17 +351,20 @@ impl Llama {
         let att = SyncPtr(s.att.as_mut_ptr());
         let start = s.pos;
         let (slots, off) = (&s.tree_slots, &s.tree_off);
-        // A few tokens (decode) make too few (KV head, token) items to keep the team busy:
-        // there each task takes one query head, re-reading its group's keys from cache. Many
-        // tokens (prefill, verification) go [`TOKENS_PER_ITEM`] to a task, so that all their
-        // query heads share each key the kernel reads; the latest tokens, which see the most
-        // positions, come first so that the team finishes together.
-        let split = n * c.n_kv_heads < 16;
+        // Short work (decode at short context) runs on this thread. Each task takes all the
+        // query heads of a KV head: they share each key and value row the kernel reads (at long
+        // context those come from memory), and their sums are independent chains that hide each
+        // other's latency. Only when there are fewer (KV head, token) items than threads does a
+        // task take a single query head. Many tokens (prefill) go up to [`TOKENS_PER_ITEM`] to
+        // a task, so that all their query heads share each key; the latest tokens, which see
+        // the most positions, come first so that the team finishes together.
+        let parallel = n * (start + n) >= 256;
+        let split = parallel && n * c.n_kv_heads < rayon::current_num_threads();
         let (heads_per, tokens_per) = if split {
             (1, 1)
         } else {
             let hp = group.div_ceil(group.div_ceil(MAX_ITEM_QUERIES));
-            (hp, (MAX_ITEM_QUERIES / hp).clamp(1, TOKENS_PER_ITEM))
+            (hp, (MAX_ITEM_QUERIES / hp).clamp(1, TOKENS_PER_ITEM).min((n / 4).max(1)))
         };
         let head_chunks = group.div_ceil(heads_per);
         let blocks = n.div_ceil(tokens_per);
@@ -396,10 +399,10 @@ impl Llama {
             });
         };
         let items = blocks * per_block;
-        if n * (start + n) < 256 {
-            (0..items).for_each(work);
-        } else {
+        if parallel {
             crate::kernels::team::parallel_for(items, work);
+        } else {
+            (0..items).for_each(work);
         }
     }
 
