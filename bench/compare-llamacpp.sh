@@ -14,6 +14,8 @@
 # Settings (environment):
 #   T=2 ROUNDS=5 R=1 P=512 N=128        threads, rounds, repetitions per round, prompt and generated tokens
 #   BITS="8 6 5 4 3 2"                  bitnest views of the .bnest file
+#   DEPTH=4096 DEPTH_N=32 DEPTH_BITS="4 2"  decode tg$DEPTH_N with $DEPTH tokens in the cache
+#                                       (llama-bench -d), Q4_0 and these views; DEPTH=0 skips it
 #   BITNEST_F32=1                       also a bitnest row for SRC itself (0 leaves it out)
 #   LLAMA_TYPES="Q4_0 IQ4_NL Q8_0"      llama.cpp types, re-quantized from SRC
 #   SRC=<gguf>                          source GGUF (default: bitnest's cached SmolLM2 Q4_1)
@@ -33,6 +35,9 @@ REPO=$PWD
 T=${T:-2}
 ROUNDS=${ROUNDS:-5}
 R=${R:-1}
+DEPTH=${DEPTH:-4096}
+DEPTH_N=${DEPTH_N:-32}
+DEPTH_BITS=${DEPTH_BITS:-4 2}
 P=${P:-512}
 N=${N:-128}
 BITS=${BITS:-8 6 5 4 3 2}
@@ -176,11 +181,12 @@ PY
 # clock ticks summed over CPUs; reported so that a noisy run says so.
 cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$5+$6+$7+$8+$9, $9}' /proc/stat 2>/dev/null || echo "0 0"; }
 
-llama_row() { # round, type
-  local round=$1 ty=$2 m
+llama_row() { # round, type[, depth]
+  local round=$1 ty=$2 depth=${3:-0} m name=$2 p=$P n=$N
   m=$(llama_model "$ty")
-  log "round $round: llama-bench $ty"
-  with_rss "$BIN/llama-bench" -m "$m" -t "$T" -p "$P" -n "$N" -r "$R" -o json | python3 -c '
+  if [ "$depth" -gt 0 ]; then name="$ty @ d$depth" p=0 n=$DEPTH_N; fi
+  log "round $round: llama-bench $name"
+  with_rss "$BIN/llama-bench" -m "$m" -t "$T" -p "$p" -n "$n" -d "$depth" -r "$R" -o json | python3 -c '
 import json, os, sys
 w = json.load(sys.stdin)
 if w["rc"] != 0:
@@ -196,13 +202,14 @@ for r in rows:
     d["file_mb"] = os.path.getsize(sys.argv[2]) / 2**20
     d["threads"] = r["n_threads"]
     d["build"] = r.get("build_commit")
-print(json.dumps(d))' "$ty" "$m" "$round" >>"$RAW" || die "llama-bench $ty failed"
+print(json.dumps(d))' "$name" "$m" "$round" >>"$RAW" || die "llama-bench $name failed"
 }
 
-bitnest_row() { # round, row name, bench args...
+bitnest_row() { # round, row name, bench args... (-p and -n, unless given)
   local round=$1 name=$2; shift 2
   log "round $round: bitnest bench $*"
-  $B bench "$@" --threads "$T" -p "$P" -n "$N" -r "$R" --format json | python3 -c '
+  case " $* " in *" -n "*) ;; *) set -- "$@" -p "$P" -n "$N" ;; esac
+  $B bench "$@" --threads "$T" -r "$R" --format json | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
 d.update(engine="bitnest", name=sys.argv[1], pp_tok_s=d["pp512_tok_s"], pp_std=d["pp512_std"],
@@ -222,6 +229,15 @@ for round in $(seq 1 "$ROUNDS"); do
     # The source GGUF as bitnest runs it today (dequantized to f32 at load): the baseline.
     [ "${BITNEST_F32:-1}" = 0 ] || bitnest_row "$round" "bitnest f32 (GGUF)" --model "$SRC"
   fi
+  # Long context: decoding with $DEPTH tokens already in the cache (llama-bench -d).
+  if [ "$DEPTH" -gt 0 ]; then
+    [ "$ONLY" = bitnest ] || llama_row "$round" Q4_0 "$DEPTH"
+    if [ "$ONLY" != llamacpp ]; then
+      for r in $DEPTH_BITS; do
+        bitnest_row "$round" "bitnest r=$r @ d$DEPTH" --model "$BNEST" --bits "$r" -d "$DEPTH" -p 0 -n "$DEPTH_N"
+      done
+    fi
+  fi
 done
 TICKS1=$(cpu_ticks)
 STEAL=$(python3 -c 'import sys; a, b = sys.argv[1].split(), sys.argv[2].split()
@@ -231,9 +247,9 @@ print(f"{100 * s / t:.1f}" if t > 0 else "–")' "$TICKS0" "$TICKS1")
 # ---------------------------------------------------------------- report
 MD=$RESULTS/compare-$STAMP.md
 CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs || uname -m)
-python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" "$ROUNDS" "$STEAL" <<'PY'
+python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" "$ROUNDS" "$STEAL" "$DEPTH_N" <<'PY'
 import json, statistics, sys
-raw, md, t, r, p, n, src, cpu, commit, rounds, steal = sys.argv[1:]
+raw, md, t, r, p, n, src, cpu, commit, rounds, steal, depth_n = sys.argv[1:]
 runs = [json.loads(l) for l in open(raw) if l.strip()]
 # One row per engine/type: the mean over rounds of each round's tok/s, the standard deviation
 # over rounds (over repetitions when there was one round), the largest peak RSS.
@@ -253,16 +269,20 @@ for d in rows:
                 d[k + "_std"] = statistics.stdev(vals)
     rss = [x["peak_rss_mb"] for x in same if x.get("peak_rss_mb") is not None]
     d["peak_rss_mb"] = max(rss) if rss else None
-ref = next((d for d in rows if d["engine"] == "llama.cpp" and d["name"] == "Q4_0"), None)
-ref_round = {x["round"]: x for x in by_name.get("Q4_0", []) if "round" in x}
+def ref_name(d):
+    # Rows at a depth compare with Q4_0 at the same depth.
+    return "Q4_0" + (d["name"][d["name"].index(" @ "):] if " @ " in d["name"] else "")
+refs = {d["name"]: d for d in rows if d["engine"] == "llama.cpp"}
 def f(x, nd=1):
     return "–" if x is None else f"{x:.{nd}f}"
 def ratio(d, k):
-    if ref is None or d.get(k) is None:
+    ref = refs.get(ref_name(d))
+    if ref is None or d.get(k) is None or not ref.get(k):
         return "–"
     return f"{d[k] / ref[k]:.2f}×"
 def spread(d, k):
     # Each round's ratio against the Q4_0 run of the same round: the paired comparison.
+    ref_round = {x["round"]: x for x in by_name.get(ref_name(d), []) if "round" in x}
     rs = [x[k] / ref_round[x["round"]][k] for x in by_name[d["name"]]
           if x.get("round") in ref_round and x.get(k) and ref_round[x["round"]].get(k)]
     return f"{min(rs):.2f}–{max(rs):.2f}" if len(rs) > 1 else "–"
@@ -277,7 +297,7 @@ out.append(f"Source model: `{src.split('/')[-1]}`. Machine: {cpu}. bitnest {comm
            "llama-bench process (which runs both tests). Ratios are mean tok/s over llama.cpp Q4_0's; the "
            "range is the lowest and highest ratio of one round to the Q4_0 run of the same round. "
            f"CPU time stolen by the hypervisor during the runs: {steal}%.\n")
-out.append(f"| engine / type | bits/weight | file MiB | pp{p} tok/s | tg{n} tok/s | peak RSS MiB "
+out.append(f"| engine / type | bits/weight | file MiB | pp{p} tok/s | tg{n} tok/s (tg{depth_n} at a depth) | peak RSS MiB "
            "| pp vs Q4_0 | tg vs Q4_0 | pp range | tg range |")
 out.append("|---|---|---|---|---|---|---|---|---|---|")
 for d in rows:

@@ -295,6 +295,10 @@ pub(crate) struct BenchArgs {
     /// Timed repetitions of each test, after one warm-up (llama-bench -r).
     #[arg(long, short = 'r', default_value_t = 3)]
     pub(crate) reps: usize,
+    /// Tokens already in the KV cache when each test starts, filled untimed (llama-bench -d):
+    /// speed at long context.
+    #[arg(long, short = 'd', default_value_t = 0)]
+    pub(crate) depth: usize,
     #[arg(long, value_enum, default_value = "text")]
     pub(crate) format: OutputFormat,
 }

@@ -26,11 +26,14 @@ pub struct BenchOptions {
     pub bos: Option<u32>,
     /// Largest batch per forward pass (llama-bench's `-ub`, default 512).
     pub max_batch: usize,
+    /// Tokens already in the cache when each test starts (llama-bench `-d`), filled untimed:
+    /// what attention and the KV cache cost at long context.
+    pub depth: usize,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { n_prompt: 512, n_gen: 128, reps: 3, bos: None, max_batch: 512 }
+        BenchOptions { n_prompt: 512, n_gen: 128, reps: 3, bos: None, max_batch: 512, depth: 0 }
     }
 }
 
@@ -87,21 +90,31 @@ pub fn run_bench(model: &Llama, opts: &BenchOptions) -> Result<BenchResult> {
     let vocab = model.config.vocab_size;
     ensure!(opts.bos.is_none_or(|b| (b as usize) < vocab), "BOS id outside the vocabulary");
     // One session for both tests, sized like llama-bench's context (n_prompt + n_gen).
-    let capacity = opts.n_prompt + opts.n_gen;
+    let capacity = opts.depth + opts.n_prompt + opts.n_gen;
     ensure!(
         capacity <= model.rope.max_pos(),
-        "-p {} plus -n {} exceeds the model's context length {}",
+        "--depth {} plus -p {} plus -n {} exceeds the model's context length {}",
+        opts.depth,
         opts.n_prompt,
         opts.n_gen,
         model.rope.max_pos()
     );
     let mut session = model.new_session(capacity, opts.max_batch.clamp(1, capacity));
+    // The context every test starts from: the same tokens each time, before the clock starts.
+    let context = bench_tokens(opts.depth, vocab, opts.bos);
+    let start = |session: &mut crate::model::llama::Session| -> Result<()> {
+        session.reset();
+        if !context.is_empty() {
+            model.forward(session, &context, 1)?;
+        }
+        Ok(())
+    };
 
     let pp = if opts.n_prompt > 0 {
         let tokens = bench_tokens(opts.n_prompt, vocab, opts.bos);
         let mut samples = Vec::with_capacity(opts.reps);
         for rep in 0..=opts.reps {
-            session.reset();
+            start(&mut session)?;
             let t0 = Instant::now();
             model.forward(&mut session, &tokens, 1)?;
             let secs = t0.elapsed().as_secs_f64();
@@ -118,7 +131,7 @@ pub fn run_bench(model: &Llama, opts: &BenchOptions) -> Result<BenchResult> {
         let tokens = bench_tokens(opts.n_gen, vocab, opts.bos);
         let mut samples = Vec::with_capacity(opts.reps);
         for rep in 0..=opts.reps {
-            session.reset();
+            start(&mut session)?;
             let t0 = Instant::now();
             for &t in &tokens {
                 model.forward(&mut session, &[t], 1)?;

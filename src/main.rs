@@ -446,7 +446,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let engine = Engine::load(&path, plan.clone())?;
     let load_s = t0.elapsed().as_secs_f64();
     let bos = engine.tokenizer.add_bos().then(|| engine.tokenizer.bos_id()).flatten();
-    let opts = bitnest::bench::BenchOptions { n_prompt: a.n_prompt, n_gen: a.n_gen, reps: a.reps, bos, max_batch: 512 };
+    let opts = bitnest::bench::BenchOptions {
+        n_prompt: a.n_prompt,
+        n_gen: a.n_gen,
+        reps: a.reps,
+        bos,
+        max_batch: 512,
+        depth: a.depth,
+    };
     let r = bitnest::bench::run_bench(&engine.model, &opts)?;
     let mib = |b: f64| b / 1048576.0;
     let peak_rss_mb = bitnest::bench::peak_rss_bytes().map(|b| mib(b as f64));
@@ -472,6 +479,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "threads": r.threads,
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
+            "depth": a.depth,
             "reps": a.reps,
             "pp512_tok_s": pp.as_ref().map(|p| p.0),
             "pp512_std": pp.as_ref().map(|p| p.1),
@@ -504,8 +512,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         let row = |name: String, c: String| {
             println!("| {bits_txt:<4} | {bpw_txt:>11} | {:>7} | {name:<7} | {c} |", r.threads);
         };
-        row(format!("pp{}", a.n_prompt), cell(&pp));
-        row(format!("tg{}", a.n_gen), cell(&tg));
+        let at = if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() };
+        row(format!("pp{}{at}", a.n_prompt), cell(&pp));
+        row(format!("tg{}{at}", a.n_gen), cell(&tg));
         let rss = peak_rss_mb.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "n/a".into());
         println!(
             "peak RSS (VmHWM): {rss}; KV cache {kv_mb:.1} MiB; load {load_s:.2} s; {} reps after 1 warm-up",

@@ -19,7 +19,7 @@ fn library_bench_measures_both_tests_on_a_tiny_model() {
     let dir = tempfile::tempdir().unwrap();
     let (gguf, _) = common::write_tiny_llama(dir.path());
     let model = ModelSource::open(&gguf, None).unwrap().load_f32().unwrap();
-    let opts = BenchOptions { n_prompt: 32, n_gen: 8, reps: 3, bos: Some(1), max_batch: 16 };
+    let opts = BenchOptions { n_prompt: 32, n_gen: 8, reps: 3, bos: Some(1), max_batch: 16, depth: 0 };
     let r = run_bench(&model, &opts).unwrap();
     for rate in [r.pp.as_ref().unwrap(), r.tg.as_ref().unwrap()] {
         assert_eq!(rate.samples.len(), 3);
@@ -37,7 +37,13 @@ fn library_bench_measures_both_tests_on_a_tiny_model() {
     assert!(pp_only.pp.is_some() && pp_only.tg.is_none());
     assert!(run_bench(&model, &BenchOptions { n_prompt: 0, n_gen: 0, ..opts.clone() }).is_err());
     assert!(run_bench(&model, &BenchOptions { n_prompt: 200, n_gen: 100, ..opts.clone() }).is_err());
-    assert!(run_bench(&model, &BenchOptions { reps: 0, ..opts }).is_err());
+    assert!(run_bench(&model, &BenchOptions { reps: 0, ..opts.clone() }).is_err());
+    // A depth fills the cache first: the session then holds depth + n_prompt + n_gen positions,
+    // and a depth past the context is an error like any other overflow.
+    let deep = run_bench(&model, &BenchOptions { depth: 24, reps: 1, ..opts.clone() }).unwrap();
+    assert_eq!(deep.kv_bytes, 2 * (24 + 40) * 32 * 2 * 4);
+    assert!(deep.tg.unwrap().samples[0] > 0.0);
+    assert!(run_bench(&model, &BenchOptions { depth: 230, ..opts }).is_err());
     if cfg!(target_os = "linux") {
         assert!(peak_rss_bytes().unwrap() as usize >= model.weight_bytes());
     }
