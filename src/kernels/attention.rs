@@ -214,48 +214,20 @@ pub(crate) mod x86 {
     pub unsafe fn group_avx512(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         unsafe {
             match qs[0].q.len() {
-                64 => group::<4>(kv, scale, qs, scores),
-                _ => group::<8>(kv, scale, qs, scores),
+                64 => blocked::<4>(kv, scale, qs, scores),
+                _ => blocked::<8>(kv, scale, qs, scores),
             }
-        }
-    }
-
-    /// `NC` chunks of 16 dimensions per head.
-    #[inline(always)]
-    unsafe fn group<const NC: usize>(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
-        unsafe {
-            // Up to four queries (`16 / NC` for wide heads) share each pass over the values.
-            let per = 16 / NC;
-            if qs.len() > per {
-                return blocked::<NC>(kv, scale, qs, scores);
-            }
-            let mut invs = [0f32; 4];
-            let mut off = 0;
-            for (m, q) in qs.iter_mut().enumerate() {
-                let len = q.len();
-                let sc = &mut scores[off..off + len];
-                let qv = load_query::<NC>(q);
-                let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-                let mut i0 = 0;
-                while i0 < len {
-                    score_chunk::<NC>(kv, scale, &qv, q, i0, (len - i0).min(16), sc, &mut vmax);
-                    i0 += 16;
-                }
-                invs[m] = softmax(sc, vmax);
-                off += len;
-            }
-            values::<NC>(kv, qs, &scores[..off], &invs);
         }
     }
 
     /// Most queries [`blocked`] takes in one pass.
     const BLOCK_QUERIES: usize = 32;
 
-    /// Many queries over one KV head (prefill, verification: several tokens times the query
-    /// heads of a group): their scores over the shared positions are taken 16 positions at a
+    /// Queries over one KV head, `NC` chunks of 16 dimensions per head (a GQA group's heads,
+    /// times several tokens in prefill and verification): their scores over the shared positions are taken 16 positions at a
     /// time for every query in turn, so those keys are read from L1 by all of them rather than
     /// streamed from L2 once per query. Each score is still computed on its own, so the bits
-    /// are those of [`group`].
+    /// are those of the reference.
     #[inline(always)]
     unsafe fn blocked<const NC: usize>(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         unsafe {
@@ -285,6 +257,7 @@ pub(crate) mod x86 {
                 for (k, q) in block.iter().enumerate() {
                     let (len, qv) = (q.len(), load_query::<NC>(q));
                     let own = &mut sc[offs[k]..offs[k + 1]];
+                    // The query's own entries past its prefix (tree nodes' ancestors).
                     let mut i0 = q.prefix;
                     while i0 < len {
                         score_chunk::<NC>(kv, scale, &qv, q, i0, (len - i0).min(16), own, &mut vmax[k]);
