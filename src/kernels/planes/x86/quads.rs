@@ -49,7 +49,7 @@ unsafe fn tile_quads_r<const R: usize>(
     if n <= QUADS_SMALL {
         unsafe {
             match n {
-                1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                1 => quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out),
                 2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, 0, out),
                 3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, 0, out),
                 4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, 0, out),
@@ -61,7 +61,25 @@ unsafe fn tile_quads_r<const R: usize>(
         }
         return;
     }
-    // A batch: each group's codes built once into a buffer, then every token in blocks.
+    unsafe { quads_batch::<R>(ctx, sub, tile, &planes, at0, acts, n, out) };
+}
+
+/// A batch against one full tile: each group's codes built once into a buffer, then every
+/// token in blocks. Kept out of [`tile_quads_r`] so that decoding, which never needs the
+/// 32 KiB code buffer, does not pay for probing its stack pages on every tile.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma,gfni")]
+unsafe fn quads_batch<const R: usize>(
+    ctx: &Ctx,
+    sub: &SubMeta,
+    tile: usize,
+    planes: &[*const u8; R],
+    at0: usize,
+    acts: &QuantActs,
+    n: usize,
+    out: SyncPtr,
+) {
     let mut ct = [const { std::mem::MaybeUninit::<__m512i>::uninit() }; TILE * MAX_SUB_CH];
     for g in 0..ctx.gpr {
         let m = &ctx.meta[tile * ctx.gpr + g];
@@ -69,7 +87,7 @@ unsafe fn tile_quads_r<const R: usize>(
         let chunks = ctx.chunks(g);
         for k in 0..chunks.len() {
             for h in 0..4 {
-                let codes = unsafe { codes_gf::<R, 4>(&planes, at0 + (chunks.start + k) * 128 + 32 * h) };
+                let codes = unsafe { codes_gf::<R, 4>(planes, at0 + (chunks.start + k) * 128 + 32 * h) };
                 for (j, c) in codes.into_iter().enumerate() {
                     ct[16 * k + 4 * h + j].write(unsafe { looks.apply::<R>(c) });
                 }
@@ -80,6 +98,56 @@ unsafe fn tile_quads_r<const R: usize>(
         let job =
             SubJob { ctx, sub, acts, quads, ch0: chunks.start, g, m, tile, out: unsafe { out.get().add(tile * TILE) } };
         unsafe { job.all_tokens(n) };
+    }
+}
+
+/// One token (decoding) against one full tile of tile-interleaved planes: [`quads_tokens`]
+/// for `NT = 1`, with four `vpdpbusd` chains and the code-free sums in the same loop.
+#[inline(always)]
+unsafe fn quads_one<const R: usize>(
+    ctx: &Ctx,
+    sub: &SubMeta,
+    tile: usize,
+    planes: &[*const u8; R],
+    at0: usize,
+    acts: &QuantActs,
+    out: SyncPtr,
+) {
+    unsafe {
+        let q8 = acts.q8.as_ptr();
+        let blocks = acts.padded / SUB;
+        assert!(acts.e.len() >= blocks && acts.eq.len() >= blocks && sub.scale.len() >= (tile + 1) * sub.spr);
+        assert!(sub.offset.len() >= (tile + 1) * sub.spr && acts.q8.len() >= acts.padded);
+        let (e, eq) = (acts.e.as_ptr(), acts.eq.as_ptr());
+        let (scales, offsets) = (sub.scale.as_ptr().add(tile * sub.spr), sub.offset.as_ptr().add(tile * sub.spr));
+        let mut sum = _mm512_setzero_ps();
+        for g in 0..ctx.gpr {
+            let m = &ctx.meta[tile * ctx.gpr + g];
+            let looks = Lookups::of(ctx, m);
+            let mut fs = [_mm512_setzero_ps(); 3];
+            let chunks = ctx.chunks(g);
+            for k in 2 * chunks.start..2 * chunks.end {
+                let mut dot = [_mm512_setzero_si512(); 4];
+                for h in 0..2 {
+                    let codes = codes_gf::<R, 4>(planes, at0 + 64 * k + 32 * h);
+                    for (j, c) in codes.into_iter().enumerate() {
+                        let c = looks.apply::<R>(c);
+                        let q = (q8.add(32 * k + 16 * h + 4 * j) as *const i32).read_unaligned();
+                        dot[j] = _mm512_dpbusd_epi32(dot[j], c, _mm512_set1_epi32(q));
+                    }
+                }
+                let dot = _mm512_add_epi32(_mm512_add_epi32(dot[0], dot[1]), _mm512_add_epi32(dot[2], dot[3]));
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(scales.add(k) as *const __m128i)));
+                let mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(offsets.add(k) as *const __m128i)));
+                let (ek, eqk) = (_mm512_set1_ps(*e.add(k)), _mm512_set1_ps(*eq.add(k)));
+                fs[0] = _mm512_add_ps(fs[0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek)));
+                fs[1] = _mm512_add_ps(fs[1], _mm512_mul_ps(sc, eqk));
+                fs[2] = _mm512_add_ps(fs[2], _mm512_mul_ps(mn, eqk));
+            }
+            let (a, z, o) = azo16(ctx, m);
+            sum = _mm512_add_ps(sum, sub_terms16(fs, a, z, o));
+        }
+        _mm512_storeu_ps(out.get().add(tile * TILE), sum);
     }
 }
 
