@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use bitnest::fetch::DEFAULT_MODEL;
 use bitnest::model::BitsPlan;
+use bitnest::model::llama::KvType;
 use bitnest::sampling::SamplingParams;
 
 #[derive(Parser)]
@@ -93,6 +94,10 @@ pub(crate) struct ModelArgs {
     /// Per-layer precision plan for a .bnest model: lines of `TENSOR-PREFIX BITS`.
     #[arg(long)]
     pub(crate) bits_plan: Option<PathBuf>,
+    /// What the KV cache stores keys and values as (llama.cpp's --cache-type-k/-v; f16 is
+    /// also its default).
+    #[arg(long, value_enum, default_value_t = KvType::F16)]
+    pub(crate) cache_type: KvType,
 }
 
 impl ModelArgs {

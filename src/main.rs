@@ -126,7 +126,9 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
 fn load(m: &ModelArgs) -> Result<Engine> {
     let plan = m.plan()?;
     let path = resolve_model(&m.model)?;
-    Engine::load(&path, plan)
+    let mut engine = Engine::load(&path, plan)?;
+    engine.model.kv_type = m.cache_type;
+    Ok(engine)
 }
 
 fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
@@ -443,7 +445,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let plan = a.model.plan()?;
     let file_bytes = model_bytes(&path)?;
     let t0 = std::time::Instant::now();
-    let engine = Engine::load(&path, plan.clone())?;
+    let mut engine = Engine::load(&path, plan.clone())?;
+    engine.model.kv_type = a.model.cache_type;
     let load_s = t0.elapsed().as_secs_f64();
     let bos = engine.tokenizer.add_bos().then(|| engine.tokenizer.bos_id()).flatten();
     let opts = bitnest::bench::BenchOptions {

@@ -104,7 +104,8 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                         }
                         eprintln!("[reloading {} at {r} bits…]", o.path.display());
                         match Engine::load(&o.path, Some(BitsPlan::uniform(Some(r)))) {
-                            Ok(e) => {
+                            Ok(mut e) => {
+                                e.model.kv_type = engine.model.kv_type;
                                 engine = e;
                                 session = engine.model.new_session(o.ctx, 512);
                                 cached.clear();

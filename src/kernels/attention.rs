@@ -14,16 +14,69 @@
 //! depends on which query is next to which, a tree node whose ancestors sit at listed slots
 //! gets the bits plain decoding computes with them at consecutive positions.
 
-/// Where one KV head's vectors sit in a `positions × kv_dim` cache.
-#[derive(Clone, Copy)]
-pub struct HeadView<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+/// What a KV cache stores per element: `f32`, or `f16` (llama.cpp's default), which halves the
+/// bytes attention reads from memory for every decoded token. Widening `f16` to `f32` is exact,
+/// so both go through the same `f32` arithmetic and every path still agrees bit for bit.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// `dst[i] = src[i]` rounded to this type (to nearest, ties to even).
+    fn store(dst: &mut [Self], src: &[f32]);
+    /// The 16 elements at `p`, widened.
+    ///
+    /// # Safety
+    /// AVX-512F present; 16 elements readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn store(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn store(dst: &mut [half::f16], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
+
+/// Where one KV head's vectors sit in a `positions × kv_dim` cache of `T`.
+pub struct HeadView<'a, T = f32> {
+    pub keys: &'a [T],
+    pub values: &'a [T],
     /// Floats between consecutive positions (`kv_dim`).
     pub stride: usize,
     /// Offset of this head inside a position (`kv_head · head_dim`).
     pub offset: usize,
 }
+
+impl<T> Clone for HeadView<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for HeadView<'_, T> {}
 
 /// One query of a group sharing a KV head: it attends to positions `0..prefix` and then the
 /// cache slots `extra` (increasing), and writes `out` (`q.len()` values).
@@ -47,15 +100,15 @@ impl Query<'_> {
 }
 
 /// `out = softmax(q·Kᵀ·scale) · V` over the first `len` positions, `scores` as scratch.
-pub fn attend(q: &[f32], kv: HeadView, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+pub fn attend<T: KvElem>(q: &[f32], kv: HeadView<T>, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
     attend_slots(q, kv, len, &[], scale, scores, out)
 }
 
 /// Attention over positions `0..prefix` followed by the cache slots `extra` (increasing): a
 /// node of a draft tree sees the committed sequence and then its own ancestors.
-pub fn attend_slots(
+pub fn attend_slots<T: KvElem>(
     q: &[f32],
-    kv: HeadView,
+    kv: HeadView<T>,
     prefix: usize,
     extra: &[u32],
     scale: f32,
@@ -68,7 +121,7 @@ pub fn attend_slots(
 /// Attention of several queries over one KV head (the query heads of a GQA group, several
 /// tokens): each gets exactly what it would get alone, while the values are read once for up
 /// to four queries. `scores` holds at least the sum of the queries' lengths.
-pub fn attend_group(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+pub fn attend_group<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
     check(kv, qs, scores);
     #[cfg(target_arch = "x86_64")]
     {
@@ -95,7 +148,7 @@ pub(crate) fn simd_ok() -> bool {
 }
 
 /// Bounds every path relies on (the SIMD paths read without further checks).
-fn check(kv: HeadView, qs: &[Query], scores: &[f32]) {
+fn check<T>(kv: HeadView<T>, qs: &[Query], scores: &[f32]) {
     let hd = qs.first().map_or(0, |q| q.q.len());
     let mut total = 0;
     for q in qs.iter() {
@@ -123,12 +176,12 @@ pub fn tree16(a: &[f32; 16]) -> f32 {
 
 /// The reference dot product of attention scores (see the module docs).
 #[inline(always)]
-pub fn dot_ref(q: &[f32], k: &[f32]) -> f32 {
+pub fn dot_ref<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
     let mut acc = [0f32; 16];
     for c in 0..q.len().div_ceil(16) {
         for (l, a) in acc.iter_mut().enumerate() {
             let j = 16 * c + l;
-            let (x, y) = if j < q.len() { (q[j], k[j]) } else { (0.0, 0.0) };
+            let (x, y) = if j < q.len() { (q[j], k[j].to_f32()) } else { (0.0, 0.0) };
             *a = x.mul_add(y, *a);
         }
     }
@@ -165,13 +218,13 @@ pub fn exp_ref(x: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_avx2(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+unsafe fn group_avx2<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
     group_ref(kv, scale, qs, scores)
 }
 
 /// The reference: every query on its own, entry by entry.
 #[inline(always)]
-fn group_ref(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+fn group_ref<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
     let mut off = 0;
     for q in qs.iter_mut() {
         let hd = q.q.len();
@@ -193,7 +246,7 @@ fn group_ref(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         for (i, &e) in sc.iter().enumerate() {
             let vals = &kv.values[at(q.pos(i))];
             for (o, &v) in q.out.iter_mut().zip(vals) {
-                *o = e.mul_add(v, *o);
+                *o = e.mul_add(v.to_f32(), *o);
             }
         }
         q.out.iter_mut().for_each(|o| *o *= inv);
@@ -206,16 +259,16 @@ fn group_ref(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{EXP_MIN, EXP_P, HeadView, LN2_HI, LN2_LO, LOG2E, Query, ROUND};
+    use super::{EXP_MIN, EXP_P, HeadView, KvElem, LN2_HI, LN2_LO, LOG2E, Query, ROUND};
 
     /// # Safety
     /// AVX-512F and FMA present; `check` passed; head size 64 or 128.
     #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn group_avx512(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+    pub unsafe fn group_avx512<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         unsafe {
             match qs[0].q.len() {
-                64 => blocked::<4>(kv, scale, qs, scores),
-                _ => blocked::<8>(kv, scale, qs, scores),
+                64 => blocked::<T, 4>(kv, scale, qs, scores),
+                _ => blocked::<T, 8>(kv, scale, qs, scores),
             }
         }
     }
@@ -229,7 +282,7 @@ pub(crate) mod x86 {
     /// streamed from L2 once per query. Each score is still computed on its own, so the bits
     /// are those of the reference.
     #[inline(always)]
-    unsafe fn blocked<const NC: usize>(kv: HeadView, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
+    unsafe fn blocked<T: KvElem, const NC: usize>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         unsafe {
             let per = 16 / NC;
             let mut base = 0;
@@ -248,7 +301,16 @@ pub(crate) mod x86 {
                         if q.prefix > p0 {
                             let qv = load_query::<NC>(q);
                             let nb = (q.prefix - p0).min(16);
-                            score_chunk::<NC>(kv, scale, &qv, q, p0, nb, &mut sc[offs[k]..offs[k + 1]], &mut vmax[k]);
+                            score_chunk::<T, NC>(
+                                kv,
+                                scale,
+                                &qv,
+                                q,
+                                p0,
+                                nb,
+                                &mut sc[offs[k]..offs[k + 1]],
+                                &mut vmax[k],
+                            );
                         }
                     }
                     p0 += 16;
@@ -260,7 +322,7 @@ pub(crate) mod x86 {
                     // The query's own entries past its prefix (tree nodes' ancestors).
                     let mut i0 = q.prefix;
                     while i0 < len {
-                        score_chunk::<NC>(kv, scale, &qv, q, i0, (len - i0).min(16), own, &mut vmax[k]);
+                        score_chunk::<T, NC>(kv, scale, &qv, q, i0, (len - i0).min(16), own, &mut vmax[k]);
                         i0 += 16;
                     }
                     invs[k] = softmax(own, vmax[k]);
@@ -268,7 +330,7 @@ pub(crate) mod x86 {
                 for (i, part) in block.chunks_mut(per).enumerate() {
                     let (a, b) = (offs[i * per], offs[(i * per + part.len()).min(m)]);
                     let inv4: [f32; 4] = std::array::from_fn(|j| invs.get(i * per + j).copied().unwrap_or(0.0));
-                    values::<NC>(kv, part, &sc[a..b], &inv4);
+                    values::<T, NC>(kv, part, &sc[a..b], &inv4);
                 }
                 base += offs[m];
             }
@@ -277,7 +339,7 @@ pub(crate) mod x86 {
 
     /// Key pointer of entry `i`.
     #[inline(always)]
-    unsafe fn row(base: &[f32], kv: HeadView, q: &Query, i: usize) -> *const f32 {
+    unsafe fn row<T>(base: &[T], kv: HeadView<T>, q: &Query, i: usize) -> *const T {
         unsafe { base.as_ptr().add(q.pos(i) * kv.stride + kv.offset) }
     }
 
@@ -291,8 +353,8 @@ pub(crate) mod x86 {
     /// how entries are cut into chunks does not change any bit.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn score_chunk<const NC: usize>(
-        kv: HeadView,
+    unsafe fn score_chunk<T: KvElem, const NC: usize>(
+        kv: HeadView<T>,
         scale: f32,
         qv: &[__m512; NC],
         q: &Query,
@@ -303,13 +365,13 @@ pub(crate) mod x86 {
     ) {
         unsafe {
             let dots = if nb == 16 && i0 + 16 <= q.prefix {
-                dots16::<NC>(qv, kv.keys.as_ptr().add(i0 * kv.stride + kv.offset), kv.stride)
+                dots16::<T, NC>(qv, kv.keys.as_ptr().add(i0 * kv.stride + kv.offset), kv.stride)
             } else {
                 let mut acc = [_mm512_setzero_ps(); 16];
                 for (j, a) in acc.iter_mut().enumerate().take(nb) {
                     let k = row(kv.keys, kv, q, i0 + j);
                     for c in 0..NC {
-                        *a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k.add(16 * c)), *a);
+                        *a = _mm512_fmadd_ps(qv[c], T::load16(k.add(16 * c)), *a);
                     }
                 }
                 reduce16(&acc)
@@ -324,13 +386,13 @@ pub(crate) mod x86 {
     /// The dot products of 16 consecutive keys (`k0`, one `stride` apart) with the query,
     /// unrolled so that the sums stay in registers.
     #[inline(always)]
-    unsafe fn dots16<const NC: usize>(qv: &[__m512; NC], k0: *const f32, stride: usize) -> __m512 {
+    unsafe fn dots16<T: KvElem, const NC: usize>(qv: &[__m512; NC], k0: *const T, stride: usize) -> __m512 {
         unsafe {
             let mut acc = [_mm512_setzero_ps(); 16];
             for j in 0..16 {
                 let k = k0.add(j * stride);
                 for c in 0..NC {
-                    acc[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k.add(16 * c)), acc[j]);
+                    acc[j] = _mm512_fmadd_ps(qv[c], T::load16(k.add(16 * c)), acc[j]);
                 }
             }
             reduce16(&acc)
@@ -362,7 +424,7 @@ pub(crate) mod x86 {
     /// `Σ_i e_i·v_i · inv` for each query of `part` (weights in `sc`, query after query): the
     /// entries all of them share first, reading each value row once, then each one's own.
     #[inline(always)]
-    unsafe fn values<const NC: usize>(kv: HeadView, part: &mut [Query], sc: &[f32], invs: &[f32; 4]) {
+    unsafe fn values<T: KvElem, const NC: usize>(kv: HeadView<T>, part: &mut [Query], sc: &[f32], invs: &[f32; 4]) {
         unsafe {
             let m = part.len();
             let shared = part.iter().map(|q| q.prefix).min().unwrap_or(0);
@@ -375,7 +437,7 @@ pub(crate) mod x86 {
             let mut acc = [[_mm512_setzero_ps(); NC]; 4];
             for p in 0..shared {
                 let v = kv.values.as_ptr().add(p * kv.stride + kv.offset);
-                let vv: [__m512; NC] = std::array::from_fn(|c| _mm512_loadu_ps(v.add(16 * c)));
+                let vv: [__m512; NC] = std::array::from_fn(|c| T::load16(v.add(16 * c)));
                 // `m` is at most 4: unrolled for each count so the sums stay in registers.
                 macro_rules! step {
                     ($k:expr) => {{
@@ -402,7 +464,7 @@ pub(crate) mod x86 {
                     let v = row(kv.values, kv, q, i);
                     let e = _mm512_set1_ps(sc[starts[k] + i]);
                     for c in 0..NC {
-                        a[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(v.add(16 * c)), a[c]);
+                        a[c] = _mm512_fmadd_ps(e, T::load16(v.add(16 * c)), a[c]);
                     }
                 }
                 let inv = _mm512_set1_ps(invs[k]);
@@ -554,17 +616,30 @@ mod tests {
     fn every_path_and_grouping_equals_the_reference_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(17);
         let shapes = [(64, 3, 70), (128, 2, 41), (40, 1, 23), (64, 1, 1), (16, 2, 33), (64, 2, 300)];
-        for &(hd, kv_heads, cap) in shapes.iter().cycle().take(60) {
+        for (i, &(hd, kv_heads, cap)) in shapes.iter().cycle().take(60).enumerate() {
             let stride = hd * kv_heads;
             let keys = rand_vec(&mut rng, cap * stride, 1.0);
             let values = rand_vec(&mut rng, cap * stride, 1.0);
+            // Half the shapes over an f16 cache, half over an f32 one.
+            if i % 2 == 0 {
+                let half = |x: &[f32]| x.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>();
+                paths_agree(&mut rng, hd, kv_heads, cap, &half(&keys), &half(&values));
+            } else {
+                paths_agree(&mut rng, hd, kv_heads, cap, &keys, &values);
+            }
+        }
+    }
+
+    fn paths_agree<T: KvElem>(rng: &mut StdRng, hd: usize, kv_heads: usize, cap: usize, keys: &[T], values: &[T]) {
+        let stride = hd * kv_heads;
+        {
             for kvh in 0..kv_heads {
-                let kv = HeadView { keys: &keys, values: &values, stride, offset: kvh * hd };
+                let kv = HeadView { keys, values, stride, offset: kvh * hd };
                 let scale = 1.0 / (hd as f32).sqrt() * rng.random_range(0.5..6.0);
                 // Causal tails of different lengths, and tree nodes: up to seven queries, or
                 // as many as a prefill block takes and more (several blocks of the kernel).
                 let m = if rng.random_bool(0.25) { rng.random_range(8..70usize) } else { rng.random_range(1..8usize) };
-                let qv: Vec<Vec<f32>> = (0..m).map(|_| rand_vec(&mut rng, hd, 2.0)).collect();
+                let qv: Vec<Vec<f32>> = (0..m).map(|_| rand_vec(rng, hd, 2.0)).collect();
                 let mut specs: Vec<(usize, Vec<u32>)> = Vec::new();
                 for _ in 0..m {
                     let prefix = rng.random_range(0..cap);

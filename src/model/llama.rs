@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Result, ensure};
 
 use super::config::LlamaConfig;
-use crate::kernels::attention::{HeadView, Query, attend_group};
+use crate::kernels::attention::{HeadView, KvElem, Query, attend_group};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
 use crate::kernels::{Linear, SyncPtr, forward_shared};
 
@@ -34,6 +34,77 @@ pub struct Llama {
     pub norm: Vec<f32>,
     pub head: Arc<dyn Linear>,
     pub rope: Rope,
+    /// What new sessions store keys and values as.
+    pub kv_type: KvType,
+}
+
+/// The element type of a session's KV cache (llama.cpp's `--cache-type-k/v`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvType {
+    /// Half the bytes of `f32`; what llama.cpp stores by default. Attention reads every cached
+    /// position of a layer from memory for each decoded token, so this halves its traffic.
+    #[default]
+    F16,
+    /// Exact copies of the computed keys and values.
+    F32,
+}
+
+/// Keys and values of every layer, `layer × capacity × kv_dim` each.
+enum KvCache {
+    F16 { k: Vec<half::f16>, v: Vec<half::f16> },
+    F32 { k: Vec<f32>, v: Vec<f32> },
+}
+
+impl KvCache {
+    fn new(kind: KvType, len: usize) -> KvCache {
+        match kind {
+            KvType::F16 => KvCache::F16 { k: vec![half::f16::ZERO; len], v: vec![half::f16::ZERO; len] },
+            KvType::F32 => KvCache::F32 { k: vec![0.0; len], v: vec![0.0; len] },
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            KvCache::F16 { k, .. } => k.len(),
+            KvCache::F32 { k, .. } => k.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvCache::F16 { k, v } => (k.len() + v.len()) * 2,
+            KvCache::F32 { k, v } => (k.len() + v.len()) * 4,
+        }
+    }
+
+    /// Stores `keys` and `values` (as many floats each) from element `at` on.
+    fn store(&mut self, at: usize, keys: &[f32], values: &[f32]) {
+        let n = keys.len();
+        match self {
+            KvCache::F16 { k, v } => {
+                KvElem::store(&mut k[at..at + n], keys);
+                KvElem::store(&mut v[at..at + n], values);
+            }
+            KvCache::F32 { k, v } => {
+                KvElem::store(&mut k[at..at + n], keys);
+                KvElem::store(&mut v[at..at + n], values);
+            }
+        }
+    }
+
+    /// Copies `len` elements of keys and values from `from` to `to`.
+    fn copy_within(&mut self, from: usize, len: usize, to: usize) {
+        match self {
+            KvCache::F16 { k, v } => {
+                k.copy_within(from..from + len, to);
+                v.copy_within(from..from + len, to);
+            }
+            KvCache::F32 { k, v } => {
+                k.copy_within(from..from + len, to);
+                v.copy_within(from..from + len, to);
+            }
+        }
+    }
 }
 
 /// Per-sequence state: KV cache, position and reusable buffers.
@@ -42,9 +113,7 @@ pub struct Session {
     pub pos: usize,
     capacity: usize,
     max_batch: usize,
-    /// `layer × capacity × kv_dim`.
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
+    kv: KvCache,
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
@@ -108,6 +177,19 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// What one attention pass reads and writes besides the cache: the queries, the output rows,
+/// where the new tokens start, and the tree's slot lists.
+#[derive(Clone, Copy)]
+struct AttendAt<'a> {
+    q: &'a [f32],
+    att: SyncPtr,
+    start: usize,
+    slots: &'a [u32],
+    off: &'a [usize],
+    n: usize,
+    tree: bool,
+}
+
 /// Read every plane a layer holds (no precision cap).
 pub const ALL_BITS: u32 = u32::MAX;
 
@@ -131,7 +213,7 @@ impl Session {
     /// increasing, each the parent of the next) as the next tokens of the sequence: their keys
     /// and values move to consecutive positions, where plain decoding would have put them.
     pub fn accept_path(&mut self, path: &[usize], layers: usize) {
-        let kv_dim = self.k_cache.len() / (layers * self.capacity).max(1);
+        let kv_dim = self.kv.len() / (layers * self.capacity).max(1);
         for (i, &node) in path.iter().enumerate() {
             debug_assert!(node >= i, "path nodes are increasing");
             if node == i {
@@ -140,15 +222,14 @@ impl Session {
             for l in 0..layers {
                 let base = l * self.capacity * kv_dim;
                 let (from, to) = (base + (self.pos + node) * kv_dim, base + (self.pos + i) * kv_dim);
-                self.k_cache.copy_within(from..from + kv_dim, to);
-                self.v_cache.copy_within(from..from + kv_dim, to);
+                self.kv.copy_within(from, kv_dim, to);
             }
         }
         self.pos += path.len();
     }
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        (self.k_cache.len() + self.v_cache.len()) * 4
+        self.kv.bytes()
     }
 }
 
@@ -163,8 +244,7 @@ impl Llama {
             pos: 0,
             capacity,
             max_batch: b,
-            k_cache: vec![0.0; c.n_layers * capacity * c.kv_dim()],
-            v_cache: vec![0.0; c.n_layers * capacity * c.kv_dim()],
+            kv: KvCache::new(self.kv_type, c.n_layers * capacity * c.kv_dim()),
             x: vec![0.0; b * c.dim],
             xn: vec![0.0; b * c.dim],
             q: vec![0.0; b * q_dim],
@@ -324,8 +404,7 @@ impl Llama {
                 self.rope.apply(k, positions[t]);
             });
             let at = layer_base + s.pos * kv_dim;
-            s.k_cache[at..at + n * kv_dim].copy_from_slice(&s.k[..n * kv_dim]);
-            s.v_cache[at..at + n * kv_dim].copy_from_slice(&s.v[..n * kv_dim]);
+            s.kv.store(at, &s.k[..n * kv_dim], &s.v[..n * kv_dim]);
             self.attention(s, l, n, tree);
             b.wo.forward_capped(&s.att, n, &mut s.tmp, max_bits);
             s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
@@ -346,17 +425,23 @@ impl Llama {
     /// computes the query heads sharing that KV head together; each writes only its own slices
     /// of the `att` row.
     fn attention(&self, s: &mut Session, layer: usize, n: usize, tree: bool) {
+        let span = layer * s.capacity * self.config.kv_dim()..(layer + 1) * s.capacity * self.config.kv_dim();
+        let att = SyncPtr(s.att.as_mut_ptr());
+        let at = AttendAt { q: &s.q, att, start: s.pos, slots: &s.tree_slots, off: &s.tree_off, n, tree };
+        match &s.kv {
+            KvCache::F16 { k, v } => self.attend_layer(&k[span.clone()], &v[span], at),
+            KvCache::F32 { k, v } => self.attend_layer(&k[span.clone()], &v[span], at),
+        }
+    }
+
+    /// [`Llama::attention`] over one layer's cache, `kc` and `vc`, of either element type.
+    fn attend_layer<T: KvElem>(&self, kc: &[T], vc: &[T], at: AttendAt) {
         let c = &self.config;
-        let (hd, kv_dim, cap) = (c.head_dim, c.kv_dim(), s.capacity);
+        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
         let q_dim = c.n_heads * hd;
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let kc = &s.k_cache[layer * cap * kv_dim..(layer + 1) * cap * kv_dim];
-        let vc = &s.v_cache[layer * cap * kv_dim..(layer + 1) * cap * kv_dim];
-        let q = &s.q;
-        let att = SyncPtr(s.att.as_mut_ptr());
-        let start = s.pos;
-        let (slots, off) = (&s.tree_slots, &s.tree_off);
+        let AttendAt { q, att, start, slots, off, n, tree } = at;
         // Short work (the first tokens of a context) runs on this thread. Each task takes all the
         // query heads of a KV head: they share each key and value row the kernel reads (at long
         // context those come from memory), and their sums are independent chains that hide each

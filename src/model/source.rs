@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail, ensure};
 
 use super::config::LlamaConfig;
-use super::llama::{Block, Llama};
+use super::llama::{Block, KvType, Llama};
 use super::plan::BitsPlan;
 use crate::format::bnest::{BnestFile, Encoding};
 use crate::format::gguf::GgufFile;
@@ -249,6 +249,6 @@ impl ModelSource {
         }
         let norm = get("output_norm.weight", &[dim])?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq);
-        Ok(Llama { config: cfg, embed, blocks, norm, head, rope })
+        Ok(Llama { config: cfg, embed, blocks, norm, head, rope, kv_type: KvType::default() })
     }
 }
