@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::gfni::codes_gf;
+use super::gfni::{codes_crumb2, codes_gf};
 use super::{MAX_SUB_CH, SubJob, azo16, code_free_sums, levels512, sub_multipliers, sub_terms16};
 use crate::kernels::SyncPtr;
 use crate::kernels::planes::{Ctx, Levels, QuantActs, SUB, SubMeta, TILE, TileMeta};
@@ -128,12 +128,21 @@ unsafe fn quads_one<const R: usize>(
             let chunks = ctx.chunks(g);
             for k in 2 * chunks.start..2 * chunks.end {
                 let mut dot = [_mm512_setzero_si512(); 4];
-                for h in 0..2 {
-                    let codes = codes_gf::<R, 4>(planes, at0 + 64 * k + 32 * h);
-                    for (j, c) in codes.into_iter().enumerate() {
+                if R == 2 {
+                    let two = [planes[0], planes[1]];
+                    for (j, c) in codes_crumb2(&two, at0 + 64 * k).into_iter().enumerate() {
                         let c = looks.apply::<R>(c);
-                        let q = (q8.add(32 * k + 16 * h + 4 * j) as *const i32).read_unaligned();
-                        dot[j] = _mm512_dpbusd_epi32(dot[j], c, _mm512_set1_epi32(q));
+                        let q = (q8.add(32 * k + 4 * j) as *const i32).read_unaligned();
+                        dot[j % 4] = _mm512_dpbusd_epi32(dot[j % 4], c, _mm512_set1_epi32(q));
+                    }
+                } else {
+                    for h in 0..2 {
+                        let codes = codes_gf::<R, 4>(planes, at0 + 64 * k + 32 * h);
+                        for (j, c) in codes.into_iter().enumerate() {
+                            let c = looks.apply::<R>(c);
+                            let q = (q8.add(32 * k + 16 * h + 4 * j) as *const i32).read_unaligned();
+                            dot[j] = _mm512_dpbusd_epi32(dot[j], c, _mm512_set1_epi32(q));
+                        }
                     }
                 }
                 let dot = _mm512_add_epi32(_mm512_add_epi32(dot[0], dot[1]), _mm512_add_epi32(dot[2], dot[3]));
