@@ -770,11 +770,12 @@ impl<'a> Ctx<'a> {
 
     /// One sub-block's float steps, shared by every path in this order: `dot` is the exact
     /// `Σ level·q` of the sub-block, `e` and `eq` the activations' step and step·`Σq`.
+    /// Each sum is one fused multiply-add (one rounding), as the SIMD paths compute it.
     #[inline(always)]
     fn sub_step(acc: &mut [f32; 3], dot: i32, sc: f32, mn: f32, e: f32, eq: f32) {
-        acc[0] += dot as f32 * (sc * e);
-        acc[1] += sc * eq;
-        acc[2] += mn * eq;
+        acc[0] = (dot as f32).mul_add(sc * e, acc[0]);
+        acc[1] = sc.mul_add(eq, acc[1]);
+        acc[2] = mn.mul_add(eq, acc[2]);
     }
 
     /// The float part of a two-level group, shared by every path: from `[F, T1, T2]` of

@@ -524,7 +524,7 @@ impl SubJob<'_> {
                 let sc = sub_multipliers(self.sub, self.tile * self.sub.spr + k).0;
                 for t in 0..NT {
                     let e = _mm512_set1_ps(acts.e[(t0 + t) * blocks + k]);
-                    fs[t][0] = _mm512_add_ps(fs[t][0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_mul_ps(sc, e)));
+                    fs[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_mul_ps(sc, e), fs[t][0]);
                 }
             }
         }
@@ -570,9 +570,9 @@ unsafe fn sub_multipliers(sub: &SubMeta, e: usize) -> (__m512, __m512) {
 unsafe fn sub_step16(acc: &mut [__m512; 3], dot: __m512i, sc: __m512, mn: __m512, e: f32, eq: f32) {
     unsafe {
         let eq = _mm512_set1_ps(eq);
-        acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, _mm512_set1_ps(e))));
-        acc[1] = _mm512_add_ps(acc[1], _mm512_mul_ps(sc, eq));
-        acc[2] = _mm512_add_ps(acc[2], _mm512_mul_ps(mn, eq));
+        acc[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, _mm512_set1_ps(e)), acc[0]);
+        acc[1] = _mm512_fmadd_ps(sc, eq, acc[1]);
+        acc[2] = _mm512_fmadd_ps(mn, eq, acc[2]);
     }
 }
 
@@ -603,8 +603,8 @@ unsafe fn code_free_sums<const NT: usize>(
             let (sc, mn) = sub_multipliers(sub, tile * sub.spr + k);
             for t in 0..NT {
                 let eq = _mm512_set1_ps(acts.eq[(t0 + t) * blocks + k]);
-                fs[t][1] = _mm512_add_ps(fs[t][1], _mm512_mul_ps(sc, eq));
-                fs[t][2] = _mm512_add_ps(fs[t][2], _mm512_mul_ps(mn, eq));
+                fs[t][1] = _mm512_fmadd_ps(sc, eq, fs[t][1]);
+                fs[t][2] = _mm512_fmadd_ps(mn, eq, fs[t][2]);
             }
         }
     }

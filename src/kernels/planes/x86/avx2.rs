@@ -196,9 +196,9 @@ pub unsafe fn tile_sub_avx2(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantA
                         // `Ctx::sub_step`, lane-wise.
                         let b = t * blocks + sk;
                         let eq = _mm_set1_ps(acts.eq[b]);
-                        f = _mm_add_ps(f, _mm_mul_ps(_mm_cvtepi32_ps(dot), _mm_mul_ps(sc, _mm_set1_ps(acts.e[b]))));
-                        t1 = _mm_add_ps(t1, _mm_mul_ps(sc, eq));
-                        t2 = _mm_add_ps(t2, _mm_mul_ps(mn, eq));
+                        f = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_mul_ps(sc, _mm_set1_ps(acts.e[b])), f);
+                        t1 = _mm_fmadd_ps(sc, eq, t1);
+                        t2 = _mm_fmadd_ps(mn, eq, t2);
                     }
                 }
                 unsafe {

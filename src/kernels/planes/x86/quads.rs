@@ -149,9 +149,9 @@ unsafe fn quads_one<const R: usize>(
                 let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(scales.add(k) as *const __m128i)));
                 let mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(offsets.add(k) as *const __m128i)));
                 let (ek, eqk) = (_mm512_set1_ps(*e.add(k)), _mm512_set1_ps(*eq.add(k)));
-                fs[0] = _mm512_add_ps(fs[0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek)));
-                fs[1] = _mm512_add_ps(fs[1], _mm512_mul_ps(sc, eqk));
-                fs[2] = _mm512_add_ps(fs[2], _mm512_mul_ps(mn, eqk));
+                fs[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek), fs[0]);
+                fs[1] = _mm512_fmadd_ps(sc, eqk, fs[1]);
+                fs[2] = _mm512_fmadd_ps(mn, eqk, fs[2]);
             }
             let (a, z, o) = azo16(ctx, m);
             sum = _mm512_add_ps(sum, sub_terms16(fs, a, z, o));
@@ -247,7 +247,7 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
                 for t in 0..NT {
                     let dot = if NT <= 4 { _mm512_add_epi32(dot[t][0], dot[t][1]) } else { dot[t][0] };
                     let e = _mm512_set1_ps(acts.e[(t0 + t) * blocks + k]);
-                    fs[t][0] = _mm512_add_ps(fs[t][0], _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, e)));
+                    fs[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, e), fs[t][0]);
                 }
             }
             code_free_sums(sub, tile, 2 * chunks.start..2 * chunks.end, acts, t0, &mut fs);
