@@ -480,6 +480,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "bits": bits,
             "bits_per_weight": bpw,
             "threads": r.threads,
+            "cache_type": format!("{:?}", a.model.cache_type).to_lowercase(),
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
             "depth": a.depth,
@@ -520,7 +521,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         row(format!("tg{}{at}", a.n_gen), cell(&tg));
         let rss = peak_rss_mb.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "n/a".into());
         println!(
-            "peak RSS (VmHWM): {rss}; KV cache {kv_mb:.1} MiB; load {load_s:.2} s; {} reps after 1 warm-up",
+            "peak RSS (VmHWM): {rss}; KV cache {kv_mb:.1} MiB ({}); load {load_s:.2} s; {} reps after 1 warm-up",
+            format!("{:?}", a.model.cache_type).to_lowercase(),
             a.reps
         );
     }

@@ -70,6 +70,7 @@ fn cli_bench_json_reports_speed_and_memory_of_the_real_model() {
     assert_eq!(v["n_prompt"], 16);
     assert_eq!(v["n_gen"], 4);
     assert_eq!(v["threads"], 2);
+    assert_eq!(v["cache_type"], "f16");
     assert_eq!(v["pp512_samples"].as_array().unwrap().len(), 2);
     let file_mb = positive(&v, "file_mb");
     let size = std::fs::metadata(&model).unwrap().len() as f64 / 1048576.0;
@@ -119,6 +120,7 @@ fn cli_bench_json_reports_speed_and_memory_of_the_real_model() {
         .unwrap();
     assert!(wide.status.success(), "{}", String::from_utf8_lossy(&wide.stderr));
     let w: serde_json::Value = serde_json::from_slice(&wide.stdout).unwrap();
+    assert_eq!(w["cache_type"], "f32");
     assert!((positive(&w, "kv_mb") - (30 * 10 * 192 * 2 * 4) as f64 / 1048576.0).abs() < 1e-9);
     let bad = Command::new(env!("CARGO_BIN_EXE_bitnest"))
         .args(["bench", "-p", "8", "-n", "0", "--cache-type", "q4", "--model"])

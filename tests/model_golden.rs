@@ -1,5 +1,6 @@
-//! The f32 forward pass against the golden data: llama.cpp's greedy tokens and a float64
-//! reference forward over the same dequantized weights.
+//! The f32 forward pass (with the default f16 KV cache, as llama.cpp's) against the golden
+//! data: llama.cpp's greedy tokens and a float64 reference forward over the same dequantized
+//! weights.
 
 use bitnest::engine::Engine;
 use bitnest::sampling::{Sampler, SamplingParams, argmax};

@@ -21,6 +21,9 @@ pub trait KvElem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// `dst[i] = src[i]` rounded to this type (to nearest, ties to even).
     fn store(dst: &mut [Self], src: &[f32]);
+    /// `dst[i] = src[i]` widened (exactly), a row at a time, so the portable paths convert
+    /// whole rows with the CPU's converter rather than element by element.
+    fn widen(src: &[Self], dst: &mut [f32]);
     /// The 16 elements at `p`, widened.
     ///
     /// # Safety
@@ -35,6 +38,9 @@ impl KvElem for f32 {
         self
     }
     fn store(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn widen(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
     #[cfg(target_arch = "x86_64")]
@@ -53,6 +59,10 @@ impl KvElem for half::f16 {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src);
     }
+    fn widen(src: &[half::f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
@@ -65,7 +75,7 @@ impl KvElem for half::f16 {
 pub struct HeadView<'a, T = f32> {
     pub keys: &'a [T],
     pub values: &'a [T],
-    /// Floats between consecutive positions (`kv_dim`).
+    /// Elements between consecutive positions (`kv_dim`).
     pub stride: usize,
     /// Offset of this head inside a position (`kv_head · head_dim`).
     pub offset: usize,
@@ -222,10 +232,15 @@ unsafe fn group_avx2<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], s
     group_ref(kv, scale, qs, scores)
 }
 
+/// Largest head whose rows the reference widens on the stack (larger ones go element by
+/// element, with the same bits).
+const WIDE_MAX: usize = 256;
+
 /// The reference: every query on its own, entry by entry.
 #[inline(always)]
 fn group_ref<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
     let mut off = 0;
+    let mut row = [0f32; WIDE_MAX];
     for q in qs.iter_mut() {
         let hd = q.q.len();
         let len = q.len();
@@ -233,7 +248,13 @@ fn group_ref<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &
         let sc = &mut scores[off..off + len];
         off += len;
         for (i, s) in sc.iter_mut().enumerate() {
-            *s = dot_ref(q.q, &kv.keys[at(q.pos(i))]) * scale;
+            let k = &kv.keys[at(q.pos(i))];
+            *s = if hd <= WIDE_MAX {
+                T::widen(k, &mut row[..hd]);
+                dot_ref(q.q, &row[..hd])
+            } else {
+                dot_ref(q.q, k)
+            } * scale;
         }
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sums = [0f32; 16];
@@ -245,8 +266,15 @@ fn group_ref<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &
         q.out.fill(0.0);
         for (i, &e) in sc.iter().enumerate() {
             let vals = &kv.values[at(q.pos(i))];
-            for (o, &v) in q.out.iter_mut().zip(vals) {
-                *o = e.mul_add(v.to_f32(), *o);
+            if hd <= WIDE_MAX {
+                T::widen(vals, &mut row[..hd]);
+                for (o, &v) in q.out.iter_mut().zip(&row[..hd]) {
+                    *o = e.mul_add(v, *o);
+                }
+            } else {
+                for (o, &v) in q.out.iter_mut().zip(vals) {
+                    *o = e.mul_add(v.to_f32(), *o);
+                }
             }
         }
         q.out.iter_mut().for_each(|o| *o *= inv);

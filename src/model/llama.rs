@@ -169,7 +169,8 @@ const TOKENS_PER_ITEM: usize = 8;
 /// every position's keys and values of the layer from memory (the weights streamed through
 /// the caches since the last token evicted them), so from a few dozen positions on the second
 /// core's bandwidth is worth a region's start: on the 2-core Zen 4 machine, decode attention
-/// from 16 positions on took 26% less time (`examples/decode_ab`).
+/// from 16 positions on took 26% less time (tg128 at r = 2, timed on the caller, rounds
+/// alternated in one process; docs/KERNELS.md).
 const PARALLEL_SCORES: usize = 16;
 
 thread_local! {

@@ -5,15 +5,17 @@
 use std::arch::x86_64::*;
 
 use super::gfni::{codes_crumb2, codes_gf};
-use super::{MAX_SUB_CH, SubJob, azo16, code_free_sums, levels512, sub_multipliers, sub_terms16};
+use super::{MAX_SUB_CH, SubJob, azo16, code_free_sums, levels512, sub_terms16};
 use crate::kernels::SyncPtr;
 use crate::kernels::planes::{Ctx, Levels, QuantActs, SUB, SubMeta, TILE, TileMeta};
 use crate::quant::dtype::ALL;
 
 /// A full tile of a two-level layer from its tile-interleaved planes (`Ctx::quads`), for any
-/// number of tokens: each group's codes come out of [`codes_gf`] with one row per lane, so
-/// every token's sub-block sums are plain `vpdpbusd` accumulations ([`SubJob`]), with no
-/// transpose and no horizontal reduction.
+/// number of tokens: each group's codes come out of [`codes_gf`] (or [`codes_crumb2`] at two
+/// planes) with one row per lane, so every token's sub-block sums are plain `vpdpbusd`
+/// accumulations, with no transpose and no horizontal reduction. Up to [`QUADS_SMALL`] tokens
+/// use the codes straight from registers ([`quads_tokens`]); larger batches build them once
+/// per group ([`SubJob`]).
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI/VBMI, GFNI and F16C present; `ctx.quads` set; the tile is full; `out`
@@ -50,13 +52,13 @@ unsafe fn tile_quads_r<const R: usize>(
         unsafe {
             match n {
                 1 => quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out),
-                2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, out),
+                3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, out),
+                4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, out),
+                5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, out),
+                6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, out),
+                7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, out),
+                _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, out),
             }
         }
         return;
@@ -118,6 +120,7 @@ unsafe fn quads_one<const R: usize>(
         let blocks = acts.padded / SUB;
         assert!(acts.e.len() >= blocks && acts.eq.len() >= blocks && sub.scale.len() >= (tile + 1) * sub.spr);
         assert!(sub.offset.len() >= (tile + 1) * sub.spr && acts.q8.len() >= acts.padded);
+        assert!(2 * ctx.cols.div_ceil(64) <= blocks.min(sub.spr));
         let (e, eq) = (acts.e.as_ptr(), acts.eq.as_ptr());
         let (scales, offsets) = (sub.scale.as_ptr().add(tile * sub.spr), sub.offset.as_ptr().add(tile * sub.spr));
         let mut sum = _mm512_setzero_ps();
@@ -202,9 +205,12 @@ impl<'a> Lookups<'a> {
     }
 }
 
-/// Tokens `t0..t0 + NT` (decoding, small verification trees) against one full tile of
-/// tile-interleaved planes: per sub-block, eight blocks of codes built and used at once by
-/// every token's `vpdpbusd` (two chains per token), then the same float step as every path.
+/// `NT` tokens (small verification trees; one token goes through [`quads_one`]) against one
+/// full tile of tile-interleaved planes: per sub-block, eight code vectors built once and used
+/// by every token's `vpdpbusd`, then the same float steps as every path. Each token keeps two
+/// `vpdpbusd` chains up to four tokens (beyond, the tokens' own chains hide the latency). Up to
+/// four tokens, the code-free sums run in the same pass (their registers fit); beyond, after
+/// it.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn quads_tokens<const R: usize, const NT: usize>(
@@ -214,12 +220,19 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
     planes: &[*const u8; R],
     at0: usize,
     acts: &QuantActs,
-    t0: usize,
     out: SyncPtr,
 ) {
     unsafe {
         let q8 = acts.q8.as_ptr();
         let blocks = acts.padded / SUB;
+        // Every raw read below stays inside these.
+        assert!(acts.e.len() >= NT * blocks && acts.eq.len() >= NT * blocks && acts.q8.len() >= NT * acts.padded);
+        assert!(sub.scale.len() >= (tile + 1) * sub.spr && sub.offset.len() >= (tile + 1) * sub.spr);
+        assert!(2 * ctx.cols.div_ceil(64) <= blocks.min(sub.spr));
+        let (e, eq) = (acts.e.as_ptr(), acts.eq.as_ptr());
+        let (scales, offsets) = (sub.scale.as_ptr().add(tile * sub.spr), sub.offset.as_ptr().add(tile * sub.spr));
+        let merged = NT <= 4;
+        let chains = if NT <= 4 { 2 } else { 1 };
         let mut sums = [_mm512_setzero_ps(); NT];
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
@@ -229,35 +242,47 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
             for k in 2 * chunks.start..2 * chunks.end {
                 // Sub-block `k`: 32 columns, eight blocks of four, 64 bytes of each plane.
                 let mut dot = [[_mm512_setzero_si512(); 2]; NT];
-                for h in 0..2 {
-                    let codes = codes_gf::<R, 4>(planes, at0 + 64 * k + 32 * h);
-                    for (j, c) in codes.into_iter().enumerate() {
-                        let c = looks.apply::<R>(c);
-                        let col = 32 * k + 16 * h + 4 * j;
-                        // Two chains per token up to four tokens; beyond, the tokens' own
-                        // chains are enough to hide the latency.
-                        let chain = if NT <= 4 { j % 2 } else { 0 };
-                        for t in 0..NT {
-                            let q = (q8.add((t0 + t) * acts.padded + col) as *const i32).read_unaligned();
-                            dot[t][chain] = _mm512_dpbusd_epi32(dot[t][chain], c, _mm512_set1_epi32(q));
-                        }
+                let codes: [__m512i; 8] = if R == 2 {
+                    codes_crumb2(&[planes[0], planes[1]], at0 + 64 * k)
+                } else {
+                    let (lo, hi) =
+                        (codes_gf::<R, 4>(planes, at0 + 64 * k), codes_gf::<R, 4>(planes, at0 + 64 * k + 32));
+                    [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
+                };
+                for (j, c) in codes.into_iter().enumerate() {
+                    let c = looks.apply::<R>(c);
+                    let chain = j % chains;
+                    for t in 0..NT {
+                        let q = (q8.add(t * acts.padded + 32 * k + 4 * j) as *const i32).read_unaligned();
+                        dot[t][chain] = _mm512_dpbusd_epi32(dot[t][chain], c, _mm512_set1_epi32(q));
                     }
                 }
-                let sc = sub_multipliers(sub, tile * sub.spr + k).0;
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(scales.add(k) as *const __m128i)));
                 for t in 0..NT {
-                    let dot = if NT <= 4 { _mm512_add_epi32(dot[t][0], dot[t][1]) } else { dot[t][0] };
-                    let e = _mm512_set1_ps(acts.e[(t0 + t) * blocks + k]);
-                    fs[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, e), fs[t][0]);
+                    let dot = _mm512_add_epi32(dot[t][0], dot[t][1]);
+                    let ek = _mm512_set1_ps(*e.add(t * blocks + k));
+                    fs[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek), fs[t][0]);
+                }
+                if merged {
+                    let mn =
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(offsets.add(k) as *const __m128i)));
+                    for t in 0..NT {
+                        let eqk = _mm512_set1_ps(*eq.add(t * blocks + k));
+                        fs[t][1] = _mm512_fmadd_ps(sc, eqk, fs[t][1]);
+                        fs[t][2] = _mm512_fmadd_ps(mn, eqk, fs[t][2]);
+                    }
                 }
             }
-            code_free_sums(sub, tile, 2 * chunks.start..2 * chunks.end, acts, t0, &mut fs);
+            if !merged {
+                code_free_sums(sub, tile, 2 * chunks.start..2 * chunks.end, acts, 0, &mut fs);
+            }
             let (a, z, o) = azo16(ctx, m);
             for t in 0..NT {
                 sums[t] = _mm512_add_ps(sums[t], sub_terms16(fs[t], a, z, o));
             }
         }
         for (t, s) in sums.iter().enumerate() {
-            _mm512_storeu_ps(out.get().add((t0 + t) * ctx.rows + tile * TILE), *s);
+            _mm512_storeu_ps(out.get().add(t * ctx.rows + tile * TILE), *s);
         }
     }
 }
