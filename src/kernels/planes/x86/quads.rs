@@ -103,6 +103,50 @@ unsafe fn quads_batch<const R: usize>(
     }
 }
 
+/// The raw reads of the small-batch tile loops, bounds checked once per tile for `nt` tokens:
+/// activations (`q8`, and per block `e`, `eq`) and the tile's sub-block multipliers.
+struct TileReads {
+    q8: *const i8,
+    e: *const f32,
+    eq: *const f32,
+    scales: *const [u8; TILE],
+    offsets: *const [i8; TILE],
+    blocks: usize,
+}
+
+impl TileReads {
+    #[inline(always)]
+    fn new(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, nt: usize) -> TileReads {
+        let blocks = acts.padded / SUB;
+        // Every raw read of the loops stays inside these: sub-block `k < 2·⌈cols/64⌉`.
+        assert!(acts.e.len() >= nt * blocks && acts.eq.len() >= nt * blocks && acts.q8.len() >= nt * acts.padded);
+        assert!(sub.scale.len() >= (tile + 1) * sub.spr && sub.offset.len() >= (tile + 1) * sub.spr);
+        assert!(2 * ctx.cols.div_ceil(64) <= blocks.min(sub.spr));
+        TileReads {
+            q8: acts.q8.as_ptr(),
+            e: acts.e.as_ptr(),
+            eq: acts.eq.as_ptr(),
+            scales: sub.scale[tile * sub.spr..].as_ptr(),
+            offsets: sub.offset[tile * sub.spr..].as_ptr(),
+            blocks,
+        }
+    }
+
+    /// Sub-block `k`'s scale and offset multipliers of the tile's 16 rows, as floats
+    /// (`sub_multipliers` without its bounds checks).
+    ///
+    /// # Safety
+    /// AVX-512F present; `k < 2·⌈cols/64⌉`.
+    #[inline(always)]
+    unsafe fn multipliers(&self, k: usize) -> (__m512, __m512) {
+        unsafe {
+            let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(self.scales.add(k) as *const __m128i));
+            let mn = _mm512_cvtepi8_epi32(_mm_loadu_si128(self.offsets.add(k) as *const __m128i));
+            (_mm512_cvtepi32_ps(sc), _mm512_cvtepi32_ps(mn))
+        }
+    }
+}
+
 /// One token (decoding) against one full tile of tile-interleaved planes: [`quads_tokens`]
 /// for `NT = 1`, with four `vpdpbusd` chains and the code-free sums in the same loop.
 #[inline(always)]
@@ -116,13 +160,8 @@ unsafe fn quads_one<const R: usize>(
     out: SyncPtr,
 ) {
     unsafe {
-        let q8 = acts.q8.as_ptr();
-        let blocks = acts.padded / SUB;
-        assert!(acts.e.len() >= blocks && acts.eq.len() >= blocks && sub.scale.len() >= (tile + 1) * sub.spr);
-        assert!(sub.offset.len() >= (tile + 1) * sub.spr && acts.q8.len() >= acts.padded);
-        assert!(2 * ctx.cols.div_ceil(64) <= blocks.min(sub.spr));
-        let (e, eq) = (acts.e.as_ptr(), acts.eq.as_ptr());
-        let (scales, offsets) = (sub.scale.as_ptr().add(tile * sub.spr), sub.offset.as_ptr().add(tile * sub.spr));
+        let rd = TileReads::new(ctx, sub, tile, acts, 1);
+        let (q8, e, eq) = (rd.q8, rd.e, rd.eq);
         let mut sum = _mm512_setzero_ps();
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
@@ -149,8 +188,7 @@ unsafe fn quads_one<const R: usize>(
                     }
                 }
                 let dot = _mm512_add_epi32(_mm512_add_epi32(dot[0], dot[1]), _mm512_add_epi32(dot[2], dot[3]));
-                let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(scales.add(k) as *const __m128i)));
-                let mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(offsets.add(k) as *const __m128i)));
+                let (sc, mn) = rd.multipliers(k);
                 let (ek, eqk) = (_mm512_set1_ps(*e.add(k)), _mm512_set1_ps(*eq.add(k)));
                 fs[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek), fs[0]);
                 fs[1] = _mm512_fmadd_ps(sc, eqk, fs[1]);
@@ -223,14 +261,8 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
     out: SyncPtr,
 ) {
     unsafe {
-        let q8 = acts.q8.as_ptr();
-        let blocks = acts.padded / SUB;
-        // Every raw read below stays inside these.
-        assert!(acts.e.len() >= NT * blocks && acts.eq.len() >= NT * blocks && acts.q8.len() >= NT * acts.padded);
-        assert!(sub.scale.len() >= (tile + 1) * sub.spr && sub.offset.len() >= (tile + 1) * sub.spr);
-        assert!(2 * ctx.cols.div_ceil(64) <= blocks.min(sub.spr));
-        let (e, eq) = (acts.e.as_ptr(), acts.eq.as_ptr());
-        let (scales, offsets) = (sub.scale.as_ptr().add(tile * sub.spr), sub.offset.as_ptr().add(tile * sub.spr));
+        let rd = TileReads::new(ctx, sub, tile, acts, NT);
+        let (q8, e, eq, blocks) = (rd.q8, rd.e, rd.eq, rd.blocks);
         let merged = NT <= 4;
         let chains = if NT <= 4 { 2 } else { 1 };
         let mut sums = [_mm512_setzero_ps(); NT];
@@ -257,15 +289,13 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
                         dot[t][chain] = _mm512_dpbusd_epi32(dot[t][chain], c, _mm512_set1_epi32(q));
                     }
                 }
-                let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(scales.add(k) as *const __m128i)));
+                let (sc, mn) = rd.multipliers(k);
                 for t in 0..NT {
                     let dot = _mm512_add_epi32(dot[t][0], dot[t][1]);
                     let ek = _mm512_set1_ps(*e.add(t * blocks + k));
                     fs[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek), fs[t][0]);
                 }
                 if merged {
-                    let mn =
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(offsets.add(k) as *const __m128i)));
                     for t in 0..NT {
                         let eqk = _mm512_set1_ps(*eq.add(t * blocks + k));
                         fs[t][1] = _mm512_fmadd_ps(sc, eqk, fs[t][1]);
