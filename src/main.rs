@@ -332,13 +332,16 @@ fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
     }
     let text = matches!(a.format, OutputFormat::Text);
     if text {
-        eprintln!("bench spec: {} prompts, {} new tokens each; plain decoding first…", prompts.len(), a.max_tokens);
+        eprintln!(
+            "bench spec: {} prompts, {} new tokens each, plain and every configuration in turn per prompt…",
+            prompts.len(),
+            a.max_tokens
+        );
     }
-    let plain = bench::run_plain(&engine, &prompts, a.max_tokens, ctx)?;
     let mut configs = Vec::new();
     for &mode in &modes {
-        let uses_self = matches!(mode, SpecMode::SelfDraft | SpecMode::Both | SpecMode::Auto);
-        let uses_tree = matches!(mode, SpecMode::Recycle | SpecMode::Both | SpecMode::Auto);
+        let uses_self = mode.uses_self();
+        let uses_tree = mode.uses_recycle();
         for &b in if uses_self { &draft_bits[..] } else { &draft_bits[..1] } {
             for &t in if uses_tree { &tree_nodes[..] } else { &tree_nodes[..1] } {
                 configs.push(SpecOptions {
@@ -351,9 +354,17 @@ fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
             }
         }
     }
+    let total = prompts.len();
+    let results = bench::run(&engine, &prompts, &configs, a.max_tokens, ctx, a.warmup, |done| {
+        if text && (done % 10 == 0 || done == total) {
+            eprint!("\r{done}/{total} prompts");
+        }
+    })?;
+    if text {
+        eprintln!();
+    }
     let mut out = std::io::stdout().lock();
-    for o in configs {
-        let r = bench::run_spec(&engine, &prompts, &plain, &o, a.max_tokens, ctx, a.warmup)?;
+    for r in results {
         if text {
             writeln!(
                 out,

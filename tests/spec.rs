@@ -5,6 +5,7 @@
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
+use bitnest::chat::Message;
 use bitnest::engine::Engine;
 use bitnest::generate::generate;
 use bitnest::model::{ALL_BITS, BitsPlan, Llama, ModelSource};
@@ -71,24 +72,40 @@ fn greedy_output_is_identical_in_every_mode() {
     for (bits, draft) in [(8u32, 3u32), (5, 3)] {
         let e = Engine::load(&path, Some(BitsPlan::uniform(Some(bits)))).unwrap();
         let stop = e.stop_ids();
-        for mode in [SpecMode::SelfDraft, SpecMode::Recycle, SpecMode::Both, SpecMode::Auto] {
+        // A prompt that asks for a copy, so that context lookup has something to find.
+        let copy = e
+            .chat_prompt(&[Message::new(
+                "user",
+                "Repeat this sentence three times: the old lighthouse keeper counted the ships every night.",
+            )])
+            .unwrap();
+        let prompts: Vec<(String, Vec<u32>)> = common::golden()
+            .into_iter()
+            .map(|g| (g.name, g.prompt_ids))
+            .chain(std::iter::once(("copy".to_string(), copy)))
+            .collect();
+        for mode in ["self", "recycle", "both", "lookup", "recycle+lookup", "self+recycle+lookup", "auto"] {
+            let mode: SpecMode = mode.parse().unwrap();
             // One speculator across prompts: the recycling matrix stays warm, as in a server.
             let mut spec = speculator(&e.model, mode, draft, 6);
-            for g in common::golden() {
-                let want = plain(&e.model, &g.prompt_ids, 40, &greedy, &stop);
-                let (got, _) = speculative(&e.model, &g.prompt_ids, 40, &greedy, &stop, &mut spec);
-                assert_eq!(got, want, "bits {bits}, --spec {mode}, prompt {}", g.name);
+            for (name, ids) in &prompts {
+                let want = plain(&e.model, ids, 40, &greedy, &stop);
+                let (got, _) = speculative(&e.model, ids, 40, &greedy, &stop, &mut spec);
+                assert_eq!(got, want, "bits {bits}, --spec {mode}, prompt {name}");
             }
             let st = &spec.stats;
             eprintln!("bits {bits} --spec {mode}: {} passes, MAT {:.2}", st.steps, st.mat());
             // Drafts were really accepted, so the comparison exercised the tree walk.
             assert!(st.tokens > st.steps, "bits {bits} --spec {mode}: no draft accepted ({st:?})");
+            if mode == SpecMode::LOOKUP {
+                assert!(st.accepted_lookup_source > 0, "bits {bits}: no context-lookup draft accepted");
+            }
         }
     }
     // At the real model's reference precision the first golden answers match llama.cpp too.
     let e = Engine::load(&path, None).unwrap();
     let g = &common::golden()[0];
-    let mut spec = speculator(&e.model, SpecMode::Both, 3, 6);
+    let mut spec = speculator(&e.model, SpecMode::BOTH, 3, 6);
     let (got, _) = speculative(&e.model, &g.prompt_ids, 8, &greedy, &e.stop_ids(), &mut spec);
     assert_eq!(got[..8], g.greedy_ids[..8]);
 }
@@ -108,7 +125,8 @@ fn seeded_sampling_gives_the_same_tokens() {
         ..SamplingParams::default()
     };
     let prompt = [1u32, 17, 42, 99];
-    for mode in [SpecMode::SelfDraft, SpecMode::Recycle, SpecMode::Both] {
+    let all: SpecMode = "self+recycle+lookup".parse().unwrap();
+    for mode in [SpecMode::SELF, SpecMode::RECYCLE, SpecMode::BOTH, all] {
         let mut spec = speculator(&m, mode, 3, 8);
         for seed in 0..20u64 {
             let p = SamplingParams { seed: Some(seed), ..params.clone() };
@@ -273,7 +291,7 @@ fn speculative_sampling_follows_the_plain_distribution() {
         let p = SamplingParams { seed: Some(seed), ..base.clone() };
         plain_counts[cell(&plain(m, &prompt, 3, &p, &[]))] += 1.0;
     }
-    for mode in [SpecMode::SelfDraft, SpecMode::Recycle, SpecMode::Both] {
+    for mode in [SpecMode::SELF, SpecMode::RECYCLE, SpecMode::BOTH] {
         let mut spec = speculator(m, mode, 2, 8);
         let mut counts = vec![0f64; vocab * vocab];
         for seed in n..2 * n {

@@ -15,6 +15,7 @@ use super::{SpecOptions, SpecStats, Speculator, TokenRecycler, generate_spec};
 use crate::chat::Message;
 use crate::engine::Engine;
 use crate::generate::generate;
+use crate::model::Session;
 use crate::sampling::{Sampler, SamplingParams};
 
 /// One prompt of a Spec-Bench style JSONL file (`{"question_id", "category", "turns": [...]}`).
@@ -78,86 +79,63 @@ pub struct SpecBenchResult {
     pub mismatches: Vec<serde_json::Value>,
 }
 
-/// Plain greedy decoding of every prompt: the reference tokens and rates.
-pub struct PlainRun {
-    pub outputs: Vec<Vec<u32>>,
-    pub tok_s: Vec<f64>,
-}
-
 fn prompt_ids(engine: &Engine, p: &BenchPrompt) -> Result<Vec<u32>> {
     engine.chat_prompt(&[Message::new("user", p.turns[0].as_str())])
 }
 
-/// Decodes every prompt plainly (greedy) with `max_tokens` new tokens.
-pub fn run_plain(engine: &Engine, prompts: &[BenchPrompt], max_tokens: usize, ctx: usize) -> Result<PlainRun> {
-    let mut session = engine.model.new_session(ctx, 512);
-    let (mut outputs, mut tok_s) = (Vec::new(), Vec::new());
-    for p in prompts {
-        session.reset();
-        let ids = prompt_ids(engine, p)?;
-        let mut out = Vec::new();
-        let mut sampler = Sampler::new(SamplingParams::greedy());
-        let st = generate(
-            &engine.model,
-            &mut session,
-            &ids,
-            max_tokens,
-            &mut sampler,
-            &engine.stop_ids(),
-            &mut Vec::new(),
-            |t| {
-                out.push(t);
-                ControlFlow::Continue(())
-            },
-        )?;
-        tok_s.push(st.generated_tokens as f64 / st.decode_s.max(1e-9));
-        outputs.push(out);
-    }
-    Ok(PlainRun { outputs, tok_s })
+/// Greedy decoding of one prompt, plain (`spec` None) or speculative: the tokens and the
+/// decode rate.
+fn decode(
+    engine: &Engine,
+    session: &mut Session,
+    ids: &[u32],
+    max_tokens: usize,
+    spec: Option<&mut Speculator>,
+) -> Result<(Vec<u32>, f64)> {
+    session.reset();
+    let mut out = Vec::new();
+    let mut sampler = Sampler::new(SamplingParams::greedy());
+    let stop = engine.stop_ids();
+    let push = |t| {
+        out.push(t);
+        ControlFlow::Continue(())
+    };
+    let m = &engine.model;
+    let st = match spec {
+        Some(spec) => generate_spec(m, session, ids, max_tokens, &mut sampler, &stop, &mut Vec::new(), spec, push)?,
+        None => generate(m, session, ids, max_tokens, &mut sampler, &stop, &mut Vec::new(), push)?,
+    };
+    Ok((out, st.generated_tokens as f64 / st.decode_s.max(1e-9)))
 }
 
-/// Decodes every prompt with speculative decoding and compares with `plain`. The Token
-/// Recycling matrix is warmed by `warmup` generations of the first prompt, as the paper's
-/// evaluation does, and then kept across prompts (hot start).
-pub fn run_spec(
+/// Decodes every prompt plainly (greedy) and then with each configuration in turn, prompt
+/// after prompt, so that a slow or fast spell of a shared machine hits the plain rate and the
+/// speculative rates it is divided into alike. Each configuration keeps its own Token
+/// Recycling matrix, warmed by `warmup` generations of the first prompt, as the paper's
+/// evaluation does, and kept across prompts (hot start). `progress` hears each prompt done.
+pub fn run(
     engine: &Engine,
     prompts: &[BenchPrompt],
-    plain: &PlainRun,
-    opts: &SpecOptions,
+    configs: &[SpecOptions],
     max_tokens: usize,
     ctx: usize,
     warmup: usize,
-) -> Result<SpecBenchResult> {
-    let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
-    let mut spec = Speculator::new(opts.clone(), recycler);
-    spec.check(&engine.model)?;
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<SpecBenchResult>> {
     let mut session = engine.model.new_session(ctx, 512);
-    let mut decode = |spec: &mut Speculator, p: &BenchPrompt| -> Result<(Vec<u32>, f64)> {
-        session.reset();
-        let ids = prompt_ids(engine, p)?;
-        let mut out = Vec::new();
-        let mut sampler = Sampler::new(SamplingParams::greedy());
-        let stop = engine.stop_ids();
-        let st = generate_spec(
-            &engine.model,
-            &mut session,
-            &ids,
-            max_tokens,
-            &mut sampler,
-            &stop,
-            &mut Vec::new(),
-            spec,
-            |t| {
-                out.push(t);
-                ControlFlow::Continue(())
-            },
-        )?;
-        Ok((out, st.generated_tokens as f64 / st.decode_s.max(1e-9)))
-    };
-    for _ in 0..warmup {
-        decode(&mut spec, &prompts[0])?;
+    let mut specs = Vec::new();
+    for o in configs {
+        let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
+        let mut spec = Speculator::new(o.clone(), recycler);
+        spec.check(&engine.model)?;
+        let first = prompt_ids(engine, &prompts[0])?;
+        for _ in 0..warmup {
+            decode(engine, &mut session, &first, max_tokens, Some(&mut spec))?;
+        }
+        spec.stats = SpecStats::default();
+        specs.push(spec);
     }
-    spec.stats = SpecStats::default();
+    #[derive(Default)]
     struct Acc {
         n: usize,
         rate: f64,
@@ -165,31 +143,32 @@ pub fn run_spec(
         identical: bool,
         stats: SpecStats,
     }
-    let mut cats: BTreeMap<String, Acc> = BTreeMap::new();
-    let mut mismatches = Vec::new();
+    let mut cats: Vec<BTreeMap<String, Acc>> = configs.iter().map(|_| BTreeMap::new()).collect();
+    let mut mismatches = vec![Vec::new(); configs.len()];
+    let mut plain_total = 0.0;
     for (i, p) in prompts.iter().enumerate() {
-        let before = spec.stats.clone();
-        let (out, rate) = decode(&mut spec, p)?;
-        let same = out == plain.outputs[i];
-        if !same {
-            mismatches.push(p.question_id.clone());
+        let ids = prompt_ids(engine, p)?;
+        let (want, plain_rate) = decode(engine, &mut session, &ids, max_tokens, None)?;
+        plain_total += plain_rate;
+        for (c, spec) in specs.iter_mut().enumerate() {
+            let before = spec.stats.clone();
+            let (out, rate) = decode(engine, &mut session, &ids, max_tokens, Some(spec))?;
+            let same = out == want;
+            if !same {
+                mismatches[c].push(p.question_id.clone());
+            }
+            let a = cats[c].entry(p.category.clone()).or_insert(Acc { identical: true, ..Acc::default() });
+            a.n += 1;
+            a.rate += rate;
+            a.plain += plain_rate;
+            a.identical &= same;
+            let s = &spec.stats;
+            a.stats.steps += s.steps - before.steps;
+            a.stats.tokens += s.tokens - before.tokens;
+            a.stats.self_drafted += s.self_drafted - before.self_drafted;
+            a.stats.self_accepted += s.self_accepted - before.self_accepted;
         }
-        let a = cats.entry(p.category.clone()).or_insert(Acc {
-            n: 0,
-            rate: 0.0,
-            plain: 0.0,
-            identical: true,
-            stats: SpecStats::default(),
-        });
-        a.n += 1;
-        a.rate += rate;
-        a.plain += plain.tok_s[i];
-        a.identical &= same;
-        let s = &spec.stats;
-        a.stats.steps += s.steps - before.steps;
-        a.stats.tokens += s.tokens - before.tokens;
-        a.stats.self_drafted += s.self_drafted - before.self_drafted;
-        a.stats.self_accepted += s.self_accepted - before.self_accepted;
+        progress(i + 1);
     }
     let summarize = |n: usize, rate: f64, plain_rate: f64, identical: bool, st: &SpecStats| CategoryResult {
         prompts: n,
@@ -200,26 +179,29 @@ pub fn run_spec(
         identical,
         self_acceptance: st.self_acceptance(),
     };
-    let categories: BTreeMap<String, CategoryResult> =
-        cats.iter().map(|(k, a)| (k.clone(), summarize(a.n, a.rate, a.plain, a.identical, &a.stats))).collect();
     let n = prompts.len();
-    let rate: f64 = cats.values().map(|a| a.rate).sum();
-    let plain_rate: f64 = plain.tok_s.iter().sum();
-    let st = &spec.stats;
-    Ok(SpecBenchResult {
-        mode: opts.mode.to_string(),
-        draft_bits: opts.draft_bits,
-        tree_nodes: opts.tree_nodes,
-        max_draft: opts.max_draft,
-        adaptive: opts.adaptive,
-        speedup: rate / plain_rate,
-        mat: st.mat(),
-        tok_s: rate / n as f64,
-        plain_tok_s: plain_rate / n as f64,
-        identical: mismatches.is_empty(),
-        self_acceptance: st.self_acceptance(),
-        nodes_per_pass: if st.steps == 0 { 0.0 } else { st.nodes as f64 / st.steps as f64 },
-        categories,
-        mismatches,
-    })
+    let mut results = Vec::new();
+    for (c, (opts, spec)) in configs.iter().zip(&specs).enumerate() {
+        let categories: BTreeMap<String, CategoryResult> =
+            cats[c].iter().map(|(k, a)| (k.clone(), summarize(a.n, a.rate, a.plain, a.identical, &a.stats))).collect();
+        let rate: f64 = cats[c].values().map(|a| a.rate).sum();
+        let st = &spec.stats;
+        results.push(SpecBenchResult {
+            mode: opts.mode.to_string(),
+            draft_bits: opts.draft_bits,
+            tree_nodes: opts.tree_nodes,
+            max_draft: opts.max_draft,
+            adaptive: opts.adaptive,
+            speedup: rate / plain_total,
+            mat: st.mat(),
+            tok_s: rate / n as f64,
+            plain_tok_s: plain_total / n as f64,
+            identical: mismatches[c].is_empty(),
+            self_acceptance: st.self_acceptance(),
+            nodes_per_pass: if st.steps == 0 { 0.0 } else { st.nodes as f64 / st.steps as f64 },
+            categories,
+            mismatches: std::mem::take(&mut mismatches[c]),
+        });
+    }
+    Ok(results)
 }

@@ -23,6 +23,7 @@
 //! same draws in the same order, so a seeded run gives the same tokens as plain decoding.
 
 pub mod bench;
+pub mod lookup;
 pub mod recycle;
 pub mod tree;
 
@@ -35,52 +36,121 @@ use anyhow::{Result, bail, ensure};
 use serde::Serialize;
 
 pub use recycle::{RankHits, TokenRecycler};
-pub use tree::{DraftTree, FROM_RECYCLE, FROM_SELF};
+pub use tree::{DraftTree, FROM_LOOKUP, FROM_RECYCLE, FROM_SELF};
 
 use crate::generate::{FinishReason, GenerationStats};
 use crate::model::{Llama, Session};
 use crate::sampling::{Sampler, argmax};
 
+/// Which draft sources fill a step's tree: a set of the [`FROM_SELF`], [`FROM_RECYCLE`] and
+/// [`FROM_LOOKUP`] bits (the same bits mark where each tree node came from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sources(pub u8);
+
+impl Sources {
+    pub const SELF: Sources = Sources(FROM_SELF);
+    pub const RECYCLE: Sources = Sources(FROM_RECYCLE);
+    pub const LOOKUP: Sources = Sources(FROM_LOOKUP);
+    pub fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+    pub fn with(self, other: Sources) -> Sources {
+        Sources(self.0 | other.0)
+    }
+}
+
 /// How drafts are made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpecMode {
     /// Plain decoding.
     None,
-    /// The low-precision view of the same weights drafts a chain.
-    #[serde(rename = "self")]
-    SelfDraft,
-    /// Token Recycling tree.
-    Recycle,
-    /// One tree from both sources.
-    Both,
-    /// Whichever of the above measures fastest.
+    /// One tree from these sources: `self` (the low-precision view of the same weights drafts
+    /// a chain), `recycle` (Token Recycling), `lookup` (continuations copied from the context),
+    /// joined with `+`; `both` is `self+recycle`.
+    Drafts(Sources),
+    /// Whichever of [`AUTO_CANDIDATES`] measures fastest.
     Auto,
 }
+
+impl SpecMode {
+    pub const SELF: SpecMode = SpecMode::Drafts(Sources::SELF);
+    pub const RECYCLE: SpecMode = SpecMode::Drafts(Sources::RECYCLE);
+    pub const LOOKUP: SpecMode = SpecMode::Drafts(Sources::LOOKUP);
+    pub const BOTH: SpecMode = SpecMode::Drafts(Sources(FROM_SELF | FROM_RECYCLE));
+
+    /// Whether the mode may draft with the low-precision view (and so needs a bit-plane model).
+    pub fn uses_self(self) -> bool {
+        match self {
+            SpecMode::None => false,
+            SpecMode::Drafts(s) => s.has(FROM_SELF),
+            SpecMode::Auto => AUTO_CANDIDATES.iter().any(|c| c.has(FROM_SELF)),
+        }
+    }
+
+    /// Whether the mode may draw from the Token Recycling tree (whose size `--tree-nodes` caps).
+    pub fn uses_recycle(self) -> bool {
+        match self {
+            SpecMode::None => false,
+            SpecMode::Drafts(s) => s.has(FROM_RECYCLE),
+            SpecMode::Auto => AUTO_CANDIDATES.iter().any(|c| c.has(FROM_RECYCLE)),
+        }
+    }
+}
+
+/// The source sets `auto` chooses between: the two free sources always, with or without the
+/// self-draft (which pays a low-precision forward per drafted token).
+pub const AUTO_CANDIDATES: [Sources; 2] =
+    [Sources(FROM_RECYCLE | FROM_LOOKUP), Sources(FROM_SELF | FROM_RECYCLE | FROM_LOOKUP)];
 
 impl FromStr for SpecMode {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
+        let unknown = || {
+            anyhow::anyhow!(
+                "unknown speculative mode {s:?}; expected none, auto, or draft sources joined with '+' \
+                 (self, recycle, lookup; both = self+recycle)"
+            )
+        };
         Ok(match s {
             "none" => SpecMode::None,
-            "self" => SpecMode::SelfDraft,
-            "recycle" => SpecMode::Recycle,
-            "both" => SpecMode::Both,
             "auto" => SpecMode::Auto,
-            _ => bail!("unknown speculative mode {s:?}; expected none, self, recycle, both or auto"),
+            "both" => SpecMode::BOTH,
+            _ => {
+                let mut bits = 0u8;
+                for part in s.split('+') {
+                    let bit = match part {
+                        "self" => FROM_SELF,
+                        "recycle" => FROM_RECYCLE,
+                        "lookup" => FROM_LOOKUP,
+                        _ => return Err(unknown()),
+                    };
+                    ensure!(bits & bit == 0, "speculative mode {s:?} names {part} twice");
+                    bits |= bit;
+                }
+                SpecMode::Drafts(Sources(bits))
+            }
         })
     }
 }
 
 impl std::fmt::Display for SpecMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            SpecMode::None => "none",
-            SpecMode::SelfDraft => "self",
-            SpecMode::Recycle => "recycle",
-            SpecMode::Both => "both",
-            SpecMode::Auto => "auto",
-        })
+        match *self {
+            SpecMode::None => f.write_str("none"),
+            SpecMode::Auto => f.write_str("auto"),
+            m if m == SpecMode::BOTH => f.write_str("both"),
+            SpecMode::Drafts(s) => {
+                let names = [(FROM_SELF, "self"), (FROM_RECYCLE, "recycle"), (FROM_LOOKUP, "lookup")];
+                let parts: Vec<&str> = names.iter().filter(|(b, _)| s.has(*b)).map(|(_, n)| *n).collect();
+                f.write_str(&parts.join("+"))
+            }
+        }
+    }
+}
+
+impl Serialize for SpecMode {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> std::result::Result<S::Ok, S::Error> {
+        ser.collect_str(self)
     }
 }
 
@@ -121,11 +191,12 @@ pub struct SpecStats {
     /// Accepted draft tokens by source (a token both sources proposed counts for both).
     pub accepted_self_source: usize,
     pub accepted_recycle_source: usize,
+    pub accepted_lookup_source: usize,
     /// Seconds spent drafting with the low-precision view, and verifying.
     pub draft_s: f64,
     pub verify_s: f64,
-    /// Steps run in each concrete mode (self, recycle, both), for `auto`.
-    pub mode_steps: [usize; 3],
+    /// Steps run with each of [`AUTO_CANDIDATES`], for `auto`.
+    pub mode_steps: [usize; AUTO_CANDIDATES.len()],
 }
 
 impl SpecStats {
@@ -148,8 +219,6 @@ impl Ema {
     }
 }
 
-const CONCRETE: [SpecMode; 3] = [SpecMode::SelfDraft, SpecMode::Recycle, SpecMode::Both];
-
 /// Speculative decoding state that outlives one generation: the options, the Token Recycling
 /// matrix (shared, so a server's requests teach each other), the measured costs and rates the
 /// adaptive choices use, and the statistics.
@@ -159,12 +228,14 @@ pub struct Speculator {
     pub stats: SpecStats,
     /// Per-position acceptance of self-drafted tokens.
     alpha: Ema,
+    /// Per-position acceptance of context-lookup tokens.
+    lookup_alpha: Ema,
     /// Seconds per self-draft forward.
     draft_cost: Ema,
     /// Seconds per verification pass, by tree size.
     verify_cost: Vec<Ema>,
     /// Tokens per second of each concrete mode, for `auto`.
-    mode_rate: [Ema; 3],
+    mode_rate: [Ema; AUTO_CANDIDATES.len()],
     /// Hit rate of each recycled-candidate rank, which shapes and sizes the recycled tree.
     pub rank_hits: RankHits,
     tree: DraftTree,
@@ -182,9 +253,10 @@ impl Speculator {
             recycler,
             stats: SpecStats::default(),
             alpha: Ema::default(),
+            lookup_alpha: Ema::default(),
             draft_cost: Ema::default(),
             verify_cost: Vec::new(),
-            mode_rate: [Ema::default(); 3],
+            mode_rate: [Ema::default(); AUTO_CANDIDATES.len()],
             rank_hits: RankHits::default(),
             tree: DraftTree::default(),
             path: Vec::new(),
@@ -198,7 +270,7 @@ impl Speculator {
     pub fn check(&self, model: &Llama) -> Result<()> {
         let o = &self.opts;
         ensure!(o.tree_nodes <= 256 && o.max_draft <= 64, "draft tree too large");
-        if matches!(o.mode, SpecMode::SelfDraft | SpecMode::Both) {
+        if matches!(o.mode, SpecMode::Drafts(s) if s.has(FROM_SELF)) {
             let Some(bits) = model.bits() else {
                 bail!(
                     "--spec {}: self-drafting reads fewer planes of a .bnest model, and this model has no bit \
@@ -255,6 +327,23 @@ impl Speculator {
         if self.stats.steps % 16 == 15 { (best.0 + 1).min(self.opts.max_draft) } else { best.0 }
     }
 
+    /// Length of the context-lookup chain with the best expected tokens per verification time.
+    fn lookup_len(&self, extra_nodes: usize) -> usize {
+        let a = self.lookup_alpha.0.unwrap_or(0.6).clamp(0.0, 0.98);
+        if self.verify_estimate(1).is_none() {
+            return 3;
+        }
+        let mut best = (0, 0.0);
+        for k in 0..=self.opts.max_draft {
+            let tokens = 1.0 + (1..=k).map(|i| a.powi(i as i32)).sum::<f64>();
+            let rate = tokens / self.verify_estimate(1 + k + extra_nodes).unwrap_or(1.0).max(1e-9);
+            if rate > best.1 {
+                best = (k, rate);
+            }
+        }
+        if self.stats.steps % 16 == 11 { (best.0 + 1).min(self.opts.max_draft) } else { best.0 }
+    }
+
     /// The recycled template nodes of the next tree: as many of the most valuable as give the
     /// best expected tokens per second of verification (at most `--tree-nodes`).
     fn recycle_template(&self) -> Vec<(Option<usize>, usize, f64)> {
@@ -287,36 +376,49 @@ impl Speculator {
         recycle::template(n, &self.rank_hits.rates())
     }
 
-    /// The concrete mode of the next step.
-    fn pick_mode(&self, model: &Llama) -> SpecMode {
+    /// The sources of the next step's tree.
+    fn pick_sources(&self, model: &Llama) -> Sources {
         match self.opts.mode {
             SpecMode::Auto => {
-                let usable: Vec<usize> =
-                    (0..3).filter(|&i| CONCRETE[i] == SpecMode::Recycle || self.self_possible(model)).collect();
+                let usable: Vec<usize> = (0..AUTO_CANDIDATES.len())
+                    .filter(|&i| !AUTO_CANDIDATES[i].has(FROM_SELF) || self.self_possible(model))
+                    .collect();
                 // Try each a few times first, then the best, re-trying the others every 32 steps.
                 if let Some(&i) = usable.iter().find(|&&i| self.stats.mode_steps[i] < 4) {
-                    return CONCRETE[i];
+                    return AUTO_CANDIDATES[i];
                 }
                 if self.stats.steps % 32 == 31 {
-                    return CONCRETE[usable[(self.stats.steps / 32) % usable.len()]];
+                    return AUTO_CANDIDATES[usable[(self.stats.steps / 32) % usable.len()]];
                 }
                 let best = usable
                     .iter()
                     .copied()
                     .max_by(|&a, &b| self.mode_rate[a].0.unwrap_or(0.0).total_cmp(&self.mode_rate[b].0.unwrap_or(0.0)));
-                CONCRETE[best.unwrap_or(1)]
+                AUTO_CANDIDATES[best.unwrap_or(0)]
             }
-            m => m,
+            SpecMode::Drafts(s) => s,
+            SpecMode::None => Sources(0),
         }
     }
 
     /// Builds the draft tree of one step rooted at `root` (not yet in the cache), at most
     /// `max_nodes` nodes.
-    fn draft(&mut self, model: &Llama, s: &mut Session, root: u32, mode: SpecMode, max_nodes: usize) -> Result<()> {
+    fn draft(&mut self, model: &Llama, s: &mut Session, history: &[u32], src: Sources, max_nodes: usize) -> Result<()> {
+        let root = *history.last().expect("the root is in the history");
         self.tree.reset(root);
-        let tpl = if matches!(mode, SpecMode::Recycle | SpecMode::Both) { self.recycle_template() } else { Vec::new() };
-        if matches!(mode, SpecMode::SelfDraft | SpecMode::Both) {
-            let k = self.draft_len(tpl.len()).min(max_nodes.saturating_sub(1));
+        let tpl = if src.has(FROM_RECYCLE) { self.recycle_template() } else { Vec::new() };
+        if src.has(FROM_LOOKUP) {
+            let k = self.lookup_len(tpl.len());
+            let mut chain = std::mem::take(&mut self.chain);
+            lookup::continuation(history, k.min(max_nodes.saturating_sub(1)), &mut chain);
+            let mut at = 0;
+            for &t in &chain {
+                at = self.tree.insert(at, t, FROM_LOOKUP);
+            }
+            self.chain = chain;
+        }
+        if src.has(FROM_SELF) {
+            let k = self.draft_len(self.tree.len() - 1 + tpl.len()).min(max_nodes.saturating_sub(self.tree.len()));
             self.chain.clear();
             if k > 0 {
                 let t0 = Instant::now();
@@ -405,9 +507,9 @@ pub fn generate_spec(
             break FinishReason::Length;
         }
         let step0 = Instant::now();
-        let mode = spec.pick_mode(model);
+        let src = spec.pick_sources(model);
         let max_nodes = (cap - session.pos).min(session.max_batch());
-        spec.draft(model, session, next, mode, max_nodes)?;
+        spec.draft(model, session, history, src, max_nodes)?;
         let tree = std::mem::take(&mut spec.tree);
         let n = tree.len();
         let base = session.pos;
@@ -477,11 +579,18 @@ pub fn generate_spec(
             let trials = acc_self + usize::from(acc_self < drafted_self);
             spec.alpha.add(acc_self as f64 / trials as f64, 0.1);
         }
+        let drafted_lk = tree.origin.iter().filter(|&&o| o & FROM_LOOKUP != 0).count();
+        let acc_lk = spec.path[1..].iter().filter(|&&i| tree.origin[i] & FROM_LOOKUP != 0).count();
+        st.accepted_lookup_source += acc_lk;
+        if drafted_lk > 0 {
+            let trials = acc_lk + usize::from(acc_lk < drafted_lk);
+            spec.lookup_alpha.add(acc_lk as f64 / trials as f64, 0.1);
+        }
         if spec.verify_cost.len() <= n {
             spec.verify_cost.resize(n + 1, Ema::default());
         }
         spec.verify_cost[n].add(verify_s, 0.2);
-        if let Some(i) = CONCRETE.iter().position(|&m| m == mode) {
+        if let Some(i) = AUTO_CANDIDATES.iter().position(|&c| c == src) {
             st.mode_steps[i] += 1;
             spec.mode_rate[i].add((accepted + 1) as f64 / step0.elapsed().as_secs_f64().max(1e-9), 0.1);
         }

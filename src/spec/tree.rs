@@ -4,6 +4,7 @@
 /// Where a draft node came from; a node proposed by both sources carries both bits.
 pub const FROM_SELF: u8 = 1;
 pub const FROM_RECYCLE: u8 = 2;
+pub const FROM_LOOKUP: u8 = 4;
 
 /// Candidate continuations as a trie: node 0 is the root (the token the model has chosen but
 /// not yet read), every other node a draft token whose parent comes earlier. Siblings hold
