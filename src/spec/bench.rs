@@ -186,6 +186,14 @@ pub fn run(
             cats[c].iter().map(|(k, a)| (k.clone(), summarize(a.n, a.rate, a.plain, a.identical, &a.stats))).collect();
         let rate: f64 = cats[c].values().map(|a| a.rate).sum();
         let st = &spec.stats;
+        if std::env::var_os("BITNEST_DEBUG_SPEC").is_some() {
+            eprintln!(
+                "{}: verify costs {:?}, rank hits {:?}",
+                opts.mode,
+                spec.verify_costs(),
+                spec.rank_hits.iter().map(|r| r.rates()[0]).collect::<Vec<_>>()
+            );
+        }
         results.push(SpecBenchResult {
             mode: opts.mode.to_string(),
             draft_bits: opts.draft_bits,

@@ -210,6 +210,47 @@ impl SpecStats {
     }
 }
 
+/// Verification time as a line in the tree size, `c(n) = c̄ + slope·(n − n̄)`, fitted by least
+/// squares over the recent passes (older ones fade, one percent a pass): passes of any size
+/// inform the estimate at every size, so a size seldom or never verified (a pass without
+/// drafts, when drafts are usual) is not guessed from its nearest neighbour alone.
+#[derive(Debug, Clone, Copy, Default)]
+struct CostFit {
+    w: f64,
+    n: f64,
+    nn: f64,
+    c: f64,
+    nc: f64,
+}
+
+impl CostFit {
+    /// Until the sizes seen vary: each node beyond the first costs this fraction of a
+    /// one-node pass (what `examples/verify_cost` measures for small trees on a 2-core Zen 4).
+    const PRIOR_SLOPE: f64 = 0.25;
+
+    fn add(&mut self, n: f64, c: f64) {
+        let d = 0.99;
+        self.w = d * self.w + 1.0;
+        self.n = d * self.n + n;
+        self.nn = d * self.nn + n * n;
+        self.c = d * self.c + c;
+        self.nc = d * self.nc + n * c;
+    }
+
+    fn estimate(&self, n: f64) -> Option<f64> {
+        if self.w == 0.0 {
+            return None;
+        }
+        let (mn, mc) = (self.n / self.w, self.c / self.w);
+        let var = self.nn / self.w - mn * mn;
+        let one = mc / (1.0 + Self::PRIOR_SLOPE * (mn - 1.0));
+        let slope = if var > 0.5 { (self.nc / self.w - mn * mc) / var } else { Self::PRIOR_SLOPE * one };
+        // A pass over more nodes never costs less, nor more than a whole pass per node.
+        let slope = slope.clamp(0.02 * one, one);
+        Some((mc + slope * (n - mn)).max(0.2 * mc))
+    }
+}
+
 /// Exponential moving average that starts at its first sample.
 #[derive(Debug, Clone, Copy, Default)]
 struct Ema(Option<f64>);
@@ -228,16 +269,20 @@ pub struct Speculator {
     pub stats: SpecStats,
     /// Per-position acceptance of self-drafted tokens.
     alpha: Ema,
-    /// Per-position acceptance of context-lookup tokens.
-    lookup_alpha: Ema,
+    /// Per-position acceptance of context-lookup tokens, by the length of the match.
+    lookup_alpha: [Ema; lookup::MAX_NGRAM + 1],
+    /// Length of the match behind this step's lookup chain.
+    matched: usize,
     /// Seconds per self-draft forward.
     draft_cost: Ema,
-    /// Seconds per verification pass, by tree size.
-    verify_cost: Vec<Ema>,
+    /// Seconds per verification pass against tree size.
+    verify_cost: CostFit,
     /// Tokens per second of each concrete mode, for `auto`.
     mode_rate: [Ema; AUTO_CANDIDATES.len()],
-    /// Hit rate of each recycled-candidate rank, which shapes and sizes the recycled tree.
-    pub rank_hits: RankHits,
+    /// Hit rate of each recycled-candidate rank at the root, which shapes and sizes the
+    /// recycled tree: `[0]` when context lookup found no match (or did not look), `[1]` when
+    /// it did (the text is then being copied, and recycled candidates hit more often).
+    pub rank_hits: [RankHits; 2],
     tree: DraftTree,
     path: Vec<usize>,
     /// The target's choice at each node of the accepted path (the last one the extra token).
@@ -253,16 +298,22 @@ impl Speculator {
             recycler,
             stats: SpecStats::default(),
             alpha: Ema::default(),
-            lookup_alpha: Ema::default(),
+            lookup_alpha: [Ema::default(); lookup::MAX_NGRAM + 1],
+            matched: 0,
             draft_cost: Ema::default(),
-            verify_cost: Vec::new(),
+            verify_cost: CostFit::default(),
             mode_rate: [Ema::default(); AUTO_CANDIDATES.len()],
-            rank_hits: RankHits::default(),
+            rank_hits: [RankHits::default(), RankHits::default()],
             tree: DraftTree::default(),
             path: Vec::new(),
             picks: Vec::new(),
             chain: Vec::new(),
         }
+    }
+
+    /// Estimated seconds of verification passes over 1, 2, 4 and 8 nodes (debugging aid).
+    pub fn verify_costs(&self) -> Vec<(usize, f64)> {
+        [1, 2, 4, 8].iter().filter_map(|&n| self.verify_estimate(n).map(|c| (n, c))).collect()
     }
 
     /// Checks that `model` supports the options (self-drafting needs a bit-plane model read
@@ -291,17 +342,9 @@ impl Speculator {
         model.bits().is_some_and(|b| (1..b).contains(&self.opts.draft_bits))
     }
 
-    /// Expected seconds of a verification pass over `n` nodes: measured where it was, else
-    /// scaled from the nearest measured size (optimistically, so new sizes get tried).
+    /// Expected seconds of a verification pass over `n` nodes.
     fn verify_estimate(&self, n: usize) -> Option<f64> {
-        if let Some(Ema(Some(c))) = self.verify_cost.get(n) {
-            return Some(*c);
-        }
-        let nearest = (1..self.verify_cost.len())
-            .filter_map(|m| self.verify_cost[m].0.map(|c| (m, c)))
-            .min_by_key(|&(m, _)| m.abs_diff(n))?;
-        let (m, c) = nearest;
-        Some(c * (1.0 + 0.2 * (n as f64 - m as f64) / m as f64).max(0.5))
+        self.verify_cost.estimate(n as f64)
     }
 
     /// Length of the self-drafted chain with the best expected tokens per second.
@@ -327,53 +370,86 @@ impl Speculator {
         if self.stats.steps % 16 == 15 { (best.0 + 1).min(self.opts.max_draft) } else { best.0 }
     }
 
-    /// Length of the context-lookup chain with the best expected tokens per verification time.
-    fn lookup_len(&self, extra_nodes: usize) -> usize {
-        let a = self.lookup_alpha.0.unwrap_or(0.6).clamp(0.0, 0.98);
-        if self.verify_estimate(1).is_none() {
-            return 3;
+    /// Grows the free part of the next tree (context lookup and Token Recycling) onto the
+    /// root, most valuable node first. A node's value is the chance that it is accepted: a
+    /// lookup token `i` deep, the measured per-token acceptance of lookups after a match of
+    /// that length, to the power `i`; a recycled template node, the product of its ranks' hit
+    /// rates along its path. The expected tokens of a tree are one plus the sum of its nodes'
+    /// values (a candidate that lands on a node already there adds neither a node nor value),
+    /// and the tree stops at the size with the best expected tokens per second of verification
+    /// (at most `--tree-nodes` recycled and `--max-draft` looked-up candidates). Now and then it
+    /// grows one node past that, so that the cost estimates keep up with reality.
+    fn grow_free(&mut self, history: &[u32], src: Sources, max_nodes: usize) {
+        let mut chain = std::mem::take(&mut self.chain);
+        self.matched = 0;
+        chain.clear();
+        if src.has(FROM_LOOKUP) {
+            self.matched = lookup::continuation(history, self.opts.max_draft, &mut chain);
         }
-        let mut best = (0, 0.0);
-        for k in 0..=self.opts.max_draft {
-            let tokens = 1.0 + (1..=k).map(|i| a.powi(i as i32)).sum::<f64>();
-            let rate = tokens / self.verify_estimate(1 + k + extra_nodes).unwrap_or(1.0).max(1e-9);
-            if rate > best.1 {
-                best = (k, rate);
+        let rates = self.rank_hits[usize::from(self.matched > 0)].rates();
+        let tpl = if src.has(FROM_RECYCLE) { recycle::template(self.opts.tree_nodes, &rates) } else { Vec::new() };
+        let a = self.lookup_alpha[self.matched].0.unwrap_or(0.6).clamp(0.0, 0.98);
+        // (value, lookup depth or template index); values fall along every path, so a stable
+        // sort keeps parents before children.
+        let mut cands: Vec<(f64, Result<usize, usize>)> = (0..chain.len())
+            .map(|i| (a.powi(i as i32 + 1), Err(i)))
+            .chain(tpl.iter().enumerate().map(|(j, t)| (t.2, Ok(j))))
+            .collect();
+        cands.sort_by(|x, y| y.0.total_cmp(&x.0));
+        let rec = self.recycler.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tree = std::mem::take(&mut self.tree);
+        let root = tree.tokens[0];
+        // Inserts the first `steps` candidates; returns the tree size and expected tokens after each.
+        let mut grow = |steps: usize| -> Vec<(usize, f64)> {
+            tree.reset(root);
+            let (mut last_lookup, mut node_of) = (0, vec![0; tpl.len()]);
+            let mut tokens = 1.0;
+            let mut out = Vec::with_capacity(steps);
+            for &(value, c) in cands.iter().take(steps) {
+                if tree.len() >= max_nodes {
+                    break;
+                }
+                let before = tree.len();
+                match c {
+                    Err(i) => last_lookup = tree.insert(last_lookup, chain[i], FROM_LOOKUP),
+                    Ok(j) => {
+                        let (parent, rank, _) = tpl[j];
+                        let p = parent.map_or(0, |p| node_of[p]);
+                        node_of[j] = tree.insert(p, rec.candidate(tree.tokens[p], rank), FROM_RECYCLE);
+                    }
+                }
+                if tree.len() > before {
+                    tokens += value;
+                }
+                out.push((tree.len(), tokens));
             }
+            out
+        };
+        let grown = grow(cands.len());
+        if self.opts.adaptive {
+            let steps = if self.verify_estimate(1).is_none() {
+                grown.iter().take_while(|g| g.0 <= 3).count()
+            } else {
+                let rate = |&(len, tokens): &(usize, f64)| tokens / self.verify_estimate(len).unwrap_or(1.0).max(1e-9);
+                let mut best = (0, 1.0 / self.verify_estimate(1).unwrap_or(1.0).max(1e-9));
+                for (k, g) in grown.iter().enumerate() {
+                    if rate(g) > best.1 {
+                        best = (k + 1, rate(g));
+                    }
+                }
+                let mut steps = best.0;
+                if self.stats.steps % 16 == 7 {
+                    // One node more: through the candidates that only merged into nodes.
+                    let len = if steps == 0 { 1 } else { grown[steps - 1].0 };
+                    steps = grown.iter().position(|g| g.0 > len).map_or(grown.len(), |k| k + 1);
+                }
+                steps
+            };
+            grow(steps);
         }
-        if self.stats.steps % 16 == 11 { (best.0 + 1).min(self.opts.max_draft) } else { best.0 }
-    }
-
-    /// The recycled template nodes of the next tree: as many of the most valuable as give the
-    /// best expected tokens per second of verification (at most `--tree-nodes`).
-    fn recycle_template(&self) -> Vec<(Option<usize>, usize, f64)> {
-        let mut tpl = recycle::template(self.opts.tree_nodes, &self.rank_hits.rates());
-        if !self.opts.adaptive {
-            return tpl;
-        }
-        if self.verify_estimate(1).is_none() {
-            tpl.truncate(4);
-            return tpl;
-        }
-        // Expected tokens of a tree = 1 + Σ node values (the chance each node is accepted).
-        let mut by_value: Vec<f64> = tpl.iter().map(|t| t.2).collect();
-        by_value.sort_by(|a, b| b.total_cmp(a));
-        let mut best = (0, 0.0);
-        let mut tokens = 1.0;
-        for n in 0..=by_value.len() {
-            if n > 0 {
-                tokens += by_value[n - 1];
-            }
-            let rate = tokens / self.verify_estimate(1 + n).unwrap_or(1.0).max(1e-9);
-            if rate > best.1 {
-                best = (n, rate);
-            }
-        }
-        let mut n = best.0;
-        if self.stats.steps % 16 == 7 {
-            n = (n + 1).min(by_value.len());
-        }
-        recycle::template(n, &self.rank_hits.rates())
+        drop(rec);
+        self.tree = tree;
+        self.chain = chain;
     }
 
     /// The sources of the next step's tree.
@@ -406,19 +482,9 @@ impl Speculator {
     fn draft(&mut self, model: &Llama, s: &mut Session, history: &[u32], src: Sources, max_nodes: usize) -> Result<()> {
         let root = *history.last().expect("the root is in the history");
         self.tree.reset(root);
-        let tpl = if src.has(FROM_RECYCLE) { self.recycle_template() } else { Vec::new() };
-        if src.has(FROM_LOOKUP) {
-            let k = self.lookup_len(tpl.len());
-            let mut chain = std::mem::take(&mut self.chain);
-            lookup::continuation(history, k.min(max_nodes.saturating_sub(1)), &mut chain);
-            let mut at = 0;
-            for &t in &chain {
-                at = self.tree.insert(at, t, FROM_LOOKUP);
-            }
-            self.chain = chain;
-        }
+        self.grow_free(history, src, max_nodes);
         if src.has(FROM_SELF) {
-            let k = self.draft_len(self.tree.len() - 1 + tpl.len()).min(max_nodes.saturating_sub(self.tree.len()));
+            let k = self.draft_len(self.tree.len() - 1).min(max_nodes.saturating_sub(self.tree.len()));
             self.chain.clear();
             if k > 0 {
                 let t0 = Instant::now();
@@ -439,18 +505,6 @@ impl Speculator {
             let mut at = 0;
             for &t in &self.chain {
                 at = self.tree.insert(at, t, FROM_SELF);
-            }
-        }
-        if !tpl.is_empty() {
-            let rec = self.recycler.lock().unwrap_or_else(|e| e.into_inner());
-            let mut node_of = Vec::with_capacity(tpl.len());
-            for &(parent, rank, _) in &tpl {
-                let p = parent.map_or(0, |p| node_of[p]);
-                if self.tree.len() >= max_nodes {
-                    break;
-                }
-                let t = rec.candidate(self.tree.tokens[p], rank);
-                node_of.push(self.tree.insert(p, t, FROM_RECYCLE));
             }
         }
         Ok(())
@@ -551,10 +605,10 @@ pub fn generate_spec(
         // Recycle every node's top-k, accepted or not.
         {
             let mut rec = spec.recycler.lock().unwrap_or_else(|e| e.into_inner());
-            // How the target's choices ranked among the recycled candidates, before updating.
-            for (&node, &pick) in spec.path.iter().zip(&spec.picks) {
-                spec.rank_hits.record(rec.rank_of(tree.tokens[node], pick));
-            }
+            // How the target's choice at the root ranked among its recycled candidates, before
+            // updating. (Only at the root: deeper nodes on the accepted path are there because
+            // they were predictable, so their hits would overstate every node's chances.)
+            spec.rank_hits[usize::from(spec.matched > 0)].record(rec.rank_of(tree.tokens[0], spec.picks[0]));
             for (i, &t) in tree.tokens.iter().enumerate() {
                 rec.update(t, &logits[i * vocab..(i + 1) * vocab]);
             }
@@ -584,12 +638,9 @@ pub fn generate_spec(
         st.accepted_lookup_source += acc_lk;
         if drafted_lk > 0 {
             let trials = acc_lk + usize::from(acc_lk < drafted_lk);
-            spec.lookup_alpha.add(acc_lk as f64 / trials as f64, 0.1);
+            spec.lookup_alpha[spec.matched.min(lookup::MAX_NGRAM)].add(acc_lk as f64 / trials as f64, 0.1);
         }
-        if spec.verify_cost.len() <= n {
-            spec.verify_cost.resize(n + 1, Ema::default());
-        }
-        spec.verify_cost[n].add(verify_s, 0.2);
+        spec.verify_cost.add(n as f64, verify_s);
         if let Some(i) = AUTO_CANDIDATES.iter().position(|&c| c == src) {
             st.mode_steps[i] += 1;
             spec.mode_rate[i].add((accepted + 1) as f64 / step0.elapsed().as_secs_f64().max(1e-9), 0.1);
