@@ -6,8 +6,9 @@
 
 /// Longest suffix tried first: a longer match predicts the copy more reliably.
 pub const MAX_NGRAM: usize = 4;
-/// Shortest suffix accepted: one token alone matches too often to predict much.
-pub const MIN_NGRAM: usize = 2;
+/// Shortest suffix tried: one token alone predicts less, but the per-token acceptance is
+/// measured for each match length and the tree keeps only the nodes that pay.
+pub const MIN_NGRAM: usize = 1;
 
 /// The continuation of the most recent earlier occurrence of `history`'s longest matching
 /// suffix (from [`MAX_NGRAM`] down to [`MIN_NGRAM`] tokens), at most `len` tokens, into `out`;
@@ -49,8 +50,11 @@ mod tests {
         let h = [1, 2, 3, 1, 2];
         assert_eq!(continuation(&h, 8, &mut out), 2);
         assert_eq!(out, [3, 1, 2]);
-        // No match of two tokens or more: nothing.
-        assert_eq!(continuation(&[1, 2, 3, 4, 2], 4, &mut out), 0);
+        // One token alone, when nothing longer matches.
+        assert_eq!(continuation(&[1, 2, 3, 4, 2], 4, &mut out), 1);
+        assert_eq!(out, [3, 4, 2]);
+        // No match at all: nothing.
+        assert_eq!(continuation(&[1, 2, 3, 4], 4, &mut out), 0);
         assert!(out.is_empty());
         assert_eq!(continuation(&[], 4, &mut out), 0);
         assert_eq!(continuation(&[1, 1, 1], 0, &mut out), 0);

@@ -662,3 +662,65 @@ pub fn generate_spec(
         finish,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_fit_recovers_a_line_and_falls_back_to_the_prior() {
+        let mut f = CostFit::default();
+        assert_eq!(f.estimate(1.0), None);
+        for k in 0..200 {
+            let n = [2.0, 3.0, 5.0, 8.0][k % 4];
+            f.add(n, 5.0 + 1.25 * n);
+        }
+        assert!((f.estimate(1.0).unwrap() - 6.25).abs() < 1e-6);
+        assert!((f.estimate(16.0).unwrap() - 25.0).abs() < 1e-6);
+        // One size only: the slope is the prior's share of a one-node pass.
+        let mut g = CostFit::default();
+        for _ in 0..10 {
+            g.add(3.0, 6.0);
+        }
+        let one = 6.0 / (1.0 + 2.0 * CostFit::PRIOR_SLOPE);
+        assert!((g.estimate(1.0).unwrap() - one).abs() < 1e-9);
+        assert!((g.estimate(4.0).unwrap() - (6.0 + CostFit::PRIOR_SLOPE * one)).abs() < 1e-9);
+    }
+
+    fn free_tree(per_node: f64) -> DraftTree {
+        let opts = SpecOptions { mode: "recycle+lookup".parse().unwrap(), ..SpecOptions::default() };
+        let mut rec = TokenRecycler::new(100);
+        // Token 9 is followed by 4 (then 5), as recycled logits have it.
+        let mut logits = vec![0f32; 100];
+        logits[4] = 3.0;
+        logits[5] = 2.0;
+        rec.update(9, &logits);
+        let mut spec = Speculator::new(opts, Arc::new(Mutex::new(rec)));
+        for n in 1..=8 {
+            for _ in 0..4 {
+                spec.verify_cost.add(n as f64, 1.0 + per_node * (n - 1) as f64);
+            }
+        }
+        // "7 8 9 1 2 3 … 7 8 9": lookup matches "7 8 9" and proposes "1 2 3".
+        let history = [7, 8, 9, 1, 2, 3, 6, 7, 8, 9];
+        spec.tree.reset(9);
+        spec.grow_free(&history, Sources(FROM_RECYCLE | FROM_LOOKUP), 64);
+        assert_eq!(spec.matched, 3);
+        spec.tree.clone()
+    }
+
+    #[test]
+    fn the_free_tree_takes_the_nodes_that_pay() {
+        // Nodes almost free: the whole lookup chain and recycled candidates, parents first.
+        let t = free_tree(0.01);
+        assert!(t.parents.iter().enumerate().all(|(i, p)| p.is_none_or(|p| p < i)));
+        let first = t.child(0, 1).expect("the looked-up chain");
+        let second = t.child(first, 2).expect("its second token");
+        assert!(t.child(second, 3).is_some());
+        assert_eq!(t.origin[first], FROM_LOOKUP);
+        assert!(t.child(0, 4).is_some_and(|i| t.origin[i] == FROM_RECYCLE));
+        assert!(t.len() > 5);
+        // A node costs a whole pass: nothing pays, the root goes alone.
+        assert_eq!(free_tree(1.0).len(), 1);
+    }
+}
