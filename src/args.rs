@@ -151,8 +151,9 @@ impl SamplingArgs {
 /// Speculative decoding (`docs/SPECULATIVE.md`); greedy output is identical to `--spec none`.
 #[derive(Args, Clone)]
 pub(crate) struct SpecArgs {
-    /// none, self (low-bit view of the same .bnest drafts), recycle (Token Recycling tree),
-    /// both (one tree from both), auto (whichever measures fastest).
+    /// none; auto (whichever of recycle+lookup and self+recycle+lookup measures fastest); or
+    /// draft sources joined with '+': self (low-bit view of the same .bnest), recycle (Token
+    /// Recycling tree), lookup (continuations copied from the context); both = self+recycle.
     #[arg(long, default_value = "none")]
     pub(crate) spec: String,
     /// Planes the self-draft reads.
@@ -323,7 +324,8 @@ pub(crate) struct SpecBenchArgs {
     pub(crate) prompts: PathBuf,
     #[arg(long, default_value_t = 128)]
     pub(crate) max_tokens: usize,
-    /// Modes to measure, comma-separated (self, recycle, both, auto).
+    /// Modes to measure, comma-separated (auto, or sources joined with '+': self, recycle,
+    /// lookup; both = self+recycle).
     #[arg(long, default_value = "auto")]
     pub(crate) spec: String,
     /// Self-draft precisions to measure, comma-separated.
