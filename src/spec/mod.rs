@@ -97,10 +97,11 @@ impl SpecMode {
     }
 }
 
-/// The source sets `auto` chooses between: the two free sources always, with or without the
-/// self-draft (which pays a low-precision forward per drafted token).
-pub const AUTO_CANDIDATES: [Sources; 2] =
-    [Sources(FROM_RECYCLE | FROM_LOOKUP), Sources(FROM_SELF | FROM_RECYCLE | FROM_LOOKUP)];
+/// The source sets `auto` chooses between: context lookup alone, with Token Recycling, and with
+/// both Token Recycling and the self-draft (which pays a low-precision forward per drafted
+/// token, so it drafts only when lookup found nothing to copy).
+pub const AUTO_CANDIDATES: [Sources; 3] =
+    [Sources(FROM_LOOKUP), Sources(FROM_RECYCLE | FROM_LOOKUP), Sources(FROM_SELF | FROM_RECYCLE | FROM_LOOKUP)];
 
 impl FromStr for SpecMode {
     type Err = anyhow::Error;
@@ -484,7 +485,14 @@ impl Speculator {
         self.tree.reset(root);
         self.grow_free(history, src, max_nodes);
         if src.has(FROM_SELF) {
-            let k = self.draft_len(self.tree.len() - 1).min(max_nodes.saturating_sub(self.tree.len()));
+            // A looked-up copy, when the tree took one, is free and usually right: the self-draft
+            // would mostly propose the same tokens at the price of a forward pass each.
+            let copying = self.tree.origin.iter().any(|&o| o & FROM_LOOKUP != 0);
+            let k = if copying {
+                0
+            } else {
+                self.draft_len(self.tree.len() - 1).min(max_nodes.saturating_sub(self.tree.len()))
+            };
             self.chain.clear();
             if k > 0 {
                 let t0 = Instant::now();
