@@ -151,7 +151,7 @@ impl SamplingArgs {
 /// Speculative decoding (`docs/SPECULATIVE.md`); greedy output is identical to `--spec none`.
 #[derive(Args, Clone)]
 pub(crate) struct SpecArgs {
-    /// none; auto (whichever of recycle+lookup and self+recycle+lookup measures fastest); or
+    /// none; auto (whichever of lookup, recycle+lookup and self+recycle+lookup measures fastest); or
     /// draft sources joined with '+': self (low-bit view of the same .bnest), recycle (Token
     /// Recycling tree), lookup (continuations copied from the context); both = self+recycle.
     #[arg(long, default_value = "none")]
