@@ -340,8 +340,8 @@ fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
     }
     let mut configs = Vec::new();
     for &mode in &modes {
-        let uses_self = mode.uses_self();
-        let uses_tree = mode.uses_recycle();
+        let uses_self = mode.may_use(bitnest::spec::FROM_SELF);
+        let uses_tree = mode.may_use(bitnest::spec::FROM_RECYCLE);
         for &b in if uses_self { &draft_bits[..] } else { &draft_bits[..1] } {
             for &t in if uses_tree { &tree_nodes[..] } else { &tree_nodes[..1] } {
                 configs.push(SpecOptions {

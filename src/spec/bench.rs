@@ -123,12 +123,12 @@ pub fn run(
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<SpecBenchResult>> {
     let mut session = engine.model.new_session(ctx, 512);
+    let first = prompt_ids(engine, &prompts[0])?;
     let mut specs = Vec::new();
     for o in configs {
         let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
         let mut spec = Speculator::new(o.clone(), recycler);
         spec.check(&engine.model)?;
-        let first = prompt_ids(engine, &prompts[0])?;
         for _ in 0..warmup {
             decode(engine, &mut session, &first, max_tokens, Some(&mut spec))?;
         }
@@ -186,14 +186,6 @@ pub fn run(
             cats[c].iter().map(|(k, a)| (k.clone(), summarize(a.n, a.rate, a.plain, a.identical, &a.stats))).collect();
         let rate: f64 = cats[c].values().map(|a| a.rate).sum();
         let st = &spec.stats;
-        if std::env::var_os("BITNEST_DEBUG_SPEC").is_some() {
-            eprintln!(
-                "{}: verify costs {:?}, rank hits {:?}",
-                opts.mode,
-                spec.verify_costs(),
-                spec.rank_hits.iter().map(|r| r.rates()[0]).collect::<Vec<_>>()
-            );
-        }
         results.push(SpecBenchResult {
             mode: opts.mode.to_string(),
             draft_bits: opts.draft_bits,

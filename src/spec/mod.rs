@@ -54,9 +54,6 @@ impl Sources {
     pub fn has(self, bit: u8) -> bool {
         self.0 & bit != 0
     }
-    pub fn with(self, other: Sources) -> Sources {
-        Sources(self.0 | other.0)
-    }
 }
 
 /// How drafts are made.
@@ -78,21 +75,13 @@ impl SpecMode {
     pub const LOOKUP: SpecMode = SpecMode::Drafts(Sources::LOOKUP);
     pub const BOTH: SpecMode = SpecMode::Drafts(Sources(FROM_SELF | FROM_RECYCLE));
 
-    /// Whether the mode may draft with the low-precision view (and so needs a bit-plane model).
-    pub fn uses_self(self) -> bool {
+    /// Whether the mode may draw on source `bit` (a [`FROM_SELF`]-style bit): the self-draft
+    /// needs a bit-plane model, and the Token Recycling tree's size is what `--tree-nodes` caps.
+    pub fn may_use(self, bit: u8) -> bool {
         match self {
             SpecMode::None => false,
-            SpecMode::Drafts(s) => s.has(FROM_SELF),
-            SpecMode::Auto => AUTO_CANDIDATES.iter().any(|c| c.has(FROM_SELF)),
-        }
-    }
-
-    /// Whether the mode may draw from the Token Recycling tree (whose size `--tree-nodes` caps).
-    pub fn uses_recycle(self) -> bool {
-        match self {
-            SpecMode::None => false,
-            SpecMode::Drafts(s) => s.has(FROM_RECYCLE),
-            SpecMode::Auto => AUTO_CANDIDATES.iter().any(|c| c.has(FROM_RECYCLE)),
+            SpecMode::Drafts(s) => s.has(bit),
+            SpecMode::Auto => AUTO_CANDIDATES.iter().any(|c| c.has(bit)),
         }
     }
 }
@@ -252,6 +241,12 @@ impl CostFit {
     }
 }
 
+/// Per-position acceptance of a drafted chain: `accepted` successes out of `accepted` trials,
+/// plus one more when the walk stopped inside the chain (`accepted < drafted`).
+fn per_position(accepted: usize, drafted: usize) -> f64 {
+    accepted as f64 / (accepted + usize::from(accepted < drafted)) as f64
+}
+
 /// Exponential moving average that starts at its first sample.
 #[derive(Debug, Clone, Copy, Default)]
 struct Ema(Option<f64>);
@@ -310,11 +305,6 @@ impl Speculator {
             picks: Vec::new(),
             chain: Vec::new(),
         }
-    }
-
-    /// Estimated seconds of verification passes over 1, 2, 4 and 8 nodes (debugging aid).
-    pub fn verify_costs(&self) -> Vec<(usize, f64)> {
-        [1, 2, 4, 8].iter().filter_map(|&n| self.verify_estimate(n).map(|c| (n, c))).collect()
     }
 
     /// Checks that `model` supports the options (self-drafting needs a bit-plane model read
@@ -629,24 +619,18 @@ pub fn generate_spec(
         st.tokens += spec.path.len();
         st.nodes += n;
         st.verify_s += verify_s;
-        let drafted_self = tree.origin.iter().filter(|&&o| o & FROM_SELF != 0).count();
-        let acc_self = spec.path[1..].iter().filter(|&&i| tree.origin[i] & FROM_SELF != 0).count();
+        let (drafted_self, acc_self) = tree.proposed_accepted(&spec.path, FROM_SELF);
         st.self_drafted += drafted_self;
         st.self_accepted += acc_self;
         st.accepted_self_source += acc_self;
-        st.accepted_recycle_source += spec.path[1..].iter().filter(|&&i| tree.origin[i] & FROM_RECYCLE != 0).count();
+        st.accepted_recycle_source += tree.proposed_accepted(&spec.path, FROM_RECYCLE).1;
         if drafted_self > 0 {
-            // Per-position acceptance: acc_self successes out of acc_self + (1 if it stopped
-            // inside the chain) trials.
-            let trials = acc_self + usize::from(acc_self < drafted_self);
-            spec.alpha.add(acc_self as f64 / trials as f64, 0.1);
+            spec.alpha.add(per_position(acc_self, drafted_self), 0.1);
         }
-        let drafted_lk = tree.origin.iter().filter(|&&o| o & FROM_LOOKUP != 0).count();
-        let acc_lk = spec.path[1..].iter().filter(|&&i| tree.origin[i] & FROM_LOOKUP != 0).count();
+        let (drafted_lk, acc_lk) = tree.proposed_accepted(&spec.path, FROM_LOOKUP);
         st.accepted_lookup_source += acc_lk;
         if drafted_lk > 0 {
-            let trials = acc_lk + usize::from(acc_lk < drafted_lk);
-            spec.lookup_alpha[spec.matched.min(lookup::MAX_NGRAM)].add(acc_lk as f64 / trials as f64, 0.1);
+            spec.lookup_alpha[spec.matched].add(per_position(acc_lk, drafted_lk), 0.1);
         }
         spec.verify_cost.add(n as f64, verify_s);
         if let Some(i) = AUTO_CANDIDATES.iter().position(|&c| c == src) {

@@ -45,6 +45,13 @@ impl DraftTree {
         (node + 1..self.len()).find(|&i| self.parents[i] == Some(node) && self.tokens[i] == token)
     }
 
+    /// How many nodes source `bit` proposed, and how many of those lie on `path` past its root
+    /// (the accepted drafts).
+    pub fn proposed_accepted(&self, path: &[usize], bit: u8) -> (usize, usize) {
+        let from = |i: usize| self.origin[i] & bit != 0;
+        ((0..self.len()).filter(|&i| from(i)).count(), path.iter().skip(1).filter(|&&i| from(i)).count())
+    }
+
     /// Adds `token` under `parent` unless that child exists; returns the node either way.
     pub fn insert(&mut self, parent: usize, token: u32, origin: u8) -> usize {
         if let Some(i) = self.child(parent, token) {
