@@ -1,5 +1,6 @@
-//! Time of one forward pass over `n` tokens after a 256-token context, for n = 1..64: what a
-//! speculative verification pass costs relative to a plain decode step.
+//! Time of one forward pass over `n` tokens after a 256-token context (`DEPTH=…` for another),
+//! for n = 1..64 (`NS=1,2,4`): what a speculative verification pass costs relative to a plain
+//! decode step. `TREE=1` runs the tokens as a draft tree (a chain) through `forward_tree`.
 //!
 //! `cargo run --release --example verify_cost -- MODEL.bnest BITS [THREADS]`
 
@@ -16,8 +17,10 @@ fn main() -> anyhow::Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     let engine = Engine::load(&path, bits.map(|b| BitsPlan::uniform(Some(b))))?;
     let model = &engine.model;
-    let mut s = model.new_session(1024, 128);
-    let ctx: Vec<u32> = (0..256u32).map(|i| (i * 7919) % 40000 + 10).collect();
+    let depth: u32 = std::env::var("DEPTH").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let tree = std::env::var_os("TREE").is_some();
+    let mut s = model.new_session(depth as usize + 128, 128);
+    let ctx: Vec<u32> = (0..depth).map(|i| (i * 7919) % 40000 + 10).collect();
     model.forward(&mut s, &ctx, 1)?;
     let base = s.pos;
     let mut t1 = 0.0;
@@ -35,7 +38,12 @@ fn main() -> anyhow::Result<()> {
             s.truncate(base);
             let c = cpu_seconds();
             let t = Instant::now();
-            model.forward(&mut s, &toks, n)?;
+            if tree {
+                let parents: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
+                model.forward_tree(&mut s, &toks, &parents, bitnest::model::ALL_BITS)?;
+            } else {
+                model.forward(&mut s, &toks, n)?;
+            }
             let e = t.elapsed().as_secs_f64();
             cpu_best = cpu_best.min(cpu_seconds() - c);
             best = best.min(e);

@@ -257,10 +257,8 @@ pub(crate) struct ServeArgs {
     /// Prompt tokens computed per scheduling step (a long prompt yields to the others between chunks).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) prefill_chunk: u32,
-    /// Speculative decoding mode; the server decodes plainly for now (`none`); `run` and `chat`
-    /// take every mode.
-    #[arg(long, default_value = "none")]
-    pub(crate) spec: String,
+    #[command(flatten)]
+    pub(crate) spec: SpecArgs,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub(crate) grace: u64,

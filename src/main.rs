@@ -77,15 +77,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_serve(a: ServeArgs) -> Result<()> {
-    let mode: bitnest::spec::SpecMode = a.spec.parse()?;
-    if mode != bitnest::spec::SpecMode::None {
-        bail!(
-            "--spec {}: the server does not speculate yet (its slots step round-robin); use --spec none, \
-             or `bitnest run`/`bitnest chat --spec {}`",
-            a.spec,
-            a.spec
-        );
-    }
+    let spec = a.spec.options()?;
     if a.model.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
@@ -97,6 +89,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
     });
     let engine = load(&a.model)?;
+    Speculator::new(spec, Arc::new(Mutex::new(TokenRecycler::new(0)))).check(&engine.model)?;
     let ctx = context_size(&engine, Some(a.ctx))?;
     let slot_bytes = engine.model.new_session(1, 1).kv_bytes() * ctx;
     eprintln!(
@@ -116,7 +109,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         queue: a.queue as usize,
         max_body: a.max_body,
         prefill_chunk: a.prefill_chunk as usize,
-        spec: a.spec,
+        spec,
         grace: std::time::Duration::from_secs(a.grace),
     };
     serve::serve(engine, opts)

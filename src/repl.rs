@@ -63,7 +63,7 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
     let mut sampler = Sampler::new(o.params.clone());
     // One Token Recycling matrix for the whole conversation (hot start across turns).
     let recycler = Arc::new(std::sync::Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
-    let mut spec = Speculator::new(o.spec.clone(), recycler.clone());
+    let mut spec = Speculator::new(o.spec, recycler.clone());
     spec.check(&engine.model)?;
     let mut messages: Vec<Message> = o.system.iter().map(|s| Message::new("system", s.as_str())).collect();
     // Tokens currently in the KV cache, so each turn only prefills what is new.
@@ -112,7 +112,7 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                                 if let Err(e) = spec.check(&engine.model) {
                                     eprintln!("[{e:#}; speculative decoding is off]");
                                     spec = Speculator::new(
-                                        SpecOptions { mode: SpecMode::None, ..spec.opts.clone() },
+                                        SpecOptions { mode: SpecMode::None, ..spec.opts },
                                         recycler.clone(),
                                     );
                                 }
@@ -125,7 +125,7 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                 },
                 ("spec", Some(m)) => match m.parse::<SpecMode>() {
                     Ok(mode) => {
-                        let next = Speculator::new(SpecOptions { mode, ..spec.opts.clone() }, recycler.clone());
+                        let next = Speculator::new(SpecOptions { mode, ..spec.opts }, recycler.clone());
                         match next.check(&engine.model) {
                             Ok(()) => {
                                 spec = next;

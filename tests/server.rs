@@ -40,23 +40,19 @@ fn require_openai() {
     }
 }
 
-#[test]
-fn openai_client_against_the_real_server() {
-    require_openai();
+/// Starts `bitnest serve` on the default model with `args`; returns it and its base URL.
+fn start(args: &[&str]) -> (Server, String) {
     let model = common::model_path();
     let mut child = Command::new(BIN)
         .args(["serve", "--model"])
         .arg(&model)
-        .args(["--host", "127.0.0.1", "--port", "0", "--ctx", &CTX.to_string()])
-        .args(["--parallel", &PARALLEL.to_string(), "--queue", &QUEUE.to_string()])
-        .args(["--max-body", &MAX_BODY.to_string()])
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start bitnest serve");
     let stdout = child.stdout.take().expect("server stdout");
-    let server = Server(child);
-
     // The server prints its address once the model is loaded and the socket is bound.
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -66,8 +62,18 @@ fn openai_client_against_the_real_server() {
             }
         }
     });
+    let server = Server(child);
     let base = rx.recv_timeout(Duration::from_secs(180)).expect("server did not start listening within 180 s");
     assert!(base.starts_with("http://127.0.0.1:"), "unexpected address {base}");
+    (server, base)
+}
+
+#[test]
+fn openai_client_against_the_real_server() {
+    require_openai();
+    let (ctx, parallel, queue, max_body) =
+        (CTX.to_string(), PARALLEL.to_string(), QUEUE.to_string(), MAX_BODY.to_string());
+    let (server, base) = start(&["--ctx", &ctx, "--parallel", &parallel, "--queue", &queue, "--max-body", &max_body]);
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server/test_openai.py");
     let t0 = Instant::now();
@@ -98,10 +104,43 @@ fn openai_client_against_the_real_server() {
     }
 }
 
+/// A speculating server answers exactly as a plain one: greedy and seeded answers, their
+/// log-probabilities, stop strings and token limits, and concurrent requests
+/// (`tests/server/spec_identity.py`, standard-library Python only).
 #[test]
-fn unavailable_speculative_mode_is_a_clear_error() {
-    let out = Command::new(BIN).args(["serve", "--spec", "recycle", "--port", "0"]).output().expect("run bitnest");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("the server does not speculate yet"), "{err}");
+fn speculating_server_answers_as_the_plain_one() {
+    const MODE: &str = "recycle+lookup";
+    let (_plain, plain) = start(&["--ctx", "1024", "--parallel", "1"]);
+    let (_spec, spec) = start(&["--ctx", "1024", "--parallel", "3", "--spec", MODE]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server/spec_identity.py");
+    let prompts = common::shared("data/specbench-dev.jsonl");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--plain", &plain, "--spec", &spec, "--mode", MODE, "--prompts"])
+        .arg(&prompts)
+        .output()
+        .expect("run python3");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the speculating server's answers differ from the plain server's ({:?})", out.status);
+}
+
+#[test]
+fn impossible_speculative_modes_are_clear_errors() {
+    let model = common::model_path();
+    let run = |spec: &str| {
+        let out = Command::new(BIN)
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&model)
+            .args(["--spec", spec])
+            .output()
+            .expect("run bitnest");
+        assert!(!out.status.success(), "--spec {spec} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // The default model is a GGUF file: no bit planes to draft from.
+    let err = run("self");
+    assert!(err.contains("no bit planes"), "{err}");
+    let err = run("telepathy");
+    assert!(err.contains("telepathy"), "{err}");
 }

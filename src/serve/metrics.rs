@@ -33,6 +33,9 @@ pub struct Metrics {
     pub queue_depth: AtomicU64,
     pub active: AtomicU64,
     pub kv_bytes: AtomicU64,
+    /// Speculative draft nodes verified, and how many the target accepted.
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
 }
 
 impl Metrics {
@@ -121,7 +124,7 @@ impl Metrics {
             "bitnest_speculative_acceptance_rate",
             "gauge",
             "Fraction of drafted tokens accepted (0: speculative decoding is off).",
-            &[(&format!("{{mode=\"{spec_mode}\"}}"), 0.0)],
+            &[(&format!("{{mode=\"{spec_mode}\"}}"), rate(g(&self.spec_accepted), g(&self.spec_drafted) as f64))],
         );
         o
     }

@@ -34,7 +34,7 @@ pub struct ServeOptions {
     pub queue: usize,
     pub max_body: usize,
     pub prefill_chunk: usize,
-    pub spec: String,
+    pub spec: bitnest::spec::SpecOptions,
     /// How long in-flight requests get to finish after SIGINT/SIGTERM.
     pub grace: Duration,
 }
@@ -46,7 +46,12 @@ pub fn serve(engine: Engine, opts: ServeOptions) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let abort = Arc::new(AtomicBool::new(false));
     let (submit, rx) = worker::queue(opts.queue, metrics.clone());
-    let cfg = WorkerConfig { parallel: opts.parallel.max(1), ctx: opts.ctx, prefill_chunk: opts.prefill_chunk };
+    let cfg = WorkerConfig {
+        parallel: opts.parallel.max(1),
+        ctx: opts.ctx,
+        prefill_chunk: opts.prefill_chunk,
+        spec: opts.spec,
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.unwrap_or(0))
         .thread_name(|i| format!("bitnest-compute-{i}"))
@@ -65,7 +70,7 @@ pub fn serve(engine: Engine, opts: ServeOptions) -> Result<()> {
         metrics,
         model_id: opts.model_id.clone(),
         ctx: opts.ctx,
-        spec: opts.spec.clone(),
+        spec: opts.spec.mode.to_string(),
         started: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     });
     // The HTTP side only parses, tokenizes and copies bytes: two threads are plenty and leave

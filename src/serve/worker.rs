@@ -21,7 +21,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -30,6 +30,7 @@ use bitnest::engine::Engine;
 use bitnest::generate::FinishReason;
 use bitnest::model::Session;
 use bitnest::sampling::Sampler;
+use bitnest::spec::{Pick, SpecMode, SpecOptions, Speculator, StepEnd, TokenRecycler};
 use bitnest::tokenizer::TokenStream;
 
 use super::api::GenParams;
@@ -82,6 +83,8 @@ pub struct WorkerConfig {
     pub parallel: usize,
     pub ctx: usize,
     pub prefill_chunk: usize,
+    /// Speculative decoding of every request (`SpecMode::None`: plain decoding).
+    pub spec: SpecOptions,
 }
 
 /// The HTTP side's handle: submits jobs without ever blocking.
@@ -117,10 +120,13 @@ pub fn queue(queue: usize, metrics: Arc<Metrics>) -> (Submitter, Receiver<Job>) 
     (Submitter { tx, metrics }, rx)
 }
 
-/// A KV cache and the tokens it currently holds.
+/// A KV cache and the tokens it currently holds, with its speculative decoder: the measured
+/// costs and acceptance rates outlive a request, and the Token Recycling matrix behind every
+/// slot's speculator is one, so each request starts from what all the earlier ones taught it.
 struct Slot {
     session: Session,
     cached: Vec<u32>,
+    spec: Option<Speculator>,
 }
 
 /// A request holding a slot.
@@ -134,8 +140,13 @@ struct Active<'e> {
     fed: usize,
     /// Sampled, sent, not yet run through the model.
     next: Option<u32>,
-    generated: usize,
     cached_tokens: usize,
+    out: Output<'e>,
+}
+
+/// What a request has output so far, and the text held back from it.
+struct Output<'e> {
+    generated: usize,
     stream: TokenStream<'e>,
     stop: StopMatcher,
     logprobs: Vec<TokenLogprob>,
@@ -152,6 +163,7 @@ enum Step {
 /// Call it on a rayon pool thread (`pool.install`).
 pub fn run(engine: &Engine, rx: Receiver<Job>, cfg: WorkerConfig, metrics: &Metrics, abort: &AtomicBool) {
     let stop_ids = engine.stop_ids();
+    let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
     let mut active: Vec<Active> = Vec::new();
     let mut free: Vec<Slot> = Vec::new();
     let mut created = 0usize;
@@ -186,7 +198,7 @@ pub fn run(engine: &Engine, rx: Receiver<Job>, cfg: WorkerConfig, metrics: &Metr
                 Metrics::add(&metrics.requests_cancelled, 1);
                 continue;
             }
-            let slot = take_slot(engine, &mut free, &mut created, cfg, &job.prompt, metrics);
+            let slot = take_slot(engine, &mut free, &mut created, cfg, &job.prompt, metrics, &recycler);
             active.push(admit(engine, job, slot, metrics));
         }
         metrics.active.store(active.len() as u64, Ordering::Relaxed);
@@ -199,16 +211,15 @@ pub fn run(engine: &Engine, rx: Receiver<Job>, cfg: WorkerConfig, metrics: &Metr
                 Metrics::add(&metrics.requests_cancelled, 1);
                 None
             } else {
-                let decoding = a.fed == a.job.prompt.len();
+                let before = a.out.generated;
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| a.step(engine, &stop_ids, cfg, metrics)));
+                window.1 += (a.out.generated - before) as u64;
                 match r {
                     Ok(Ok(Step::Continue)) => {
-                        window.1 += u64::from(decoding);
                         i += 1;
                         continue;
                     }
                     Ok(Ok(Step::Finished(f))) => {
-                        window.1 += u64::from(decoding);
                         a.finish(f);
                         Metrics::add(&metrics.requests_ok, 1);
                         None
@@ -249,6 +260,7 @@ fn take_slot(
     cfg: WorkerConfig,
     prompt: &[u32],
     metrics: &Metrics,
+    recycler: &Arc<Mutex<TokenRecycler>>,
 ) -> Slot {
     let best = (0..free.len()).max_by_key(|&i| common_prefix(&free[i].cached, prompt));
     match best {
@@ -257,7 +269,8 @@ fn take_slot(
             *created += 1;
             let session = engine.model.new_session(cfg.ctx, cfg.prefill_chunk);
             Metrics::add(&metrics.kv_bytes, session.kv_bytes() as u64);
-            Slot { session, cached: Vec::new() }
+            let spec = (cfg.spec.mode != SpecMode::None).then(|| Speculator::new(cfg.spec, recycler.clone()));
+            Slot { session, cached: Vec::new(), spec }
         }
     }
 }
@@ -285,12 +298,14 @@ fn admit<'e>(engine: &'e Engine, job: Job, mut slot: Slot, metrics: &Metrics) ->
         history,
         fed: reuse,
         next: None,
-        generated: 0,
         cached_tokens: reuse,
-        stream: engine.tokenizer.stream(),
-        stop,
-        logprobs: Vec::new(),
-        stopped_by_string: false,
+        out: Output {
+            generated: 0,
+            stream: engine.tokenizer.stream(),
+            stop,
+            logprobs: Vec::new(),
+            stopped_by_string: false,
+        },
     }
 }
 
@@ -315,6 +330,40 @@ impl Active<'_> {
                 return Ok(Step::Continue);
             }
             logits
+        } else if let Some(spec) = self.slot.spec.as_mut() {
+            // The root, `next`, is the history's last token.
+            if self.next.take().is_none() {
+                anyhow::bail!("internal error: no token to decode");
+            }
+            let session = &mut self.slot.session;
+            if session.pos + 1 >= session.capacity() {
+                return Ok(Step::Finished(FinishReason::Length));
+            }
+            let (job, out) = (&self.job, &mut self.out);
+            let mut finish = FinishReason::Length;
+            let (drafted, accepted) = (spec.stats.drafted, spec.stats.accepted);
+            let end = spec.step(model, session, &mut self.sampler, &mut self.history, |id, logits| {
+                match out.emit(job, id, logits, stop_ids, metrics) {
+                    None => Pick::Take,
+                    Some(f) => {
+                        finish = f;
+                        // An end-of-text token is not part of the answer; a stop string's or
+                        // the limit's last token is (and the cache need not hold it).
+                        if stop_ids.contains(&id) { Pick::Refuse } else { Pick::TakeAndStop }
+                    }
+                }
+            })?;
+            Metrics::add(&metrics.decode_us, t0.elapsed().as_micros() as u64);
+            Metrics::add(&metrics.spec_drafted, (spec.stats.drafted - drafted) as u64);
+            Metrics::add(&metrics.spec_accepted, (spec.stats.accepted - accepted) as u64);
+            return Ok(match end {
+                StepEnd::Next => {
+                    self.next = self.history.last().copied();
+                    Step::Continue
+                }
+                StepEnd::Ended(_) => Step::Finished(finish),
+                StepEnd::Full => Step::Finished(FinishReason::Length),
+            });
         } else {
             let Some(tok) = self.next.take() else { anyhow::bail!("internal error: no token to decode") };
             let logits = model.forward(&mut self.slot.session, &[tok], 1)?;
@@ -322,39 +371,70 @@ impl Active<'_> {
             logits
         };
         let id = self.sampler.sample(logits, &self.history);
-        if let Some(n) = self.job.params.logprobs {
-            self.logprobs.push(token_logprob(logits, id, n));
-        }
-        if stop_ids.contains(&id) {
-            return Ok(Step::Finished(FinishReason::Stop));
-        }
-        self.generated += 1;
-        Metrics::add(&metrics.generated_tokens, 1);
-        self.history.push(id);
-        if let Some(text) = self.stream.push(id) {
-            let m = self.stop.push(&text);
-            self.send_text(m.emit);
-            if m.stopped {
-                self.stopped_by_string = true;
-                return Ok(Step::Finished(FinishReason::Stop));
+        if let Some(f) = self.out.emit(&self.job, id, logits, stop_ids, metrics) {
+            if !stop_ids.contains(&id) {
+                self.history.push(id);
             }
+            return Ok(Step::Finished(f));
         }
-        if self.generated >= self.job.max_tokens || self.slot.session.pos >= self.slot.session.capacity() {
+        self.history.push(id);
+        if self.slot.session.pos >= self.slot.session.capacity() {
             return Ok(Step::Finished(FinishReason::Length));
         }
         self.next = Some(id);
         Ok(Step::Continue)
     }
 
-    fn send_text(&mut self, text: String) {
+    /// Sends the held-back text (unless a stop string ended the answer) and the final event.
+    fn finish(&mut self, finish: FinishReason) {
+        let usage = Usage {
+            prompt_tokens: self.job.prompt.len(),
+            completion_tokens: self.out.generated,
+            cached_tokens: self.cached_tokens,
+        };
+        self.out.finish(&self.job, finish, usage);
+    }
+}
+
+impl Output<'_> {
+    /// Outputs token `id`, drawn from `logits`, as plain decoding does: the reason the answer
+    /// ends with it, if it does (an end-of-text token, which is not output; a stop string; the
+    /// token limit).
+    fn emit(
+        &mut self,
+        job: &Job,
+        id: u32,
+        logits: &[f32],
+        stop_ids: &[u32],
+        metrics: &Metrics,
+    ) -> Option<FinishReason> {
+        if let Some(n) = job.params.logprobs {
+            self.logprobs.push(token_logprob(logits, id, n));
+        }
+        if stop_ids.contains(&id) {
+            return Some(FinishReason::Stop);
+        }
+        self.generated += 1;
+        Metrics::add(&metrics.generated_tokens, 1);
+        if let Some(text) = self.stream.push(id) {
+            let m = self.stop.push(&text);
+            self.send_text(job, m.emit);
+            if m.stopped {
+                self.stopped_by_string = true;
+                return Some(FinishReason::Stop);
+            }
+        }
+        (self.generated >= job.max_tokens).then_some(FinishReason::Length)
+    }
+
+    fn send_text(&mut self, job: &Job, text: String) {
         if !text.is_empty() {
             let logprobs = std::mem::take(&mut self.logprobs);
-            let _ = self.job.events.send(Event::Text { text, logprobs });
+            let _ = job.events.send(Event::Text { text, logprobs });
         }
     }
 
-    /// Sends the held-back text (unless a stop string ended the answer) and the final event.
-    fn finish(&mut self, mut finish: FinishReason) {
+    fn finish(&mut self, job: &Job, mut finish: FinishReason, usage: Usage) {
         if !self.stopped_by_string {
             let tail = self.stream.finish().unwrap_or_default();
             let m = self.stop.push(&tail);
@@ -364,14 +444,9 @@ impl Active<'_> {
             } else {
                 text.push_str(&self.stop.flush());
             }
-            self.send_text(text);
+            self.send_text(job, text);
         }
-        let usage = Usage {
-            prompt_tokens: self.job.prompt.len(),
-            completion_tokens: self.generated,
-            cached_tokens: self.cached_tokens,
-        };
-        let _ = self.job.events.send(Event::Done { finish, usage });
+        let _ = job.events.send(Event::Done { finish, usage });
     }
 }
 

@@ -127,7 +127,7 @@ pub fn run(
     let mut specs = Vec::new();
     for o in configs {
         let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
-        let mut spec = Speculator::new(o.clone(), recycler);
+        let mut spec = Speculator::new(*o, recycler);
         spec.check(&engine.model)?;
         for _ in 0..warmup {
             decode(engine, &mut session, &first, max_tokens, Some(&mut spec))?;

@@ -145,7 +145,7 @@ impl Serialize for SpecMode {
 }
 
 /// Knobs of speculative decoding.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct SpecOptions {
     pub mode: SpecMode,
     /// Planes the self-draft reads.
@@ -182,6 +182,9 @@ pub struct SpecStats {
     pub accepted_self_source: usize,
     pub accepted_recycle_source: usize,
     pub accepted_lookup_source: usize,
+    /// Draft nodes verified (roots excluded) and how many of them were accepted.
+    pub drafted: usize,
+    pub accepted: usize,
     /// Seconds spent drafting with the low-precision view, and verifying.
     pub draft_s: f64,
     pub verify_s: f64,
@@ -509,6 +512,145 @@ impl Speculator {
     }
 }
 
+/// What a step's caller makes of each token the target picks ([`Speculator::step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Output it and go on: into the tree if a draft holds it, else it ends the step as the
+    /// root of the next one.
+    Take,
+    /// Output it, and end the generation with it in the cache (the length limit: the next
+    /// turn of a conversation starts from a cache holding the whole answer).
+    TakeLast,
+    /// Output it and end the generation, the cache left without it (a cancelled request).
+    TakeAndStop,
+    /// Do not output it, and end the generation (an end-of-text token).
+    Refuse,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEnd {
+    /// The last pick, outside the tree, is the next step's root (the history's last token,
+    /// output but not yet in the cache).
+    Next,
+    /// A [`Pick`] other than `Take` ended the generation.
+    Ended(Pick),
+    /// The context is full.
+    Full,
+}
+
+impl Speculator {
+    /// One speculative step after `history`, whose last token (output, not yet in the cache)
+    /// is the root: drafts a tree, verifies it in one pass, and walks it as plain decoding
+    /// would, handing `on_pick` each token the target picks with the logits it was drawn from,
+    /// in order. Picks the caller takes go onto `history`; the cache ends up holding the root
+    /// and every accepted draft. Needs room for one more token in the cache.
+    pub fn step(
+        &mut self,
+        model: &Llama,
+        session: &mut Session,
+        sampler: &mut Sampler,
+        history: &mut Vec<u32>,
+        mut on_pick: impl FnMut(u32, &[f32]) -> Pick,
+    ) -> Result<StepEnd> {
+        let cap = session.capacity();
+        ensure!(session.pos + 1 < cap, "the context is full");
+        let step0 = Instant::now();
+        let src = self.pick_sources(model);
+        let max_nodes = (cap - session.pos).min(session.max_batch());
+        self.draft(model, session, history, src, max_nodes)?;
+        let tree = std::mem::take(&mut self.tree);
+        let n = tree.len();
+        let base = session.pos;
+        let tv = Instant::now();
+        let logits = model.forward_tree(session, &tree.tokens, &tree.parents, crate::model::ALL_BITS)?;
+        let verify_s = tv.elapsed().as_secs_f64();
+        let vocab = model.config.vocab_size;
+
+        // Walk: the target chooses at each node; follow the child holding its choice.
+        self.path.clear();
+        self.path.push(0);
+        self.picks.clear();
+        let mut node = 0;
+        let mut last = None;
+        let end = loop {
+            let row = &logits[node * vocab..(node + 1) * vocab];
+            let pick = sampler.sample(row, history);
+            self.picks.push(pick);
+            let how = on_pick(pick, row);
+            if how == Pick::Refuse {
+                break StepEnd::Ended(how);
+            }
+            history.push(pick);
+            let child = tree.child(node, pick);
+            if how == Pick::TakeAndStop {
+                break StepEnd::Ended(how);
+            }
+            let Some(child) = child else {
+                if how == Pick::TakeLast {
+                    last = Some(pick);
+                    break StepEnd::Ended(how);
+                }
+                break StepEnd::Next;
+            };
+            self.path.push(child);
+            node = child;
+            if how == Pick::TakeLast {
+                break StepEnd::Ended(how);
+            }
+            if base + tree.depth[child] + 1 > cap - 1 {
+                break StepEnd::Full;
+            }
+        };
+        let accepted = self.path.len() - 1;
+
+        // Recycle every node's top-k, accepted or not.
+        {
+            let mut rec = self.recycler.lock().unwrap_or_else(|e| e.into_inner());
+            // How the target's choice at the root ranked among its recycled candidates, before
+            // updating. (Only at the root: deeper nodes on the accepted path are there because
+            // they were predictable, so their hits would overstate every node's chances.)
+            self.rank_hits[usize::from(self.matched > 0)].record(rec.rank_of(tree.tokens[0], self.picks[0]));
+            for (i, &t) in tree.tokens.iter().enumerate() {
+                rec.update(t, &logits[i * vocab..(i + 1) * vocab]);
+            }
+        }
+        session.accept_path(&self.path, model.config.n_layers);
+        if let Some(t) = last {
+            model.forward(session, &[t], 1)?;
+        }
+
+        // Statistics and the adaptive estimates.
+        let st = &mut self.stats;
+        st.steps += 1;
+        st.tokens += self.path.len();
+        st.nodes += n;
+        st.verify_s += verify_s;
+        let (drafted_self, acc_self) = tree.proposed_accepted(&self.path, FROM_SELF);
+        st.self_drafted += drafted_self;
+        st.self_accepted += acc_self;
+        st.accepted_self_source += acc_self;
+        st.accepted_recycle_source += tree.proposed_accepted(&self.path, FROM_RECYCLE).1;
+        st.drafted += n - 1;
+        st.accepted += accepted;
+        if drafted_self > 0 {
+            self.alpha.add(per_position(acc_self, drafted_self), 0.1);
+        }
+        let (drafted_lk, acc_lk) = tree.proposed_accepted(&self.path, FROM_LOOKUP);
+        st.accepted_lookup_source += acc_lk;
+        if drafted_lk > 0 {
+            self.lookup_alpha[self.matched].add(per_position(acc_lk, drafted_lk), 0.1);
+        }
+        self.verify_cost.add(n as f64, verify_s);
+        if let Some(i) = AUTO_CANDIDATES.iter().position(|&c| c == src) {
+            st.mode_steps[i] += 1;
+            self.mode_rate[i].add((accepted + 1) as f64 / step0.elapsed().as_secs_f64().max(1e-9), 0.1);
+        }
+        self.tree = tree;
+        Ok(end)
+    }
+}
+
 /// [`crate::generate::generate`] with speculative decoding: the same tokens, the same final
 /// cache, the same callbacks, fewer forward passes of the full model.
 #[allow(clippy::too_many_arguments)]
@@ -538,109 +680,53 @@ pub fn generate_spec(
     let t0 = Instant::now();
     let logits = model.forward(session, prompt, 1)?;
     history.extend_from_slice(prompt);
-    let mut next = sampler.sample(logits, history);
+    let first = sampler.sample(logits, history);
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
-    let cap = session.capacity();
     let mut generated = 0;
-    let finish = 'decode: loop {
-        // `next` was chosen by the target and is not in the cache: the root of this step.
-        if stop_ids.contains(&next) {
-            break FinishReason::Stop;
+    // What plain decoding does with each token it picks.
+    let mut judge = |pick: u32| {
+        if stop_ids.contains(&pick) {
+            return Pick::Refuse;
         }
         generated += 1;
-        history.push(next);
-        if on_token(next).is_break() {
-            break FinishReason::Cancelled;
+        if on_token(pick).is_break() {
+            Pick::TakeAndStop
+        } else if generated >= max_tokens {
+            Pick::TakeLast
+        } else {
+            Pick::Take
         }
-        if generated >= max_tokens || session.pos + 1 > cap - 1 {
-            model.forward(session, &[next], 1)?;
+    };
+    let reason = |how: Pick| match how {
+        Pick::Refuse => FinishReason::Stop,
+        Pick::TakeAndStop => FinishReason::Cancelled,
+        _ => FinishReason::Length,
+    };
+    let mut how = judge(first);
+    if how != Pick::Refuse {
+        history.push(first);
+    }
+    let finish = loop {
+        if how != Pick::Take {
+            if how == Pick::TakeLast {
+                model.forward(session, &[first], 1)?;
+            }
+            break reason(how);
+        }
+        // The root (output, not in the cache) needs its own slot and one for a draft.
+        if session.pos + 1 > session.capacity() - 1 {
+            let root = *history.last().expect("the root is in the history");
+            model.forward(session, &[root], 1)?;
             break FinishReason::Length;
         }
-        let step0 = Instant::now();
-        let src = spec.pick_sources(model);
-        let max_nodes = (cap - session.pos).min(session.max_batch());
-        spec.draft(model, session, history, src, max_nodes)?;
-        let tree = std::mem::take(&mut spec.tree);
-        let n = tree.len();
-        let base = session.pos;
-        let tv = Instant::now();
-        let logits = model.forward_tree(session, &tree.tokens, &tree.parents, crate::model::ALL_BITS)?;
-        let verify_s = tv.elapsed().as_secs_f64();
-        let vocab = model.config.vocab_size;
-
-        // Walk: the target chooses at each node; follow the child holding its choice.
-        spec.path.clear();
-        spec.path.push(0);
-        spec.picks.clear();
-        let mut node = 0;
-        let mut outcome = None;
-        loop {
-            let pick = sampler.sample(&logits[node * vocab..(node + 1) * vocab], history);
-            next = pick;
-            spec.picks.push(pick);
-            let Some(child) = tree.child(node, pick) else { break };
-            if stop_ids.contains(&pick) {
-                break;
-            }
-            generated += 1;
-            history.push(pick);
-            if on_token(pick).is_break() {
-                outcome = Some(FinishReason::Cancelled);
-                break;
-            }
-            spec.path.push(child);
-            node = child;
-            let pos = base + tree.depth[child];
-            if generated >= max_tokens || pos + 1 > cap - 1 {
-                outcome = Some(FinishReason::Length);
-                break;
-            }
+        match spec.step(model, session, sampler, history, |t, _| judge(t))? {
+            StepEnd::Next => {}
+            StepEnd::Ended(h) => break reason(h),
+            StepEnd::Full => break FinishReason::Length,
         }
-        let accepted = spec.path.len() - 1;
-
-        // Recycle every node's top-k, accepted or not.
-        {
-            let mut rec = spec.recycler.lock().unwrap_or_else(|e| e.into_inner());
-            // How the target's choice at the root ranked among its recycled candidates, before
-            // updating. (Only at the root: deeper nodes on the accepted path are there because
-            // they were predictable, so their hits would overstate every node's chances.)
-            spec.rank_hits[usize::from(spec.matched > 0)].record(rec.rank_of(tree.tokens[0], spec.picks[0]));
-            for (i, &t) in tree.tokens.iter().enumerate() {
-                rec.update(t, &logits[i * vocab..(i + 1) * vocab]);
-            }
-        }
-        session.accept_path(&spec.path, model.config.n_layers);
-
-        // Statistics and the adaptive estimates.
-        let st = &mut spec.stats;
-        st.steps += 1;
-        st.tokens += spec.path.len();
-        st.nodes += n;
-        st.verify_s += verify_s;
-        let (drafted_self, acc_self) = tree.proposed_accepted(&spec.path, FROM_SELF);
-        st.self_drafted += drafted_self;
-        st.self_accepted += acc_self;
-        st.accepted_self_source += acc_self;
-        st.accepted_recycle_source += tree.proposed_accepted(&spec.path, FROM_RECYCLE).1;
-        if drafted_self > 0 {
-            spec.alpha.add(per_position(acc_self, drafted_self), 0.1);
-        }
-        let (drafted_lk, acc_lk) = tree.proposed_accepted(&spec.path, FROM_LOOKUP);
-        st.accepted_lookup_source += acc_lk;
-        if drafted_lk > 0 {
-            spec.lookup_alpha[spec.matched].add(per_position(acc_lk, drafted_lk), 0.1);
-        }
-        spec.verify_cost.add(n as f64, verify_s);
-        if let Some(i) = AUTO_CANDIDATES.iter().position(|&c| c == src) {
-            st.mode_steps[i] += 1;
-            spec.mode_rate[i].add((accepted + 1) as f64 / step0.elapsed().as_secs_f64().max(1e-9), 0.1);
-        }
-        spec.tree = tree;
-        if let Some(f) = outcome {
-            break 'decode f;
-        }
+        how = Pick::Take;
     };
     let decode_s = t1.elapsed().as_secs_f64();
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
