@@ -1,7 +1,9 @@
 //! Prefill attention of one layer (SmolLM2's shape: 9 query heads over 3 KV heads of 64) in
 //! cache, one thread, best of several rounds: the kernel as the model calls it, with the
 //! queries of 8 tokens per call (what prefill does) and of one token per call; then one
-//! decoded token at a few context lengths, each query head alone and a KV head's together.
+//! decoded token at a few context lengths, each query head alone and a KV head's together;
+//! then a verification tree's nodes over an f16 cache (what decoding stores), a node's query
+//! heads per call or every node's.
 //!
 //! `cargo run --release --example attention_cost -- [TOKENS]`
 
@@ -76,6 +78,42 @@ fn main() {
                 "decode at {len} positions, {per_call} query heads per call: {:.2} µs, {:.1} ns per score",
                 best * 1e6,
                 best * 1e9 / (heads * len) as f64
+            );
+        }
+    }
+    let half = |x: &[f32]| x.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>();
+    let (k16, v16) = (half(&keys), half(&values));
+    let slots: Vec<u32> = (n as u32 - 8..n as u32).collect();
+    for nodes in [1usize, 4, 8] {
+        let prefix = n - 8;
+        for all in [false, true] {
+            let mut best = f64::MAX;
+            for _ in 0..7 {
+                let t = Instant::now();
+                for _ in 0..20 {
+                    for g in 0..kv_heads {
+                        let kv = HeadView { keys: &k16, values: &v16, stride: kv_dim, offset: g * hd };
+                        let mut outs = att.chunks_mut(hd);
+                        let mut qs: Vec<Query> = (0..nodes * group)
+                            .map(|i| {
+                                let (node, j) = (i / group, i % group);
+                                let at = (node * heads + g * group + j) * hd;
+                                let extra = &slots[..node + 1];
+                                Query { q: &q[at..at + hd], prefix, extra, out: outs.next().unwrap() }
+                            })
+                            .collect();
+                        for part in qs.chunks_mut(if all { nodes * group } else { group }) {
+                            attend_group(kv, scale, part, &mut sc);
+                        }
+                    }
+                }
+                best = best.min(t.elapsed().as_secs_f64() / 20.0);
+            }
+            println!(
+                "f16 tree of {nodes} nodes at {prefix} positions, {}: {:.2} µs, {:.1} ns per score",
+                if all { "all nodes per call" } else { "one node per call" },
+                best * 1e6,
+                best * 1e9 / (heads * nodes * prefix) as f64
             );
         }
     }

@@ -323,22 +323,32 @@ pub(crate) mod x86 {
                 let sc = &mut scores[base..base + offs[m]];
                 let mut vmax = [_mm512_set1_ps(f32::NEG_INFINITY); BLOCK_QUERIES];
                 let shared = block.iter().map(|q| q.prefix).max().unwrap_or(0);
+                // Sixteen keys widened once for every query that takes all of them, when they
+                // are not `f32` already: widening is exact, so the scores keep their bits.
+                let mut wide = [[_mm512_setzero_ps(); NC]; 16];
                 let mut p0 = 0;
                 while p0 < shared {
+                    let takers = block.iter().filter(|q| q.prefix >= p0 + 16).count();
+                    let widened = std::mem::size_of::<T>() != 4 && takers > 1;
+                    if widened {
+                        let k0 = kv.keys.as_ptr().add(p0 * kv.stride + kv.offset);
+                        for j in 0..16 {
+                            for c in 0..NC {
+                                wide[j][c] = T::load16(k0.add(j * kv.stride + 16 * c));
+                            }
+                        }
+                    }
                     for (k, q) in block.iter().enumerate() {
                         if q.prefix > p0 {
                             let qv = load_query::<NC>(q);
                             let nb = (q.prefix - p0).min(16);
-                            score_chunk::<T, NC>(
-                                kv,
-                                scale,
-                                &qv,
-                                q,
-                                p0,
-                                nb,
-                                &mut sc[offs[k]..offs[k + 1]],
-                                &mut vmax[k],
-                            );
+                            let out = &mut sc[offs[k]..offs[k + 1]];
+                            if widened && nb == 16 {
+                                let dots = dots16::<f32, NC>(&qv, wide.as_ptr() as *const f32, 16 * NC);
+                                store_scores(dots, scale, p0, 16, out, &mut vmax[k]);
+                            } else {
+                                score_chunk::<T, NC>(kv, scale, &qv, q, p0, nb, out, &mut vmax[k]);
+                            }
                         }
                     }
                     p0 += 16;
@@ -404,6 +414,14 @@ pub(crate) mod x86 {
                 }
                 reduce16(&acc)
             };
+            store_scores(dots, scale, i0, nb, sc, vmax);
+        }
+    }
+
+    /// Entries `i0 .. i0 + nb` of `sc` set to `dots·scale`, their maximum folded into `vmax`.
+    #[inline(always)]
+    unsafe fn store_scores(dots: __m512, scale: f32, i0: usize, nb: usize, sc: &mut [f32], vmax: &mut __m512) {
+        unsafe {
             let s = _mm512_mul_ps(dots, _mm512_set1_ps(scale));
             let mask = if nb == 16 { 0xffff } else { (1u16 << nb) - 1 };
             _mm512_mask_storeu_ps(sc.as_mut_ptr().add(i0), mask, s);

@@ -456,7 +456,13 @@ impl Llama {
             (1, 1)
         } else {
             let hp = group.div_ceil(group.div_ceil(MAX_ITEM_QUERIES));
-            (hp, (MAX_ITEM_QUERIES / hp).clamp(1, TOKENS_PER_ITEM).min((n / 4).max(1)))
+            let most = (MAX_ITEM_QUERIES / hp).clamp(1, TOKENS_PER_ITEM);
+            // A verification tree's nodes share the whole prefix: the more of them a task
+            // takes, the fewer times each key is read and widened (a third less time per
+            // score at 1016 positions for four or eight nodes, `examples/attention_cost`), as
+            // long as every thread still gets a task.
+            let per = if tree { n.div_ceil(rayon::current_num_threads()) } else { n / 4 };
+            (hp, most.min(per.max(1)))
         };
         let head_chunks = group.div_ceil(heads_per);
         let blocks = n.div_ceil(tokens_per);
