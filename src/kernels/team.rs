@@ -5,7 +5,7 @@
 //! futex wake-up and a scheduler round trip per region, which on two cores cost more than the
 //! second core earned: two threads decoded *slower* than one. The team's workers instead spin
 //! on a generation counter for a short while after each region, so the next region starts
-//! within a cache-line transfer; after [`SPIN`] without work they park, so an idle server or a
+//! within a cache-line transfer; after `SPIN` without work they park, so an idle server or a
 //! paused chat costs no CPU.
 //!
 //! The team is an implementation detail of [`parallel_for`]: whoever cannot use it (a nested
