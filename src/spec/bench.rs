@@ -57,6 +57,13 @@ pub struct CategoryResult {
     pub identical: bool,
     /// Fraction of self-drafted tokens accepted (self and both modes).
     pub self_acceptance: f64,
+    /// The counts behind `mat`, nodes per pass and `self_acceptance`, so that the results of
+    /// several runs over parts of a prompt set combine exactly.
+    pub steps: usize,
+    pub tokens: usize,
+    pub nodes: usize,
+    pub self_drafted: usize,
+    pub self_accepted: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -165,6 +172,7 @@ pub fn run(
             let s = &spec.stats;
             a.stats.steps += s.steps - before.steps;
             a.stats.tokens += s.tokens - before.tokens;
+            a.stats.nodes += s.nodes - before.nodes;
             a.stats.self_drafted += s.self_drafted - before.self_drafted;
             a.stats.self_accepted += s.self_accepted - before.self_accepted;
         }
@@ -178,6 +186,11 @@ pub fn run(
         speedup: rate / plain_rate,
         identical,
         self_acceptance: st.self_acceptance(),
+        steps: st.steps,
+        tokens: st.tokens,
+        nodes: st.nodes,
+        self_drafted: st.self_drafted,
+        self_accepted: st.self_accepted,
     };
     let n = prompts.len();
     let mut results = Vec::new();
