@@ -95,7 +95,7 @@ pub(crate) struct ModelArgs {
     #[arg(long)]
     pub(crate) bits_plan: Option<PathBuf>,
     /// What the KV cache stores keys and values as (llama.cpp's --cache-type-k/-v; f16 is
-    /// also its default).
+    /// also its default). `inspect` reports the cache's size for it.
     #[arg(long, value_enum, default_value_t = KvType::F16)]
     pub(crate) cache_type: KvType,
 }

@@ -600,6 +600,19 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let cfg = source.config()?;
     println!("model: {}", path.display());
     println!("architecture: {}", serde_json::to_string_pretty(&cfg)?);
+    // What a session will hold besides the weights, so a user can size --ctx before running.
+    let elem = match a.model.cache_type {
+        bitnest::model::llama::KvType::F16 => 2,
+        bitnest::model::llama::KvType::F32 => 4,
+    };
+    let kv_per_token = 2 * cfg.n_layers * cfg.kv_dim() * elem;
+    println!(
+        "KV cache ({}): {} bytes per token, {:.1} MiB at the trained context of {} tokens",
+        format!("{:?}", a.model.cache_type).to_lowercase(),
+        kv_per_token,
+        (kv_per_token * cfg.max_seq) as f64 / 1048576.0,
+        cfg.max_seq
+    );
     match &source {
         bitnest::model::ModelSource::Gguf(g) => {
             println!("format: GGUF v{} (alignment {}), {} metadata keys", g.version, g.alignment, g.metadata.len());
