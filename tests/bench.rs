@@ -134,8 +134,8 @@ fn cli_bench_json_reports_speed_and_memory_of_the_real_model() {
 #[test]
 fn inspect_sizes_the_kv_cache_for_the_chosen_cache_type() {
     let model = common::model_path();
-    // SmolLM2-135M: 30 layers × 3 KV heads × head_dim 64 × (K and V) × element bytes; at its
-    // trained context of 8192 the f16 cache is the 180 MiB llama.cpp reports for it.
+    // SmolLM2-135M: 30 layers × 3 KV heads × head_dim 64 × (K and V) × element bytes, the sum
+    // llama.cpp also uses; its trained context is 8192 tokens.
     for (ty, bytes, mib) in [("f16", 30 * 3 * 64 * 2 * 2, "180.0"), ("f32", 30 * 3 * 64 * 2 * 4, "360.0")] {
         let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
             .args(["inspect", "--cache-type", ty, "--model"])
