@@ -6,9 +6,11 @@ speculative run must reproduce), then replays the output offline: at every step 
 source proposes continuations of the context, and the step accepts the longest proposed prefix
 of what the model actually wrote next, plus the one token every pass adds. Nothing is timed, so
 the figures hold on any machine; they bound what `--spec lookup` can reach whatever its tree
-sizing, and show whether more chains or longer ones would be worth their nodes.
+sizing, and show whether more chains or longer ones would be worth their nodes. It also counts
+the outputs that end in a repetition loop, since those are where lookup gains most.
 
   python3 bench/lookup-ceiling.py --model F.bnest --bits 4 --per-category 10
+  python3 bench/lookup-ceiling.py --model F.gguf --bits all --per-category 10
 
 Variants: `recent` is what `src/spec/lookup.rs` proposes (the continuation of the most recent
 occurrence of the longest matching suffix, 4 tokens down to 1); `branches B` adds the
@@ -35,6 +37,12 @@ def continuations(h, length):
     return []
 
 
+def looped(gen, tail=48):
+    """Whether the output ends in a loop: its last `tail` tokens repeat with a period of at most 24."""
+    t = gen[-tail:]
+    return len(t) == tail and any(all(t[i] == t[i - p] for i in range(p, tail)) for p in range(1, 25))
+
+
 def replay(outputs, length, branches):
     """(tokens per pass, nodes per pass) over the outputs, each a (prompt ids, generated ids)."""
     steps = tokens = nodes = 0
@@ -56,7 +64,7 @@ def replay(outputs, length, branches):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--bits", default="4")
+    ap.add_argument("--bits", default="4", help="planes to read from a .bnest; 'all' for a GGUF or every plane")
     ap.add_argument("--prompts", default=os.path.join(os.path.dirname(__file__), "../../shared/data/specbench-dev.jsonl"))
     ap.add_argument("--per-category", default="10")
     ap.add_argument("--max-tokens", default="128")
@@ -69,7 +77,8 @@ def main():
         by_cat = collections.defaultdict(list)
         for line in open(rendered):
             p = json.loads(line)
-            r = subprocess.run([a.bitnest, "run", "--model", a.model, "--bits", a.bits, "--temperature", "0",
+            bits = [] if a.bits == "all" else ["--bits", a.bits]
+            r = subprocess.run([a.bitnest, "run", "--model", a.model, *bits, "--temperature", "0",
                                 "--max-tokens", a.max_tokens, "--format", "json", "--prompt", p["text"]],
                                check=True, capture_output=True, text=True)
             j = json.loads(r.stdout)
@@ -86,6 +95,15 @@ def main():
             per = " | ".join(f"{replay(by_cat[c], length, branches)[0]:.2f}" for c in cats)
             name = "recent" if branches == 1 else f"branches {branches}"
             print(f"| {name} | {length} | {mat:.2f} | {npp:.1f} | {per} |")
+    # Lookup feeds on repetition, and small quantized models fall into greedy loops: say how much
+    # of the figure above comes from outputs that end in one.
+    loops = [o for o in everything if looped(o[1])]
+    rest = [o for o in everything if not looped(o[1])]
+    print(f"\noutputs ending in a loop (period <= 24 over the last 48 tokens): {len(loops)}/{len(everything)} "
+          f"({', '.join(f'{c} {sum(looped(g) for _, g in by_cat[c])}' for c in cats)})")
+    for name, part in (("in a loop", loops), ("not in a loop", rest)):
+        if part:
+            print(f"recent, chain 6, outputs {name}: {replay(part, 6, 1)[0]:.2f} tokens per pass")
 
 
 if __name__ == "__main__":
