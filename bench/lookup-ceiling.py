@@ -97,10 +97,11 @@ def main():
             print(f"| {name} | {length} | {mat:.2f} | {npp:.1f} | {per} |")
     # Lookup feeds on repetition, and small quantized models fall into greedy loops: say how much
     # of the figure above comes from outputs that end in one.
-    loops = [o for o in everything if looped(o[1])]
-    rest = [o for o in everything if not looped(o[1])]
+    loops_by_cat = {c: [o for o in by_cat[c] if looped(o[1])] for c in cats}
+    loops = [o for c in cats for o in loops_by_cat[c]]
+    rest = [o for o in everything if o not in loops]
     print(f"\noutputs ending in a loop (period <= 24 over the last 48 tokens): {len(loops)}/{len(everything)} "
-          f"({', '.join(f'{c} {sum(looped(g) for _, g in by_cat[c])}' for c in cats)})")
+          f"({', '.join(f'{c} {len(loops_by_cat[c])}' for c in cats)})")
     for name, part in (("in a loop", loops), ("not in a loop", rest)):
         if part:
             print(f"recent, chain 6, outputs {name}: {replay(part, 6, 1)[0]:.2f} tokens per pass")

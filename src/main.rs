@@ -484,7 +484,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "bits": bits,
             "bits_per_weight": bpw,
             "threads": r.threads,
-            "cache_type": format!("{:?}", a.model.cache_type).to_lowercase(),
+            "cache_type": a.model.cache_type.name(),
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
             "depth": a.depth,
@@ -526,7 +526,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         let rss = peak_rss_mb.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "n/a".into());
         println!(
             "peak RSS (VmHWM): {rss}; KV cache {kv_mb:.1} MiB ({}); load {load_s:.2} s; {} reps after 1 warm-up",
-            format!("{:?}", a.model.cache_type).to_lowercase(),
+            a.model.cache_type.name(),
             a.reps
         );
     }
@@ -601,14 +601,10 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     println!("model: {}", path.display());
     println!("architecture: {}", serde_json::to_string_pretty(&cfg)?);
     // What a session will hold besides the weights, so a user can size --ctx before running.
-    let elem = match a.model.cache_type {
-        bitnest::model::llama::KvType::F16 => 2,
-        bitnest::model::llama::KvType::F32 => 4,
-    };
-    let kv_per_token = 2 * cfg.n_layers * cfg.kv_dim() * elem;
+    let kv_per_token = 2 * cfg.n_layers * cfg.kv_dim() * a.model.cache_type.elem_bytes();
     println!(
         "KV cache ({}): {} bytes per token, {:.1} MiB at the trained context of {} tokens",
-        format!("{:?}", a.model.cache_type).to_lowercase(),
+        a.model.cache_type.name(),
         kv_per_token,
         (kv_per_token * cfg.max_seq) as f64 / 1048576.0,
         cfg.max_seq

@@ -49,6 +49,24 @@ pub enum KvType {
     F32,
 }
 
+impl KvType {
+    /// Bytes of one cached key or value element.
+    pub fn elem_bytes(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+
+    /// The name the command line and JSON reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        }
+    }
+}
+
 /// Keys and values of every layer, `layer × capacity × kv_dim` each.
 enum KvCache {
     F16 { k: Vec<half::f16>, v: Vec<half::f16> },
@@ -72,8 +90,8 @@ impl KvCache {
 
     fn bytes(&self) -> usize {
         match self {
-            KvCache::F16 { k, v } => (k.len() + v.len()) * 2,
-            KvCache::F32 { k, v } => (k.len() + v.len()) * 4,
+            KvCache::F16 { k, v } => (k.len() + v.len()) * KvType::F16.elem_bytes(),
+            KvCache::F32 { k, v } => (k.len() + v.len()) * KvType::F32.elem_bytes(),
         }
     }
 
