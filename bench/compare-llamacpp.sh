@@ -67,7 +67,7 @@ find_cmake() {
 }
 
 build_llamacpp() {
-  if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-quantize" ]; then
+  if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-quantize" ] && [ -x "$BIN/llama-tokenize" ]; then
     log "llama.cpp already built in $BIN"
     return
   fi
@@ -100,7 +100,7 @@ build_llamacpp() {
   local targets=() t
   local all_targets
   all_targets=$("$CMAKE" --build "$LC/build" --target help 2>/dev/null || true)
-  for t in llama-bench llama-quantize llama-perplexity llama-cli llama-completion llama-speculative-simple; do
+  for t in llama-bench llama-quantize llama-perplexity llama-cli llama-completion llama-speculative-simple llama-tokenize; do
     if grep -qE "(^|[ .])$t(:|$| )" <<<"$all_targets"; then targets+=("$t"); fi
   done
   [ ${#targets[@]} -gt 0 ] || targets=(llama-bench llama-quantize)

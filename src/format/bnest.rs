@@ -421,6 +421,7 @@ mod tests {
             rope_base: 10000.0,
             rms_eps: 1e-5,
             max_seq: 256,
+            rope_style: Default::default(),
         }
     }
 

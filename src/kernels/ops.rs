@@ -105,17 +105,19 @@ pub fn softmax(x: &mut [f32]) {
 
 /// Precomputed rotary-embedding angles for positions `0..max_pos`.
 ///
-/// Pairs are *interleaved* (dimensions 2i and 2i+1 rotate together), which is what GGUF files
-/// expect after their converter permuted the Q/K rows; Hugging Face checkpoints are permuted
-/// the same way at load so one convention serves both.
+/// Frequency `i` (of `head_dim / 2`) rotates one pair of a head's dimensions: `2i` and `2i + 1`
+/// when `interleaved` (GGUF `llama` files, whose converter permuted the Q/K rows), `i` and
+/// `i + head_dim/2` otherwise (rotate-half: Hugging Face order, GGUF `qwen2`). The architecture
+/// says which (`model::arch::RopeStyle`).
 pub struct Rope {
     half: usize,
+    interleaved: bool,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, base: f64, max_pos: usize) -> Self {
+    pub fn new(head_dim: usize, base: f64, max_pos: usize, interleaved: bool) -> Self {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
@@ -126,18 +128,20 @@ impl Rope {
                 sin.push(theta.sin() as f32);
             }
         }
-        Rope { half, cos, sin }
+        Rope { half, interleaved, cos, sin }
     }
 
     /// Rotates every head of `x` (`n_heads × head_dim`) for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let c = &self.cos[pos * self.half..(pos + 1) * self.half];
         let s = &self.sin[pos * self.half..(pos + 1) * self.half];
-        for head in x.chunks_exact_mut(self.half * 2) {
-            for i in 0..self.half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * c[i] - b * s[i];
-                head[2 * i + 1] = a * s[i] + b * c[i];
+        let h = self.half;
+        for head in x.chunks_exact_mut(h * 2) {
+            for i in 0..h {
+                let (ia, ib) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + h) };
+                let (a, b) = (head[ia], head[ib]);
+                head[ia] = a * c[i] - b * s[i];
+                head[ib] = a * s[i] + b * c[i];
             }
         }
     }
@@ -186,16 +190,41 @@ mod tests {
 
     #[test]
     fn rope_preserves_norm_and_is_identity_at_zero() {
-        let rope = Rope::new(8, 10000.0, 16);
-        let mut x: Vec<f32> = (0..16).map(|i| i as f32 * 0.3 - 2.0).collect();
-        let orig = x.clone();
-        rope.apply(&mut x, 0);
-        assert_eq!(x, orig);
-        rope.apply(&mut x, 7);
-        let n0: f32 = orig.iter().map(|v| v * v).sum();
-        let n1: f32 = x.iter().map(|v| v * v).sum();
-        assert!((n0 - n1).abs() < 1e-3);
-        assert_ne!(x, orig);
+        for interleaved in [true, false] {
+            let rope = Rope::new(8, 10000.0, 16, interleaved);
+            let mut x: Vec<f32> = (0..16).map(|i| i as f32 * 0.3 - 2.0).collect();
+            let orig = x.clone();
+            rope.apply(&mut x, 0);
+            assert_eq!(x, orig);
+            rope.apply(&mut x, 7);
+            let n0: f32 = orig.iter().map(|v| v * v).sum();
+            let n1: f32 = x.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3);
+            assert_ne!(x, orig);
+        }
+    }
+
+    #[test]
+    fn rotate_half_is_interleaved_rope_on_permuted_rows() {
+        // Rotate-half on a head equals interleaved rope after moving dimension i to 2i and
+        // i + half to 2i + 1 (the permutation llama.cpp's converter applies to llama Q/K).
+        let (hd, half) = (8, 4);
+        let x: Vec<f32> = (0..2 * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let perm = |v: &[f32]| -> Vec<f32> {
+            let mut out = vec![0f32; v.len()];
+            for (h, head) in v.chunks_exact(hd).enumerate() {
+                for i in 0..half {
+                    out[h * hd + 2 * i] = head[i];
+                    out[h * hd + 2 * i + 1] = head[i + half];
+                }
+            }
+            out
+        };
+        let mut neox = x.clone();
+        Rope::new(hd, 1e6, 32, false).apply(&mut neox, 29);
+        let mut inter = perm(&x);
+        Rope::new(hd, 1e6, 32, true).apply(&mut inter, 29);
+        assert_eq!(perm(&neox), inter);
     }
 
     #[test]

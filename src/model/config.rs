@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
+use super::arch::{Arch, RopeStyle};
 use crate::format::gguf::GgufFile;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +22,10 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     /// Training context length; the default upper bound for a session.
     pub max_seq: usize,
+    /// How the Q/K rows pair up under rotary embeddings (absent in files written before it was
+    /// recorded, which were all interleaved).
+    #[serde(default)]
+    pub rope_style: RopeStyle,
 }
 
 impl LlamaConfig {
@@ -31,10 +36,7 @@ impl LlamaConfig {
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch =
             g.get("general.architecture").and_then(|v| v.as_str()).context("missing general.architecture")?.to_string();
-        ensure!(
-            matches!(arch.as_str(), "llama" | "qwen2" | "mistral"),
-            "architecture {arch:?} is not supported (llama, qwen2, mistral are)"
-        );
+        let spec = Arch::from_gguf(&arch)?;
         let int = |k: &str| -> Result<usize> {
             let key = format!("{arch}.{k}");
             g.get(&key)
@@ -69,6 +71,7 @@ impl LlamaConfig {
             rope_base: float("rope.freq_base").unwrap_or(10000.0),
             rms_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             max_seq: int("context_length").unwrap_or(2048),
+            rope_style: spec.rope,
             arch,
         };
         cfg.validate()?;
@@ -83,14 +86,7 @@ impl LlamaConfig {
             .and_then(|a| a.as_str())
             .or_else(|| v.get("model_type").and_then(|m| m.as_str()))
             .context("config.json has neither architectures nor model_type")?;
-        let arch = match arch_name {
-            "LlamaForCausalLM" | "llama" => "llama",
-            "Qwen2ForCausalLM" | "qwen2" => "qwen2",
-            "MistralForCausalLM" | "mistral" => "mistral",
-            other => {
-                anyhow::bail!("architecture {other:?} is not supported (Llama, Qwen2, Mistral are)")
-            }
-        };
+        let spec = Arch::from_hf(arch_name)?;
         let int = |k: &str| -> Result<usize> {
             v.get(k)
                 .and_then(|x| x.as_u64())
@@ -101,7 +97,7 @@ impl LlamaConfig {
         let n_heads = int("num_attention_heads")?;
         ensure!(n_heads > 0, "num_attention_heads is 0");
         let cfg = LlamaConfig {
-            arch: arch.to_string(),
+            arch: spec.name.to_string(),
             n_layers: int("num_hidden_layers")?,
             dim,
             n_heads,
@@ -112,6 +108,7 @@ impl LlamaConfig {
             rope_base: v.get("rope_theta").and_then(|x| x.as_f64()).unwrap_or(10000.0),
             rms_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5) as f32,
             max_seq: int("max_position_embeddings").unwrap_or(2048),
+            rope_style: spec.rope,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -1,5 +1,6 @@
 //! The model: configuration, weights and the forward pass.
 
+pub mod arch;
 pub mod config;
 pub mod llama;
 pub mod plan;

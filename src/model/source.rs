@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
 
+use super::arch::RopeStyle;
 use super::config::LlamaConfig;
 use super::llama::{Block, KvType, Llama};
 use super::plan::BitsPlan;
@@ -100,7 +101,11 @@ impl ModelSource {
                 let Some((shape, data)) = d.tensor_f32(&hf)? else {
                     return Ok(None);
                 };
-                let heads = if name.contains(".attn_q.") {
+                // Hugging Face stores Q/K rows in rotate-half order; architectures whose GGUF
+                // files are interleaved get them permuted, so both sources load alike.
+                let heads = if cfg.rope_style == RopeStyle::Neox {
+                    None
+                } else if name.contains(".attn_q.") {
                     Some(cfg.n_heads)
                 } else if name.contains(".attn_k.") {
                     Some(cfg.n_kv_heads)
@@ -248,7 +253,7 @@ impl ModelSource {
             });
         }
         let norm = get("output_norm.weight", &[dim])?;
-        let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq);
+        let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq, cfg.rope_style == RopeStyle::Interleaved);
         Ok(Llama { config: cfg, embed, blocks, norm, head, rope, kv_type: KvType::default() })
     }
 }

@@ -49,6 +49,13 @@ pub fn model_path() -> PathBuf {
 /// directory (f32 safetensors, rotate-half Q/K) and as GGUF (Q/K rows permuted the way
 /// llama.cpp's converter does). Returns `(gguf file, hf directory)`.
 pub fn write_tiny_llama(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    write_tiny_model(dir, "llama")
+}
+
+/// [`write_tiny_llama`] for architecture `arch`: `llama` (GGUF Q/K rows permuted to interleaved
+/// pairs) or `qwen2` (GGUF rows kept in rotate-half order, as llama.cpp's converter leaves them,
+/// and Q/K/V biases).
+pub fn write_tiny_model(dir: &std::path::Path, arch: &str) -> (PathBuf, PathBuf) {
     use bitnest::format::gguf::{GgufWriter, Value};
     use bitnest::format::safetensors::{hf_name, permute_qk};
     use bitnest::quant::ggml::GgmlType;
@@ -69,6 +76,11 @@ pub fn write_tiny_llama(dir: &std::path::Path) -> (PathBuf, PathBuf) {
         let p = format!("blk.{l}");
         add(&format!("{p}.attn_norm.weight"), vec![dim], 0.1, 1.0);
         add(&format!("{p}.ffn_norm.weight"), vec![dim], 0.1, 1.0);
+        if arch == "qwen2" {
+            add(&format!("{p}.attn_q.bias"), vec![heads * hd], 0.3, 0.0);
+            add(&format!("{p}.attn_k.bias"), vec![kv_heads * hd], 0.3, 0.0);
+            add(&format!("{p}.attn_v.bias"), vec![kv_heads * hd], 0.3, 0.0);
+        }
         add(&format!("{p}.attn_q.weight"), vec![heads * hd, dim], 0.3, 0.0);
         add(&format!("{p}.attn_k.weight"), vec![kv_heads * hd, dim], 0.3, 0.0);
         add(&format!("{p}.attn_v.weight"), vec![kv_heads * hd, dim], 0.2, 0.0);
@@ -79,10 +91,10 @@ pub fn write_tiny_llama(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     }
 
     // Hugging Face directory.
-    let hf = dir.join("tiny-hf");
+    let hf = dir.join(format!("tiny-{arch}-hf"));
     std::fs::create_dir_all(&hf).unwrap();
     let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": dim, "num_attention_heads": heads,
+        "architectures": [if arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }], "hidden_size": dim, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "intermediate_size": ffn, "num_hidden_layers": layers,
         "vocab_size": vocab, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
         "tie_word_embeddings": false
@@ -102,27 +114,31 @@ pub fn write_tiny_llama(dir: &std::path::Path) -> (PathBuf, PathBuf) {
 
     // GGUF file.
     let mut w = GgufWriter::new();
-    w.meta("general.architecture", Value::String("llama".into()))
-        .meta("llama.block_count", Value::U32(layers as u32))
-        .meta("llama.embedding_length", Value::U32(dim as u32))
-        .meta("llama.feed_forward_length", Value::U32(ffn as u32))
-        .meta("llama.attention.head_count", Value::U32(heads as u32))
-        .meta("llama.attention.head_count_kv", Value::U32(kv_heads as u32))
-        .meta("llama.rope.freq_base", Value::F32(10000.0))
-        .meta("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
-        .meta("llama.context_length", Value::U32(256))
-        .meta("llama.vocab_size", Value::U32(vocab as u32));
+    let k = |key: &str| format!("{arch}.{key}");
+    w.meta("general.architecture", Value::String(arch.into()))
+        .meta(&k("block_count"), Value::U32(layers as u32))
+        .meta(&k("embedding_length"), Value::U32(dim as u32))
+        .meta(&k("feed_forward_length"), Value::U32(ffn as u32))
+        .meta(&k("attention.head_count"), Value::U32(heads as u32))
+        .meta(&k("attention.head_count_kv"), Value::U32(kv_heads as u32))
+        .meta(&k("rope.freq_base"), Value::F32(10000.0))
+        .meta(&k("attention.layer_norm_rms_epsilon"), Value::F32(1e-5))
+        .meta(&k("context_length"), Value::U32(256))
+        .meta(&k("vocab_size"), Value::U32(vocab as u32));
     for (name, shape, data) in &tensors {
-        let data = if name.contains("attn_q") {
-            permute_qk(data, heads, dim)
+        let cols = if shape.len() == 2 { shape[1] } else { 1 };
+        let data = if arch == "qwen2" {
+            data.clone()
+        } else if name.contains("attn_q") {
+            permute_qk(data, heads, cols)
         } else if name.contains("attn_k") {
-            permute_qk(data, kv_heads, dim)
+            permute_qk(data, kv_heads, cols)
         } else {
             data.clone()
         };
         w.tensor(name, shape, GgmlType::F32, GgmlType::F32.quantize(&data));
     }
-    let gguf = dir.join("tiny.gguf");
+    let gguf = dir.join(format!("tiny-{arch}.gguf"));
     w.write(&gguf).unwrap();
     (gguf, hf)
 }

@@ -1,0 +1,77 @@
+//! What differs between the architectures bitnest runs, described in one place.
+//!
+//! Every supported architecture is one [`Arch`] entry: its names in GGUF metadata and Hugging
+//! Face `config.json`, and the conventions its weights follow. Loading code asks the entry
+//! instead of branching on the architecture's name.
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// How rotary position embeddings pair the dimensions of a head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeStyle {
+    /// Dimensions `2i` and `2i + 1` rotate together. llama.cpp's converter permutes the Q/K
+    /// rows of `llama`-style models into this order (its `LLAMA_ROPE_TYPE_NORM`).
+    #[default]
+    Interleaved,
+    /// Dimensions `i` and `i + head_dim/2` rotate together ("rotate half", GPT-NeoX): the order
+    /// of Hugging Face checkpoints, which llama.cpp keeps unpermuted for `qwen2` and friends
+    /// (`LLAMA_ROPE_TYPE_NEOX`).
+    Neox,
+}
+
+/// One architecture's description.
+#[derive(Debug)]
+pub struct Arch {
+    /// `general.architecture` in GGUF files, and the name bitnest reports.
+    pub name: &'static str,
+    /// `architectures[0]` / `model_type` values of Hugging Face `config.json`.
+    pub hf_names: &'static [&'static str],
+    /// The pairing of the Q/K rows as stored in this architecture's GGUF files. Hugging Face
+    /// checkpoints are brought into the same order at load, so one model path serves both.
+    pub rope: RopeStyle,
+}
+
+/// Every architecture bitnest runs.
+pub const ARCHS: &[Arch] = &[
+    Arch { name: "llama", hf_names: &["LlamaForCausalLM", "llama"], rope: RopeStyle::Interleaved },
+    Arch { name: "mistral", hf_names: &["MistralForCausalLM", "mistral"], rope: RopeStyle::Interleaved },
+    Arch { name: "qwen2", hf_names: &["Qwen2ForCausalLM", "qwen2"], rope: RopeStyle::Neox },
+];
+
+impl Arch {
+    /// The entry for a GGUF `general.architecture` name.
+    pub fn from_gguf(name: &str) -> Result<&'static Arch> {
+        match ARCHS.iter().find(|a| a.name == name) {
+            Some(a) => Ok(a),
+            None => bail!("architecture {name:?} is not supported ({} are)", Self::names()),
+        }
+    }
+
+    /// The entry for a Hugging Face architecture class or model type.
+    pub fn from_hf(name: &str) -> Result<&'static Arch> {
+        match ARCHS.iter().find(|a| a.hf_names.contains(&name)) {
+            Some(a) => Ok(a),
+            None => bail!("architecture {name:?} is not supported ({} are)", Self::names()),
+        }
+    }
+
+    fn names() -> String {
+        ARCHS.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_and_unknown_ones_are_errors() {
+        assert_eq!(Arch::from_gguf("qwen2").unwrap().rope, RopeStyle::Neox);
+        assert_eq!(Arch::from_gguf("llama").unwrap().rope, RopeStyle::Interleaved);
+        assert_eq!(Arch::from_hf("Qwen2ForCausalLM").unwrap().name, "qwen2");
+        let e = Arch::from_gguf("gpt2").unwrap_err().to_string();
+        assert!(e.contains("gpt2") && e.contains("qwen2"), "{e}");
+    }
+}
