@@ -129,8 +129,9 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
     for fam in a.dtypes.split(',').map(str::trim) {
         match fam {
             "int" => dtypes.push(GroupDtype::Int),
-            "bitmod" => dtypes
-                .extend(bitnest::quant::dtype::ALL.iter().filter(|d| !d.is_int() && d.native_bits() <= a.master_bits)),
+            "bitmod" => dtypes.extend(
+                bitnest::quant::dtype::ALL.iter().filter(|d| d.is_bitmod() && d.native_bits() <= a.master_bits),
+            ),
             other => bail!("unknown datatype family {other:?} (int, bitmod)"),
         }
     }

@@ -15,13 +15,14 @@ use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::LlamaConfig;
-use crate::quant::bitplane::{BitPlanes, QuantConfig, SUB_BITS_MAX, SUB_BITS_MIN, SubScales, row_bytes};
+use crate::quant::bitplane::{BitPlanes, QuantConfig, SUB_BITS_MAX, SUB_BITS_MIN, SubKind, SubScales, row_bytes};
 use crate::quant::dtype::MAX_BITS;
 
 pub const MAGIC: &[u8; 8] = b"BITNEST\0";
-/// Written by this build. Version 2 added optional sub-block scales; version 1 files read as
-/// before.
-pub const VERSION: u32 = 2;
+/// Written by this build. Version 2 added optional sub-block scales; version 3 added the kinds
+/// of sub-block scales and the datatypes that GGUF tensors transcode into losslessly
+/// (`docs/FORMAT.md`). Versions 1 and 2 read as before.
+pub const VERSION: u32 = 3;
 const OLDEST_VERSION: u32 = 1;
 const PREAMBLE: usize = 32;
 const ALIGN: u64 = 64;
@@ -60,7 +61,14 @@ pub enum Encoding {
 pub struct SubSection {
     pub size: usize,
     pub bits: u32,
+    /// Absent before version 3, where every sub-block scale was unsigned.
+    #[serde(default, skip_serializing_if = "is_unsigned")]
+    pub kind: SubKind,
     pub data: Section,
+}
+
+fn is_unsigned(k: &SubKind) -> bool {
+    *k == SubKind::Unsigned
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -119,7 +127,12 @@ pub fn write(path: &Path, mut header: Header, tensors: Vec<(String, Vec<usize>, 
                 let scales = place(bp.scales.iter().flat_map(|x| x.to_le_bytes()).collect(), &mut blobs);
                 let offsets = place(bp.offsets.iter().flat_map(|x| x.to_le_bytes()).collect(), &mut blobs);
                 let dtypes = place(bp.dtypes, &mut blobs);
-                let sub = bp.sub.map(|s| SubSection { size: s.size, bits: s.bits, data: place(s.pack(), &mut blobs) });
+                let sub = bp.sub.map(|s| SubSection {
+                    size: s.size,
+                    bits: s.bits,
+                    kind: s.kind,
+                    data: place(s.pack(), &mut blobs),
+                });
                 Encoding::Planes { group: bp.group, master_bits: bp.master_bits, planes, scales, offsets, dtypes, sub }
             }
         };
@@ -212,6 +225,11 @@ impl BnestFile {
         let data_start = (PREAMBLE as u64 + hlen).div_ceil(ALIGN) * ALIGN;
         let has_sub = header.tensors.iter().any(|t| matches!(t.encoding, Encoding::Planes { sub: Some(_), .. }));
         ensure!(version >= 2 || !has_sub, "sub-block scales in a version {version} file");
+        let has_v3 = header.tensors.iter().any(|t| match &t.encoding {
+            Encoding::Planes { sub: Some(s), .. } => s.kind != SubKind::Unsigned,
+            _ => false,
+        });
+        ensure!(version >= 3 || !has_v3, "signed or f16 sub-block scales in a version {version} file");
         let file = BnestFile { header, mmap: Arc::new(mmap), data_start };
         for t in &file.header.tensors {
             file.validate_tensor(t).with_context(|| format!("tensor {}", t.name))?;
@@ -289,13 +307,19 @@ impl BnestFile {
                         "sub-block size {} does not divide group size {group}",
                         s.size
                     );
-                    ensure!((SUB_BITS_MIN..=SUB_BITS_MAX).contains(&s.bits), "sub-scale bits {} out of range", s.bits);
                     let n = (rows * cols.div_ceil(s.size)) as u64;
-                    ensure!(
-                        s.data.len == (n * 2 * s.bits as u64).div_ceil(8),
-                        "sub-scales have {} bytes for {n} sub-blocks",
-                        s.data.len
-                    );
+                    let want = match s.kind {
+                        SubKind::Half => n * 4,
+                        _ => {
+                            ensure!(
+                                (SUB_BITS_MIN..=SUB_BITS_MAX).contains(&s.bits),
+                                "sub-scale bits {} out of range",
+                                s.bits
+                            );
+                            (n * 2 * s.bits as u64).div_ceil(8)
+                        }
+                    };
+                    ensure!(s.data.len == want, "sub-scales have {} bytes for {n} sub-blocks", s.data.len);
                     self.section(&s.data)?;
                 }
             }
@@ -348,7 +372,7 @@ impl BnestFile {
     pub fn sub_scales(&self, t: &TensorDesc) -> Result<Option<SubScales>> {
         let Encoding::Planes { sub: Some(s), .. } = &t.encoding else { return Ok(None) };
         let n = t.shape[0] * t.shape[1].div_ceil(s.size);
-        Ok(Some(SubScales::unpack(self.bytes(&s.data)?, s.size, s.bits, n)?))
+        Ok(Some(SubScales::unpack(self.bytes(&s.data)?, s.size, s.bits, s.kind, n)?))
     }
 
     /// The byte ranges of a `Planes` tensor inside the shared mapping (bounds and checksums
@@ -386,7 +410,8 @@ impl BnestFile {
                 Encoding::Planes { group, master_bits, sub, .. } => {
                     let r = plan.bits_for(&t.name, *master_bits)?;
                     let (rows, cols) = (t.shape[0], t.shape[1]);
-                    let sub_bits = sub.map_or(0, |s| rows * cols.div_ceil(s.size) * 2 * s.bits as usize);
+                    let per_sub = |s: &SubSection| if s.kind == SubKind::Half { 32 } else { 2 * s.bits as usize };
+                    let sub_bits = sub.map_or(0, |s| rows * cols.div_ceil(s.size) * per_sub(&s));
                     (rows * row_bytes(cols) * 8) as f64 * r as f64
                         + (rows * cols.div_ceil(*group)) as f64 * 40.0
                         + sub_bits as f64

@@ -29,8 +29,8 @@ use half::f16;
 use super::{Linear, SyncPtr};
 
 mod acts;
-use crate::quant::bitplane::{BitPlanes, SubScales, row_bytes};
-use crate::quant::dtype::{ALL, GroupDtype, MAX_BITS};
+use crate::quant::bitplane::{BitPlanes, SubKind, SubScales, row_bytes};
+use crate::quant::dtype::{EVERY as ALL, GroupDtype, MAX_BITS};
 pub use acts::{Q8MAX, QMAX, QuantActs};
 
 /// Rows computed together: they share the activation loads and one transpose-reduce.
@@ -111,19 +111,45 @@ struct TileMeta {
     dtype: [u8; TILE],
 }
 
-/// The one sub-block size the kernel takes: half a 64-column chunk.
+/// The activation block, and the larger sub-block size the kernel takes: half a 64-column
+/// chunk. Sub-blocks of 16 (llama.cpp's `Q2_K`, `Q3_K`, `Q6_K`) are taken too.
 pub const SUB: usize = 32;
 /// Largest group of a two-level layer the kernel takes (its batch path keeps a whole group's
 /// transposed codes on the stack).
 pub const MAX_SUB_GROUP: usize = 2048;
 
 /// Sub-block multipliers of a layer, tile-major like [`TileMeta`]: entry `tile · spr + k` holds
-/// sub-block `k` of the tile's 16 rows. `spr` counts two sub-blocks per 64-column chunk; those
-/// past the row's end are zero.
+/// sub-block `k` of the tile's 16 rows. `spr` counts `64 / size` sub-blocks per 64-column
+/// chunk; those past the row's end are zero. Integer kinds fill `scale` and `offset` (the
+/// scale's bytes are two's complement for [`SubKind::Signed`]), [`SubKind::Half`] the f16 pair.
 struct SubMeta {
     spr: usize,
+    /// Weights per sub-block: 32 or 16.
+    size: usize,
+    kind: SubKind,
     scale: Vec<[u8; TILE]>,
     offset: Vec<[i8; TILE]>,
+    half_scale: Vec<[u16; TILE]>,
+    half_offset: Vec<[u16; TILE]>,
+}
+
+impl SubMeta {
+    /// Entry `e`'s multipliers of row `i` of the tile, as floats.
+    #[inline(always)]
+    fn multipliers(&self, e: usize, i: usize) -> (f32, f32) {
+        match self.kind {
+            SubKind::Unsigned => (self.scale[e][i] as f32, self.offset[e][i] as f32),
+            SubKind::Signed => (self.scale[e][i] as i8 as f32, self.offset[e][i] as f32),
+            SubKind::Half => {
+                (f16::from_bits(self.half_scale[e][i]).to_f32(), f16::from_bits(self.half_offset[e][i]).to_f32())
+            }
+        }
+    }
+
+    /// Sub-blocks per 64-column chunk.
+    fn per_chunk(&self) -> usize {
+        64 / self.size
+    }
 }
 
 /// Most layers [`PlaneLinear::forward_shared`] takes at once.
@@ -161,6 +187,9 @@ pub struct PlaneLinear {
 /// Why a plane tensor cannot use this kernel (it then falls back to f32). `sub` is the
 /// sub-block size and scale bits of two-level tensors.
 pub fn unsupported(group: usize, sub: Option<(usize, u32)>) -> Option<String> {
+    if let Some((16, bits)) = sub {
+        return unsupported(group, Some((SUB, bits)));
+    }
     match sub {
         None => (!group.is_multiple_of(64) || group > MAX_GROUP)
             .then(|| format!("group size {group} (the bit-serial kernel needs a multiple of 64 up to {MAX_GROUP})")),
@@ -169,8 +198,8 @@ pub fn unsupported(group: usize, sub: Option<(usize, u32)>) -> Option<String> {
             (size != SUB || !group.is_multiple_of(64) || group > MAX_SUB_GROUP || bits > 8).then(|| {
                 format!(
                     "sub-blocks of {size} with {bits}-bit scales in groups of {group} (the bit-serial kernel needs \
-                     sub-blocks of {SUB} with scales of at most 8 bits, in groups that are a multiple of 64 up to \
-                     {MAX_SUB_GROUP})"
+                     sub-blocks of 16 or {SUB} with scales of at most 8 bits or f16, in groups that are a multiple \
+                     of 64 up to {MAX_SUB_GROUP})"
                 )
             })
         }
@@ -195,7 +224,7 @@ impl PlaneLinear {
         bits: u32,
     ) -> anyhow::Result<Self> {
         use anyhow::ensure;
-        if let Some(why) = unsupported(group, sub.map(|s| (s.size, s.bits))) {
+        if let Some(why) = unsupported(group, sub.map(|s| (s.size, s.bits.min(8)))) {
             anyhow::bail!("{why}");
         }
         let master_bits = planes.len() as u32;
@@ -249,7 +278,8 @@ impl PlaneLinear {
     /// copied: a mapped file can drop those pages then, so the weights are never resident
     /// twice, not even while loading.
     pub fn interleaved(mut self, mut release: impl FnMut(Range<usize>)) -> Self {
-        if self.sub.is_some() && Isa::detect() == Isa::Avx512Gfni && self.rows >= TILE {
+        let plain_sub = self.sub.as_ref().is_some_and(|s| s.size == SUB && s.kind == SubKind::Unsigned);
+        if plain_sub && Isa::detect() == Isa::Avx512Gfni && self.rows >= TILE {
             self.quads = Some(QuadPlanes::build(&self, self.bits, &mut release));
         }
         self
@@ -259,21 +289,38 @@ impl PlaneLinear {
     fn with_sub(mut self, sub: &SubScales) -> anyhow::Result<Self> {
         use anyhow::ensure;
         let per_row = sub.per_row(self.cols);
+        ensure!(sub.size == SUB || sub.size == SUB / 2, "sub-blocks of {}", sub.size);
+        let half = sub.kind == SubKind::Half;
+        let n = self.rows * per_row;
         ensure!(
-            sub.scale.len() == self.rows * per_row && sub.offset.len() == self.rows * per_row,
+            if half {
+                sub.half_scale.len() == n && sub.half_offset.len() == n
+            } else {
+                sub.scale.len() == n && sub.offset.len() == n
+            },
             "sub-scales do not match the tensor"
         );
-        let spr = self.cols.div_ceil(64) * 2;
+        let spr = self.cols.div_ceil(64) * (64 / sub.size);
         let tiles = self.rows.div_ceil(TILE);
-        let mut scale = vec![[0u8; TILE]; tiles * spr];
-        let mut offset = vec![[0i8; TILE]; tiles * spr];
+        let slots = if half { 0 } else { tiles * spr };
+        let mut scale = vec![[0u8; TILE]; slots];
+        let mut offset = vec![[0i8; TILE]; slots];
+        let hslots = if half { tiles * spr } else { 0 };
+        let mut half_scale = vec![[0u16; TILE]; hslots];
+        let mut half_offset = vec![[0u16; TILE]; hslots];
         for row in 0..self.rows {
             for k in 0..per_row {
-                scale[(row / TILE) * spr + k][row % TILE] = sub.scale[row * per_row + k];
-                offset[(row / TILE) * spr + k][row % TILE] = sub.offset[row * per_row + k];
+                let (e, i, src) = ((row / TILE) * spr + k, row % TILE, row * per_row + k);
+                if half {
+                    half_scale[e][i] = sub.half_scale[src];
+                    half_offset[e][i] = sub.half_offset[src];
+                } else {
+                    scale[e][i] = sub.scale[src];
+                    offset[e][i] = sub.offset[src];
+                }
             }
         }
-        self.sub = Some(SubMeta { spr, scale, offset });
+        self.sub = Some(SubMeta { spr, size: sub.size, kind: sub.kind, scale, offset, half_scale, half_offset });
         Ok(self)
     }
 
@@ -392,8 +439,8 @@ impl PlaneLinear {
                 let (s, o) = match &self.sub {
                     None => (s, o),
                     Some(sub) => {
-                        let k = (i / TILE) * sub.spr + col / SUB;
-                        (s * sub.scale[k][i % TILE] as f32, o * sub.offset[k][i % TILE] as f32)
+                        let (sc, mn) = sub.multipliers((i / TILE) * sub.spr + col / sub.size, i % TILE);
+                        (s * sc, o * mn)
                     }
                 };
                 let mut c = 0usize;
@@ -436,12 +483,12 @@ impl Linear for PlaneLinear {
     fn weight_bytes(&self) -> usize {
         self.rows * self.row_bytes * self.bits as usize
             + self.meta.len() * std::mem::size_of::<TileMeta>()
-            + self.sub.as_ref().map_or(0, |s| s.scale.len() * 2 * TILE)
+            + self.sub.as_ref().map_or(0, |s| (s.scale.len() + s.half_scale.len() * 2) * 2 * TILE)
     }
     fn format_name(&self) -> String {
         match &self.sub {
             None => format!("planes {}/{} g{}", self.bits, self.master_bits, self.group),
-            Some(_) => format!("planes {}/{} g{}/{SUB}", self.bits, self.master_bits, self.group),
+            Some(s) => format!("planes {}/{} g{}/{}", self.bits, self.master_bits, self.group, s.size),
         }
     }
     fn row(&self, i: usize, out: &mut [f32]) {
@@ -617,14 +664,21 @@ impl<'a> Ctx<'a> {
         let full = (tile + 1) * TILE <= self.rows;
         if let Some(sub) = self.sub {
             #[cfg(target_arch = "x86_64")]
-            if full {
+            if full && sub.size == SUB / 2 && matches!(isa, Isa::Avx512 | Isa::Avx512Gfni) {
+                return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out, isa == Isa::Avx512Gfni) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if full && sub.size == SUB {
                 match isa {
                     Isa::Avx512 => return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out, false) },
                     Isa::Avx512Gfni if self.quads.is_some() => {
                         return unsafe { x86::tile_quads(self, sub, tile, acts, n, out) };
                     }
                     Isa::Avx512Gfni => return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out, true) },
-                    Isa::Avx2 => return unsafe { x86::tile_sub_avx2(self, sub, tile, acts, n, out) },
+                    Isa::Avx2 if sub.kind == SubKind::Unsigned => {
+                        return unsafe { x86::tile_sub_avx2(self, sub, tile, acts, n, out) };
+                    }
+                    Isa::Avx2 => {}
                     Isa::Scalar => {}
                 }
             }
@@ -716,15 +770,17 @@ impl Ctx<'_> {
                     let m = &self.meta[tile * self.gpr + g];
                     let table = &self.levels[m.dtype[i] as usize].table;
                     let mut fs = [0f32; 3];
+                    let (pc, size) = (sub.per_chunk(), sub.size);
                     for ch in self.chunks(g) {
-                        for half in 0..2 {
-                            let k = 2 * ch + half;
-                            let js = half * SUB..(half + 1) * SUB;
+                        for part in 0..pc {
+                            let k = pc * ch + part;
+                            let js = part * size..(part + 1) * size;
                             let [dot] = self.dot_scalar(row, ch, js, t, acts.padded, [&acts.q8], table);
-                            let sc = sub.scale[tile * sub.spr + k][i] as f32;
-                            let mn = sub.offset[tile * sub.spr + k][i] as f32;
-                            let b = t * blocks + k;
-                            Ctx::sub_step(&mut fs, dot, sc, mn, acts.e[b], acts.eq[b]);
+                            let (sc, mn) = sub.multipliers(tile * sub.spr + k, i);
+                            // The activation block holding the sub-block, and the sub-block's Σq.
+                            let b = t * blocks + k * size / SUB;
+                            let eq = if size == SUB { acts.eq[b] } else { acts.eq16[2 * t * blocks + k] };
+                            Ctx::sub_step(&mut fs, dot, sc, mn, acts.e[b], eq);
                         }
                     }
                     let (a, z, o) = self.azo(m, i);

@@ -137,28 +137,96 @@ pub const SUB_BITS_MAX: u32 = 8;
 pub struct SubScales {
     /// Weights per sub-block; divides the group size.
     pub size: usize,
-    /// Bits of each scale (unsigned, `1..2^bits`) and each offset (two's complement).
+    /// Bits of each scale and each offset ([`SubKind::Unsigned`] and [`SubKind::Signed`]).
     pub bits: u32,
-    /// Per (row, sub-block), row-major.
+    pub kind: SubKind,
+    /// Per (row, sub-block), row-major: the integer multipliers (the scale's byte is two's
+    /// complement when [`SubKind::Signed`]); empty for [`SubKind::Half`].
     pub scale: Vec<u8>,
     pub offset: Vec<i8>,
+    /// Per (row, sub-block), row-major: f16 bits of each sub-block's own scale and offset;
+    /// only for [`SubKind::Half`].
+    pub half_scale: Vec<u16>,
+    pub half_offset: Vec<u16>,
+}
+
+/// What a sub-block stores, and so how its scale and offset are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubKind {
+    /// `bits`-bit integers: the scale unsigned (`1..2^bits` when bitnest quantizes), the
+    /// offset two's complement; they multiply the group's f16 `S` and `O`.
+    #[default]
+    Unsigned,
+    /// As `Unsigned` with a two's complement scale: llama.cpp's signed sub-block scales
+    /// (`Q3_K`, `Q6_K`, `IQ4_XS`).
+    Signed,
+    /// Each sub-block's own f16 scale and offset, multiplying group values of 1: llama.cpp's
+    /// blocks of 32 with a scale of their own (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `IQ4_NL`).
+    Half,
 }
 
 impl SubScales {
+    /// Integer multipliers of `bits` bits (the quantizer's form).
+    pub fn ints(size: usize, bits: u32, kind: SubKind, scale: Vec<u8>, offset: Vec<i8>) -> Self {
+        SubScales { size, bits, kind, scale, offset, half_scale: Vec::new(), half_offset: Vec::new() }
+    }
+
     /// Sub-blocks per row of `cols` weights.
     pub fn per_row(&self, cols: usize) -> usize {
         cols.div_ceil(self.size)
     }
 
-    /// Packs scale and offset of every sub-block, `bits` bits each, into a little-endian bit
-    /// stream (scale, then offset), which is what the file stores and what is counted.
+    /// Sub-blocks held.
+    pub fn len(&self) -> usize {
+        match self.kind {
+            SubKind::Half => self.half_scale.len(),
+            _ => self.scale.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sub-block `k`'s multipliers of the group's scale and offset, as floats.
+    #[inline]
+    pub fn multipliers(&self, k: usize) -> (f32, f32) {
+        match self.kind {
+            SubKind::Unsigned => (self.scale[k] as f32, self.offset[k] as f32),
+            SubKind::Signed => (self.scale[k] as i8 as f32, self.offset[k] as f32),
+            SubKind::Half => {
+                (f16::from_bits(self.half_scale[k]).to_f32(), f16::from_bits(self.half_offset[k]).to_f32())
+            }
+        }
+    }
+
+    /// Bits stored per sub-block.
+    pub fn bits_per_sub_block(&self) -> usize {
+        match self.kind {
+            SubKind::Half => 32,
+            _ => 2 * self.bits as usize,
+        }
+    }
+
+    /// Packs scale and offset of every sub-block into what the file stores: for integer kinds a
+    /// little-endian bit stream (`bits` bits of scale, then of offset), for [`SubKind::Half`]
+    /// little-endian f16 pairs (scale, offset).
     pub fn pack(&self) -> Vec<u8> {
+        if self.kind == SubKind::Half {
+            return self
+                .half_scale
+                .iter()
+                .zip(&self.half_offset)
+                .flat_map(|(s, o)| s.to_le_bytes().into_iter().chain(o.to_le_bytes()))
+                .collect();
+        }
         let b = self.bits as usize;
         let mut out = vec![0u8; (self.scale.len() * 2 * b).div_ceil(8)];
         let mask = (1u32 << b) - 1;
         let mut pos = 0usize;
         for (&s, &o) in self.scale.iter().zip(&self.offset) {
-            for v in [s as u32, o as u8 as u32 & mask] {
+            for v in [s as u32 & mask, o as u8 as u32 & mask] {
                 for i in 0..b {
                     if (v >> i) & 1 == 1 {
                         out[(pos + i) / 8] |= 1 << ((pos + i) % 8);
@@ -171,20 +239,34 @@ impl SubScales {
     }
 
     /// The inverse of [`SubScales::pack`] for `n` sub-blocks.
-    pub fn unpack(bytes: &[u8], size: usize, bits: u32, n: usize) -> Result<Self> {
+    pub fn unpack(bytes: &[u8], size: usize, bits: u32, kind: SubKind, n: usize) -> Result<Self> {
+        if kind == SubKind::Half {
+            ensure!(bytes.len() == n * 4, "f16 sub-scales have {} bytes for {n} sub-blocks", bytes.len());
+            let u16s = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+            return Ok(SubScales {
+                size,
+                bits,
+                kind,
+                scale: Vec::new(),
+                offset: Vec::new(),
+                half_scale: (0..n).map(|k| u16s(4 * k)).collect(),
+                half_offset: (0..n).map(|k| u16s(4 * k + 2)).collect(),
+            });
+        }
         ensure!((SUB_BITS_MIN..=SUB_BITS_MAX).contains(&bits), "sub-scale bits {bits} out of range");
         let b = bits as usize;
         ensure!(bytes.len() == (n * 2 * b).div_ceil(8), "sub-scales have {} bytes for {n} sub-blocks", bytes.len());
         let get =
             |pos: usize| -> u32 { (0..b).map(|i| (((bytes[(pos + i) / 8] >> ((pos + i) % 8)) & 1) as u32) << i).sum() };
+        // Sign-extends a two's complement field.
+        let signed = |v: u32| -> i32 { if v >= 1 << (b - 1) { v as i32 - (1 << b) } else { v as i32 } };
         let (mut scale, mut offset) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for k in 0..n {
-            scale.push(get(2 * k * b) as u8);
-            let o = get((2 * k + 1) * b) as i32;
-            // Sign-extend the two's complement offset.
-            offset.push((if o >= 1 << (b - 1) { o - (1 << b) } else { o }) as i8);
+            let s = get(2 * k * b);
+            scale.push(if kind == SubKind::Signed { signed(s) as i8 as u8 } else { s as u8 });
+            offset.push(signed(get((2 * k + 1) * b)) as i8);
         }
-        Ok(SubScales { size, bits, scale, offset })
+        Ok(SubScales::ints(size, bits, kind, scale, offset))
     }
 }
 
@@ -271,7 +353,8 @@ impl BitPlanes {
             .collect();
         let mut planes = vec![Vec::with_capacity(rows * rb); m];
         let (mut scales, mut offsets, mut dtypes) = (Vec::new(), Vec::new(), Vec::new());
-        let mut sub = cfg.sub().map(|(size, bits)| SubScales { size, bits, scale: Vec::new(), offset: Vec::new() });
+        let mut sub =
+            cfg.sub().map(|(size, bits)| SubScales::ints(size, bits, SubKind::Unsigned, Vec::new(), Vec::new()));
         for (bits, meta, subs) in per_row {
             for (p, plane) in planes.iter_mut().enumerate() {
                 plane.extend_from_slice(&bits[p * rb..(p + 1) * rb]);
@@ -311,8 +394,8 @@ impl BitPlanes {
         match &self.sub {
             None => (s, o),
             Some(sub) => {
-                let k = row * sub.per_row(self.cols) + col / sub.size;
-                (s * sub.scale[k] as f32, o * sub.offset[k] as f32)
+                let (sc, mn) = sub.multipliers(row * sub.per_row(self.cols) + col / sub.size);
+                (s * sc, o * mn)
             }
         }
     }
@@ -358,7 +441,7 @@ impl BitPlanes {
     /// `2·bits` per sub-block.
     pub fn bits_per_weight(&self, r: u32) -> f64 {
         let plane_bits = (row_bytes(self.cols) * 8 * self.rows) as f64 * r as f64;
-        let sub_bits = self.sub.as_ref().map_or(0, |s| s.scale.len() * 2 * s.bits as usize);
+        let sub_bits = self.sub.as_ref().map_or(0, |s| s.len() * s.bits_per_sub_block());
         let meta_bits = (self.scales.len() * 40 + sub_bits) as f64;
         (plane_bits + meta_bits) / (self.rows * self.cols) as f64
     }
@@ -635,15 +718,38 @@ mod tests {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let smax = (1u32 << bits) - 1;
             let omax = (1i32 << (bits - 1)) - 1;
-            let s = SubScales {
-                size: 32,
+            let s = SubScales::ints(
+                32,
                 bits,
-                scale: (0..n).map(|_| rng.random_range(1..=smax) as u8).collect(),
-                offset: (0..n).map(|_| rng.random_range(-omax..=omax) as i8).collect(),
-            };
+                SubKind::Unsigned,
+                (0..n).map(|_| rng.random_range(1..=smax) as u8).collect(),
+                (0..n).map(|_| rng.random_range(-omax..=omax) as i8).collect(),
+            );
             let packed = s.pack();
             prop_assert_eq!(packed.len(), (n * 2 * bits as usize).div_ceil(8));
-            prop_assert_eq!(SubScales::unpack(&packed, 32, bits, n).unwrap(), s);
+            prop_assert_eq!(SubScales::unpack(&packed, 32, bits, SubKind::Unsigned, n).unwrap(), s);
+            // Signed scales: any two's complement value of the width.
+            let lo = -(1i32 << (bits - 1));
+            let s = SubScales::ints(
+                16,
+                bits,
+                SubKind::Signed,
+                (0..n).map(|_| rng.random_range(lo..=omax) as i8 as u8).collect(),
+                (0..n).map(|_| rng.random_range(lo..=omax) as i8).collect(),
+            );
+            prop_assert_eq!(SubScales::unpack(&s.pack(), 16, bits, SubKind::Signed, n).unwrap(), s);
+            // f16 pairs.
+            let h = SubScales {
+                size: 32,
+                bits: 16,
+                kind: SubKind::Half,
+                scale: Vec::new(),
+                offset: Vec::new(),
+                half_scale: (0..n).map(|_| rng.random()).collect(),
+                half_offset: (0..n).map(|_| rng.random()).collect(),
+            };
+            prop_assert_eq!(h.pack().len(), 4 * n);
+            prop_assert_eq!(SubScales::unpack(&h.pack(), 32, 16, SubKind::Half, n).unwrap(), h);
         }
     }
 

@@ -28,7 +28,18 @@ pub enum GroupDtype {
     Fp3ErNeg = 6,
     Fp3EaPos = 7,
     Fp3EaNeg = 8,
+    /// Unsigned integer codes as llama.cpp stores them, level `q` for code `q` (`Q4_1`,
+    /// `Q5_1`, `Q2_K`, `Q4_K`, `Q5_K`): scale and offset come from the tensor's source.
+    Uint = 9,
+    /// Signed integer codes, level `q − 2^(m−1)` (`Q4_0`, `Q5_0`, `Q8_0`, `Q3_K`, `Q6_K`).
+    Sint = 10,
+    /// llama.cpp's IQ4_NL / IQ4_XS levels ([`IQ4_LEVELS`]), a fixed non-uniform 4-bit grid.
+    Iq4 = 11,
 }
+
+/// The non-uniform levels of llama.cpp's `IQ4_NL` and `IQ4_XS` (`kvalues_iq4nl`).
+pub const IQ4_LEVELS: [f32; 16] =
+    [-127., -104., -83., -65., -49., -35., -22., -10., 1., 13., 25., 38., 53., 69., 89., 113.];
 
 /// BitMoD's grids, in the paper's code units (FP4 values are twice E2M1's).
 pub const FP4_ER_POS: [f32; 16] = [-12., -8., -6., -4., -3., -2., -1., 0., 1., 2., 3., 4., 6., 8., 10., 12.];
@@ -52,11 +63,30 @@ pub const ALL: [GroupDtype; 9] = [
     GroupDtype::Fp3EaNeg,
 ];
 
+/// The datatypes of tensors transcoded from GGUF: their levels are the source's integer codes.
+pub const GGML: [GroupDtype; 3] = [GroupDtype::Uint, GroupDtype::Sint, GroupDtype::Iq4];
+
+/// Every datatype, indexed by id: what a file may name.
+pub const EVERY: [GroupDtype; 12] = [
+    GroupDtype::Int,
+    GroupDtype::Fp4ErPos,
+    GroupDtype::Fp4ErNeg,
+    GroupDtype::Fp4EaPos,
+    GroupDtype::Fp4EaNeg,
+    GroupDtype::Fp3ErPos,
+    GroupDtype::Fp3ErNeg,
+    GroupDtype::Fp3EaPos,
+    GroupDtype::Fp3EaNeg,
+    GroupDtype::Uint,
+    GroupDtype::Sint,
+    GroupDtype::Iq4,
+];
+
 pub const MAX_BITS: u32 = 8;
 
 impl GroupDtype {
     pub fn from_id(id: u8) -> Result<Self> {
-        match ALL.get(id as usize) {
+        match EVERY.get(id as usize) {
             Some(d) => Ok(*d),
             None => bail!("unknown group datatype id {id}"),
         }
@@ -66,6 +96,10 @@ impl GroupDtype {
     }
     pub fn is_int(self) -> bool {
         self == GroupDtype::Int
+    }
+    /// One of BitMoD's floating-point grids (what `--dtypes bitmod` selects).
+    pub fn is_bitmod(self) -> bool {
+        ALL.contains(&self) && !self.is_int()
     }
     /// Sorted native levels.
     pub fn native(self) -> &'static [f32] {
@@ -80,6 +114,11 @@ impl GroupDtype {
             Fp3ErNeg => &FP3_ER_NEG,
             Fp3EaPos => &FP3_EA_POS,
             Fp3EaNeg => &FP3_EA_NEG,
+            // Integer codes have no native grid to subdivide (see `master_levels`); any width
+            // from one bit on is valid.
+            Uint => &[0.0, 1.0],
+            Sint => &[-1.0, 0.0],
+            Iq4 => &IQ4_LEVELS,
         }
     }
     /// Bits of the native grid; a master must have at least this many.
@@ -96,7 +135,7 @@ impl GroupDtype {
         static GRIDS: OnceLock<Vec<Grid>> = OnceLock::new();
         let all = GRIDS.get_or_init(|| {
             let mut v = Vec::new();
-            for d in ALL {
+            for d in EVERY {
                 for m in 1..=MAX_BITS {
                     v.push(Grid::build(d, m));
                 }
@@ -137,7 +176,14 @@ impl Grid {
         let k = m - nb;
         let sub = 1usize << k;
         let mut master = Vec::with_capacity(1 << m);
-        for (i, &v) in native.iter().enumerate() {
+        let half = (1i32 << m) / 2;
+        match dtype {
+            GroupDtype::Uint => master.extend((0..1i32 << m).map(|q| q as f32)),
+            GroupDtype::Sint => master.extend((0..1i32 << m).map(|q| (q - half) as f32)),
+            _ => {}
+        }
+        let subdivide = master.is_empty();
+        for (i, &v) in native.iter().enumerate().filter(|_| subdivide) {
             // Half-width of the cell: the distance to the nearer neighbour's midpoint, so that
             // subdivided cells never overlap and codes stay sorted by value.
             let lo = if i > 0 { (v - native[i - 1]) / 2.0 } else { f32::INFINITY };
@@ -232,7 +278,7 @@ mod tests {
 
     #[test]
     fn native_view_is_the_native_grid_at_every_master_width() {
-        for d in ALL {
+        for d in ALL.into_iter().chain([GroupDtype::Iq4]) {
             for m in d.native_bits().max(1)..=MAX_BITS {
                 let g = d.grid(m);
                 assert_eq!(g.view(d.native_bits()), d.native(), "{d:?} m={m}");
@@ -276,6 +322,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn ggml_levels_are_the_codes_and_views_are_bucket_means() {
+        for m in 1..=8u32 {
+            let (u, s) = (GroupDtype::Uint.grid(m), GroupDtype::Sint.grid(m));
+            for q in 0..1u32 << m {
+                assert_eq!(u.decode(q, m), q as f32);
+                assert_eq!(s.decode(q, m), q as f32 - (1u32 << (m - 1)) as f32);
+                for r in 1..=m {
+                    let d = m - r;
+                    let mean = ((q >> d) << d) as f32 + ((1u32 << d) - 1) as f32 / 2.0;
+                    assert_eq!(u.decode(q, r), mean, "m={m} q={q} r={r}");
+                }
+            }
+        }
+        assert_eq!(GroupDtype::Iq4.grid(4).master(), IQ4_LEVELS);
+        assert_eq!(GroupDtype::Iq4.grid(4).view(1), [-61.875, 50.125]);
+        assert!(GroupDtype::from_id(12).is_err());
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct QuantActs {
     /// `n × padded / 32`: each block's step `e` and `e·Σq`.
     pub e: Vec<f32>,
     pub eq: Vec<f32>,
+    /// `n × padded / 16`: `e·Σq` of each half block, for layers with sub-blocks of 16.
+    pub eq16: Vec<f32>,
     pub padded: usize,
     pub groups: usize,
 }
@@ -92,21 +94,28 @@ impl QuantActs {
         if self.e.len() < n * blocks {
             self.e.resize(n * blocks, 0.0);
             self.eq.resize(n * blocks, 0.0);
+            self.eq16.resize(2 * n * blocks, 0.0);
         }
         // Tokens are independent; a prefill's worth is spread over the team (each task writes
         // only its own tokens' rows, so the bytes do not depend on the split).
         let (q8, e, eq) = (self.q8.as_mut_ptr() as usize, self.e.as_mut_ptr() as usize, self.eq.as_mut_ptr() as usize);
+        let eq16 = self.eq16.as_mut_ptr() as usize;
         let one = |t: usize| {
-            // SAFETY: token `t`'s rows of the three buffers (sized above) are written by this
+            // SAFETY: token `t`'s rows of the four buffers (sized above) are written by this
             // call alone.
-            let (q, e, eq) = unsafe {
+            let (q, e, eq, eq16) = unsafe {
                 (
                     std::slice::from_raw_parts_mut((q8 as *mut i8).add(t * padded), padded),
                     std::slice::from_raw_parts_mut((e as *mut f32).add(t * blocks), blocks),
                     std::slice::from_raw_parts_mut((eq as *mut f32).add(t * blocks), blocks),
+                    std::slice::from_raw_parts_mut((eq16 as *mut f32).add(2 * t * blocks), 2 * blocks),
                 )
             };
             quantize_token(&x[t * cols..(t + 1) * cols], q, e, eq, isa);
+            // Half-block sums from the bytes every path wrote alike.
+            for (h, (qh, s)) in q.chunks_exact(SUB / 2).zip(eq16.iter_mut()).enumerate() {
+                *s = e[h / 2] * qh.iter().map(|&v| v as i32).sum::<i32>() as f32;
+            }
         };
         const PER_TASK: usize = 16;
         if n >= 2 * PER_TASK {

@@ -3,6 +3,8 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::quant::bitplane::QuantConfig;
+// The datatypes bitnest's quantizer chooses among (the kernel's `ALL` is every datatype).
+use crate::quant::dtype::ALL;
 
 fn heavy(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n)
@@ -340,4 +342,135 @@ fn activation_quantization_round_trips_within_half_a_step() {
         assert!(a.lo[t * a.padded + cols..(t + 1) * a.padded].iter().all(|&q| q == 0));
     }
     let _ = rng.random::<u8>();
+}
+
+/// A layer as GGUF tensors transcode into (`crate::transcode`): random codes of one integer
+/// datatype, random group scale and offset, and sub-blocks of `size` of the given kind.
+fn ggml_layer(
+    rng: &mut StdRng,
+    rows: usize,
+    cols: usize,
+    group: usize,
+    m: u32,
+    dtype: GroupDtype,
+    size: usize,
+    kind: SubKind,
+) -> BitPlanes {
+    let rb = row_bytes(cols);
+    let mut planes = vec![vec![0u8; rows * rb]; m as usize];
+    for r in 0..rows {
+        for c in 0..cols {
+            let q: u32 = rng.random_range(0..1u32 << m);
+            for (p, plane) in planes.iter_mut().enumerate() {
+                if (q >> (m - 1 - p as u32)) & 1 == 1 {
+                    plane[r * rb + c / 8] |= 1 << (c % 8);
+                }
+            }
+        }
+    }
+    let groups = rows * cols.div_ceil(group);
+    let h = |v: f32| f16::from_f32(v).to_bits();
+    let half = kind == SubKind::Half;
+    let scales = (0..groups).map(|_| if half { h(1.0) } else { h(rng.random_range(0.001..0.01)) }).collect();
+    let offsets = (0..groups).map(|_| if half { h(1.0) } else { h(rng.random_range(0.0..0.02)) }).collect();
+    let n = rows * cols.div_ceil(size);
+    let sub = match kind {
+        SubKind::Half => SubScales {
+            size,
+            bits: 16,
+            kind,
+            scale: Vec::new(),
+            offset: Vec::new(),
+            half_scale: (0..n).map(|_| h(rng.random_range(0.001..0.05))).collect(),
+            half_offset: (0..n).map(|_| h(rng.random_range(-0.1..0.1))).collect(),
+        },
+        SubKind::Signed => SubScales::ints(
+            size,
+            8,
+            kind,
+            (0..n).map(|_| rng.random_range(-128i32..128) as i8 as u8).collect(),
+            (0..n).map(|_| rng.random_range(-63i32..=0) as i8).collect(),
+        ),
+        SubKind::Unsigned => SubScales::ints(
+            size,
+            8,
+            kind,
+            (0..n).map(|_| rng.random_range(0..64u32) as u8).collect(),
+            (0..n).map(|_| rng.random_range(-63i32..=0) as i8).collect(),
+        ),
+    };
+    BitPlanes {
+        rows,
+        cols,
+        group,
+        master_bits: m,
+        planes,
+        scales,
+        offsets,
+        dtypes: vec![dtype.id(); groups],
+        sub: Some(sub),
+    }
+}
+
+/// The layouts GGUF tensors become: integer levels, signed sub-block scales of 16 (`Q6_K`,
+/// `Q3_K`, `Q2_K`) or 32 (`IQ4_XS`), unsigned ones (`Q4_K`, `Q5_K`) and f16 pairs per 32
+/// (`Q4_0` … `Q8_0`, `IQ4_NL`): every path gives the scalar reference's bits, the rows decode
+/// like the format's reference, and the product stays near the exact one.
+#[test]
+fn transcoded_layouts_on_every_path() {
+    let mut rng = StdRng::seed_from_u64(77);
+    let cases = [
+        (32, 512, 256, 6, GroupDtype::Sint, 16, SubKind::Signed),
+        (48, 768, 256, 3, GroupDtype::Sint, 16, SubKind::Signed),
+        (16, 256, 256, 2, GroupDtype::Uint, 16, SubKind::Unsigned),
+        (32, 512, 256, 4, GroupDtype::Uint, 32, SubKind::Unsigned),
+        (20, 512, 256, 5, GroupDtype::Uint, 32, SubKind::Unsigned),
+        (32, 256, 256, 4, GroupDtype::Iq4, 32, SubKind::Signed),
+        (32, 576, 576, 4, GroupDtype::Uint, 32, SubKind::Half),
+        (17, 576, 576, 8, GroupDtype::Sint, 32, SubKind::Half),
+        (32, 512, 512, 4, GroupDtype::Iq4, 32, SubKind::Half),
+    ];
+    for (rows, cols, group, m, dt, size, kind) in cases {
+        let bp = ggml_layer(&mut rng, rows, cols, group, m, dt, size, kind);
+        let lin = PlaneLinear::from_bitplanes(&bp, m).unwrap();
+        let what = format!("{dt:?} {kind:?}/{size} {rows}x{cols} m{m}");
+        for r in 1..=m {
+            let mut w = vec![0f32; rows * cols];
+            bp.dequantize(r, &mut w).unwrap();
+            for i in 0..rows {
+                let mut row = vec![0f32; cols];
+                lin.row_at(i, &mut row, r);
+                assert_eq!(row, &w[i * cols..(i + 1) * cols], "{what} r{r} row {i}");
+            }
+            for n in [1, 3, 4, 9, 21] {
+                let x = heavy(&mut rng, n * cols);
+                let mut want = vec![0f32; n * rows];
+                lin.forward_with(&x, n, &mut want, r, Isa::Scalar);
+                for isa in Isa::available() {
+                    let mut got = vec![1f32; n * rows];
+                    lin.forward_with(&x, n, &mut got, r, isa);
+                    let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?} differs: {what} r{r} n{n}");
+                }
+                // Against the f64 product with the decoded weights: int8 activations per 32.
+                for t in 0..n {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    for o in 0..rows {
+                        let wr = &w[o * cols..(o + 1) * cols];
+                        let exact: f64 = wr.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let bound: f64 = (0..cols)
+                            .map(|k| {
+                                let b = &xt[k / 32 * 32..(k / 32 * 32 + 32).min(cols)];
+                                let amax = b.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                                (wr[k] as f64).abs() * amax / 127.0 / 2.0
+                            })
+                            .sum::<f64>();
+                        let mag: f64 = wr.iter().zip(xt).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        let err = (want[t * rows + o] as f64 - exact).abs();
+                        assert!(err <= 1.01 * bound + 1e-4 * mag + 1e-5, "{what} r{r} t{t} o{o}: {err} > {bound}");
+                    }
+                }
+            }
+        }
+    }
 }

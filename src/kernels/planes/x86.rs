@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Ctx, Levels, QuantActs, SUB, SubMeta, SyncPtr, TILE, TileMeta};
+use super::{Ctx, Levels, QuantActs, SUB, SubKind, SubMeta, SyncPtr, TILE, TileMeta};
 
 mod acts;
 mod avx2;
@@ -423,7 +423,8 @@ unsafe fn tile_sub_body<const R: usize, const GF: bool>(
 ) {
     let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { ctx.bytes.as_ptr().add(ctx.planes[p]) });
     let row0 = tile * TILE * ctx.row_bytes;
-    if n > SMALL_BATCH {
+    // (Sub-blocks of 16 take the four-token loop for batches too.)
+    if n > SMALL_BATCH && sub.size == SUB {
         // A batch: each group's codes built and transposed once (rows in lanes), then every
         // token's sub-block sums come out per row with no horizontal reduction.
         // Uninitialized: a group fills only its own chunks' entries, and reads only those.
@@ -557,13 +558,32 @@ unsafe fn azo16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512, __m512) {
     }
 }
 
-/// Sub-block entry `e`'s scale and offset multipliers of the tile's 16 rows, as floats.
+/// Sub-block entry `e`'s scale and offset multipliers of the tile's 16 rows, as floats
+/// (`SubMeta::multipliers` lane-wise).
 #[inline(always)]
 unsafe fn sub_multipliers(sub: &SubMeta, e: usize) -> (__m512, __m512) {
     unsafe {
-        let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(sub.scale[e].as_ptr() as *const __m128i));
+        if sub.kind == SubKind::Half {
+            let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sub.half_scale[e].as_ptr() as *const __m256i));
+            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(sub.half_offset[e].as_ptr() as *const __m256i));
+            return (sc, mn);
+        }
+        let raw = _mm_loadu_si128(sub.scale[e].as_ptr() as *const __m128i);
+        let sc = if sub.kind == SubKind::Signed { _mm512_cvtepi8_epi32(raw) } else { _mm512_cvtepu8_epi32(raw) };
         let mn = _mm512_cvtepi8_epi32(_mm_loadu_si128(sub.offset[e].as_ptr() as *const __m128i));
         (_mm512_cvtepi32_ps(sc), _mm512_cvtepi32_ps(mn))
+    }
+}
+
+/// Lane `i` of result `q` is the sum of lanes `4q .. 4q + 4` of `acc[i]` (columns `16q ..
+/// 16q + 16` of the chunk): the four sub-block sums of sub-blocks of 16.
+#[inline(always)]
+unsafe fn reduce16_quarters(acc: &[__m512i; TILE]) -> [__m512i; 4] {
+    unsafe {
+        let t = transpose16(acc);
+        std::array::from_fn(|q| {
+            _mm512_add_epi32(_mm512_add_epi32(t[4 * q], t[4 * q + 1]), _mm512_add_epi32(t[4 * q + 2], t[4 * q + 3]))
+        })
     }
 }
 
@@ -678,6 +698,22 @@ unsafe fn sub_tokens<const R: usize, const NT: usize, const GF: bool>(
                     }
                 }
                 for ch in c0..c1 {
+                    if sub.size != SUB {
+                        // Sub-blocks of 16: four per chunk, two per activation block.
+                        let k = tile * sub.spr + 4 * ch;
+                        let ms: [(__m512, __m512); 4] = std::array::from_fn(|j| sub_multipliers(sub, k + j));
+                        for t in 0..NT {
+                            // SAFETY: as below.
+                            let acc = &*(buf[ch - c0][t].as_ptr() as *const [__m512i; TILE]);
+                            let ds = reduce16_quarters(acc);
+                            let b = (t0 + t) * blocks + 2 * ch;
+                            let h = 2 * (t0 + t) * blocks + 4 * ch;
+                            for (j, (d, (sc, mn))) in ds.into_iter().zip(ms).enumerate() {
+                                sub_step16(&mut fs[t], d, sc, mn, acts.e[b + j / 2], acts.eq16[h + j]);
+                            }
+                        }
+                        continue;
+                    }
                     let k = tile * sub.spr + 2 * ch;
                     let (sc0, mn0) = sub_multipliers(sub, k);
                     let (sc1, mn1) = sub_multipliers(sub, k + 1);

@@ -8,7 +8,7 @@ use super::gfni::{codes_crumb2, codes_gf};
 use super::{MAX_SUB_CH, SubJob, azo16, code_free_sums, levels512, sub_terms16};
 use crate::kernels::SyncPtr;
 use crate::kernels::planes::{Ctx, Levels, QuantActs, SUB, SubMeta, TILE, TileMeta};
-use crate::quant::dtype::ALL;
+use crate::quant::dtype::EVERY as ALL;
 
 /// A full tile of a two-level layer from its tile-interleaved planes (`Ctx::quads`), for any
 /// number of tokens: each group's codes come out of [`codes_gf`] (or [`codes_crumb2`] at two
