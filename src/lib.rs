@@ -18,3 +18,4 @@ pub mod quantize;
 pub mod sampling;
 pub mod spec;
 pub mod tokenizer;
+pub mod transcode;
