@@ -98,6 +98,11 @@ pub(crate) struct ModelArgs {
     /// also its default). `inspect` reports the cache's size for it.
     #[arg(long, value_enum, default_value_t = KvType::F16)]
     pub(crate) cache_type: KvType,
+    /// Run a GGUF model through the dequantized-f32 reference path. By default a GGUF with
+    /// quantized tensors is transcoded once, losslessly, into a cached .bnest beside it (or in
+    /// $BITNEST_CACHE/transcoded) and runs on the bit-plane kernels.
+    #[arg(long)]
+    pub(crate) f32: bool,
 }
 
 impl ModelArgs {

@@ -115,10 +115,20 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     serve::serve(engine, opts)
 }
 
+/// The file `--model` runs from: the named or given model, and for a quantized GGUF its
+/// lossless bit-plane transcode (made once, cached), unless `--f32` asks for the reference path.
+fn model_path(m: &ModelArgs) -> Result<std::path::PathBuf> {
+    let path = resolve_model(&m.model)?;
+    if m.f32 || !path.is_file() || bitnest::format::bnest::BnestFile::sniff(&path) {
+        return Ok(path);
+    }
+    Ok(bitnest::transcode::cached_planes(&path, true)?.unwrap_or(path))
+}
+
 /// Sets the thread count and loads the model named by `--model`.
 fn load(m: &ModelArgs) -> Result<Engine> {
     let plan = m.plan()?;
-    let path = resolve_model(&m.model)?;
+    let path = model_path(m)?;
     let mut engine = Engine::load(&path, plan)?;
     engine.model.kv_type = m.cache_type;
     Ok(engine)
@@ -425,7 +435,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         );
         println!("PPL = {:.4} ± {:.4}", r.ppl(), r.stderr());
     } else {
-        let path = resolve_model(&a.model.model)?;
+        let path = model_path(&a.model)?;
         let bpw = match bitnest::format::bnest::BnestFile::sniff(&path) {
             true => Some(
                 bitnest::format::bnest::BnestFile::open(&path)?
@@ -446,7 +456,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if let Some(BenchWhat::Spec(s)) = a.what {
         return cmd_bench_spec(s);
     }
-    let path = resolve_model(&a.model.model)?;
+    let path = model_path(&a.model)?;
     let plan = a.model.plan()?;
     let file_bytes = model_bytes(&path)?;
     let t0 = std::time::Instant::now();

@@ -14,7 +14,7 @@
 //! Levels are [`GroupDtype::Uint`] (`q`), [`GroupDtype::Sint`] (`q − 2^(m−1)`) or
 //! [`GroupDtype::Iq4`]. F32, F16 and BF16 tensors are stored as f32.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use half::f16;
@@ -241,6 +241,75 @@ pub fn transcode_file(src: &Path, out: &Path, progress: bool) -> Result<()> {
     bnest::write(out, header, tensors)?;
     bar.finish_and_clear();
     Ok(())
+}
+
+/// The `.bnest` file a GGUF model runs from: transcoded on first use, then reused. `None` when
+/// the file holds no quantized matrix (an F16/F32 GGUF keeps the f32 path).
+///
+/// The file lies beside the source (`NAME.gguf` → `NAME.v3.bnest`, the format version in the
+/// name) where that folder is writable, else in `$BITNEST_CACHE/transcoded/` under a name
+/// keyed by a checksum of the source's first 16 MiB and its size. It is reused while its
+/// header records the source's current size and modification time, and transcoded again
+/// (atomically) otherwise, so a replaced source is never answered by a stale file.
+pub fn cached_planes(src: &Path, progress: bool) -> Result<Option<PathBuf>> {
+    let g = GgufFile::open(src)?;
+    if !g.tensors.iter().any(|t| t.shape.len() == 2 && t.dtype.code_bits().is_some()) {
+        return Ok(None);
+    }
+    drop(g);
+    let stem = src.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let name = format!("{stem}.v{}.bnest", bnest::VERSION);
+    let beside = src.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }).map(|d| d.join(&name));
+    let fp = fingerprint(src)?;
+    let fresh = |p: &Path| -> bool {
+        bnest::BnestFile::sniff(p)
+            && bnest::BnestFile::open(p).is_ok_and(|b| b.header.source.ends_with(&format!("; {fp})")))
+    };
+    if let Some(b) = beside.as_deref().filter(|b| fresh(b)) {
+        return Ok(Some(b.to_path_buf()));
+    }
+    let cached = crate::fetch::cache_dir().join("transcoded").join(format!(
+        "{stem}-{:08x}.v{}.bnest",
+        head_crc(src)?,
+        bnest::VERSION
+    ));
+    if fresh(&cached) {
+        return Ok(Some(cached));
+    }
+    let target = match beside.filter(|b| dir_writable(b.parent().unwrap_or(Path::new(".")))) {
+        Some(b) => b,
+        None => {
+            let dir = cached.parent().expect("a cache path has a parent");
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            cached
+        }
+    };
+    if progress {
+        eprintln!("bitnest: transcoding {} into bit planes (once): {}", src.display(), target.display());
+    }
+    let t0 = std::time::Instant::now();
+    transcode_file(src, &target, progress)?;
+    if progress {
+        eprintln!("bitnest: transcoded in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    Ok(Some(target))
+}
+
+/// CRC-32 of the first 16 MiB of a file (its GGUF header and first tensors).
+fn head_crc(path: &Path) -> Result<u32> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut buf = Vec::new();
+    f.take(16 << 20).read_to_end(&mut buf)?;
+    Ok(crc32fast::hash(&buf))
+}
+
+/// Whether a file can be created in `dir` (tried, not guessed from permission bits).
+fn dir_writable(dir: &Path) -> bool {
+    let probe = dir.join(format!(".bitnest-probe{}", std::process::id()));
+    let ok = std::fs::File::create(&probe).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
 }
 
 #[cfg(test)]

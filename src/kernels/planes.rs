@@ -185,10 +185,12 @@ pub struct PlaneLinear {
 }
 
 /// Why a plane tensor cannot use this kernel (it then falls back to f32). `sub` is the
-/// sub-block size and scale bits of two-level tensors.
+/// sub-block size and scale bits of two-level tensors (16 for f16 pairs).
 pub fn unsupported(group: usize, sub: Option<(usize, u32)>) -> Option<String> {
-    if let Some((16, bits)) = sub {
-        return unsupported(group, Some((SUB, bits)));
+    match sub {
+        Some((16, bits)) => return unsupported(group, Some((SUB, bits))),
+        Some((size, 16)) => return unsupported(group, Some((size, 8))),
+        _ => {}
     }
     match sub {
         None => (!group.is_multiple_of(64) || group > MAX_GROUP)
@@ -224,7 +226,7 @@ impl PlaneLinear {
         bits: u32,
     ) -> anyhow::Result<Self> {
         use anyhow::ensure;
-        if let Some(why) = unsupported(group, sub.map(|s| (s.size, s.bits.min(8)))) {
+        if let Some(why) = unsupported(group, sub.map(|s| (s.size, s.bits))) {
             anyhow::bail!("{why}");
         }
         let master_bits = planes.len() as u32;

@@ -240,6 +240,8 @@ fn odd_group_sizes_are_refused() {
     assert!(unsupported(576, Some((32, 8))).is_none());
     assert!(unsupported(576, Some((32, 9))).is_some());
     assert!(unsupported(4096, Some((32, 6))).is_some());
+    assert!(unsupported(576, Some((32, 16))).is_none(), "f16 pairs");
+    assert!(unsupported(256, Some((16, 8))).is_none(), "sub-blocks of 16");
 }
 
 #[test]
