@@ -1,7 +1,7 @@
 //! Lossless transcoding of a GGUF file into a `.bnest` file.
 //!
 //! Every quantized GGUF type bitnest reads is integer codes with per-block scales
-//! ([`GgmlType::unpack_into`]): `w = (d·scale_k)·L[q] + dmin·min_k`. The codes become bit planes,
+//! ([`GgmlType::unpack_into`]): `w = (d·scale_k)·L[q] − dmin·(−min_k)`. The codes become bit planes,
 //! most significant first, so the file decodes to exactly the source's weights and its top
 //! planes are every lower precision of the same weights (the nesting rule of `docs/FORMAT.md`).
 //!
@@ -98,10 +98,11 @@ pub fn transcode_tensor(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) ->
                 let (d, dmin) = ty.unpack_into(block, &mut codes, &mut scale, &mut min)?;
                 if half {
                     // w = (d·1)·L + dmin·min: the sub-block's scale is d, its offset dmin·min
-                    // (min is 1 or 0: exact in f16).
+                    // (min is 1 or 0: exact in f16). Without a minimum the offset is −0, so that
+                    // `level·d − (−offset)` subtracts +0 and keeps a −0 product, as C does.
                     ensure!(scale[0] == 1 && (min[0] == 0 || min[0] == 1), "{ty:?}: unexpected block form");
                     row.hs.push(d.to_bits());
-                    row.ho.push(if min[0] == 1 { dmin.to_bits() } else { 0 });
+                    row.ho.push(if min[0] == 1 { dmin.to_bits() } else { f16::NEG_ZERO.to_bits() });
                 } else {
                     row.scales.push(d.to_bits());
                     row.offsets.push(if ty.has_min() { dmin.to_bits() } else { 0 });
@@ -355,10 +356,9 @@ mod tests {
                 assert_eq!(bp.master_bits, ty.code_bits().unwrap());
                 let mut got = vec![0f32; rows * cols];
                 bp.dequantize(bp.master_bits, &mut got).unwrap();
-                // Equal as numbers: where a product is zero the source may give −0 and the
-                // planes +0 (the planes add the offset term even when it is zero).
+                // Bit for bit, signs of zeros included.
                 for (i, (a, b)) in want.iter().zip(&got).enumerate() {
-                    assert!(a == b, "{ty:?} {rows}x{cols} weight {i}: source {a}, planes {b}");
+                    assert!(a.to_bits() == b.to_bits(), "{ty:?} {rows}x{cols} weight {i}: source {a:e}, planes {b:e}");
                 }
                 // And the kernel takes the layout.
                 crate::kernels::PlaneLinear::from_bitplanes(&bp, bp.master_bits).unwrap();

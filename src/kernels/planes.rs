@@ -146,6 +146,16 @@ impl SubMeta {
         }
     }
 
+    /// [`SubMeta::multipliers`] with the offset's negated (`SubScales::neg_multipliers`).
+    fn neg_multipliers(&self, e: usize, i: usize) -> (f32, f32) {
+        match self.kind {
+            SubKind::Half => {
+                (f16::from_bits(self.half_scale[e][i]).to_f32(), -f16::from_bits(self.half_offset[e][i]).to_f32())
+            }
+            _ => (self.multipliers(e, i).0, (-(self.offset[e][i] as i32)) as f32),
+        }
+    }
+
     /// Sub-blocks per 64-column chunk.
     fn per_chunk(&self) -> usize {
         64 / self.size
@@ -438,11 +448,12 @@ impl PlaneLinear {
             let o = f16::from_bits(m.offset[i % TILE]).to_f32();
             for (j, v) in og.iter_mut().enumerate() {
                 let col = g * self.group + j;
-                let (s, o) = match &self.sub {
-                    None => (s, o),
+                // As `BitPlanes::dequantize`: scale·level − O·(−mn).
+                let (s, neg_o) = match &self.sub {
+                    None => (s, -o),
                     Some(sub) => {
-                        let (sc, mn) = sub.multipliers((i / TILE) * sub.spr + col / sub.size, i % TILE);
-                        (s * sc, o * mn)
+                        let (sc, nmn) = sub.neg_multipliers((i / TILE) * sub.spr + col / sub.size, i % TILE);
+                        (s * sc, o * nmn)
                     }
                 };
                 let mut c = 0usize;
@@ -457,7 +468,7 @@ impl PlaneLinear {
                     };
                     c = (c << 1) | bit as usize;
                 }
-                *v = s * view[c] + o;
+                *v = s * view[c] - neg_o;
             }
         }
     }

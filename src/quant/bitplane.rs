@@ -201,6 +201,20 @@ impl SubScales {
         }
     }
 
+    /// Sub-block `k`'s scale multiplier and its offset multiplier negated, `−mn` (the negation
+    /// taken on the integer, so a zero offset gives +0): what [`BitPlanes::dequantize`] forms
+    /// `w = (S·sc)·level − O·(−mn)` from, llama.cpp's `d1·q − m1` to the sign of a zero.
+    #[inline]
+    pub fn neg_multipliers(&self, k: usize) -> (f32, f32) {
+        match self.kind {
+            SubKind::Unsigned => (self.scale[k] as f32, (-(self.offset[k] as i32)) as f32),
+            SubKind::Signed => (self.scale[k] as i8 as f32, (-(self.offset[k] as i32)) as f32),
+            SubKind::Half => {
+                (f16::from_bits(self.half_scale[k]).to_f32(), -f16::from_bits(self.half_offset[k]).to_f32())
+            }
+        }
+    }
+
     /// Bits stored per sub-block.
     pub fn bits_per_sub_block(&self) -> usize {
         match self.kind {
@@ -400,6 +414,23 @@ impl BitPlanes {
         }
     }
 
+    /// [`BitPlanes::scale_offset`] with the offset negated, `(S·sc, O·(−mn))`, so that the
+    /// weight `scale·level − neg_offset` is computed in llama.cpp's order (`d1·q − m1`) and a
+    /// transcoded GGUF tensor decodes to exactly its source's bits, signs of zeros included.
+    #[inline]
+    pub fn scale_neg_offset(&self, row: usize, col: usize) -> (f32, f32) {
+        let meta = row * self.groups_per_row() + col / self.group;
+        let s = f16::from_bits(self.scales[meta]).to_f32();
+        let o = f16::from_bits(self.offsets[meta]).to_f32();
+        match &self.sub {
+            None => (s, -o),
+            Some(sub) => {
+                let (sc, nmn) = sub.neg_multipliers(row * sub.per_row(self.cols) + col / sub.size);
+                (s * sc, o * nmn)
+            }
+        }
+    }
+
     /// The master code of weight (`row`, `col`) as far as the first `r` planes tell.
     #[inline]
     pub fn code(&self, row: usize, col: usize, r: u32) -> u32 {
@@ -426,10 +457,10 @@ impl BitPlanes {
                 let grid = dtype.grid(m);
                 let end = ((g + 1) * self.group).min(self.cols);
                 for (col, v) in o.iter_mut().enumerate().take(end).skip(g * self.group) {
-                    let (s, off) = self.scale_offset(row, col);
+                    let (s, neg_off) = self.scale_neg_offset(row, col);
                     // Top r bits of the code, shifted back to master position for decode().
                     let q = self.code(row, col, r) << (m - r);
-                    *v = s * grid.decode(q, r) + off;
+                    *v = s * grid.decode(q, r) - neg_off;
                 }
             }
             Ok(())

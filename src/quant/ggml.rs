@@ -1,8 +1,38 @@
 //! The llama.cpp (ggml) tensor encodings we import: their block layouts and dequantization.
 //!
-//! Each block format is one [`BlockFormat`] implementation, so adding a format is one struct
-//! and one `match` arm. At this stage everything is dequantized to f32 at load; the bit-plane
-//! formats of `crate::quant` are what runs fast.
+//! Each block format is one struct implementing [`BlockFormat`] (decoding) and, for the
+//! quantized ones, [`BlockInt`] (the integer form below). Only the formats bitnest also writes
+//! (Q8_0, Q4_0, Q4_1) implement [`BlockEncode`]. At this stage everything is dequantized to f32
+//! at load; the bit-plane formats of `crate::quant` are what runs fast.
+//!
+//! # The integer ("affine") form
+//!
+//! Every quantized ggml format here stores unsigned codes `q` of `bits` bits, grouped into
+//! sub-blocks of `sub` weights that share a small signed integer scale `s_k` and minimum `m_k`,
+//! under one or two f16 values per block, `D` and `M` (`M` is +0 where the format has no
+//! minimum). Weight `i` of sub-block `k = i / sub` is
+//!
+//! ```text
+//! w = (D · s_k) · L[q]  −  M · (−m_k)          (f32 arithmetic, in this order, no fma)
+//! ```
+//!
+//! where `L` is the format's table of 2^bits signed levels, sorted ascending. Mathematically
+//! that is `(D·s_k)·L[q] + M·m_k`; it is written as a subtraction because that is what
+//! llama.cpp's `dequantize_row_*` evaluate (`y = d1*q - m1` with `m1 = dmin*m`), and the two
+//! differ in the sign of a zero result: with `m_k = 0` and `(D·s_k)·L[q] = −0`, C yields
+//! `−0 − (+0) = −0` where an addition would give `+0`. Subtracting `M·(−m_k) = +0` is an exact
+//! identity, so formats without a minimum need no special case (it is skipped anyway).
+//! [`affine_weight`] evaluates the formula; [`GgmlType::unpack_into`] produces its inputs, and
+//! [`GgmlType::dequantize`] computes exactly `affine_weight` of them, which reproduces
+//! llama.cpp's reference dequantization bit for bit (each struct's comment gives the C line).
+//!
+//! "Bit for bit with llama.cpp" assumes the C is compiled without floating-point contraction
+//! of `x*d + m` into an fma, as ggml-base (which holds ggml-quants.c) is for the generic x86-64
+//! target; gguf-py's numpy dequantizers compute in the same order and agree bit for bit
+//! (tests/ggml_oracle.rs checks that on random blocks and, opt-in, on whole GGUF files).
+
+// ggml's own names (Q4_K, IQ4_XS) for the types and their block structs.
+#![allow(non_camel_case_types)]
 
 use anyhow::{Result, bail, ensure};
 use half::{bf16, f16};
@@ -16,9 +46,94 @@ pub enum GgmlType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    IQ4_NL,
+    IQ4_XS,
+}
+
+/// Runs `$e` with `$B` naming the block struct of `$t`, or `$float` for F32/F16/BF16.
+macro_rules! with_block {
+    ($t:expr, $B:ident => $e:expr, float => $float:expr) => {
+        match $t {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => $float,
+            GgmlType::Q8_0 => {
+                type $B = Q8_0;
+                $e
+            }
+            GgmlType::Q4_0 => {
+                type $B = Q4_0;
+                $e
+            }
+            GgmlType::Q4_1 => {
+                type $B = Q4_1;
+                $e
+            }
+            GgmlType::Q5_0 => {
+                type $B = Q5_0;
+                $e
+            }
+            GgmlType::Q5_1 => {
+                type $B = Q5_1;
+                $e
+            }
+            GgmlType::Q2_K => {
+                type $B = Q2_K;
+                $e
+            }
+            GgmlType::Q3_K => {
+                type $B = Q3_K;
+                $e
+            }
+            GgmlType::Q4_K => {
+                type $B = Q4_K;
+                $e
+            }
+            GgmlType::Q5_K => {
+                type $B = Q5_K;
+                $e
+            }
+            GgmlType::Q6_K => {
+                type $B = Q6_K;
+                $e
+            }
+            GgmlType::IQ4_NL => {
+                type $B = IQ4_NL;
+                $e
+            }
+            GgmlType::IQ4_XS => {
+                type $B = IQ4_XS;
+                $e
+            }
+        }
+    };
 }
 
 impl GgmlType {
+    /// Every type bitnest reads, in ggml id order.
+    pub const ALL: [GgmlType; 15] = [
+        Self::F32,
+        Self::F16,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q8_0,
+        Self::Q2_K,
+        Self::Q3_K,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+        Self::IQ4_NL,
+        Self::IQ4_XS,
+        Self::BF16,
+    ];
+
     /// Maps ggml's on-disk type id; unknown or unsupported ids are an error naming the type.
     pub fn from_id(id: u32) -> Result<Self> {
         Ok(match id {
@@ -26,11 +141,21 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
+            10 => Self::Q2_K,
+            11 => Self::Q3_K,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
+            20 => Self::IQ4_NL,
+            23 => Self::IQ4_XS,
             30 => Self::BF16,
-            6 | 7 => bail!("ggml type {id} (Q5_0/Q5_1) is not supported yet"),
-            9..=23 => bail!("ggml type {id} (k-quant or i-quant) is not supported yet"),
-            _ => bail!("unknown ggml type id {id}"),
+            _ => match UNSUPPORTED.iter().find(|(i, _)| *i == id) {
+                Some((_, name)) => bail!("ggml type {id} ({name}) is not supported yet"),
+                None => bail!("unknown ggml type id {id}"),
+            },
         })
     }
     pub fn id(self) -> u32 {
@@ -39,32 +164,89 @@ impl GgmlType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
             Self::Q8_0 => 8,
+            Self::Q2_K => 10,
+            Self::Q3_K => 11,
+            Self::Q4_K => 12,
+            Self::Q5_K => 13,
+            Self::Q6_K => 14,
+            Self::IQ4_NL => 20,
+            Self::IQ4_XS => 23,
             Self::BF16 => 30,
         }
     }
     /// Weights per block.
     pub fn block_size(self) -> usize {
-        match self {
-            Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q8_0 => Q8_0::WEIGHTS,
-            Self::Q4_0 => Q4_0::WEIGHTS,
-            Self::Q4_1 => Q4_1::WEIGHTS,
-        }
+        with_block!(self, B => B::WEIGHTS, float => 1)
     }
     /// Bytes per block.
     pub fn block_bytes(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
-            Self::Q8_0 => Q8_0::BYTES,
-            Self::Q4_0 => Q4_0::BYTES,
-            Self::Q4_1 => Q4_1::BYTES,
-        }
+        with_block!(self, B => B::BYTES, float => if self == Self::F32 { 4 } else { 2 })
     }
     /// Bits per weight including block scales.
     pub fn bits_per_weight(self) -> f64 {
         self.block_bytes() as f64 * 8.0 / self.block_size() as f64
+    }
+
+    /// Width of the integer codes of [`Self::unpack_into`]; `None` for F32/F16/BF16.
+    pub fn code_bits(self) -> Option<u32> {
+        with_block!(self, B => Some(B::BITS), float => None)
+    }
+    /// Weights per sub-block (one `scale`/`min` pair each); `None` for F32/F16/BF16.
+    pub fn sub_block(self) -> Option<usize> {
+        with_block!(self, B => Some(B::SUB), float => None)
+    }
+    /// The level table `L` (2^bits signed integers, ascending); `None` for F32/F16/BF16.
+    pub fn levels(self) -> Option<&'static [i32]> {
+        with_block!(self, B => Some(B::LEVELS), float => None)
+    }
+    /// Whether blocks carry a minimum (`dmin`, `min`); false means `dmin` = +0 and `min` = 0.
+    pub fn has_min(self) -> bool {
+        with_block!(self, B => B::HAS_MIN, float => false)
+    }
+    /// Byte offsets of the block's f16 fields: `d`, then `dmin` where the format has one.
+    /// Empty for F32/F16/BF16.
+    pub fn f16_offsets(self) -> &'static [usize] {
+        with_block!(self, B => B::F16_AT, float => &[])
+    }
+
+    /// Unpacks one block into the integer form (module docs): `codes` gets
+    /// [`Self::block_size`] codes in weight order, `scale` and `min` one entry per sub-block;
+    /// returns `(d, dmin)`. Allocation-free; every length must be exact.
+    pub fn unpack_into(self, block: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> Result<(f16, f16)> {
+        with_block!(self, B => {
+            ensure!(block.len() == B::BYTES, "{self:?}: a block is {} bytes, got {}", B::BYTES, block.len());
+            ensure!(codes.len() == B::WEIGHTS, "{self:?}: {} codes per block, buffer holds {}", B::WEIGHTS, codes.len());
+            let ns = B::WEIGHTS / B::SUB;
+            ensure!(
+                scale.len() == ns && min.len() == ns,
+                "{self:?}: {ns} sub-blocks per block, buffers hold {} scales and {} minimums",
+                scale.len(),
+                min.len()
+            );
+            Ok(B::unpack(block, codes, scale, min))
+        }, float => bail!("{self:?} has no integer form"))
+    }
+
+    /// [`Self::unpack_into`] into freshly allocated buffers.
+    pub fn unpack(self, block: &[u8]) -> Result<BlockCodes> {
+        let (Some(sub), Some(levels)) = (self.sub_block(), self.levels()) else {
+            bail!("{self:?} has no integer form");
+        };
+        let n = self.block_size();
+        let mut c = BlockCodes {
+            codes: vec![0; n],
+            d: f16::ZERO,
+            dmin: f16::ZERO,
+            scale: vec![0; n / sub],
+            min: vec![0; n / sub],
+            sub,
+            levels,
+        };
+        (c.d, c.dmin) = self.unpack_into(block, &mut c.codes, &mut c.scale, &mut c.min)?;
+        Ok(c)
     }
 
     /// Decodes `src` (whole blocks) into `dst`; lengths must agree exactly.
@@ -76,47 +258,198 @@ impl GgmlType {
             src.len(),
             dst.len()
         );
-        match self {
+        with_block!(self, B => decode_blocks::<B>(src, dst), float => match self {
             Self::F32 => dst
                 .iter_mut()
                 .zip(src.chunks_exact(4))
-                .for_each(|(d, s)| *d = f32::from_le_bytes(s.try_into().unwrap())),
+                .for_each(|(d, s)| *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]])),
             Self::F16 => dst
                 .iter_mut()
                 .zip(src.chunks_exact(2))
                 .for_each(|(d, s)| *d = f16::from_le_bytes([s[0], s[1]]).to_f32()),
-            Self::BF16 => dst
+            _ => dst
                 .iter_mut()
                 .zip(src.chunks_exact(2))
                 .for_each(|(d, s)| *d = bf16::from_le_bytes([s[0], s[1]]).to_f32()),
-            Self::Q8_0 => decode_blocks::<Q8_0>(src, dst),
-            Self::Q4_0 => decode_blocks::<Q4_0>(src, dst),
-            Self::Q4_1 => decode_blocks::<Q4_1>(src, dst),
-        }
+        });
         Ok(())
     }
 
+    /// Whether [`Self::quantize`] can write this type.
+    pub fn can_quantize(self) -> bool {
+        matches!(self, Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0 | Self::Q4_1)
+    }
+
     /// Encodes f32 weights (length a multiple of the block size) with round-to-nearest, as
-    /// ggml's reference quantizers do. Used to write test fixtures and exports.
-    pub fn quantize(self, src: &[f32]) -> Vec<u8> {
-        assert_eq!(src.len() % self.block_size(), 0, "length must be whole blocks");
-        match self {
+    /// ggml's reference quantizers do. Used to write test fixtures and exports. Types without
+    /// an encoder ([`Self::can_quantize`]) are an error.
+    pub fn quantize(self, src: &[f32]) -> Result<Vec<u8>> {
+        ensure!(
+            src.len().is_multiple_of(self.block_size()),
+            "{self:?}: {} weights are not whole blocks of {}",
+            src.len(),
+            self.block_size()
+        );
+        Ok(match self {
             Self::F32 => src.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Self::F16 => src.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
             Self::BF16 => src.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
             Self::Q8_0 => encode_blocks::<Q8_0>(src),
             Self::Q4_0 => encode_blocks::<Q4_0>(src),
             Self::Q4_1 => encode_blocks::<Q4_1>(src),
-        }
+            Self::Q5_0
+            | Self::Q5_1
+            | Self::Q2_K
+            | Self::Q3_K
+            | Self::Q4_K
+            | Self::Q5_K
+            | Self::Q6_K
+            | Self::IQ4_NL
+            | Self::IQ4_XS => bail!("bitnest cannot encode {self:?} (it only decodes it)"),
+        })
     }
 }
 
-/// One ggml block format: a fixed number of weights in a fixed number of bytes.
+/// ggml type ids bitnest knows by name but cannot decode.
+const UNSUPPORTED: [(u32, &str); 20] = [
+    (4, "Q4_2, removed from ggml"),
+    (5, "Q4_3, removed from ggml"),
+    (9, "Q8_1"),
+    (15, "Q8_K"),
+    (16, "IQ2_XXS"),
+    (17, "IQ2_XS"),
+    (18, "IQ3_XXS"),
+    (19, "IQ1_S"),
+    (21, "IQ3_S"),
+    (22, "IQ2_S"),
+    (24, "I8"),
+    (25, "I16"),
+    (26, "I32"),
+    (27, "I64"),
+    (28, "F64"),
+    (29, "IQ1_M"),
+    (34, "TQ1_0"),
+    (35, "TQ2_0"),
+    (39, "MXFP4"),
+    (40, "NVFP4"),
+];
+
+/// One block in integer form: `w[i] = affine_weight(d, scale[k], levels[codes[i]], dmin,
+/// min[k])` with `k = i / sub` (module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockCodes {
+    /// Unsigned codes, each below 2^bits, in weight order.
+    pub codes: Vec<u8>,
+    pub d: f16,
+    /// +0 where the type has no minimum.
+    pub dmin: f16,
+    /// One per sub-block.
+    pub scale: Vec<i32>,
+    /// One per sub-block; 0 where the type has no minimum.
+    pub min: Vec<i32>,
+    /// Weights per sub-block.
+    pub sub: usize,
+    /// The type's level table.
+    pub levels: &'static [i32],
+}
+
+impl BlockCodes {
+    /// Weight `i`, exactly as [`GgmlType::dequantize`] (and llama.cpp) computes it.
+    pub fn weight(&self, i: usize) -> f32 {
+        let k = i / self.sub;
+        affine_weight(
+            self.d.to_f32(),
+            self.scale[k],
+            self.levels[self.codes[i] as usize],
+            self.dmin.to_f32(),
+            self.min[k],
+        )
+    }
+}
+
+/// The integer form's weight, `(d·scale)·level − dmin·(−min)`, in llama.cpp's order of
+/// operations (module docs): bit-identical to ggml's dequantization of every type here.
+#[inline]
+pub fn affine_weight(d: f32, scale: i32, level: i32, dmin: f32, min: i32) -> f32 {
+    (d * scale as f32) * level as f32 - dmin * (-min) as f32
+}
+
+/// Decoding side of one ggml block format: a fixed number of weights in a fixed number of bytes.
 pub trait BlockFormat {
     const WEIGHTS: usize;
     const BYTES: usize;
+    /// Decodes one block (`BYTES` bytes) into `WEIGHTS` floats.
     fn decode(block: &[u8], out: &mut [f32]);
+}
+
+/// Encoding side, for the formats bitnest writes.
+pub trait BlockEncode: BlockFormat {
     fn encode(x: &[f32], out: &mut Vec<u8>);
+}
+
+/// The integer form of a block format (module docs).
+pub trait BlockInt: BlockFormat {
+    /// Code width.
+    const BITS: u32;
+    /// Weights per sub-block.
+    const SUB: usize;
+    /// The 2^BITS levels, ascending.
+    const LEVELS: &'static [i32];
+    /// Whether blocks carry a minimum.
+    const HAS_MIN: bool;
+    /// Byte offsets of the f16 fields `d` (then `dmin`).
+    const F16_AT: &'static [usize];
+    /// `LEVELS` as f32, padded to 256 so a `u8` code indexes it without a bounds check.
+    const LEVELS_F32: [f32; 256] = levels_f32(Self::LEVELS);
+    /// Unpacks a block of exactly `BYTES` bytes into `WEIGHTS` codes and `WEIGHTS / SUB`
+    /// scales and minimums; returns `(d, dmin)`.
+    fn unpack(block: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16);
+}
+
+const fn levels_f32(l: &[i32]) -> [f32; 256] {
+    let mut t = [0f32; 256];
+    let mut i = 0;
+    while i < l.len() {
+        t[i] = l[i] as f32;
+        i += 1;
+    }
+    t
+}
+
+const fn level_range<const N: usize>(lo: i32) -> [i32; N] {
+    let mut t = [0i32; N];
+    let mut i = 0;
+    while i < N {
+        t[i] = lo + i as i32;
+        i += 1;
+    }
+    t
+}
+
+/// `BlockFormat::decode` of every integer-form type: unpack, then [`affine_weight`] with the
+/// per-sub-block products hoisted (the same operations in the same order).
+fn decode_int<B: BlockInt>(block: &[u8], out: &mut [f32]) {
+    let mut codes = [0u8; 256];
+    let mut scale = [0i32; 16];
+    let mut min = [0i32; 16];
+    let ns = B::WEIGHTS / B::SUB;
+    let (d, dmin) = B::unpack(block, &mut codes[..B::WEIGHTS], &mut scale[..ns], &mut min[..ns]);
+    let (d, dmin) = (d.to_f32(), dmin.to_f32());
+    let lv = &B::LEVELS_F32;
+    for (k, (o, c)) in out[..B::WEIGHTS].chunks_exact_mut(B::SUB).zip(codes.chunks_exact(B::SUB)).enumerate() {
+        let dl = d * scale[k] as f32;
+        if B::HAS_MIN {
+            let ml = dmin * (-min[k]) as f32;
+            for (o, &q) in o.iter_mut().zip(c) {
+                *o = dl * lv[q as usize] - ml;
+            }
+        } else {
+            // `x - (+0)` is an identity, so skipping it is exact (module docs).
+            for (o, &q) in o.iter_mut().zip(c) {
+                *o = dl * lv[q as usize];
+            }
+        }
+    }
 }
 
 fn decode_blocks<B: BlockFormat>(src: &[u8], dst: &mut [f32]) {
@@ -125,7 +458,7 @@ fn decode_blocks<B: BlockFormat>(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-fn encode_blocks<B: BlockFormat>(src: &[f32]) -> Vec<u8> {
+fn encode_blocks<B: BlockEncode>(src: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(src.len() / B::WEIGHTS * B::BYTES);
     for x in src.chunks_exact(B::WEIGHTS) {
         B::encode(x, &mut out);
@@ -133,21 +466,55 @@ fn encode_blocks<B: BlockFormat>(src: &[f32]) -> Vec<u8> {
     out
 }
 
-fn half_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+fn f16_at(b: &[u8], i: usize) -> f16 {
+    f16::from_le_bytes([b[i], b[i + 1]])
+}
+
+/// 32 nibbles stored as 16 bytes: low nibbles are weights 0..16, high nibbles 16..32.
+fn nibbles32(qs: &[u8], codes: &mut [u8]) {
+    let (lo, hi) = codes.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&qs[..16]) {
+        *l = q & 0x0f;
+        *h = q >> 4;
+    }
+}
+
+/// The 6-bit scale and minimum of sub-block `j` of a Q4_K/Q5_K block (ggml's
+/// `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
+    if j < 4 {
+        ((q[j] & 63) as i32, (q[j + 4] & 63) as i32)
+    } else {
+        (((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4)) as i32, ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as i32)
+    }
 }
 
 /// 32 weights: f16 scale `d`, then 32 signed bytes; w = d·q.
+/// Integer form: code = byte ^ 0x80 (= int8 + 128), L[q] = q − 128, s = 1.
+/// C: `y = x[i].qs[j]*d`, one product, so the order cannot matter.
 pub struct Q8_0;
 impl BlockFormat for Q8_0 {
     const WEIGHTS: usize = 32;
     const BYTES: usize = 34;
     fn decode(b: &[u8], out: &mut [f32]) {
-        let d = half_at(b, 0);
-        for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-            *o = d * (q as i8) as f32;
-        }
+        decode_int::<Self>(b, out)
     }
+}
+impl BlockInt for Q8_0 {
+    const BITS: u32 = 8;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &level_range::<256>(-128);
+    const HAS_MIN: bool = false;
+    const F16_AT: &'static [usize] = &[0];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        for (c, &q) in codes.iter_mut().zip(&b[2..34]) {
+            *c = q ^ 0x80;
+        }
+        (scale[0], min[0]) = (1, 0);
+        (f16_at(b, 0), f16::ZERO)
+    }
+}
+impl BlockEncode for Q8_0 {
     fn encode(x: &[f32], out: &mut Vec<u8>) {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -158,18 +525,29 @@ impl BlockFormat for Q8_0 {
 }
 
 /// 32 weights: f16 scale `d`, then 16 bytes of nibbles (low nibbles are weights 0..16, high
-/// nibbles 16..32); w = d·(q − 8).
+/// nibbles 16..32); w = d·(q − 8). Integer form: L[q] = q − 8, s = 1.
+/// C: `y = x0*d` with `x0 = q - 8`: one product.
 pub struct Q4_0;
 impl BlockFormat for Q4_0 {
     const WEIGHTS: usize = 32;
     const BYTES: usize = 18;
     fn decode(b: &[u8], out: &mut [f32]) {
-        let d = half_at(b, 0);
-        for (j, &q) in b[2..18].iter().enumerate() {
-            out[j] = d * ((q & 0x0f) as i32 - 8) as f32;
-            out[j + 16] = d * ((q >> 4) as i32 - 8) as f32;
-        }
+        decode_int::<Self>(b, out)
     }
+}
+impl BlockInt for Q4_0 {
+    const BITS: u32 = 4;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &level_range::<16>(-8);
+    const HAS_MIN: bool = false;
+    const F16_AT: &'static [usize] = &[0];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        nibbles32(&b[2..18], codes);
+        (scale[0], min[0]) = (1, 0);
+        (f16_at(b, 0), f16::ZERO)
+    }
+}
+impl BlockEncode for Q4_0 {
     fn encode(x: &[f32], out: &mut Vec<u8>) {
         // ggml: the scale maps the signed extreme to -8.
         let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
@@ -182,18 +560,30 @@ impl BlockFormat for Q4_0 {
 }
 
 /// 32 weights: f16 scale `d`, f16 minimum `m`, then 16 bytes of nibbles; w = d·q + m.
+/// Integer form: L[q] = q, s = 1, M = m, m_k = 1.
+/// C: `y = x0*d + m`; ours `(d·1)·q − m·(−1)` is the same two roundings (`x − (−m)` is
+/// `x + m` by definition in IEEE 754).
 pub struct Q4_1;
 impl BlockFormat for Q4_1 {
     const WEIGHTS: usize = 32;
     const BYTES: usize = 20;
     fn decode(b: &[u8], out: &mut [f32]) {
-        let d = half_at(b, 0);
-        let m = half_at(b, 2);
-        for (j, &q) in b[4..20].iter().enumerate() {
-            out[j] = d * (q & 0x0f) as f32 + m;
-            out[j + 16] = d * (q >> 4) as f32 + m;
-        }
+        decode_int::<Self>(b, out)
     }
+}
+impl BlockInt for Q4_1 {
+    const BITS: u32 = 4;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &level_range::<16>(0);
+    const HAS_MIN: bool = true;
+    const F16_AT: &'static [usize] = &[0, 2];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        nibbles32(&b[4..20], codes);
+        (scale[0], min[0]) = (1, 1);
+        (f16_at(b, 0), f16_at(b, 2))
+    }
+}
+impl BlockEncode for Q4_1 {
     fn encode(x: &[f32], out: &mut Vec<u8>) {
         let min = x.iter().cloned().fold(f32::INFINITY, f32::min);
         let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -206,14 +596,345 @@ impl BlockFormat for Q4_1 {
     }
 }
 
+/// Fifth bits of Q5_0/Q5_1: bit `i` of the little-endian u32 `qh` is weight `i`'s.
+fn add_high_bits32(qh: &[u8], codes: &mut [u8]) {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    for (i, c) in codes.iter_mut().enumerate() {
+        *c |= (((qh >> i) & 1) as u8) << 4;
+    }
+}
+
+/// 32 weights: f16 `d`, u32 of fifth bits, 16 bytes of nibbles (as Q4_0); w = d·(q − 16).
+/// Integer form: L[q] = q − 16, s = 1. C: `y = x0*d`, one product.
+pub struct Q5_0;
+impl BlockFormat for Q5_0 {
+    const WEIGHTS: usize = 32;
+    const BYTES: usize = 22;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for Q5_0 {
+    const BITS: u32 = 5;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &level_range::<32>(-16);
+    const HAS_MIN: bool = false;
+    const F16_AT: &'static [usize] = &[0];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        nibbles32(&b[6..22], codes);
+        add_high_bits32(&b[2..6], codes);
+        (scale[0], min[0]) = (1, 0);
+        (f16_at(b, 0), f16::ZERO)
+    }
+}
+
+/// 32 weights: f16 `d`, f16 `m`, u32 of fifth bits, 16 bytes of nibbles; w = d·q + m.
+/// Integer form: L[q] = q, s = 1, M = m, m_k = 1. C: `y = x0*d + m` (as Q4_1).
+pub struct Q5_1;
+impl BlockFormat for Q5_1 {
+    const WEIGHTS: usize = 32;
+    const BYTES: usize = 24;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for Q5_1 {
+    const BITS: u32 = 5;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &level_range::<32>(0);
+    const HAS_MIN: bool = true;
+    const F16_AT: &'static [usize] = &[0, 2];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        nibbles32(&b[8..24], codes);
+        add_high_bits32(&b[4..8], codes);
+        (scale[0], min[0]) = (1, 1);
+        (f16_at(b, 0), f16_at(b, 2))
+    }
+}
+
+/// 256 weights in 16 sub-blocks of 16: `scales[16]` (low nibble scale, high nibble min),
+/// `qs[64]` of 2-bit codes, f16 `d`, f16 `dmin`. Codes: weight `128n + 32j + l` is bits
+/// `2j..2j+2` of `qs[32n + l]`. Integer form: L[q] = q, s = sc & 0xF, M = dmin, m_k = −(sc >> 4).
+/// C: `dl = d * (sc & 0xF); ml = min * (sc >> 4); y = dl * q - ml` — exactly our order.
+pub struct Q2_K;
+impl BlockFormat for Q2_K {
+    const WEIGHTS: usize = 256;
+    const BYTES: usize = 84;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for Q2_K {
+    const BITS: u32 = 2;
+    const SUB: usize = 16;
+    const LEVELS: &'static [i32] = &level_range::<4>(0);
+    const HAS_MIN: bool = true;
+    const F16_AT: &'static [usize] = &[80, 82];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        for (k, &sc) in b[..16].iter().enumerate() {
+            scale[k] = (sc & 0xf) as i32;
+            min[k] = -((sc >> 4) as i32);
+        }
+        let qs = &b[16..80];
+        for (i, c) in codes.iter_mut().enumerate() {
+            let (n, j, l) = (i / 128, i / 32 % 4, i % 32);
+            *c = (qs[32 * n + l] >> (2 * j)) & 3;
+        }
+        (f16_at(b, 80), f16_at(b, 82))
+    }
+}
+
+/// 256 weights in 16 sub-blocks of 16: `hmask[32]`, `qs[64]` of low 2 bits (laid out as
+/// Q2_K), 12 bytes of 6-bit scales, f16 `d`. Weight `128n + 32j + l` takes its third bit from
+/// bit `4n + j` of `hmask[l]`. Integer form: code = low2 | hbit << 2, L[q] = q − 4 (that is
+/// `low2 − (hbit ? 0 : 4)`), s = scale6 − 32, no minimum.
+/// C: `dl = d_all * (scales[is] - 32); y = dl * (low2 - (hbit ? 0 : 4))` — our order.
+pub struct Q3_K;
+impl BlockFormat for Q3_K {
+    const WEIGHTS: usize = 256;
+    const BYTES: usize = 110;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for Q3_K {
+    const BITS: u32 = 3;
+    const SUB: usize = 16;
+    const LEVELS: &'static [i32] = &level_range::<8>(-4);
+    const HAS_MIN: bool = false;
+    const F16_AT: &'static [usize] = &[108];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        let (hmask, qs, sc) = (&b[..32], &b[32..96], &b[96..108]);
+        for (k, (s, m)) in scale.iter_mut().zip(min.iter_mut()).enumerate() {
+            let low = if k < 8 { sc[k] & 0xf } else { sc[k - 8] >> 4 };
+            let high = (sc[8 + k % 4] >> (2 * (k / 4))) & 3;
+            *s = (low | (high << 4)) as i32 - 32;
+            *m = 0;
+        }
+        for (i, c) in codes.iter_mut().enumerate() {
+            let (n, j, l) = (i / 128, i / 32 % 4, i % 32);
+            let low = (qs[32 * n + l] >> (2 * j)) & 3;
+            let hbit = (hmask[l] >> (4 * n + j)) & 1;
+            *c = low | (hbit << 2);
+        }
+        (f16_at(b, 108), f16::ZERO)
+    }
+}
+
+/// 256 weights in 8 sub-blocks of 32: f16 `d`, f16 `dmin`, 12 bytes of 6-bit scales and mins
+/// (`get_scale_min_k4`), `qs[128]` of nibbles: weight `64j + l` is the low nibble of
+/// `qs[32j + l]`, `64j + 32 + l` its high nibble. Integer form: L[q] = q, s = scale6,
+/// M = dmin, m_k = −min6.
+/// C: `d1 = d * sc; m1 = min * m; y = d1 * q - m1` — our order.
+pub struct Q4_K;
+impl BlockFormat for Q4_K {
+    const WEIGHTS: usize = 256;
+    const BYTES: usize = 144;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for Q4_K {
+    const BITS: u32 = 4;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &level_range::<16>(0);
+    const HAS_MIN: bool = true;
+    const F16_AT: &'static [usize] = &[0, 2];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        for (k, (s, m)) in scale.iter_mut().zip(min.iter_mut()).enumerate() {
+            let (sc, mn) = scale_min_k4(k, &b[4..16]);
+            (*s, *m) = (sc, -mn);
+        }
+        for (c, qs) in codes.chunks_exact_mut(64).zip(b[16..144].chunks_exact(32)) {
+            let (lo, hi) = c.split_at_mut(32);
+            for ((l, h), &q) in lo.iter_mut().zip(hi).zip(qs) {
+                *l = q & 0xf;
+                *h = q >> 4;
+            }
+        }
+        (f16_at(b, 0), f16_at(b, 2))
+    }
+}
+
+/// 256 weights in 8 sub-blocks of 32: as Q4_K plus `qh[32]` of fifth bits: weight
+/// `64j + l` takes bit `2j` of `qh[l]`, `64j + 32 + l` bit `2j + 1`. Integer form as Q4_K
+/// with L[q] = q for 5-bit q.
+/// C: `d1 = d * sc; m1 = min * m; y = d1 * (low + (hbit ? 16 : 0)) - m1` — our order.
+pub struct Q5_K;
+impl BlockFormat for Q5_K {
+    const WEIGHTS: usize = 256;
+    const BYTES: usize = 176;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for Q5_K {
+    const BITS: u32 = 5;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &level_range::<32>(0);
+    const HAS_MIN: bool = true;
+    const F16_AT: &'static [usize] = &[0, 2];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        for (k, (s, m)) in scale.iter_mut().zip(min.iter_mut()).enumerate() {
+            let (sc, mn) = scale_min_k4(k, &b[4..16]);
+            (*s, *m) = (sc, -mn);
+        }
+        let qh = &b[16..48];
+        for (j, (c, qs)) in codes.chunks_exact_mut(64).zip(b[48..176].chunks_exact(32)).enumerate() {
+            let (lo, hi) = c.split_at_mut(32);
+            for (l, ((lo, hi), &q)) in lo.iter_mut().zip(hi).zip(qs).enumerate() {
+                *lo = (q & 0xf) | (((qh[l] >> (2 * j)) & 1) << 4);
+                *hi = (q >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
+            }
+        }
+        (f16_at(b, 0), f16_at(b, 2))
+    }
+}
+
+/// 256 weights in 16 sub-blocks of 16: `ql[128]` low nibbles, `qh[64]` high 2-bit pairs,
+/// 16 signed byte scales, f16 `d`. In each half `n` (ql += 64n, qh += 32n), for l < 32:
+/// weight `l` = ql[l] low | qh[l] bits 0-1, `l+32` = ql[l+32] low | bits 2-3, `l+64` = ql[l]
+/// high | bits 4-5, `l+96` = ql[l+32] high | bits 6-7. Integer form: L[q] = q − 32,
+/// s = int8 scale, no minimum.
+/// C: `y = d * sc[is] * q1`, which C evaluates as `(d * sc) * q1` — our order.
+pub struct Q6_K;
+impl BlockFormat for Q6_K {
+    const WEIGHTS: usize = 256;
+    const BYTES: usize = 210;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for Q6_K {
+    const BITS: u32 = 6;
+    const SUB: usize = 16;
+    const LEVELS: &'static [i32] = &level_range::<64>(-32);
+    const HAS_MIN: bool = false;
+    const F16_AT: &'static [usize] = &[208];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        for (k, (s, m)) in scale.iter_mut().zip(min.iter_mut()).enumerate() {
+            (*s, *m) = (b[192 + k] as i8 as i32, 0);
+        }
+        for (n, c) in codes.chunks_exact_mut(128).enumerate() {
+            let (ql, qh) = (&b[64 * n..64 * n + 64], &b[128 + 32 * n..128 + 32 * n + 32]);
+            for l in 0..32 {
+                c[l] = (ql[l] & 0xf) | ((qh[l] & 3) << 4);
+                c[l + 32] = (ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4);
+                c[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                c[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        (f16_at(b, 208), f16::ZERO)
+    }
+}
+
+/// The 16 non-linear levels of IQ4_NL and IQ4_XS (ggml's `kvalues_iq4nl`), ascending.
+pub const KVALUES_IQ4NL: [i32; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// 32 weights: f16 `d`, 16 bytes of nibbles (as Q4_0) indexing [`KVALUES_IQ4NL`].
+/// Integer form: L = kvalues, s = 1. C: `y = d * kvalues_iq4nl[q]`, one product.
+pub struct IQ4_NL;
+impl BlockFormat for IQ4_NL {
+    const WEIGHTS: usize = 32;
+    const BYTES: usize = 18;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for IQ4_NL {
+    const BITS: u32 = 4;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &KVALUES_IQ4NL;
+    const HAS_MIN: bool = false;
+    const F16_AT: &'static [usize] = &[0];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        nibbles32(&b[2..18], codes);
+        (scale[0], min[0]) = (1, 0);
+        (f16_at(b, 0), f16::ZERO)
+    }
+}
+
+/// 256 weights in 8 sub-blocks of 32: f16 `d`, u16 `scales_h` (2 high bits per sub-block),
+/// `scales_l[4]` (a nibble per sub-block), `qs[128]`: each sub-block's 16 bytes of nibbles as
+/// IQ4_NL. Integer form: L = kvalues, s = ls − 32 (6-bit ls), no minimum.
+/// C: `dl = d * (ls - 32); y = dl * kvalues_iq4nl[q]` — our order.
+pub struct IQ4_XS;
+impl BlockFormat for IQ4_XS {
+    const WEIGHTS: usize = 256;
+    const BYTES: usize = 136;
+    fn decode(b: &[u8], out: &mut [f32]) {
+        decode_int::<Self>(b, out)
+    }
+}
+impl BlockInt for IQ4_XS {
+    const BITS: u32 = 4;
+    const SUB: usize = 32;
+    const LEVELS: &'static [i32] = &KVALUES_IQ4NL;
+    const HAS_MIN: bool = false;
+    const F16_AT: &'static [usize] = &[0];
+    fn unpack(b: &[u8], codes: &mut [u8], scale: &mut [i32], min: &mut [i32]) -> (f16, f16) {
+        let scales_h = u16::from_le_bytes([b[2], b[3]]);
+        for (k, (s, m)) in scale.iter_mut().zip(min.iter_mut()).enumerate() {
+            let ls = ((b[4 + k / 2] >> (4 * (k % 2))) & 0xf) as i32 | ((((scales_h >> (2 * k)) & 3) as i32) << 4);
+            (*s, *m) = (ls - 32, 0);
+        }
+        for (c, qs) in codes.chunks_exact_mut(32).zip(b[8..136].chunks_exact(16)) {
+            nibbles32(qs, c);
+        }
+        (f16_at(b, 0), f16::ZERO)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    const QUANTS: [GgmlType; 12] = [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+    ];
 
     fn roundtrip_rmse(t: GgmlType, x: &[f32]) -> f32 {
         let mut y = vec![0f32; x.len()];
-        t.dequantize(&t.quantize(x), &mut y).unwrap();
+        t.dequantize(&t.quantize(x).unwrap(), &mut y).unwrap();
         (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt()
+    }
+
+    fn h(v: f32) -> [u8; 2] {
+        f16::from_f32(v).to_le_bytes()
+    }
+
+    fn decode(t: GgmlType, b: &[u8]) -> Vec<f32> {
+        let mut out = vec![0f32; t.block_size()];
+        t.dequantize(b, &mut out).unwrap();
+        out
+    }
+
+    /// Random bytes with the f16 fields replaced by finite values of either sign (zeros
+    /// included, to exercise signed-zero results).
+    fn random_block(t: GgmlType, rng: &mut StdRng) -> Vec<u8> {
+        let mut b = vec![0u8; t.block_bytes()];
+        rng.fill(&mut b[..]);
+        for &at in t.f16_offsets() {
+            let v = match rng.random_range(0..8) {
+                0 => 0.0,
+                1 => -0.0,
+                _ => rng.random_range(-4.0f32..4.0),
+            };
+            b[at..at + 2].copy_from_slice(&h(v));
+        }
+        b
     }
 
     #[test]
@@ -222,6 +943,39 @@ mod tests {
         assert_eq!(Q4_1::BYTES, 2 + 2 + 16);
         assert_eq!(Q8_0::BYTES, 2 + 32);
         assert_eq!(GgmlType::Q4_1.bits_per_weight(), 5.0);
+        let ggml = [
+            (GgmlType::Q5_0, 6, 32, 22),
+            (GgmlType::Q5_1, 7, 32, 24),
+            (GgmlType::Q2_K, 10, 256, 84),
+            (GgmlType::Q3_K, 11, 256, 110),
+            (GgmlType::Q4_K, 12, 256, 144),
+            (GgmlType::Q5_K, 13, 256, 176),
+            (GgmlType::Q6_K, 14, 256, 210),
+            (GgmlType::IQ4_NL, 20, 32, 18),
+            (GgmlType::IQ4_XS, 23, 256, 136),
+        ];
+        for (t, id, weights, bytes) in ggml {
+            assert_eq!((t.id(), t.block_size(), t.block_bytes()), (id, weights, bytes), "{t:?}");
+        }
+        assert_eq!(GgmlType::Q4_K.bits_per_weight(), 4.5);
+        assert_eq!(GgmlType::Q6_K.bits_per_weight(), 6.5625);
+        for t in GgmlType::ALL {
+            assert_eq!(GgmlType::from_id(t.id()).unwrap(), t);
+            if let (Some(bits), Some(sub), Some(levels)) = (t.code_bits(), t.sub_block(), t.levels()) {
+                assert_eq!(levels.len(), 1 << bits, "{t:?}");
+                assert!(levels.windows(2).all(|w| w[0] < w[1]), "{t:?} levels not ascending");
+                assert_eq!(t.block_size() % sub, 0);
+                assert!(t.block_size() <= 256 && t.block_size() / sub <= 16);
+                assert_eq!(t.f16_offsets().len(), 1 + t.has_min() as usize);
+            } else {
+                assert!(matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16));
+            }
+        }
+        for id in [9, 15, 16, 21, 22, 29] {
+            let e = GgmlType::from_id(id).unwrap_err().to_string();
+            assert!(e.contains("not supported yet"), "{e}");
+        }
+        assert!(GgmlType::from_id(999).unwrap_err().to_string().contains("unknown ggml type"));
     }
 
     #[test]
@@ -236,20 +990,222 @@ mod tests {
     }
 
     #[test]
+    fn quantize_refuses_types_without_an_encoder() {
+        let x = vec![0.5f32; 256];
+        for t in GgmlType::ALL {
+            assert_eq!(t.quantize(&x).is_ok(), t.can_quantize(), "{t:?}");
+        }
+        assert!(GgmlType::Q8_0.quantize(&x[..31]).is_err());
+    }
+
+    #[test]
     fn q4_1_decodes_known_block() {
         let mut b = Vec::new();
-        b.extend(f16::from_f32(0.5).to_le_bytes());
-        b.extend(f16::from_f32(-1.0).to_le_bytes());
+        b.extend(h(0.5));
+        b.extend(h(-1.0));
         b.extend([0x21u8; 16]);
-        let mut out = [0f32; 32];
-        GgmlType::Q4_1.dequantize(&b, &mut out).unwrap();
+        let out = decode(GgmlType::Q4_1, &b);
         assert_eq!(out[0], -0.5); // q = 1
         assert_eq!(out[16], 0.0); // q = 2
+    }
+
+    #[test]
+    fn q5_0_and_q5_1_decode_known_blocks() {
+        // Fifth bits set for weights 0 and 17 only; nibbles 0x3 (low) and 0xA (high).
+        let qh = (1u32 | (1 << 17)).to_le_bytes();
+        let mut b = h(0.25).to_vec();
+        b.extend(qh);
+        b.extend([0xA3u8; 16]);
+        let out = decode(GgmlType::Q5_0, &b);
+        assert_eq!(out[0], 0.25 * (0x13 - 16) as f32);
+        assert_eq!(out[1], 0.25 * (0x03 - 16) as f32);
+        assert_eq!(out[16], 0.25 * (0x0A - 16) as f32);
+        assert_eq!(out[17], 0.25 * (0x1A - 16) as f32);
+
+        let mut b = h(0.5).to_vec();
+        b.extend(h(-2.0));
+        b.extend(qh);
+        b.extend([0xA3u8; 16]);
+        let out = decode(GgmlType::Q5_1, &b);
+        assert_eq!(out[0], 0.5 * 19.0 - 2.0);
+        assert_eq!(out[1], 0.5 * 3.0 - 2.0);
+        assert_eq!(out[17], 0.5 * 26.0 - 2.0);
+    }
+
+    #[test]
+    fn q2_k_decodes_known_block() {
+        let mut b = vec![0u8; 84];
+        b[0] = 0x21; // sub-block 0: scale 1, min 2
+        b[1] = 0x03; // sub-block 1: scale 3, min 0
+        b[5] = 0x15; // sub-block 5 (weights 80..96): scale 5, min 1
+        b[16] = 0b11_10_01_00; // qs[0]: weight 0 → 0, 32 → 1, 64 → 2, 96 → 3
+        b[16 + 16] = 0b0000_1000; // qs[16]: weight 16 → 0, weight 48 → 2
+        b[16 + 17] = 0b0000_0011; // qs[17]: weight 17 → 3
+        b[80..82].copy_from_slice(&h(0.5));
+        b[82..84].copy_from_slice(&h(0.25));
+        let out = decode(GgmlType::Q2_K, &b);
+        assert_eq!(out[0], 0.5 * 1.0 * 0.0 - 0.25 * 2.0);
+        assert_eq!(out[17], 0.5 * 3.0 * 3.0);
+        assert_eq!(out[16], 0.0);
+        // Weight 32 is sub-block 2 (scale 0, min 0): 0·1 − 0 = 0.
+        assert_eq!(out[32], 0.0);
+        // Weight 80: sub-block 5, qs[16] bits 4..6 = 0 → −0.25.
+        assert_eq!(out[80], -0.25);
+        assert_eq!(out[81], -0.25);
+    }
+
+    #[test]
+    fn q3_k_decodes_known_block() {
+        let mut b = vec![0u8; 110];
+        // All 6-bit scales 32 + 2 = 34: low nibbles 2, high bits 2 (0b10 in every field).
+        for i in 0..8 {
+            b[96 + i] = 0x22;
+        }
+        for i in 8..12 {
+            b[96 + i] = 0b10_10_10_10;
+        }
+        // hmask bit 0 of byte 0 set: weight 0 has hbit 1. qs[0] = 0b01: weight 0 low2 = 1.
+        b[0] = 1;
+        b[32] = 0b0000_0001;
+        b[108..110].copy_from_slice(&h(0.5));
+        let out = decode(GgmlType::Q3_K, &b);
+        assert_eq!(out[0], 0.5 * 2.0 * 1.0); // low2 1, hbit set → 1
+        assert_eq!(out[1], 0.5 * 2.0 * -4.0); // low2 0, no hbit → −4
+        assert_eq!(out[255], -4.0);
+        // A negative scale: sub-block 15 scale 6 bits = 0 → −32.
+        b[96 + 7] = 0x02; // sub-block 15's low nibble is sc[7] >> 4 = 0
+        b[96 + 11] = 0b00_10_10_10; // and its high bits (bits 6-7 of sc[11]) = 0
+        let out = decode(GgmlType::Q3_K, &b);
+        assert_eq!(out[255], 0.5 * -32.0 * -4.0);
+    }
+
+    #[test]
+    fn q4_k_and_q5_k_decode_known_blocks() {
+        let mut b = vec![0u8; 144];
+        b[0..2].copy_from_slice(&h(0.5));
+        b[2..4].copy_from_slice(&h(0.125));
+        let sc = &mut b[4..16];
+        sc[0] = 3; // sub-block 0: scale 3
+        sc[4] = 8; // sub-block 0: min 8
+        sc[8] = 0x5A; // sub-block 4: scale low 0xA, min low 0x5
+        sc[0] |= 0b01 << 6; // sub-block 4: scale high bits 01 → scale 0x1A = 26
+        sc[4] |= 0b10 << 6; // sub-block 4: min high bits 10 → min 0x25 = 37
+        b[16] = 0x7C; // weight 0 → 0xC, weight 32 → 0x7
+        b[16 + 64] = 0x09; // weight 128 → 9 (sub-block 4)
+        let out = decode(GgmlType::Q4_K, &b);
+        assert_eq!(out[0], 0.5 * 3.0 * 12.0 - 0.125 * 8.0);
+        assert_eq!(out[32], 0.0); // sub-block 1: scale 0, min 0
+        assert_eq!(out[128], 0.5 * 26.0 * 9.0 - 0.125 * 37.0);
+
+        // Q5_K: same header, qh[0] bit 0 → weight 0 gains 16, bit 1 → weight 32 gains 16.
+        let mut c = b[..16].to_vec();
+        let mut qh = [0u8; 32];
+        qh[0] = 0b11;
+        c.extend(qh);
+        c.extend(&b[16..144]);
+        let out = decode(GgmlType::Q5_K, &c);
+        assert_eq!(out[0], 0.5 * 3.0 * 28.0 - 0.125 * 8.0);
+        assert_eq!(out[32], 0.0);
+        assert_eq!(out[128], 0.5 * 26.0 * 9.0 - 0.125 * 37.0);
+    }
+
+    #[test]
+    fn q6_k_decodes_known_block() {
+        let mut b = vec![0u8; 210];
+        for k in 0..16 {
+            b[192 + k] = (k as i8 - 8) as u8;
+        }
+        b[208..210].copy_from_slice(&h(0.5));
+        b[0] = 0x53; // weight 0 low nibble 3, weight 64 low nibble 5
+        b[128] = 0b11_00_10_01; // weight 0 high 01, weight 32 high 10, 64 high 00, 96 high 11
+        let out = decode(GgmlType::Q6_K, &b);
+        assert_eq!(out[0], 0.5 * -8.0 * (0x13 - 32) as f32); // sub-block 0: scale −8
+        assert_eq!(out[32], 0.5 * -6.0 * (0x20 - 32) as f32); // sub-block 2: scale −6
+        assert_eq!(out[64], 0.5 * -4.0 * (0x05 - 32) as f32);
+        assert_eq!(out[96], 0.5 * -2.0 * (0x30 - 32) as f32);
+        assert_eq!(out[255], 0.5 * 7.0 * -32.0);
+    }
+
+    #[test]
+    fn iq4_decodes_known_blocks() {
+        let mut b = h(0.5).to_vec();
+        b.extend([0xF0u8; 16]);
+        let out = decode(GgmlType::IQ4_NL, &b);
+        assert_eq!(out[0], 0.5 * -127.0);
+        assert_eq!(out[16], 0.5 * 113.0);
+
+        let mut b = vec![0u8; 136];
+        b[0..2].copy_from_slice(&h(0.25));
+        b[2..4].copy_from_slice(&(0b10u16 << 2).to_le_bytes()); // sub-block 1 high bits 10
+        b[4] = 0x31; // sub-block 0 low 1, sub-block 1 low 3
+        b[8] = 0x08; // weight 0 → kvalue 1, weight 16 → −127
+        b[8 + 16] = 0xF0; // weight 32 → −127, weight 48 → 113
+        let out = decode(GgmlType::IQ4_XS, &b);
+        assert_eq!(out[0], 0.25 * (1 - 32) as f32 * 1.0);
+        assert_eq!(out[16], 0.25 * (1 - 32) as f32 * -127.0);
+        assert_eq!(out[32], 0.25 * (0x23 - 32) as f32 * -127.0);
+        assert_eq!(out[48], 0.25 * (0x23 - 32) as f32 * 113.0);
+    }
+
+    #[test]
+    fn integer_form_reproduces_dequantize_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut signed_zeros = 0;
+        for t in QUANTS {
+            let bits = t.code_bits().unwrap();
+            for _ in 0..2000 {
+                let b = random_block(t, &mut rng);
+                let c = t.unpack(&b).unwrap();
+                assert!(c.codes.iter().all(|&q| (q as u32) < 1 << bits), "{t:?} code out of range");
+                if !t.has_min() {
+                    assert!(c.min.iter().all(|&m| m == 0) && c.dmin.to_bits() == 0, "{t:?}");
+                }
+                let out = decode(t, &b);
+                for (i, &w) in out.iter().enumerate() {
+                    assert_eq!(c.weight(i).to_bits(), w.to_bits(), "{t:?} weight {i}: {} vs {w}", c.weight(i));
+                    signed_zeros += (w.to_bits() == 0x8000_0000) as usize;
+                }
+            }
+        }
+        assert!(signed_zeros > 0, "the random blocks never produced −0");
+    }
+
+    #[test]
+    fn unpack_matches_a_naive_affine_evaluation() {
+        // The affine form as a sum, with the one documented exception: a zero result's sign.
+        let mut rng = StdRng::seed_from_u64(11);
+        for t in QUANTS {
+            let b = random_block(t, &mut rng);
+            let c = t.unpack(&b).unwrap();
+            for (i, &w) in decode(t, &b).iter().enumerate() {
+                let k = i / c.sub;
+                let sum = (c.d.to_f32() * c.scale[k] as f32) * c.levels[c.codes[i] as usize] as f32
+                    + c.dmin.to_f32() * c.min[k] as f32;
+                assert!(sum == w, "{t:?} weight {i}: {sum} vs {w}");
+            }
+        }
     }
 
     #[test]
     fn wrong_length_is_an_error() {
         let mut out = [0f32; 32];
         assert!(GgmlType::Q4_0.dequantize(&[0u8; 17], &mut out).is_err());
+        for t in QUANTS {
+            let n = t.block_size();
+            let mut out = vec![0f32; 2 * n];
+            assert!(t.dequantize(&vec![0u8; 2 * t.block_bytes()], &mut out).is_ok());
+            assert!(t.dequantize(&vec![0u8; 2 * t.block_bytes() - 1], &mut out).is_err(), "{t:?}");
+            assert!(t.dequantize(&vec![0u8; 2 * t.block_bytes() + 1], &mut out).is_err(), "{t:?}");
+            assert!(t.dequantize(&vec![0u8; 2 * t.block_bytes()], &mut out[..2 * n - 1]).is_err(), "{t:?}");
+            let ns = n / t.sub_block().unwrap();
+            let (mut codes, mut s, mut m) = (vec![0u8; n], vec![0i32; ns], vec![0i32; ns]);
+            let block = vec![0u8; t.block_bytes()];
+            assert!(t.unpack_into(&block, &mut codes, &mut s, &mut m).is_ok());
+            assert!(t.unpack_into(&block[1..], &mut codes, &mut s, &mut m).is_err(), "{t:?}");
+            assert!(t.unpack_into(&block, &mut codes[1..], &mut s, &mut m).is_err(), "{t:?}");
+            assert!(t.unpack_into(&block, &mut codes, &mut s[1..], &mut m).is_err(), "{t:?}");
+            assert!(t.unpack(&block[1..]).is_err());
+        }
+        assert!(GgmlType::F32.unpack(&[0u8; 4]).is_err());
     }
 }

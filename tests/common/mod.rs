@@ -136,7 +136,7 @@ pub fn write_tiny_model(dir: &std::path::Path, arch: &str) -> (PathBuf, PathBuf)
         } else {
             data.clone()
         };
-        w.tensor(name, shape, GgmlType::F32, GgmlType::F32.quantize(&data));
+        w.tensor(name, shape, GgmlType::F32, GgmlType::F32.quantize(&data).unwrap());
     }
     let gguf = dir.join(format!("tiny-{arch}.gguf"));
     w.write(&gguf).unwrap();
