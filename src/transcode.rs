@@ -375,8 +375,8 @@ mod tests {
         let mut got = vec![0f32; 1024];
         bp.dequantize(4, &mut got).unwrap();
         let c = ty.unpack(&bytes[..ty.block_bytes()]).unwrap();
-        for i in 0..256 {
-            let q = c.codes[i] as i32;
+        for (i, &code) in c.codes.iter().enumerate() {
+            let q = code as i32;
             let mean = ((q >> 2) << 2) as f32 + 1.5 - 32.0;
             let want = c.d.to_f32() * c.scale[i / 16] as f32 * mean;
             assert!((got[i] - want).abs() <= 1e-6 * want.abs().max(1e-3), "weight {i}: {} vs {want}", got[i]);

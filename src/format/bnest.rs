@@ -94,6 +94,7 @@ pub struct Header {
 }
 
 /// Tensor payloads handed to the writer.
+#[allow(clippy::large_enum_variant)] // built one at a time, moved straight into the writer
 pub enum TensorData {
     F32(Vec<f32>),
     Planes(BitPlanes),

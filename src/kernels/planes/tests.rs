@@ -348,6 +348,7 @@ fn activation_quantization_round_trips_within_half_a_step() {
 
 /// A layer as GGUF tensors transcode into (`crate::transcode`): random codes of one integer
 /// datatype, random group scale and offset, and sub-blocks of `size` of the given kind.
+#[allow(clippy::too_many_arguments)]
 fn ggml_layer(
     rng: &mut StdRng,
     rows: usize,
