@@ -439,7 +439,7 @@ fn cmd_ppl(a: PplArgs) -> Result<()> {
         let bpw = match bitnest::format::bnest::BnestFile::sniff(&path) {
             true => Some(
                 bitnest::format::bnest::BnestFile::open(&path)?
-                    .bits_per_weight(&a.model.plan()?.unwrap_or_default())?,
+                    .bits_per_weight(|n, m| a.model.plan()?.unwrap_or_default().bits_for(n, m))?,
             ),
             false => None,
         };
@@ -477,7 +477,10 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let peak_rss_mb = bitnest::bench::peak_rss_bytes().map(|b| mib(b as f64));
     // Only after the peak RSS is taken: opening the file again must not count towards it.
     let bpw = if bitnest::format::bnest::BnestFile::sniff(&path) {
-        Some(bitnest::format::bnest::BnestFile::open(&path)?.bits_per_weight(&plan.unwrap_or_default())?)
+        Some(
+            bitnest::format::bnest::BnestFile::open(&path)?
+                .bits_per_weight(|n, m| plan.clone().unwrap_or_default().bits_for(n, m))?,
+        )
     } else {
         None
     };

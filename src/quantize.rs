@@ -225,7 +225,7 @@ pub fn quantize_model_with(
     bar.finish_and_clear();
     let header = Header {
         format_version: bnest::VERSION,
-        config,
+        config: serde_json::to_value(&config)?,
         tokenizer,
         chat_template: source.chat_template(),
         quant: cfg.clone(),

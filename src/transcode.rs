@@ -232,7 +232,7 @@ pub fn transcode_file(src: &Path, out: &Path, progress: bool) -> Result<()> {
     let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let header = Header {
         format_version: bnest::VERSION,
-        config,
+        config: serde_json::to_value(&config)?,
         tokenizer,
         chat_template: source.chat_template(),
         quant,

@@ -42,7 +42,9 @@ impl ModelSource {
         if path.is_dir() {
             Ok(Self::HfDir(SafetensorsDir::open(path)?))
         } else if bnest {
-            Ok(Self::Bnest(BnestFile::open(path)?, plan.unwrap_or_default()))
+            let s = Self::Bnest(BnestFile::open(path)?, plan.unwrap_or_default());
+            s.config().with_context(|| format!("invalid .bnest file {}", path.display()))?;
+            Ok(s)
         } else if path.is_file() {
             Ok(Self::Gguf(GgufFile::open(path)?))
         } else {
@@ -54,7 +56,12 @@ impl ModelSource {
         match self {
             Self::Gguf(g) => LlamaConfig::from_gguf(g),
             Self::HfDir(d) => LlamaConfig::from_hf_json(&d.config),
-            Self::Bnest(b, _) => Ok(b.header.config.clone()),
+            Self::Bnest(b, _) => {
+                let cfg: LlamaConfig = serde_json::from_value(b.header.config.clone())
+                    .context("the .bnest header's config is not a valid model configuration")?;
+                cfg.validate()?;
+                Ok(cfg)
+            }
         }
     }
 
