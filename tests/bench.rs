@@ -57,8 +57,9 @@ fn library_bench_measures_both_tests_on_a_tiny_model() {
 #[test]
 fn cli_bench_json_reports_speed_and_memory_of_the_real_model() {
     let model = common::model_path();
+    // The f32 reference path (`--f32`): the GGUF dequantized at load.
     let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
-        .args(["bench", "-t", "2", "-p", "16", "-n", "4", "-r", "2", "--format", "json", "--model"])
+        .args(["bench", "-t", "2", "-p", "16", "-n", "4", "-r", "2", "--format", "json", "--f32", "--model"])
         .arg(&model)
         .output()
         .unwrap();
@@ -87,6 +88,24 @@ fn cli_bench_json_reports_speed_and_memory_of_the_real_model() {
         assert!(v["peak_rss_mb"].is_null());
     }
     assert!(v["bits"].is_null() && v["bits_per_weight"].is_null(), "a GGUF has no bit planes: {v}");
+
+    // The default: the GGUF's lossless transcode into bit planes, cached beside it.
+    let planes = bitnest::transcode::cached_planes(&model, false).unwrap().expect("the Q4_1 GGUF transcodes");
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
+        .args(["bench", "-t", "2", "-p", "16", "-n", "4", "-r", "1", "--format", "json", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    positive(&p, "tg128_tok_s");
+    let size = std::fs::metadata(&planes).unwrap().len() as f64 / 1048576.0;
+    assert!((positive(&p, "file_mb") - size).abs() < 1e-6, "the run reads the transcoded file: {p}");
+    // Q4_1 matrices (4 planes + an f16 pair per 32) and a Q8_0 embedding: about 5.9 bits/weight.
+    let bpw = positive(&p, "bits_per_weight");
+    assert!((5.0..6.5).contains(&bpw), "{bpw} bits/weight");
+    // Computed on the mapped planes: far below the f32 weights' 500+ MiB.
+    assert!(positive(&p, "peak_rss_mb") < size + 100.0, "{p}");
 
     let text = Command::new(env!("CARGO_BIN_EXE_bitnest"))
         .args(["bench", "-t", "1", "-p", "8", "-n", "0", "-r", "1", "--model"])

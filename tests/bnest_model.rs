@@ -108,7 +108,7 @@ fn two_level_four_bit_file_stays_under_budget_and_close() {
     };
     bitnest::quantize::quantize_model(&source, "smollm2", &cfg, &out, false).unwrap();
     let file = bitnest::format::bnest::BnestFile::open(&out).unwrap();
-    let bpw = file.bits_per_weight(&BitsPlan::uniform(Some(4))).unwrap();
+    let bpw = file.bits_per_weight(|n, m| BitsPlan::uniform(Some(4)).bits_for(n, m)).unwrap();
     assert!(bpw <= 4.5, "{bpw} bits per weight");
     let e = Engine::load(&out, Some(BitsPlan::uniform(Some(4)))).unwrap();
     for b in &e.model.blocks {
