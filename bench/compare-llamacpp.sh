@@ -5,7 +5,8 @@
 # slow minute of a shared host falls on all of them rather than on whichever ran then. Writes a
 # markdown table (means and standard deviations over rounds) and the raw JSON to bench/results/.
 #
-#   bash bench/compare-llamacpp.sh                   # everything (builds llama.cpp once, ~30 min on 2 cores)
+#   bash bench/compare-llamacpp.sh                   # everything (builds llama.cpp once, ~5-30 min on 2 cores)
+#   bash bench/compare-llamacpp.sh qwen2.5-coder-1.5b   # another model: a known name or a GGUF path
 #   T=4 ROUNDS=5 BITS="8 4 2" bash bench/compare-llamacpp.sh
 #   ONLY=build bash bench/compare-llamacpp.sh         # only build llama.cpp into the cache
 #   ONLY=llamacpp bash bench/compare-llamacpp.sh      # only the llama.cpp rows
@@ -16,9 +17,12 @@
 #   BITS="8 6 5 4 3 2"                  bitnest views of the .bnest file
 #   DEPTH=4096 DEPTH_N=32 DEPTH_BITS="4 2"  decode tg$DEPTH_N with $DEPTH tokens in the cache
 #                                       (llama-bench -d), Q4_0 and these views; DEPTH=0 skips it
-#   BITNEST_F32=1                       also a bitnest row for SRC itself (0 leaves it out)
-#   LLAMA_TYPES="Q4_0 IQ4_NL Q8_0"      llama.cpp types, re-quantized from SRC
-#   SRC=<gguf>                          source GGUF (default: bitnest's cached SmolLM2 Q4_1)
+#   BITNEST_F32=1                       also a bitnest row for SRC through the f32 path (--f32; 0 leaves it out)
+#   LLAMA_TYPES="Q4_0 IQ4_NL Q8_0"      llama.cpp types, re-quantized from SRC; "SRC" is the file as shipped
+#   SRC=<gguf or name>                  source GGUF (default: the first argument, else bitnest's cached SmolLM2 Q4_1)
+#   REF=Q4_0                            the llama.cpp row ratios are taken against (SRC: the file as shipped)
+#   TBITS="4 3"                         views of SRC's lossless transcode read at fewer planes (rows
+#                                       "bitnest transcode r=…"); the transcode at its own precision always runs
 #   BNEST=<file>                        bitnest model (default: made from SRC with default settings)
 #   BITNEST_CACHE=~/.cache/bitnest      where bitnest keeps downloaded models
 #   BITNEST_LLAMACPP=$BITNEST_CACHE/llama.cpp   llama.cpp source, build and quantized models
@@ -126,18 +130,18 @@ mkdir -p "$LC/models"
 cp target/release/bitnest "$LC/bitnest-compare"
 B=$LC/bitnest-compare
 
-if [ -z "${SRC:-}" ]; then
-  SRC=$BITNEST_CACHE/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
-  if [ ! -f "$SRC" ]; then
-    log "fetching the default model into $BITNEST_CACHE"
-    $B inspect --model smollm2-135m >/dev/null
-  fi
+SRC=${SRC:-${1:-smollm2-135m}}
+if [ ! -f "$SRC" ]; then
+  # A known model name: fetched (once) into $BITNEST_CACHE; `inspect` names the file.
+  log "resolving $SRC (fetched into $BITNEST_CACHE on first use)"
+  SRC=$($B inspect --model "$SRC" --f32 | sed -n 's/^model: //p')
 fi
 [ -f "$SRC" ] || die "source GGUF not found: $SRC"
 NAME=$(basename "$SRC" .gguf)
 
-llama_model() { # type -> path of the re-quantized GGUF (made once)
+llama_model() { # type -> path of the re-quantized GGUF (made once); SRC: the file as shipped
   local ty=$1 out=$LC/models/$NAME.$1.gguf
+  if [ "$ty" = SRC ]; then echo "$SRC"; return; fi
   if [ ! -f "$out" ]; then
     log "llama-quantize --allow-requantize $NAME -> $ty"
     "$BIN/llama-quantize" --allow-requantize "$SRC" "$out.tmp" "$ty" >"$LC/models/quantize-$ty.log" 2>&1 ||
@@ -156,7 +160,7 @@ if [ "$ONLY" != llamacpp ] && [ -f "$BNEST" ] && [ "$BNEST" = "$DEFAULT_BNEST" ]
   log "the cached $BNEST does not open with this bitnest (format changed?): making it again"
   rm -f "$BNEST"
 fi
-if [ "$ONLY" != llamacpp ] && [ ! -f "$BNEST" ]; then
+if [ "$ONLY" != llamacpp ] && [ -n "$BITS$DEPTH_BITS" ] && [ "$DEPTH" -gt 0 -o -n "$BITS" ] && [ ! -f "$BNEST" ]; then
   log "bitnest quantize $SRC -> $BNEST (default settings)"
   $B quantize "$SRC" -o "$BNEST" >&2
 fi
@@ -226,13 +230,20 @@ for round in $(seq 1 "$ROUNDS"); do
     for r in $BITS; do
       bitnest_row "$round" "bitnest r=$r" --model "$BNEST" --bits "$r"
     done
-    # The source GGUF as bitnest runs it today (dequantized to f32 at load): the baseline.
-    [ "${BITNEST_F32:-1}" = 0 ] || bitnest_row "$round" "bitnest f32 (GGUF)" --model "$SRC"
+    # The source GGUF as bitnest runs it by default: its lossless transcode into bit planes, at
+    # the source's own precision, then lower views of the same file.
+    bitnest_row "$round" "bitnest transcode (source precision)" --model "$SRC"
+    for r in ${TBITS:-}; do
+      bitnest_row "$round" "bitnest transcode r=$r" --model "$SRC" --bits "$r"
+    done
+    # The f32 reference path (dequantized at load).
+    [ "${BITNEST_F32:-1}" = 0 ] || bitnest_row "$round" "bitnest f32 (GGUF)" --model "$SRC" --f32
   fi
   # Long context: decoding with $DEPTH tokens already in the cache (llama-bench -d).
   if [ "$DEPTH" -gt 0 ]; then
-    [ "$ONLY" = bitnest ] || llama_row "$round" Q4_0 "$DEPTH"
+    [ "$ONLY" = bitnest ] || llama_row "$round" "${REF:-Q4_0}" "$DEPTH"
     if [ "$ONLY" != llamacpp ]; then
+      bitnest_row "$round" "bitnest transcode @ d$DEPTH" --model "$SRC" -d "$DEPTH" -p 0 -n "$DEPTH_N"
       for r in $DEPTH_BITS; do
         bitnest_row "$round" "bitnest r=$r @ d$DEPTH" --model "$BNEST" --bits "$r" -d "$DEPTH" -p 0 -n "$DEPTH_N"
       done
@@ -247,9 +258,9 @@ print(f"{100 * s / t:.1f}" if t > 0 else "–")' "$TICKS0" "$TICKS1")
 # ---------------------------------------------------------------- report
 MD=$RESULTS/compare-$STAMP.md
 CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs || uname -m)
-python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" "$ROUNDS" "$STEAL" "$DEPTH_N" <<'PY'
+python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" "$ROUNDS" "$STEAL" "$DEPTH_N" "${REF:-Q4_0}" <<'PY'
 import json, statistics, sys
-raw, md, t, r, p, n, src, cpu, commit, rounds, steal, depth_n = sys.argv[1:]
+raw, md, t, r, p, n, src, cpu, commit, rounds, steal, depth_n = sys.argv[1:13]
 runs = [json.loads(l) for l in open(raw) if l.strip()]
 # One row per engine/type: the mean over rounds of each round's tok/s, the standard deviation
 # over rounds (over repetitions when there was one round), the largest peak RSS.
@@ -269,9 +280,10 @@ for d in rows:
                 d[k + "_std"] = statistics.stdev(vals)
     rss = [x["peak_rss_mb"] for x in same if x.get("peak_rss_mb") is not None]
     d["peak_rss_mb"] = max(rss) if rss else None
+REF = sys.argv[13] if len(sys.argv) > 13 else "Q4_0"
 def ref_name(d):
-    # Rows at a depth compare with Q4_0 at the same depth.
-    return "Q4_0" + (d["name"][d["name"].index(" @ "):] if " @ " in d["name"] else "")
+    # Rows at a depth compare with the reference type at the same depth.
+    return REF + (d["name"][d["name"].index(" @ "):] if " @ " in d["name"] else "")
 refs = {d["name"]: d for d in rows if d["engine"] == "llama.cpp"}
 def f(x, nd=1):
     return "–" if x is None else f"{x:.{nd}f}"
@@ -294,11 +306,11 @@ out.append(f"Source model: `{src.split('/')[-1]}`. Machine: {cpu}. bitnest {comm
            f"Produced by `bash bench/compare-llamacpp.sh`; raw numbers in `{raw.split('/')[-1]}`. "
            "Every engine runs once per round, rounds one after another; tok/s are means over rounds ± their "
            "standard deviation. Sizes are MiB; peak RSS is VmHWM for bitnest and the getrusage max RSS of the "
-           "llama-bench process (which runs both tests). Ratios are mean tok/s over llama.cpp Q4_0's; the "
-           "range is the lowest and highest ratio of one round to the Q4_0 run of the same round. "
+           "llama-bench process (which runs both tests). Ratios are mean tok/s over llama.cpp " + REF + "'s (SRC: the "
+           "file as shipped); the range is the lowest and highest ratio of one round to the " + REF + " run of the same round. "
            f"CPU time stolen by the hypervisor during the runs: {steal}%.\n")
 out.append(f"| engine / type | bits/weight | file MiB | pp{p} tok/s | tg{n} tok/s (tg{depth_n} at a depth) | peak RSS MiB "
-           "| pp vs Q4_0 | tg vs Q4_0 | pp range | tg range |")
+           "| pp vs " + REF + " | tg vs " + REF + " | pp range | tg range |")
 out.append("|---|---|---|---|---|---|---|---|---|---|")
 for d in rows:
     out.append(

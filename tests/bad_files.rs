@@ -170,3 +170,10 @@ fn bad_quantize_options_fail_before_reading_the_model() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn an_unknown_model_name_lists_the_known_ones() {
+    let names: Vec<&str> = bitnest::fetch::KNOWN_MODELS.iter().map(|m| m.name).collect();
+    assert!(names.contains(&"qwen2.5-coder-1.5b") && names.contains(&"qwen2.5-coder-0.5b"));
+    assert_cli_rejects(Path::new("no-such-model"), &names.join(", "));
+}

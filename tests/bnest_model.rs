@@ -84,12 +84,19 @@ fn one_file_runs_at_every_precision() {
     assert_eq!(v["ids"].as_array().unwrap().len(), 8);
     let bad = Command::new(bin).args(["run", "-p", "hi", "--bits", "9", "--model"]).arg(&out).output().unwrap();
     assert!(!bad.status.success());
+    // A GGUF runs from its transcode, whose planes --bits reads; the f32 path has none.
     let gguf = Command::new(bin)
-        .args(["run", "-p", "hi", "--bits", "4", "--model"])
+        .args(["run", "-p", "hi", "-n", "2", "--bits", "3", "--model"])
         .arg(common::model_path())
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&gguf.stderr).contains("need a .bnest file"));
+    assert!(gguf.status.success(), "{}", String::from_utf8_lossy(&gguf.stderr));
+    let f32 = Command::new(bin)
+        .args(["run", "-p", "hi", "--bits", "4", "--f32", "--model"])
+        .arg(common::model_path())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&f32.stderr).contains("need a .bnest file"));
 }
 
 /// Two-level scales (groups of 576 refined every 32 weights by 6-bit multipliers) give a 4-bit
