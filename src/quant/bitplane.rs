@@ -270,6 +270,12 @@ impl SubScales {
         ensure!((SUB_BITS_MIN..=SUB_BITS_MAX).contains(&bits), "sub-scale bits {bits} out of range");
         let b = bits as usize;
         ensure!(bytes.len() == (n * 2 * b).div_ceil(8), "sub-scales have {} bytes for {n} sub-blocks", bytes.len());
+        if b == 8 {
+            // Whole bytes (transcoded GGUF tensors): scale, offset, scale, offset…
+            let scale = bytes.iter().step_by(2).copied().collect();
+            let offset = bytes.iter().skip(1).step_by(2).map(|&o| o as i8).collect();
+            return Ok(SubScales::ints(size, bits, kind, scale, offset));
+        }
         let get =
             |pos: usize| -> u32 { (0..b).map(|i| (((bytes[(pos + i) / 8] >> ((pos + i) % 8)) & 1) as u32) << i).sum() };
         // Sign-extends a two's complement field.
