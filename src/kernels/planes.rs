@@ -290,8 +290,7 @@ impl PlaneLinear {
     /// copied: a mapped file can drop those pages then, so the weights are never resident
     /// twice, not even while loading.
     pub fn interleaved(mut self, mut release: impl FnMut(Range<usize>)) -> Self {
-        let plain_sub = self.sub.as_ref().is_some_and(|s| s.size == SUB && s.kind == SubKind::Unsigned);
-        if plain_sub && Isa::detect() == Isa::Avx512Gfni && self.rows >= TILE {
+        if self.sub.is_some() && Isa::detect() == Isa::Avx512Gfni && self.rows >= TILE {
             self.quads = Some(QuadPlanes::build(&self, self.bits, &mut release));
         }
         self
@@ -676,6 +675,10 @@ impl<'a> Ctx<'a> {
     unsafe fn tile(&self, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr, isa: Isa) {
         let full = (tile + 1) * TILE <= self.rows;
         if let Some(sub) = self.sub {
+            #[cfg(target_arch = "x86_64")]
+            if full && sub.size == SUB / 2 && isa == Isa::Avx512Gfni && self.quads.is_some() {
+                return unsafe { x86::tile_quads(self, sub, tile, acts, n, out) };
+            }
             #[cfg(target_arch = "x86_64")]
             if full && sub.size == SUB / 2 && matches!(isa, Isa::Avx512 | Isa::Avx512Gfni) {
                 return unsafe { x86::tile_sub_avx512(self, sub, tile, acts, n, out, isa == Isa::Avx512Gfni) };

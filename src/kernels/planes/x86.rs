@@ -561,7 +561,7 @@ unsafe fn azo16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512, __m512) {
 /// Sub-block entry `e`'s scale and offset multipliers of the tile's 16 rows, as floats
 /// (`SubMeta::multipliers` lane-wise).
 #[inline(always)]
-unsafe fn sub_multipliers(sub: &SubMeta, e: usize) -> (__m512, __m512) {
+pub(super) unsafe fn sub_multipliers(sub: &SubMeta, e: usize) -> (__m512, __m512) {
     unsafe {
         if sub.kind == SubKind::Half {
             let sc = _mm512_cvtph_ps(_mm256_loadu_si256(sub.half_scale[e].as_ptr() as *const __m256i));

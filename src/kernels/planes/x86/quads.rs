@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::gfni::{codes_crumb2, codes_gf};
-use super::{MAX_SUB_CH, SubJob, azo16, code_free_sums, levels512, sub_terms16};
+use super::{MAX_SUB_CH, SubJob, azo16, code_free_sums, levels512, sub_multipliers, sub_terms16};
 use crate::kernels::SyncPtr;
 use crate::kernels::planes::{Ctx, Levels, QuantActs, SUB, SubMeta, TILE, TileMeta};
 use crate::quant::dtype::EVERY as ALL;
@@ -52,14 +52,35 @@ unsafe fn tile_quads_r<const R: usize>(
         unsafe {
             match n {
                 1 => quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out),
-                2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, out),
-                3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, out),
-                4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, out),
-                5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, out),
-                6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, out),
-                7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, out),
-                _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, out),
+                2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, 0, out),
+                _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, 0, out),
             }
+        }
+        return;
+    }
+    if sub.size != SUB {
+        // Sub-blocks of 16: blocks of eight tokens with the codes from registers.
+        let mut t0 = 0;
+        while t0 < n {
+            let left = n - t0;
+            unsafe {
+                match left {
+                    1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                    2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                    3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                    4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                    5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                    6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                    7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                    _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                }
+            }
+            t0 += QUADS_SMALL;
         }
         return;
     }
@@ -103,47 +124,50 @@ unsafe fn quads_batch<const R: usize>(
     }
 }
 
-/// The raw reads of the small-batch tile loops, bounds checked once per tile for `nt` tokens:
-/// activations (`q8`, and per block `e`, `eq`) and the tile's sub-block multipliers.
-struct TileReads {
+/// The raw reads of the small-batch tile loops, bounds checked once per tile for tokens
+/// `t0..t0 + nt`: activations (`q8`, and per block `e`, `eq`, per half block `eq16`) and the
+/// tile's sub-block multipliers.
+struct TileReads<'a> {
     q8: *const i8,
     e: *const f32,
     eq: *const f32,
-    scales: *const [u8; TILE],
-    offsets: *const [i8; TILE],
+    eq16: *const f32,
+    sub: &'a SubMeta,
+    /// The tile's first sub-block entry.
+    base: usize,
     blocks: usize,
 }
 
-impl TileReads {
+impl<'a> TileReads<'a> {
     #[inline(always)]
-    fn new(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, nt: usize) -> TileReads {
+    fn new(ctx: &Ctx, sub: &'a SubMeta, tile: usize, acts: &QuantActs, t0: usize, nt: usize) -> TileReads<'a> {
         let blocks = acts.padded / SUB;
         // Every raw read of the loops stays inside these: sub-block `k < 2·⌈cols/64⌉`.
-        assert!(acts.e.len() >= nt * blocks && acts.eq.len() >= nt * blocks && acts.q8.len() >= nt * acts.padded);
-        assert!(sub.scale.len() >= (tile + 1) * sub.spr && sub.offset.len() >= (tile + 1) * sub.spr);
-        assert!(2 * ctx.cols.div_ceil(64) <= blocks.min(sub.spr));
-        TileReads {
-            q8: acts.q8.as_ptr(),
-            e: acts.e.as_ptr(),
-            eq: acts.eq.as_ptr(),
-            scales: sub.scale[tile * sub.spr..].as_ptr(),
-            offsets: sub.offset[tile * sub.spr..].as_ptr(),
-            blocks,
+        let n = t0 + nt;
+        assert!(acts.e.len() >= n * blocks && acts.eq.len() >= n * blocks && acts.q8.len() >= n * acts.padded);
+        assert!(acts.eq16.len() >= 2 * n * blocks);
+        assert!(sub.per_chunk() * ctx.cols.div_ceil(64) <= sub.spr && 2 * ctx.cols.div_ceil(64) <= blocks);
+        // SAFETY (the offsets): inside the buffers, as just checked.
+        unsafe {
+            TileReads {
+                q8: acts.q8.as_ptr().add(t0 * acts.padded),
+                e: acts.e.as_ptr().add(t0 * blocks),
+                eq: acts.eq.as_ptr().add(t0 * blocks),
+                eq16: acts.eq16.as_ptr().add(2 * t0 * blocks),
+                sub,
+                base: tile * sub.spr,
+                blocks,
+            }
         }
     }
 
-    /// Sub-block `k`'s scale and offset multipliers of the tile's 16 rows, as floats
-    /// (`sub_multipliers` without its bounds checks).
+    /// Sub-block entry `k`'s scale and offset multipliers of the tile's 16 rows, as floats.
     ///
     /// # Safety
-    /// AVX-512F present; `k < 2·⌈cols/64⌉`.
+    /// AVX-512F and F16C present.
     #[inline(always)]
     unsafe fn multipliers(&self, k: usize) -> (__m512, __m512) {
-        unsafe {
-            let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(self.scales.add(k) as *const __m128i));
-            let mn = _mm512_cvtepi8_epi32(_mm_loadu_si128(self.offsets.add(k) as *const __m128i));
-            (_mm512_cvtepi32_ps(sc), _mm512_cvtepi32_ps(mn))
-        }
+        unsafe { sub_multipliers(self.sub, self.base + k) }
     }
 }
 
@@ -160,8 +184,9 @@ unsafe fn quads_one<const R: usize>(
     out: SyncPtr,
 ) {
     unsafe {
-        let rd = TileReads::new(ctx, sub, tile, acts, 1);
-        let (q8, e, eq) = (rd.q8, rd.e, rd.eq);
+        let rd = TileReads::new(ctx, sub, tile, acts, 0, 1);
+        let (q8, e, eq, eq16) = (rd.q8, rd.e, rd.eq, rd.eq16);
+        let halves = sub.size != SUB;
         let mut sum = _mm512_setzero_ps();
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
@@ -169,6 +194,32 @@ unsafe fn quads_one<const R: usize>(
             let mut fs = [_mm512_setzero_ps(); 3];
             let chunks = ctx.chunks(g);
             for k in 2 * chunks.start..2 * chunks.end {
+                if halves {
+                    // Sub-blocks of 16: the two halves of the 32 columns, each its own sum.
+                    let codes: [__m512i; 8] = if R == 2 {
+                        codes_crumb2(&[planes[0], planes[1]], at0 + 64 * k)
+                    } else {
+                        let (lo, hi) =
+                            (codes_gf::<R, 4>(planes, at0 + 64 * k), codes_gf::<R, 4>(planes, at0 + 64 * k + 32));
+                        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
+                    };
+                    let ek = _mm512_set1_ps(*e.add(k));
+                    for h in 0..2 {
+                        let mut dot = [_mm512_setzero_si512(); 2];
+                        for j in 0..4 {
+                            let c = looks.apply::<R>(codes[4 * h + j]);
+                            let q = (q8.add(32 * k + 16 * h + 4 * j) as *const i32).read_unaligned();
+                            dot[j % 2] = _mm512_dpbusd_epi32(dot[j % 2], c, _mm512_set1_epi32(q));
+                        }
+                        let dot = _mm512_add_epi32(dot[0], dot[1]);
+                        let (sc, mn) = rd.multipliers(2 * k + h);
+                        let eqk = _mm512_set1_ps(*eq16.add(2 * k + h));
+                        fs[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek), fs[0]);
+                        fs[1] = _mm512_fmadd_ps(sc, eqk, fs[1]);
+                        fs[2] = _mm512_fmadd_ps(mn, eqk, fs[2]);
+                    }
+                    continue;
+                }
                 let mut dot = [_mm512_setzero_si512(); 4];
                 if R == 2 {
                     let two = [planes[0], planes[1]];
@@ -258,12 +309,14 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
     planes: &[*const u8; R],
     at0: usize,
     acts: &QuantActs,
+    t0: usize,
     out: SyncPtr,
 ) {
     unsafe {
-        let rd = TileReads::new(ctx, sub, tile, acts, NT);
-        let (q8, e, eq, blocks) = (rd.q8, rd.e, rd.eq, rd.blocks);
-        let merged = NT <= 4;
+        let rd = TileReads::new(ctx, sub, tile, acts, t0, NT);
+        let (q8, e, eq, eq16, blocks) = (rd.q8, rd.e, rd.eq, rd.eq16, rd.blocks);
+        let halves = sub.size != SUB;
+        let merged = NT <= 4 || halves;
         let chains = if NT <= 4 { 2 } else { 1 };
         let mut sums = [_mm512_setzero_ps(); NT];
         for g in 0..ctx.gpr {
@@ -281,6 +334,30 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
                         (codes_gf::<R, 4>(planes, at0 + 64 * k), codes_gf::<R, 4>(planes, at0 + 64 * k + 32));
                     [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
                 };
+                if halves {
+                    // Sub-blocks of 16: each half of the 32 columns its own sum and float steps.
+                    for h in 0..2 {
+                        let mut dot = [[_mm512_setzero_si512(); 2]; NT];
+                        for j in 0..4 {
+                            let c = looks.apply::<R>(codes[4 * h + j]);
+                            for t in 0..NT {
+                                let q =
+                                    (q8.add(t * acts.padded + 32 * k + 16 * h + 4 * j) as *const i32).read_unaligned();
+                                dot[t][j % chains] = _mm512_dpbusd_epi32(dot[t][j % chains], c, _mm512_set1_epi32(q));
+                            }
+                        }
+                        let (sc, mn) = rd.multipliers(2 * k + h);
+                        for t in 0..NT {
+                            let dot = _mm512_add_epi32(dot[t][0], dot[t][1]);
+                            let ek = _mm512_set1_ps(*e.add(t * blocks + k));
+                            let eqk = _mm512_set1_ps(*eq16.add(2 * t * blocks + 2 * k + h));
+                            fs[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek), fs[t][0]);
+                            fs[t][1] = _mm512_fmadd_ps(sc, eqk, fs[t][1]);
+                            fs[t][2] = _mm512_fmadd_ps(mn, eqk, fs[t][2]);
+                        }
+                    }
+                    continue;
+                }
                 for (j, c) in codes.into_iter().enumerate() {
                     let c = looks.apply::<R>(c);
                     let chain = j % chains;
@@ -304,7 +381,7 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
                 }
             }
             if !merged {
-                code_free_sums(sub, tile, 2 * chunks.start..2 * chunks.end, acts, 0, &mut fs);
+                code_free_sums(sub, tile, 2 * chunks.start..2 * chunks.end, acts, t0, &mut fs);
             }
             let (a, z, o) = azo16(ctx, m);
             for t in 0..NT {
@@ -312,7 +389,7 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
             }
         }
         for (t, s) in sums.iter().enumerate() {
-            _mm512_storeu_ps(out.get().add(t * ctx.rows + tile * TILE), *s);
+            _mm512_storeu_ps(out.get().add((t0 + t) * ctx.rows + tile * TILE), *s);
         }
     }
 }
