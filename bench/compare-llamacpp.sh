@@ -185,12 +185,24 @@ PY
 # clock ticks summed over CPUs; reported so that a noisy run says so.
 cpu_ticks() { awk '/^cpu /{print $2+$3+$4+$5+$6+$7+$8+$9, $9}' /proc/stat 2>/dev/null || echo "0 0"; }
 
+# Some hosts advertise AMX but the hypervisor does not enable it: llama.cpp's repacked (AMX)
+# buffers then die on SIGILL and llama-bench prints nothing. Probe once; fall back to
+# `--repack 0` (llama.cpp's plain AVX-512 kernels) and say so in the report.
+LLAMA_EXTRA=${LLAMA_EXTRA:-}
+if [ "$ONLY" != bitnest ] && [ -z "$LLAMA_EXTRA" ]; then
+  if ! "$BIN/llama-bench" -m "$SRC" -t "$T" -p 8 -n 0 -r 1 -o json 2>/dev/null | grep -q avg_ts; then
+    LLAMA_EXTRA="--repack 0"
+    log "llama-bench fails with its repacked buffers on this CPU (AMX advertised but unusable?): using $LLAMA_EXTRA"
+  fi
+fi
+
 llama_row() { # round, type[, depth]
   local round=$1 ty=$2 depth=${3:-0} m name=$2 p=$P n=$N
   m=$(llama_model "$ty")
   if [ "$depth" -gt 0 ]; then name="$ty @ d$depth" p=0 n=$DEPTH_N; fi
   log "round $round: llama-bench $name"
-  with_rss "$BIN/llama-bench" -m "$m" -t "$T" -p "$p" -n "$n" -d "$depth" -r "$R" -o json | python3 -c '
+  # shellcheck disable=SC2086
+  with_rss "$BIN/llama-bench" -m "$m" -t "$T" -p "$p" -n "$n" -d "$depth" -r "$R" $LLAMA_EXTRA -o json | python3 -c '
 import json, os, sys
 w = json.load(sys.stdin)
 if w["rc"] != 0:
@@ -258,9 +270,10 @@ print(f"{100 * s / t:.1f}" if t > 0 else "–")' "$TICKS0" "$TICKS1")
 # ---------------------------------------------------------------- report
 MD=$RESULTS/compare-$STAMP.md
 CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs || uname -m)
-python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" "$ROUNDS" "$STEAL" "$DEPTH_N" "${REF:-Q4_0}" <<'PY'
+python3 - "$RAW" "$MD" "$T" "$R" "$P" "$N" "$SRC" "$CPU ($(nproc) cores visible)" "$COMMIT" "$ROUNDS" "$STEAL" "$DEPTH_N" "${REF:-Q4_0}" "$LLAMA_EXTRA" <<'PY'
 import json, statistics, sys
 raw, md, t, r, p, n, src, cpu, commit, rounds, steal, depth_n = sys.argv[1:13]
+extra = sys.argv[14] if len(sys.argv) > 14 else ""
 runs = [json.loads(l) for l in open(raw) if l.strip()]
 # One row per engine/type: the mean over rounds of each round's tok/s, the standard deviation
 # over rounds (over repetitions when there was one round), the largest peak RSS.
@@ -308,7 +321,8 @@ out.append(f"Source model: `{src.split('/')[-1]}`. Machine: {cpu}. bitnest {comm
            "standard deviation. Sizes are MiB; peak RSS is VmHWM for bitnest and the getrusage max RSS of the "
            "llama-bench process (which runs both tests). Ratios are mean tok/s over llama.cpp " + REF + "'s (SRC: the "
            "file as shipped); the range is the lowest and highest ratio of one round to the " + REF + " run of the same round. "
-           f"CPU time stolen by the hypervisor during the runs: {steal}%.\n")
+           f"CPU time stolen by the hypervisor during the runs: {steal}%."
+           + (f" llama.cpp ran with `{extra}`." if extra else "") + "\n")
 out.append(f"| engine / type | bits/weight | file MiB | pp{p} tok/s | tg{n} tok/s (tg{depth_n} at a depth) | peak RSS MiB "
            "| pp vs " + REF + " | tg vs " + REF + " | pp range | tg range |")
 out.append("|---|---|---|---|---|---|---|---|---|---|")
