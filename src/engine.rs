@@ -24,8 +24,9 @@ impl Engine {
     /// Opens `path` (already resolved by [`crate::fetch::resolve_model`]) and loads it; a
     /// `.bnest` file is read at the precision `plan` asks for (default: all its planes).
     pub fn load(path: &Path, plan: Option<BitsPlan>) -> Result<Self> {
-        let source = ModelSource::open(path, plan)?;
+        let mut source = ModelSource::open(path, plan)?;
         let tokenizer = source.tokenizer()?;
+        source.forget_tokenizer();
         let model = source.load_f32().with_context(|| format!("loading weights from {}", path.display()))?;
         anyhow::ensure!(
             tokenizer.vocab_size() <= model.config.vocab_size,
