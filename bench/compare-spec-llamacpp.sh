@@ -63,6 +63,15 @@ log "rendering prompts ($PER_CAT per category) with the model's chat template"
 "$B" bench spec --model "$BNEST" --prompts "$PROMPTS" --per-category "$PER_CAT" --dump-prompts "$WORK/prompts.jsonl"
 
 # One llama.cpp configuration over every prompt: per-prompt decode tok/s and acceptance.
+# Hosts that advertise AMX without enabling it kill llama.cpp's repacked (AMX) buffers with
+# SIGILL: probe once and run llama.cpp with `-nr` (no repacking) there.
+LLAMA_EXTRA=${LLAMA_EXTRA:-}
+if [ -z "$LLAMA_EXTRA" ] && [ -n "${Q4:-}" ] &&
+  ! "$BIN/llama-completion" -m "$Q4" -p hi -n 1 -t "$T" -no-cnv --no-warmup >/dev/null 2>&1; then
+  LLAMA_EXTRA="-nr"
+  log "llama-completion fails with repacked buffers on this CPU (AMX advertised but unusable?): using -nr"
+fi
+
 llama_rows() { # round, rendered-prompt file, name, then the command's arguments before -f
   local round=$1 file=$2 name=$3; shift 3
   case "|$LLAMA_ROWS|" in *"|$name|"*) ;; *) log "$name: skipped (LLAMA_ROWS)"; return ;; esac
@@ -70,7 +79,8 @@ llama_rows() { # round, rendered-prompt file, name, then the command's arguments
   while IFS= read -r line; do
     printf '%s' "$line" | python3 -c 'import json,sys; sys.stdout.write(json.loads(sys.stdin.read())["text"])' > "$WORK/p.txt"
     local cat; cat=$(printf '%s' "$line" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["category"])')
-    "$@" -f "$WORK/p.txt" -n "$N" --temp 0 -t "$T" -c 4096 > "$WORK/out.txt" 2>&1 || die "$name failed: $(tail -3 "$WORK/out.txt")"
+    # shellcheck disable=SC2086
+    "$@" $LLAMA_EXTRA -f "$WORK/p.txt" -n "$N" --temp 0 -t "$T" -c 4096 > "$WORK/out.txt" 2>&1 || die "$name failed: $(tail -3 "$WORK/out.txt")"
     python3 - "$name" "$cat" "$WORK/out.txt" "$round" >> "$OUT" <<'PY'
 import json, re, sys
 name, cat, path, rnd = sys.argv[1:5]
