@@ -130,7 +130,7 @@ fn impossible_speculative_modes_are_clear_errors() {
     let model = common::model_path();
     let run = |spec: &str| {
         let out = Command::new(BIN)
-            .args(["serve", "--port", "0", "--model"])
+            .args(["serve", "--port", "0", "--f32", "--model"])
             .arg(&model)
             .args(["--spec", spec])
             .output()
@@ -138,7 +138,7 @@ fn impossible_speculative_modes_are_clear_errors() {
         assert!(!out.status.success(), "--spec {spec} was accepted");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    // The default model is a GGUF file: no bit planes to draft from.
+    // The default model's GGUF through the f32 path (`--f32`): no bit planes to draft from.
     let err = run("self");
     assert!(err.contains("no bit planes"), "{err}");
     let err = run("telepathy");
