@@ -560,6 +560,9 @@ unsafe fn azo16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512, __m512) {
 
 /// Sub-block entry `e`'s scale and offset multipliers of the tile's 16 rows, as floats
 /// (`SubMeta::multipliers` lane-wise).
+///
+/// # Safety
+/// AVX-512F and F16C present (the entry itself is bounds-checked).
 #[inline(always)]
 pub(super) unsafe fn sub_multipliers(sub: &SubMeta, e: usize) -> (__m512, __m512) {
     unsafe {
@@ -577,6 +580,9 @@ pub(super) unsafe fn sub_multipliers(sub: &SubMeta, e: usize) -> (__m512, __m512
 
 /// Lane `i` of result `q` is the sum of lanes `4q .. 4q + 4` of `acc[i]` (columns `16q ..
 /// 16q + 16` of the chunk): the four sub-block sums of sub-blocks of 16.
+///
+/// # Safety
+/// AVX-512F present.
 #[inline(always)]
 unsafe fn reduce16_quarters(acc: &[__m512i; TILE]) -> [__m512i; 4] {
     unsafe {
