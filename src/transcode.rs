@@ -262,10 +262,10 @@ pub fn cached_planes(src: &Path, progress: bool) -> Result<Option<PathBuf>> {
     let name = format!("{stem}.v{}.bnest", bnest::VERSION);
     let beside = src.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }).map(|d| d.join(&name));
     let fp = fingerprint(src)?;
-    let fresh = |p: &Path| -> bool {
-        bnest::BnestFile::sniff(p)
-            && bnest::BnestFile::open(p).is_ok_and(|b| b.header.source.ends_with(&format!("; {fp})")))
-    };
+    // The header alone: the full open (every section's checksum) happens once, when the model
+    // loads.
+    let fresh =
+        |p: &Path| -> bool { bnest::BnestFile::read_header(p).is_ok_and(|h| h.source.ends_with(&format!("; {fp})"))) };
     if let Some(b) = beside.as_deref().filter(|b| fresh(b)) {
         return Ok(Some(b.to_path_buf()));
     }

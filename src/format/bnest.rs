@@ -199,6 +199,27 @@ impl BnestFile {
         File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf)).is_ok() && &buf == MAGIC
     }
 
+    /// The header alone (preamble and JSON, its checksum verified), without mapping or checking
+    /// the data sections: what deciding whether a cached file is current needs.
+    pub fn read_header(path: &Path) -> Result<Header> {
+        use std::io::Read;
+        let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut pre = [0u8; PREAMBLE];
+        f.read_exact(&mut pre).context("file truncated: no preamble")?;
+        ensure!(&pre[..8] == MAGIC, "bad magic: not a .bnest file");
+        let version = u32::from_le_bytes(pre[8..12].try_into().unwrap());
+        ensure!((OLDEST_VERSION..=VERSION).contains(&version), "unsupported .bnest version {version}");
+        let hlen = u64::from_le_bytes(pre[16..24].try_into().unwrap());
+        ensure!(hlen <= MAX_HEADER, "header length {hlen} is absurd");
+        let mut json = vec![0u8; hlen as usize];
+        f.read_exact(&mut json).context("file truncated inside the header")?;
+        ensure!(
+            crc32fast::hash(&json) == u32::from_le_bytes(pre[24..28].try_into().unwrap()),
+            "header checksum mismatch"
+        );
+        serde_json::from_slice(&json).context("header is not valid JSON for this version")
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: read-only map; all accesses are bounds-checked below.
