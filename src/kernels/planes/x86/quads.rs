@@ -51,7 +51,9 @@ unsafe fn tile_quads_r<const R: usize>(
     if n <= QUADS_SMALL {
         unsafe {
             match n {
-                1 => quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out),
+                // Sub-blocks of 16 take the general loop, whose halves are each their own sum.
+                1 if sub.size == SUB => quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out),
+                1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, 0, out),
                 2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, 0, out),
                 3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, 0, out),
                 4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, 0, out),
@@ -185,8 +187,7 @@ unsafe fn quads_one<const R: usize>(
 ) {
     unsafe {
         let rd = TileReads::new(ctx, sub, tile, acts, 0, 1);
-        let (q8, e, eq, eq16) = (rd.q8, rd.e, rd.eq, rd.eq16);
-        let halves = sub.size != SUB;
+        let (q8, e, eq) = (rd.q8, rd.e, rd.eq);
         let mut sum = _mm512_setzero_ps();
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
@@ -194,32 +195,6 @@ unsafe fn quads_one<const R: usize>(
             let mut fs = [_mm512_setzero_ps(); 3];
             let chunks = ctx.chunks(g);
             for k in 2 * chunks.start..2 * chunks.end {
-                if halves {
-                    // Sub-blocks of 16: the two halves of the 32 columns, each its own sum.
-                    let codes: [__m512i; 8] = if R == 2 {
-                        codes_crumb2(&[planes[0], planes[1]], at0 + 64 * k)
-                    } else {
-                        let (lo, hi) =
-                            (codes_gf::<R, 4>(planes, at0 + 64 * k), codes_gf::<R, 4>(planes, at0 + 64 * k + 32));
-                        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
-                    };
-                    let ek = _mm512_set1_ps(*e.add(k));
-                    for h in 0..2 {
-                        let mut dot = [_mm512_setzero_si512(); 2];
-                        for j in 0..4 {
-                            let c = looks.apply::<R>(codes[4 * h + j]);
-                            let q = (q8.add(32 * k + 16 * h + 4 * j) as *const i32).read_unaligned();
-                            dot[j % 2] = _mm512_dpbusd_epi32(dot[j % 2], c, _mm512_set1_epi32(q));
-                        }
-                        let dot = _mm512_add_epi32(dot[0], dot[1]);
-                        let (sc, mn) = rd.multipliers(2 * k + h);
-                        let eqk = _mm512_set1_ps(*eq16.add(2 * k + h));
-                        fs[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek), fs[0]);
-                        fs[1] = _mm512_fmadd_ps(sc, eqk, fs[1]);
-                        fs[2] = _mm512_fmadd_ps(mn, eqk, fs[2]);
-                    }
-                    continue;
-                }
                 let mut dot = [_mm512_setzero_si512(); 4];
                 if R == 2 {
                     let two = [planes[0], planes[1]];
@@ -294,7 +269,8 @@ impl<'a> Lookups<'a> {
     }
 }
 
-/// `NT` tokens (small verification trees; one token goes through [`quads_one`]) against one
+/// `NT` tokens (small verification trees; one token of sub-blocks of 32 goes through
+/// [`quads_one`]) against one
 /// full tile of tile-interleaved planes: per sub-block, eight code vectors built once and used
 /// by every token's `vpdpbusd`, then the same float steps as every path. Each token keeps two
 /// `vpdpbusd` chains up to four tokens (beyond, the tokens' own chains hide the latency). Up to
