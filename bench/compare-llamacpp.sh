@@ -71,7 +71,8 @@ find_cmake() {
 }
 
 build_llamacpp() {
-  if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-quantize" ] && [ -x "$BIN/llama-tokenize" ]; then
+  if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-quantize" ] && [ -x "$BIN/llama-tokenize" ] &&
+    [ -x "$BIN/llama-server" ]; then
     log "llama.cpp already built in $BIN"
     return
   fi
@@ -98,13 +99,13 @@ build_llamacpp() {
   [ -f "$src/CMakeLists.txt" ] || die "no vendor/llama.cpp in $sdist"
   log "configuring llama.cpp ($src) with $CMAKE"
   "$CMAKE" -S "$src" -B "$LC/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >"$LC/configure.log" 2>&1 ||
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON >"$LC/configure.log" 2>&1 ||
     { tail -30 "$LC/configure.log" >&2; die "cmake configure failed (log: $LC/configure.log)"; }
   # Build the tools this project compares against, where this llama.cpp version has them.
   local targets=() t
   local all_targets
   all_targets=$("$CMAKE" --build "$LC/build" --target help 2>/dev/null || true)
-  for t in llama-bench llama-quantize llama-perplexity llama-cli llama-completion llama-speculative-simple llama-tokenize; do
+  for t in llama-bench llama-quantize llama-perplexity llama-cli llama-completion llama-speculative-simple llama-tokenize llama-server llama-batched-bench; do
     if grep -qE "(^|[ .])$t(:|$| )" <<<"$all_targets"; then targets+=("$t"); fi
   done
   [ ${#targets[@]} -gt 0 ] || targets=(llama-bench llama-quantize)

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use anyhow::{Result, ensure};
 
 use super::config::LlamaConfig;
+use super::session::KvCache;
+pub use super::session::{KvType, Scratch, Session};
 use crate::kernels::attention::{HeadView, KvElem, Query, attend_group};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
 use crate::kernels::{Linear, SyncPtr, forward_shared};
@@ -36,117 +38,6 @@ pub struct Llama {
     pub rope: Rope,
     /// What new sessions store keys and values as.
     pub kv_type: KvType,
-}
-
-/// The element type of a session's KV cache (llama.cpp's `--cache-type-k/v`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum KvType {
-    /// Half the bytes of `f32`; what llama.cpp stores by default. Attention reads every cached
-    /// position of a layer from memory for each decoded token, so this halves its traffic.
-    #[default]
-    F16,
-    /// Exact copies of the computed keys and values.
-    F32,
-}
-
-impl KvType {
-    /// Bytes of one cached key or value element.
-    pub fn elem_bytes(self) -> usize {
-        match self {
-            KvType::F16 => 2,
-            KvType::F32 => 4,
-        }
-    }
-
-    /// The name the command line and JSON reports use.
-    pub fn name(self) -> &'static str {
-        match self {
-            KvType::F16 => "f16",
-            KvType::F32 => "f32",
-        }
-    }
-}
-
-/// Keys and values of every layer, `layer × capacity × kv_dim` each.
-enum KvCache {
-    F16 { k: Vec<half::f16>, v: Vec<half::f16> },
-    F32 { k: Vec<f32>, v: Vec<f32> },
-}
-
-impl KvCache {
-    fn new(kind: KvType, len: usize) -> KvCache {
-        match kind {
-            KvType::F16 => KvCache::F16 { k: vec![half::f16::ZERO; len], v: vec![half::f16::ZERO; len] },
-            KvType::F32 => KvCache::F32 { k: vec![0.0; len], v: vec![0.0; len] },
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            KvCache::F16 { k, .. } => k.len(),
-            KvCache::F32 { k, .. } => k.len(),
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            KvCache::F16 { k, v } => (k.len() + v.len()) * KvType::F16.elem_bytes(),
-            KvCache::F32 { k, v } => (k.len() + v.len()) * KvType::F32.elem_bytes(),
-        }
-    }
-
-    /// Stores `keys` and `values` (as many floats each) from element `at` on.
-    fn store(&mut self, at: usize, keys: &[f32], values: &[f32]) {
-        let n = keys.len();
-        match self {
-            KvCache::F16 { k, v } => {
-                KvElem::store(&mut k[at..at + n], keys);
-                KvElem::store(&mut v[at..at + n], values);
-            }
-            KvCache::F32 { k, v } => {
-                KvElem::store(&mut k[at..at + n], keys);
-                KvElem::store(&mut v[at..at + n], values);
-            }
-        }
-    }
-
-    /// Copies `len` elements of keys and values from `from` to `to`.
-    fn copy_within(&mut self, from: usize, len: usize, to: usize) {
-        match self {
-            KvCache::F16 { k, v } => {
-                k.copy_within(from..from + len, to);
-                v.copy_within(from..from + len, to);
-            }
-            KvCache::F32 { k, v } => {
-                k.copy_within(from..from + len, to);
-                v.copy_within(from..from + len, to);
-            }
-        }
-    }
-}
-
-/// Per-sequence state: KV cache, position and reusable buffers.
-pub struct Session {
-    /// Tokens processed so far (the next token's position).
-    pub pos: usize,
-    capacity: usize,
-    max_batch: usize,
-    kv: KvCache,
-    x: Vec<f32>,
-    xn: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,
-    tmp: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    logits: Vec<f32>,
-    /// Tree passes: each node's position, and the cache slots of its ancestors and itself
-    /// (`tree_slots[tree_off[i]..tree_off[i + 1]]`, increasing).
-    positions: Vec<usize>,
-    tree_slots: Vec<u32>,
-    tree_off: Vec<usize>,
 }
 
 /// Runs `f(t)` for every token `t < n`: spread over the team for prefill-sized batches, in
@@ -212,72 +103,55 @@ struct AttendAt<'a> {
 /// Read every plane a layer holds (no precision cap).
 pub const ALL_BITS: u32 = u32::MAX;
 
-impl Session {
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-    /// Forgets the sequence; the buffers are kept.
-    pub fn reset(&mut self) {
-        self.pos = 0;
-    }
-    /// Drops the tail of the sequence after `pos` (the cache beyond it is simply overwritten).
-    pub fn truncate(&mut self, pos: usize) {
-        self.pos = self.pos.min(pos);
-    }
-    /// Largest number of tokens (or tree nodes) one pass takes.
-    pub fn max_batch(&self) -> usize {
-        self.max_batch
-    }
-    /// Commits the tree nodes `path` (indices into the last [`Llama::forward_tree`] pass,
-    /// increasing, each the parent of the next) as the next tokens of the sequence: their keys
-    /// and values move to consecutive positions, where plain decoding would have put them.
-    pub fn accept_path(&mut self, path: &[usize], layers: usize) {
-        let kv_dim = self.kv.len() / (layers * self.capacity).max(1);
-        for (i, &node) in path.iter().enumerate() {
-            debug_assert!(node >= i, "path nodes are increasing");
-            if node == i {
-                continue;
-            }
-            for l in 0..layers {
-                let base = l * self.capacity * kv_dim;
-                let (from, to) = (base + (self.pos + node) * kv_dim, base + (self.pos + i) * kv_dim);
-                self.kv.copy_within(from, kv_dim, to);
-            }
+/// One sequence's tokens in a batched pass ([`Llama::forward_batch`]).
+pub struct Span<'a> {
+    pub session: &'a mut Session,
+    pub tokens: &'a [u32],
+    pub kind: SpanKind<'a>,
+}
+
+/// How a span's tokens relate to its sequence.
+#[derive(Clone, Copy, Debug)]
+pub enum SpanKind<'a> {
+    /// The next tokens of the sequence, each attending to everything before it; the logits
+    /// of the last `logits` of them (0: none) are computed, and the sequence advances.
+    Run { logits: usize },
+    /// A tree of draft tokens: node `i` holds `tokens[i]`, its parent is `parents[i]` (`None`
+    /// for a root, else an earlier node), it sits at cache slot `pos + i` and position
+    /// `pos + depth`, and attends to the committed sequence and its own ancestors. Every
+    /// node's logits are computed; the sequence does not advance ([`Session::accept_path`]
+    /// commits the nodes that verification keeps).
+    Tree { parents: &'a [Option<usize>] },
+}
+
+impl Span<'_> {
+    /// Rows of logits the span yields.
+    pub fn logit_rows(&self) -> usize {
+        match self.kind {
+            SpanKind::Run { logits } => logits,
+            SpanKind::Tree { .. } => self.tokens.len(),
         }
-        self.pos += path.len();
-    }
-    /// Bytes held by the KV cache.
-    pub fn kv_bytes(&self) -> usize {
-        self.kv.bytes()
     }
 }
 
 impl Llama {
-    /// A session able to hold `capacity` tokens, processing at most `max_batch` per pass.
+    /// A session able to hold `capacity` tokens, processing at most `max_batch` per pass, with
+    /// its buffers for passes of its own allocated now.
     pub fn new_session(&self, capacity: usize, max_batch: usize) -> Session {
-        let c = &self.config;
         let capacity = capacity.clamp(1, self.rope.max_pos());
-        let b = max_batch.clamp(1, capacity);
-        let q_dim = c.n_heads * c.head_dim;
-        Session {
-            pos: 0,
-            capacity,
-            max_batch: b,
-            kv: KvCache::new(self.kv_type, c.n_layers * capacity * c.kv_dim()),
-            x: vec![0.0; b * c.dim],
-            xn: vec![0.0; b * c.dim],
-            q: vec![0.0; b * q_dim],
-            k: vec![0.0; b * c.kv_dim()],
-            v: vec![0.0; b * c.kv_dim()],
-            att: vec![0.0; b * q_dim],
-            tmp: vec![0.0; b * c.dim],
-            gate: vec![0.0; b * c.ffn_dim],
-            up: vec![0.0; b * c.ffn_dim],
-            logits: vec![0.0; c.vocab_size],
-            positions: Vec::with_capacity(b),
-            tree_slots: Vec::new(),
-            tree_off: Vec::with_capacity(b + 1),
-        }
+        Session::new(&self.config, self.kv_type, capacity, max_batch.clamp(1, capacity), true)
+    }
+
+    /// A session whose passes mostly run batched with others, on a shared [`Scratch`]: its
+    /// own buffers are allocated only if it runs a pass alone.
+    pub fn new_batched_session(&self, capacity: usize, max_batch: usize) -> Session {
+        let capacity = capacity.clamp(1, self.rope.max_pos());
+        Session::new(&self.config, self.kv_type, capacity, max_batch.clamp(1, capacity), false)
+    }
+
+    /// Buffers for batched passes of up to `rows` tokens (they grow when a pass needs more).
+    pub fn new_scratch(&self, rows: usize) -> Scratch {
+        Scratch::new(&self.config, rows)
     }
 
     /// Runs `tokens` at positions `s.pos..` and returns the logits of the last `n_logits` of
@@ -295,36 +169,26 @@ impl Llama {
         n_logits: usize,
         max_bits: u32,
     ) -> Result<&'s [f32]> {
-        let c = &self.config;
         self.check_tokens(s, tokens)?;
         ensure!(n_logits <= tokens.len(), "asked for {n_logits} logit rows from {} tokens", tokens.len());
-        let need = n_logits * c.vocab_size;
-        if s.logits.len() < need {
-            s.logits.resize(need, 0.0);
-        }
+        let mut sc = std::mem::take(&mut s.scratch);
+        sc.reserve(&self.config, s.max_batch().min(tokens.len()), n_logits);
         let first_logit = tokens.len() - n_logits;
         let mut done = 0;
-        for chunk in tokens.chunks(s.max_batch) {
-            s.positions.clear();
-            s.positions.extend(s.pos..s.pos + chunk.len());
-            self.forward_chunk(s, chunk, max_bits, false);
-            s.pos += chunk.len();
-            // Head over the rows of this chunk whose logits were asked for.
-            let lo = first_logit.max(done);
-            let hi = done + chunk.len();
-            if lo < hi {
-                self.head_rows(s, lo - done..hi - done, lo - first_logit, max_bits);
-            }
-            done = hi;
+        for chunk in tokens.chunks(s.max_batch()) {
+            // The rows of this chunk whose logits were asked for, after those of earlier chunks.
+            let logits = (done + chunk.len()).saturating_sub(first_logit.max(done));
+            let at = done.saturating_sub(first_logit);
+            let mut span = [Span { session: &mut *s, tokens: chunk, kind: SpanKind::Run { logits } }];
+            self.pass(&mut sc, &mut span, max_bits, at);
+            done += chunk.len();
         }
-        Ok(&s.logits[..need])
+        s.scratch = sc;
+        Ok(&s.scratch.logits[..n_logits * self.config.vocab_size])
     }
 
-    /// One pass over a tree of draft tokens: node `i` holds `tokens[i]`, its parent is
-    /// `parents[i]` (`None` for a root, else an earlier node), it sits at cache slot
-    /// `s.pos + i` and position `s.pos + depth`, and attends to the committed sequence and its
-    /// own ancestors. Returns every node's logits (`nodes × vocab`). The sequence does not
-    /// advance; [`Session::accept_path`] commits the nodes that verification keeps.
+    /// One pass over a tree of draft tokens ([`SpanKind::Tree`]) of `s`, returning every
+    /// node's logits (`nodes × vocab`).
     ///
     /// A node's logits equal, bit for bit, those plain decoding computes for the same tokens,
     /// since every layer is batch invariant and attention visits the same positions in order.
@@ -335,48 +199,56 @@ impl Llama {
         parents: &[Option<usize>],
         max_bits: u32,
     ) -> Result<&'s [f32]> {
-        let c = &self.config;
-        self.check_tokens(s, tokens)?;
         let n = tokens.len();
-        ensure!(parents.len() == n, "{} parents for {n} tree nodes", parents.len());
-        ensure!(n <= s.max_batch, "a tree of {n} nodes exceeds the batch size {}", s.max_batch);
-        s.positions.clear();
-        s.tree_slots.clear();
-        s.tree_off.clear();
-        s.tree_off.push(0);
-        for (i, p) in parents.iter().enumerate() {
-            let start = s.tree_slots.len();
-            match *p {
-                Some(p) => {
-                    ensure!(p < i, "tree node {i} has parent {p}, which does not come before it");
-                    let (a, b) = (s.tree_off[p], s.tree_off[p + 1]);
-                    s.tree_slots.extend_from_within(a..b);
-                    s.positions.push(s.positions[p] + 1);
-                }
-                None => s.positions.push(s.pos),
+        ensure!(n <= s.max_batch(), "a tree of {n} nodes exceeds the batch size {}", s.max_batch());
+        let mut sc = std::mem::take(&mut s.scratch);
+        let r = self.forward_batch(&mut sc, &mut [Span { session: &mut *s, tokens, kind: SpanKind::Tree { parents } }], max_bits).map(|_| ());
+        s.scratch = sc;
+        r?;
+        Ok(&s.scratch.logits[..n * self.config.vocab_size])
+    }
+
+    /// One pass over the spans of several sequences: the linear layers run once over all
+    /// their tokens stacked, attention per sequence over its own cache. Returns the spans'
+    /// logits in order ([`Span::logit_rows`] rows each). Every row is what its sequence would
+    /// get alone, bit for bit: every layer is batch invariant.
+    pub fn forward_batch<'a>(&self, sc: &'a mut Scratch, spans: &mut [Span], max_bits: u32) -> Result<&'a [f32]> {
+        ensure!(!spans.is_empty(), "a batched pass needs at least one span");
+        for (i, sp) in spans.iter().enumerate() {
+            self.check_tokens(sp.session, sp.tokens)?;
+            if spans[..i].iter().any(|o| std::ptr::eq(&*o.session, &*sp.session)) {
+                anyhow::bail!("two spans of one batched pass share a session");
             }
-            s.tree_slots.push((s.pos + i) as u32);
-            debug_assert_eq!(s.tree_slots.len() - start, s.positions[i] - s.pos + 1);
-            s.tree_off.push(s.tree_slots.len());
+            match sp.kind {
+                SpanKind::Run { logits } => ensure!(
+                    logits <= sp.tokens.len(),
+                    "asked for {logits} logit rows from {} tokens",
+                    sp.tokens.len()
+                ),
+                SpanKind::Tree { parents } => {
+                    ensure!(parents.len() == sp.tokens.len(), "{} parents for {} tree nodes", parents.len(), sp.tokens.len());
+                    if let Some((i, p)) = parents.iter().enumerate().find(|&(i, p)| p.is_some_and(|p| p >= i)) {
+                        anyhow::bail!("tree node {i} has parent {}, which does not come before it", p.unwrap_or(0));
+                    }
+                }
+            }
         }
-        let need = n * c.vocab_size;
-        if s.logits.len() < need {
-            s.logits.resize(need, 0.0);
-        }
-        self.forward_chunk(s, tokens, max_bits, true);
-        self.head_rows(s, 0..n, 0, max_bits);
-        Ok(&s.logits[..need])
+        let rows: usize = spans.iter().map(|s| s.tokens.len()).sum();
+        let logit_rows: usize = spans.iter().map(Span::logit_rows).sum();
+        sc.reserve(&self.config, rows, logit_rows);
+        self.pass(sc, spans, max_bits, 0);
+        Ok(&sc.logits[..logit_rows * self.config.vocab_size])
     }
 
     fn check_tokens(&self, s: &Session, tokens: &[u32]) -> Result<()> {
         let c = &self.config;
         ensure!(!tokens.is_empty(), "forward needs at least one token");
         ensure!(
-            s.pos + tokens.len() <= s.capacity,
+            tokens.len() <= s.room(),
             "context full: {} tokens already, {} more would exceed the context size {}",
             s.pos,
             tokens.len(),
-            s.capacity
+            s.capacity()
         );
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
@@ -384,69 +256,126 @@ impl Llama {
         Ok(())
     }
 
-    /// Final norm and output head over hidden rows `rows` of `s.x`, into logit rows from `at`.
-    fn head_rows(&self, s: &mut Session, rows: std::ops::Range<usize>, at: usize, max_bits: u32) {
+    /// A checked batch through the model: positions and tree slots, the blocks, the head (its
+    /// logit rows from row `logits_at` of `sc.logits` on), and the runs' sequences advanced.
+    fn pass(&self, sc: &mut Scratch, spans: &mut [Span], max_bits: u32, logits_at: usize) {
         let c = &self.config;
-        let n = rows.len();
-        for (i, row) in rows.enumerate() {
-            let src = &s.x[row * c.dim..(row + 1) * c.dim];
-            rms_norm(src, &self.norm, c.rms_eps, &mut s.tmp[i * c.dim..(i + 1) * c.dim]);
+        let rows: usize = spans.iter().map(|s| s.tokens.len()).sum();
+        sc.reserve(c, rows, logits_at + spans.iter().map(Span::logit_rows).sum::<usize>());
+        sc.positions.clear();
+        sc.head_rows.clear();
+        let mut row = 0;
+        for sp in spans.iter_mut() {
+            let (s, n) = (&mut *sp.session, sp.tokens.len());
+            match sp.kind {
+                SpanKind::Run { logits } => {
+                    sc.positions.extend(s.pos..s.pos + n);
+                    sc.head_rows.extend(row + n - logits..row + n);
+                }
+                SpanKind::Tree { parents } => {
+                    s.tree_slots.clear();
+                    s.tree_off.clear();
+                    s.tree_off.push(0);
+                    for (i, p) in parents.iter().enumerate() {
+                        match *p {
+                            Some(p) => {
+                                let (a, b) = (s.tree_off[p], s.tree_off[p + 1]);
+                                s.tree_slots.extend_from_within(a..b);
+                                sc.positions.push(sc.positions[row + p] + 1);
+                            }
+                            None => sc.positions.push(s.pos),
+                        }
+                        s.tree_slots.push((s.pos + i) as u32);
+                        s.tree_off.push(s.tree_slots.len());
+                    }
+                    sc.head_rows.extend(row..row + n);
+                }
+            }
+            row += n;
         }
-        let out = &mut s.logits[at * c.vocab_size..(at + n) * c.vocab_size];
-        self.head.forward_capped(&s.tmp, n, out, max_bits);
+        self.blocks_pass(sc, spans, max_bits);
+        self.head_rows(sc, logits_at, max_bits);
+        for sp in spans.iter_mut() {
+            if let SpanKind::Run { .. } = sp.kind {
+                sp.session.pos += sp.tokens.len();
+            }
+        }
     }
 
-    /// One pass over at most `max_batch` tokens at slots `s.pos..` and positions
-    /// `s.positions`; leaves the final hidden states in `s.x`. With `tree`, each token attends
-    /// to the prefix and its `tree_slots`; otherwise to everything before it.
-    fn forward_chunk(&self, s: &mut Session, tokens: &[u32], max_bits: u32, tree: bool) {
+    /// Final norm and output head over the hidden rows `sc.head_rows` of `sc.x`, into logit
+    /// rows from `at` on.
+    fn head_rows(&self, sc: &mut Scratch, at: usize, max_bits: u32) {
         let c = &self.config;
-        let n = tokens.len();
+        let n = sc.head_rows.len();
+        if n == 0 {
+            return;
+        }
+        for (i, &row) in sc.head_rows.iter().enumerate() {
+            let src = &sc.x[row * c.dim..(row + 1) * c.dim];
+            rms_norm(src, &self.norm, c.rms_eps, &mut sc.tmp[i * c.dim..(i + 1) * c.dim]);
+        }
+        let out = &mut sc.logits[at * c.vocab_size..(at + n) * c.vocab_size];
+        self.head.forward_capped(&sc.tmp, n, out, max_bits);
+    }
+
+    /// The blocks over every span's tokens, stacked in `sc` (positions in `sc.positions`);
+    /// leaves the final hidden states in `sc.x`. A run's tokens attend to everything before
+    /// them; a tree's to the prefix and their ancestors.
+    fn blocks_pass(&self, sc: &mut Scratch, spans: &mut [Span], max_bits: u32) {
+        let c = &self.config;
+        let n: usize = spans.iter().map(|s| s.tokens.len()).sum();
         let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
         let q_dim = c.n_heads * hd;
-        for (t, &tok) in tokens.iter().enumerate() {
-            self.embed.row(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
+        for (t, &tok) in spans.iter().flat_map(|s| s.tokens).enumerate() {
+            self.embed.row(tok as usize, &mut sc.x[t * dim..(t + 1) * dim]);
         }
         for (l, b) in self.blocks.iter().enumerate() {
             // Attention.
-            norm_rows(&s.x, &b.attn_norm, c.rms_eps, &mut s.xn, n, dim);
+            norm_rows(&sc.x, &b.attn_norm, c.rms_eps, &mut sc.xn, n, dim);
             // One quantization of the input and one parallel region for all three.
-            forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &s.xn, n, &mut [&mut s.q, &mut s.k, &mut s.v], max_bits);
-            let layer_base = l * s.capacity * kv_dim;
-            assert!(s.q.len() >= n * q_dim && s.k.len() >= n * kv_dim && s.gate.len() >= n * c.ffn_dim);
-            let (q, k) = (SyncPtr(s.q.as_mut_ptr()), SyncPtr(s.k.as_mut_ptr()));
-            let positions = &s.positions;
+            forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &sc.xn, n, &mut [&mut sc.q, &mut sc.k, &mut sc.v], max_bits);
+            assert!(sc.q.len() >= n * q_dim && sc.k.len() >= n * kv_dim && sc.gate.len() >= n * c.ffn_dim);
+            let (q, k) = (SyncPtr(sc.q.as_mut_ptr()), SyncPtr(sc.k.as_mut_ptr()));
+            let positions = &sc.positions;
             each_token(n, |t| {
                 // SAFETY: token t owns row t of the query and key buffers.
                 let (q, k) = unsafe { (row_mut(q, t, q_dim), row_mut(k, t, kv_dim)) };
                 self.rope.apply(q, positions[t]);
                 self.rope.apply(k, positions[t]);
             });
-            let at = layer_base + s.pos * kv_dim;
-            s.kv.store(at, &s.k[..n * kv_dim], &s.v[..n * kv_dim]);
-            self.attention(s, l, n, tree);
-            b.wo.forward_capped(&s.att, n, &mut s.tmp, max_bits);
-            s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
+            let mut row = 0;
+            for sp in spans.iter_mut() {
+                let (s, m) = (&mut *sp.session, sp.tokens.len());
+                let at = l * s.capacity() * kv_dim + s.pos * kv_dim;
+                let rows = row * kv_dim..(row + m) * kv_dim;
+                s.kv.store(at, &sc.k[rows.clone()], &sc.v[rows]);
+                self.attention(sc, s, l, row, m, matches!(sp.kind, SpanKind::Tree { .. }));
+                row += m;
+            }
+            b.wo.forward_capped(&sc.att, n, &mut sc.tmp, max_bits);
+            sc.x[..n * dim].iter_mut().zip(&sc.tmp).for_each(|(x, d)| *x += d);
 
             // MLP.
-            norm_rows(&s.x, &b.ffn_norm, c.rms_eps, &mut s.xn, n, dim);
-            forward_shared(&[&*b.w_gate, &*b.w_up], &s.xn, n, &mut [&mut s.gate, &mut s.up], max_bits);
-            let (gate, up, f) = (SyncPtr(s.gate.as_mut_ptr()), &s.up, c.ffn_dim);
+            norm_rows(&sc.x, &b.ffn_norm, c.rms_eps, &mut sc.xn, n, dim);
+            forward_shared(&[&*b.w_gate, &*b.w_up], &sc.xn, n, &mut [&mut sc.gate, &mut sc.up], max_bits);
+            let (gate, up, f) = (SyncPtr(sc.gate.as_mut_ptr()), &sc.up, c.ffn_dim);
             // SAFETY: token t owns row t of the gate buffer.
             each_token(n, |t| silu_mul(unsafe { row_mut(gate, t, f) }, &up[t * f..(t + 1) * f]));
-            b.w_down.forward_capped(&s.gate, n, &mut s.tmp, max_bits);
-            s.x[..n * dim].iter_mut().zip(&s.tmp).for_each(|(x, d)| *x += d);
+            b.w_down.forward_capped(&sc.gate, n, &mut sc.tmp, max_bits);
+            sc.x[..n * dim].iter_mut().zip(&sc.tmp).for_each(|(x, d)| *x += d);
         }
     }
 
-    /// Attention of `n` new tokens (already in the cache): causal over everything before them,
-    /// or with `tree`, over the prefix and each node's ancestors. One task per (KV head, token)
-    /// computes the query heads sharing that KV head together; each writes only its own slices
-    /// of the `att` row.
-    fn attention(&self, s: &mut Session, layer: usize, n: usize, tree: bool) {
-        let span = layer * s.capacity * self.config.kv_dim()..(layer + 1) * s.capacity * self.config.kv_dim();
-        let att = SyncPtr(s.att.as_mut_ptr());
-        let at = AttendAt { q: &s.q, att, start: s.pos, slots: &s.tree_slots, off: &s.tree_off, n, tree };
+    /// Attention of the `n` new tokens of `s` at rows `row..` of the batch (already in the
+    /// cache): causal over everything before them, or with `tree`, over the prefix and each
+    /// node's ancestors. One task per (KV head, token) computes the query heads sharing that
+    /// KV head together; each writes only its own slices of the `att` row.
+    fn attention(&self, sc: &mut Scratch, s: &Session, layer: usize, row: usize, n: usize, tree: bool) {
+        let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.n_heads * self.config.head_dim);
+        let span = layer * s.capacity() * kv_dim..(layer + 1) * s.capacity() * kv_dim;
+        let rows = row * q_dim..(row + n) * q_dim;
+        let att = SyncPtr(sc.att[rows.clone()].as_mut_ptr());
+        let at = AttendAt { q: &sc.q[rows], att, start: s.pos, slots: &s.tree_slots, off: &s.tree_off, n, tree };
         match &s.kv {
             KvCache::F16 { k, v } => self.attend_layer(&k[span.clone()], &v[span], at),
             KvCache::F32 { k, v } => self.attend_layer(&k[span.clone()], &v[span], at),

@@ -4,9 +4,11 @@ pub mod arch;
 pub mod config;
 pub mod llama;
 pub mod plan;
+pub mod session;
 pub mod source;
 
 pub use config::LlamaConfig;
-pub use llama::{ALL_BITS, Llama, Session};
+pub use llama::{ALL_BITS, Llama, Span, SpanKind};
+pub use session::{KvType, Scratch, Session};
 pub use plan::BitsPlan;
 pub use source::ModelSource;
