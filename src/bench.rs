@@ -3,15 +3,21 @@
 //! and text generation (`n_gen` single-token forward passes from an empty cache), each warmed up
 //! once and then repeated, reported as the mean and sample standard deviation of tok/s.
 //!
-//! Like llama-bench, the tokens are a fixed pseudo-random sequence over the vocabulary (BOS first
-//! when the model adds one), so the timing does not depend on the model's answers.
+//! Like llama-bench, the prompt is a fixed pseudo-random sequence over the vocabulary (BOS first
+//! when the model adds one). Both tests run through the decode driver every other command uses
+//! ([`crate::decode::Decoder`]); text generation samples greedily (an argmax over the vocabulary
+//! per token, which llama-bench does not pay) and ignores end-of-text tokens, so every
+//! repetition makes the same number of passes at the same positions.
 
-use std::time::Instant;
 
 use anyhow::{Result, ensure};
 use serde::Serialize;
 
+use std::ops::ControlFlow;
+
+use crate::decode::{Decoder, GenerationStats, Sequence};
 use crate::model::Llama;
+use crate::sampling::{Sampler, SamplingParams};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -90,7 +96,9 @@ pub fn run_bench(model: &Llama, opts: &BenchOptions) -> Result<BenchResult> {
     let vocab = model.config.vocab_size;
     ensure!(opts.bos.is_none_or(|b| (b as usize) < vocab), "BOS id outside the vocabulary");
     // One session for both tests, sized like llama-bench's context (n_prompt + n_gen).
-    let capacity = opts.depth + opts.n_prompt + opts.n_gen;
+    // Two more than llama-bench's context: the token each test starts generation from, and the
+    // room the driver keeps for the last output token.
+    let capacity = opts.depth + opts.n_prompt + opts.n_gen + 2;
     ensure!(
         capacity <= model.rope.max_pos(),
         "--depth {} plus -p {} plus -n {} exceeds the model's context length {}",
@@ -99,27 +107,33 @@ pub fn run_bench(model: &Llama, opts: &BenchOptions) -> Result<BenchResult> {
         opts.n_gen,
         model.rope.max_pos()
     );
-    let mut session = model.new_session(capacity, opts.max_batch.clamp(1, capacity));
+    let mut session = Some(model.new_session(capacity, opts.max_batch.clamp(1, capacity)));
     // The context every test starts from: the same tokens each time, before the clock starts.
     let context = bench_tokens(opts.depth, vocab, opts.bos);
-    let start = |session: &mut crate::model::llama::Session| -> Result<()> {
-        session.reset();
+    // Both tests go through the decode driver, greedy and without end-of-text tokens: `tokens`
+    // after the context, then `n` tokens generated. Returns the generation's statistics.
+    let mut decoder = Decoder::new(model, Vec::new(), opts.max_batch);
+    let mut test = |tokens: &[u32], n: usize| -> Result<GenerationStats> {
+        let mut s = session.take().expect("the session comes back");
+        s.reset();
         if !context.is_empty() {
-            model.forward(session, &context, 1)?;
+            model.forward(&mut s, &context, 1)?;
         }
-        Ok(())
+        let prompt: Vec<u32> = context.iter().chain(tokens).copied().collect();
+        let mut seq = Sequence::new(s, &context, &prompt, n, Sampler::new(SamplingParams::greedy()), None)?;
+        let stats = decoder.generate(&mut seq, |_, _| ControlFlow::Continue(()));
+        session = Some(seq.into_parts().session);
+        stats
     };
 
     let pp = if opts.n_prompt > 0 {
         let tokens = bench_tokens(opts.n_prompt, vocab, opts.bos);
         let mut samples = Vec::with_capacity(opts.reps);
         for rep in 0..=opts.reps {
-            start(&mut session)?;
-            let t0 = Instant::now();
-            model.forward(&mut session, &tokens, 1)?;
-            let secs = t0.elapsed().as_secs_f64();
+            // One token out, right after the prompt's pass: the prefill time.
+            let st = test(&tokens, 1)?;
             if rep > 0 {
-                samples.push(opts.n_prompt as f64 / secs);
+                samples.push(opts.n_prompt as f64 / st.prefill_s);
             }
         }
         Some(Rate::from_samples(samples))
@@ -128,17 +142,15 @@ pub fn run_bench(model: &Llama, opts: &BenchOptions) -> Result<BenchResult> {
     };
 
     let tg = if opts.n_gen > 0 {
-        let tokens = bench_tokens(opts.n_gen, vocab, opts.bos);
+        let first = bench_tokens(1, vocab, opts.bos);
         let mut samples = Vec::with_capacity(opts.reps);
         for rep in 0..=opts.reps {
-            start(&mut session)?;
-            let t0 = Instant::now();
-            for &t in &tokens {
-                model.forward(&mut session, &[t], 1)?;
-            }
-            let secs = t0.elapsed().as_secs_f64();
+            // After the first (untimed) token, `n_gen` single-token passes: the last output
+            // token goes into the cache too.
+            let st = test(&first, opts.n_gen)?;
+            ensure!(st.generated_tokens == opts.n_gen, "generation stopped after {} tokens", st.generated_tokens);
             if rep > 0 {
-                samples.push(opts.n_gen as f64 / secs);
+                samples.push(opts.n_gen as f64 / st.decode_s);
             }
         }
         Some(Rate::from_samples(samples))
@@ -146,7 +158,8 @@ pub fn run_bench(model: &Llama, opts: &BenchOptions) -> Result<BenchResult> {
         None
     };
 
-    Ok(BenchResult { pp, tg, kv_bytes: session.kv_bytes(), threads: rayon::current_num_threads() })
+    let kv_bytes = session.as_ref().map_or(0, |s| s.kv_bytes());
+    Ok(BenchResult { pp, tg, kv_bytes, threads: rayon::current_num_threads() })
 }
 
 /// Peak resident set size of this process in bytes (`VmHWM` of `/proc/self/status`); `None`

@@ -9,7 +9,7 @@ pub mod chat;
 pub mod engine;
 pub mod fetch;
 pub mod format;
-pub mod generate;
+pub mod decode;
 pub mod kernels;
 pub mod model;
 pub mod ppl;

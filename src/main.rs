@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use bitnest::quant::{GroupDtype, QuantConfig};
 use bitnest::sampling::Sampler;
-use bitnest::spec::{Speculator, TokenRecycler, generate_spec};
+use bitnest::decode::{Decoder, Sequence};
+use bitnest::spec::{SpecMode, Speculator, TokenRecycler};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -228,7 +229,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let spec_opts = a.spec.options()?;
     let engine = load(&a.model)?;
     let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
-    let mut spec = Speculator::new(spec_opts, recycler);
+    let spec = Speculator::new(spec_opts, recycler);
     spec.check(&engine.model)?;
     let prompt = if a.chat {
         engine.chat_prompt(&[Message::new("user", a.prompt.as_str())])?
@@ -236,31 +237,23 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         engine.tokenizer.encode(&a.prompt, true)?
     };
     let ctx = context_size(&engine, a.ctx)?;
-    let mut session = engine.model.new_session(ctx, 512);
-    let mut sampler = Sampler::new(params);
+    let session = engine.model.new_session(ctx, 512);
+    let spec = (spec.opts.mode != SpecMode::None).then_some(spec);
+    let mut seq = Sequence::new(session, &[], &prompt, a.max_tokens, Sampler::new(params), spec)?;
+    let mut decoder = Decoder::new(&engine.model, engine.stop_ids(), 512);
     let mut stream = engine.tokenizer.stream();
     let mut ids = Vec::new();
     let json = matches!(a.format, OutputFormat::Json);
     let mut out = std::io::stdout().lock();
-    let mut history = Vec::new();
-    let stats = generate_spec(
-        &engine.model,
-        &mut session,
-        &prompt,
-        a.max_tokens,
-        &mut sampler,
-        &engine.stop_ids(),
-        &mut history,
-        &mut spec,
-        |id| {
-            ids.push(id);
-            if !json && let Some(text) = stream.push(id) {
-                let _ = write!(out, "{text}");
-                let _ = out.flush();
-            }
-            ControlFlow::Continue(())
-        },
-    )?;
+    let stats = decoder.generate(&mut seq, |id, _| {
+        ids.push(id);
+        if !json && let Some(text) = stream.push(id) {
+            let _ = write!(out, "{text}");
+            let _ = out.flush();
+        }
+        ControlFlow::Continue(())
+    })?;
+    let spec_stats = seq.spec.as_ref().map(|s| s.stats.clone()).unwrap_or_default();
     if json {
         let text = engine.tokenizer.decode(&ids)?;
         let v = serde_json::json!({
@@ -270,8 +263,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "prefill_tok_s": stats.prefill_tok_s,
             "decode_tok_s": stats.decode_tok_s,
             "finish_reason": stats.finish,
-            "spec": spec.opts.mode,
-            "mat": spec.stats.mat(),
+            "spec": spec_opts.mode,
+            "mat": spec_stats.mat(),
         });
         writeln!(out, "{v}")?;
     } else {
@@ -283,11 +276,11 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             "[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | {:?}]",
             stats.prompt_tokens, stats.prefill_tok_s, stats.generated_tokens, stats.decode_tok_s, stats.finish
         );
-        if spec.stats.steps > 0 {
-            let st = &spec.stats;
+        if spec_stats.steps > 0 {
+            let st = &spec_stats;
             eprintln!(
                 "[speculative {}: {} passes, {:.2} tokens per pass, {:.1} nodes per pass, self-draft acceptance {:.0}%]",
-                spec.opts.mode,
+                spec_opts.mode,
                 st.steps,
                 st.mat(),
                 st.nodes as f64 / st.steps as f64,

@@ -14,10 +14,10 @@ use anyhow::Result;
 use bitnest::chat::Message;
 use bitnest::engine::Engine;
 use bitnest::format::bnest::BnestFile;
-use bitnest::generate::GenerationStats;
+use bitnest::decode::{Decoder, GenerationStats, Sequence};
 use bitnest::model::BitsPlan;
 use bitnest::sampling::{Sampler, SamplingParams};
-use bitnest::spec::{SpecMode, SpecOptions, Speculator, TokenRecycler, generate_spec};
+use bitnest::spec::{SpecMode, SpecOptions, Speculator, TokenRecycler};
 
 const HELP: &str = "commands: /reset (forget the conversation), /bits R (reload a .bnest model at R bits), \
 /spec MODE (speculative decoding), /stats (last answer's speed), /help; empty line or Ctrl-D quits; \
@@ -161,23 +161,20 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
         }
         messages.push(Message::new("user", line));
         let ids = engine.chat_prompt(&messages)?;
-        let common = cached.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
-        session.truncate(common);
-        cached.truncate(common);
         let mut stream = engine.tokenizer.stream();
         let mut answer = Vec::new();
         state.store(ANSWERING, Ordering::SeqCst);
         let before = spec.stats.clone();
-        let result = generate_spec(
-            &engine.model,
-            &mut session,
-            &ids[common..],
-            o.max_tokens,
-            &mut sampler,
-            &engine.stop_ids(),
-            &mut cached,
-            &mut spec,
-            |id| {
+        // The sequence borrows the conversation's session, sampler and speculator for the turn.
+        // (Checked first: a prompt that does not fit leaves the conversation as it was.)
+        let result = Sequence::check(&session, &cached, &ids).and_then(|_| {
+            let sess = std::mem::replace(&mut session, engine.model.new_batched_session(1, 1));
+            let smp = std::mem::replace(&mut sampler, Sampler::new(o.params.clone()));
+            let opts = spec.opts;
+            let sp = std::mem::replace(&mut spec, Speculator::new(opts, recycler.clone()));
+            let sp = (opts.mode != SpecMode::None).then_some(sp);
+            let mut seq = Sequence::new(sess, &cached, &ids, o.max_tokens, smp, sp)?;
+            let r = Decoder::new(&engine.model, engine.stop_ids(), 512).generate(&mut seq, |id, _| {
                 if state.load(Ordering::SeqCst) == STOP_ANSWER {
                     return ControlFlow::Break(());
                 }
@@ -187,8 +184,14 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                     let _ = std::io::stdout().flush();
                 }
                 ControlFlow::Continue(())
-            },
-        );
+            });
+            let parts = seq.into_parts();
+            (session, cached, sampler) = (parts.session, parts.cached, parts.sampler);
+            if let Some(sp) = parts.spec {
+                spec = sp;
+            }
+            r
+        });
         let stopped = state.swap(IDLE, Ordering::SeqCst) == STOP_ANSWER;
         match result {
             Ok(stats) => {
@@ -208,8 +211,6 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                 messages.pop();
             }
         }
-        // `generate` appended prompt and answer ids; keep `cached` equal to the session's content.
-        cached.truncate(session.pos);
     }
     Ok(())
 }

@@ -28,9 +28,10 @@ fn library_bench_measures_both_tests_on_a_tiny_model() {
         assert!((rate.tok_s - mean).abs() <= 1e-9 * mean);
         assert!(rate.std.is_finite() && rate.std >= 0.0);
     }
-    // KV cache for n_prompt + n_gen positions: 2 layers × 40 × kv_dim 32 × (K and V) × 2 bytes
-    // (f16 by default).
-    assert_eq!(r.kv_bytes, 2 * 40 * 32 * 2 * 2);
+    // KV cache for n_prompt + n_gen positions and two more (the token generation starts from,
+    // and room for the last output): 2 layers × 42 × kv_dim 32 × (K and V) × 2 bytes (f16 by
+    // default).
+    assert_eq!(r.kv_bytes, 2 * 42 * 32 * 2 * 2);
     assert!(r.threads >= 1);
 
     // Either test can be skipped; asking for nothing, or for more than the context, is an error.
@@ -39,16 +40,16 @@ fn library_bench_measures_both_tests_on_a_tiny_model() {
     assert!(run_bench(&model, &BenchOptions { n_prompt: 0, n_gen: 0, ..opts.clone() }).is_err());
     assert!(run_bench(&model, &BenchOptions { n_prompt: 200, n_gen: 100, ..opts.clone() }).is_err());
     assert!(run_bench(&model, &BenchOptions { reps: 0, ..opts.clone() }).is_err());
-    // A depth fills the cache first: the session then holds depth + n_prompt + n_gen positions,
+    // A depth fills the cache first: the session then holds depth + n_prompt + n_gen + 2 positions,
     // and a depth past the context is an error like any other overflow.
     let deep = run_bench(&model, &BenchOptions { depth: 24, reps: 1, ..opts.clone() }).unwrap();
-    assert_eq!(deep.kv_bytes, 2 * (24 + 40) * 32 * 2 * 2);
+    assert_eq!(deep.kv_bytes, 2 * (24 + 42) * 32 * 2 * 2);
     assert!(deep.tg.unwrap().samples[0] > 0.0);
     assert!(run_bench(&model, &BenchOptions { depth: 230, ..opts.clone() }).is_err());
     // An f32 cache holds twice the bytes.
     model.kv_type = bitnest::model::llama::KvType::F32;
     let wide = run_bench(&model, &BenchOptions { reps: 1, ..opts }).unwrap();
-    assert_eq!(wide.kv_bytes, 2 * 40 * 32 * 2 * 4);
+    assert_eq!(wide.kv_bytes, 2 * 42 * 32 * 2 * 4);
     if cfg!(target_os = "linux") {
         assert!(peak_rss_bytes().unwrap() as usize >= model.weight_bytes());
     }
@@ -76,8 +77,8 @@ fn cli_bench_json_reports_speed_and_memory_of_the_real_model() {
     let file_mb = positive(&v, "file_mb");
     let size = std::fs::metadata(&model).unwrap().len() as f64 / 1048576.0;
     assert!((file_mb - size).abs() < 1e-6, "file_mb {file_mb} vs {size}");
-    // SmolLM2: 30 layers × 20 positions × kv_dim 192 × K and V × 2 bytes (f16).
-    assert!((positive(&v, "kv_mb") - (30 * 20 * 192 * 2 * 2) as f64 / 1048576.0).abs() < 1e-9);
+    // SmolLM2: 30 layers × (16 + 4 + 2) positions × kv_dim 192 × K and V × 2 bytes (f16).
+    assert!((positive(&v, "kv_mb") - (30 * 22 * 192 * 2 * 2) as f64 / 1048576.0).abs() < 1e-9);
     // The weights are held in memory (f32 today), so the peak RSS must cover them.
     let weights_mb = positive(&v, "weights_mb");
     assert!(weights_mb > 100.0, "SmolLM2-135M has more than 100 MiB of weights, got {weights_mb}");
@@ -140,7 +141,7 @@ fn cli_bench_json_reports_speed_and_memory_of_the_real_model() {
     assert!(wide.status.success(), "{}", String::from_utf8_lossy(&wide.stderr));
     let w: serde_json::Value = serde_json::from_slice(&wide.stdout).unwrap();
     assert_eq!(w["cache_type"], "f32");
-    assert!((positive(&w, "kv_mb") - (30 * 10 * 192 * 2 * 4) as f64 / 1048576.0).abs() < 1e-9);
+    assert!((positive(&w, "kv_mb") - (30 * 12 * 192 * 2 * 4) as f64 / 1048576.0).abs() < 1e-9);
     let bad = Command::new(env!("CARGO_BIN_EXE_bitnest"))
         .args(["bench", "-p", "8", "-n", "0", "--cache-type", "q4", "--model"])
         .arg(&model)

@@ -3,7 +3,7 @@
 //! weights.
 
 use bitnest::engine::Engine;
-use bitnest::sampling::{Sampler, SamplingParams, argmax};
+use bitnest::sampling::{SamplingParams, argmax};
 
 mod common;
 use common::{golden, model_path};
@@ -45,24 +45,7 @@ fn greedy_tokens_and_logits_match_reference() {
 fn greedy_generation_matches_llama_cpp() {
     let e = engine();
     for g in golden() {
-        let mut s = e.model.new_session(512, 64);
-        let mut sampler = Sampler::new(SamplingParams::greedy());
-        let mut out = Vec::new();
-        let mut hist = Vec::new();
-        bitnest::generate::generate(
-            &e.model,
-            &mut s,
-            &g.prompt_ids,
-            48,
-            &mut sampler,
-            &e.stop_ids(),
-            &mut hist,
-            |id| {
-                out.push(id);
-                std::ops::ControlFlow::Continue(())
-            },
-        )
-        .unwrap();
+        let (out, _, _) = common::generate(&e.model, &g.prompt_ids, 48, &SamplingParams::greedy(), &e.stop_ids(), None);
         // Positions after the first near-tie may legitimately diverge.
         let trusted = g.ref_margin.iter().position(|&m| m <= 0.02).unwrap_or(g.greedy_ids.len());
         let want: Vec<u32> = g.greedy_ids.iter().copied().filter(|&t| t != 2).collect();

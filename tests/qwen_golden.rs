@@ -21,7 +21,9 @@ use std::time::Instant;
 use bitnest::chat::{ChatTemplate, Message};
 use bitnest::engine::Engine;
 use bitnest::format::gguf::GgufFile;
-use bitnest::sampling::{Sampler, SamplingParams, argmax};
+use bitnest::sampling::{SamplingParams, argmax};
+
+mod common;
 use bitnest::tokenizer::Tokenizer;
 use serde::Deserialize;
 
@@ -178,14 +180,7 @@ fn greedy_matches(q: &Qwen, planes: bool) {
     for g in jsonl::<GreedyCase>(q.name, "greedy.jsonl") {
         let t = Instant::now();
         let n = g.greedy_ids.len();
-        let mut s = e.model.new_session(g.prompt_ids.len() + n + 2, g.prompt_ids.len());
-        let mut sampler = Sampler::new(SamplingParams::greedy());
-        let mut out = Vec::new();
-        bitnest::generate::generate(&e.model, &mut s, &g.prompt_ids, n, &mut sampler, &stop, &mut Vec::new(), |id| {
-            out.push(id);
-            std::ops::ControlFlow::Continue(())
-        })
-        .unwrap();
+        let (out, _, _) = common::generate(&e.model, &g.prompt_ids, n, &SamplingParams::greedy(), &stop, None);
         let gen_s = t.elapsed().as_secs_f64();
         // llama.cpp's list keeps an end-of-generation token; generate() stops before it.
         let want: Vec<u32> = g.greedy_ids.iter().copied().take_while(|t| !stop.contains(t)).collect();

@@ -2,30 +2,20 @@
 //! every mode, tree verification reproduces sequential logits bit for bit, and sampling follows
 //! plain decoding's distribution.
 
-use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use bitnest::chat::Message;
 use bitnest::engine::Engine;
-use bitnest::generate::generate;
 use bitnest::model::{ALL_BITS, BitsPlan, Llama, ModelSource};
 use bitnest::quant::QuantConfig;
 use bitnest::quant::dtype::ALL;
-use bitnest::sampling::{Sampler, SamplingParams};
-use bitnest::spec::{SpecMode, SpecOptions, Speculator, TokenRecycler, generate_spec};
+use bitnest::sampling::SamplingParams;
+use bitnest::spec::{SpecMode, SpecOptions, Speculator, TokenRecycler};
 
 mod common;
 
 fn plain(model: &Llama, prompt: &[u32], n: usize, params: &SamplingParams, stop: &[u32]) -> Vec<u32> {
-    let mut s = model.new_session(1024, 512);
-    let mut out = Vec::new();
-    let mut sampler = Sampler::new(params.clone());
-    generate(model, &mut s, prompt, n, &mut sampler, stop, &mut Vec::new(), |t| {
-        out.push(t);
-        ControlFlow::Continue(())
-    })
-    .unwrap();
-    out
+    common::generate(model, prompt, n, params, stop, None).0
 }
 
 fn speculative(
@@ -36,16 +26,10 @@ fn speculative(
     stop: &[u32],
     spec: &mut Speculator,
 ) -> (Vec<u32>, usize) {
-    let mut s = model.new_session(1024, 512);
-    let mut out = Vec::new();
-    let mut sampler = Sampler::new(params.clone());
-    let mut history = Vec::new();
-    generate_spec(model, &mut s, prompt, n, &mut sampler, stop, &mut history, spec, |t| {
-        out.push(t);
-        ControlFlow::Continue(())
-    })
-    .unwrap();
-    (out, s.pos)
+    let taken = std::mem::replace(spec, Speculator::new(spec.opts, Arc::new(Mutex::new(TokenRecycler::new(1)))));
+    let (out, pos, back) = common::generate(model, prompt, n, params, stop, Some(taken));
+    *spec = back.expect("the speculator comes back");
+    (out, pos)
 }
 
 fn speculator(model: &Llama, mode: SpecMode, draft_bits: u32, tree_nodes: usize) -> Speculator {

@@ -33,6 +33,18 @@ pub struct Metrics {
     pub queue_depth: AtomicU64,
     pub active: AtomicU64,
     pub kv_bytes: AtomicU64,
+    /// Forward passes of the worker, the sequences and tokens they held (continuous batching:
+    /// every active request shares each pass), and the sequences of the latest.
+    pub steps: AtomicU64,
+    pub step_sequences: AtomicU64,
+    pub step_rows: AtomicU64,
+    pub batch_size: AtomicU64,
+    /// Requests taken from the queue, and their total wait in it, in microseconds.
+    pub requests_admitted: AtomicU64,
+    pub queue_us: AtomicU64,
+    /// Sum of finished requests' own decode rates (tok/s × 1000), and how many.
+    pub request_decode_milli_tok_s: AtomicU64,
+    pub requests_timed: AtomicU64,
     /// Speculative draft nodes verified, and how many the target accepted.
     pub spec_drafted: AtomicU64,
     pub spec_accepted: AtomicU64,
@@ -116,6 +128,33 @@ impl Metrics {
             "gauge",
             "Aggregate decode throughput over recent scheduling rounds.",
             &[("", g(&self.recent_decode_milli_tok_s) as f64 / 1000.0)],
+        );
+        let per = |a: &AtomicU64, b: &AtomicU64| if g(b) > 0 { g(a) as f64 / g(b) as f64 } else { 0.0 };
+        metric("bitnest_steps_total", "counter", "Forward passes of the worker.", &[("", g(&self.steps) as f64)]);
+        metric(
+            "bitnest_batch_size_mean",
+            "gauge",
+            "Mean sequences per forward pass, since start.",
+            &[("", per(&self.step_sequences, &self.steps))],
+        );
+        metric(
+            "bitnest_batch_tokens_mean",
+            "gauge",
+            "Mean tokens (prompt chunks, decode tokens, draft nodes) per forward pass, since start.",
+            &[("", per(&self.step_rows, &self.steps))],
+        );
+        metric("bitnest_batch_size", "gauge", "Sequences in the latest forward pass.", &[("", g(&self.batch_size) as f64)]);
+        metric(
+            "bitnest_queue_seconds_mean",
+            "gauge",
+            "Mean time a request waited for a slot, since start.",
+            &[("", per(&self.queue_us, &self.requests_admitted) / 1e6)],
+        );
+        metric(
+            "bitnest_request_decode_tokens_per_second_mean",
+            "gauge",
+            "Mean of finished requests' own decode rates, since start.",
+            &[("", per(&self.request_decode_milli_tok_s, &self.requests_timed) / 1000.0)],
         );
         metric("bitnest_queue_depth", "gauge", "Requests waiting for a slot.", &[("", g(&self.queue_depth) as f64)]);
         metric("bitnest_active_requests", "gauge", "Requests holding a slot.", &[("", g(&self.active) as f64)]);

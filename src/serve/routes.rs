@@ -20,7 +20,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::Stream;
 
 use bitnest::engine::Engine;
-use bitnest::generate::FinishReason;
+use bitnest::decode::FinishReason;
 
 use super::api::{self, GenParams, PromptInput};
 use super::error::ApiError;
@@ -184,7 +184,7 @@ async fn start(
     let room = st.ctx - prompt.len();
     let max_tokens = params.max_tokens.unwrap_or(room).min(room);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = Job { prompt, params: params.clone(), max_tokens, events: tx };
+    let job = Job { prompt, params: params.clone(), max_tokens, events: tx, queued: std::time::Instant::now() };
     if let Err(e) = st.submit.submit(job) {
         return e.into_response();
     }

@@ -18,6 +18,7 @@
 //! most `ctx` events). A closed channel means the client went away: the request is dropped at
 //! its next step and its slot freed.
 
+use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -26,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use bitnest::decode::{Decoder, FinishReason, Sequence};
 use bitnest::engine::Engine;
-use bitnest::generate::FinishReason;
 use bitnest::model::Session;
 use bitnest::sampling::Sampler;
-use bitnest::spec::{Pick, SpecMode, SpecOptions, Speculator, StepEnd, TokenRecycler};
+use bitnest::spec::{SpecMode, SpecOptions, Speculator, TokenRecycler};
 use bitnest::tokenizer::TokenStream;
 
 use super::api::GenParams;
@@ -45,6 +46,8 @@ pub struct Job {
     /// Tokens to generate at most (already clamped to the context left after the prompt).
     pub max_tokens: usize,
     pub events: UnboundedSender<Event>,
+    /// When the job was submitted (its time in the queue is a metric).
+    pub queued: Instant,
 }
 
 /// A generated token's log-probability and the most likely alternatives at its position.
@@ -129,24 +132,17 @@ struct Slot {
     spec: Option<Speculator>,
 }
 
-/// A request holding a slot.
+/// A request holding a slot: its sequence (the slot's session and speculator inside) and what
+/// it has output.
 struct Active<'e> {
     job: Job,
-    slot: Slot,
-    sampler: Sampler,
-    /// Prompt then generated ids (the repetition penalty's window, and what the cache holds).
-    history: Vec<u32>,
-    /// Prompt tokens already in the cache.
-    fed: usize,
-    /// Sampled, sent, not yet run through the model.
-    next: Option<u32>,
-    cached_tokens: usize,
+    seq: Sequence,
     out: Output<'e>,
+    spec_before: (usize, usize),
 }
 
 /// What a request has output so far, and the text held back from it.
 struct Output<'e> {
-    generated: usize,
     stream: TokenStream<'e>,
     stop: StopMatcher,
     logprobs: Vec<TokenLogprob>,
@@ -154,16 +150,11 @@ struct Output<'e> {
     stopped_by_string: bool,
 }
 
-enum Step {
-    Continue,
-    Finished(FinishReason),
-}
-
 /// Runs until the submitters are all dropped and every request is done, or `abort` is set.
 /// Call it on a rayon pool thread (`pool.install`).
 pub fn run(engine: &Engine, rx: Receiver<Job>, cfg: WorkerConfig, metrics: &Metrics, abort: &AtomicBool) {
-    let stop_ids = engine.stop_ids();
     let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
+    let mut decoder = Decoder::new(&engine.model, engine.stop_ids(), cfg.prefill_chunk);
     let mut active: Vec<Active> = Vec::new();
     let mut free: Vec<Slot> = Vec::new();
     let mut created = 0usize;
@@ -176,7 +167,7 @@ pub fn run(engine: &Engine, rx: Receiver<Job>, cfg: WorkerConfig, metrics: &Metr
             }
             break;
         }
-        // Admit waiting jobs into free slots.
+        // Admit waiting jobs into free slots: they join the next step.
         while active.len() < cfg.parallel {
             let job = if active.is_empty() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
@@ -194,52 +185,108 @@ pub fn run(engine: &Engine, rx: Receiver<Job>, cfg: WorkerConfig, metrics: &Metr
                 }
             };
             metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            Metrics::add(&metrics.queue_us, job.queued.elapsed().as_micros() as u64);
+            Metrics::add(&metrics.requests_admitted, 1);
             if job.events.is_closed() {
                 Metrics::add(&metrics.requests_cancelled, 1);
                 continue;
             }
             let slot = take_slot(engine, &mut free, &mut created, cfg, &job.prompt, metrics, &recycler);
-            active.push(admit(engine, job, slot, metrics));
+            match admit(engine, job, slot, metrics) {
+                Ok(a) => active.push(a),
+                Err((job, slot, e)) => {
+                    Metrics::add(&metrics.requests_failed, 1);
+                    let _ = job.events.send(Event::Error(format!("{e:#}")));
+                    free.push(slot);
+                }
+            }
         }
         metrics.active.store(active.len() as u64, Ordering::Relaxed);
 
-        // One round: every active request advances by one step.
+        // One step: every active request's decode token or draft tree, and prompt chunks up to
+        // the budget, in one forward pass.
+        for a in active.iter_mut() {
+            if a.job.events.is_closed() && !a.seq.is_done() {
+                Metrics::add(&metrics.requests_cancelled, 1);
+                a.seq.cancel();
+            }
+        }
+        let result = {
+            let (mut seqs, mut outs): (Vec<&mut Sequence>, Vec<(&Job, &mut Output)>) =
+                active.iter_mut().filter(|a| !a.seq.is_done()).map(|a| (&mut a.seq, (&a.job, &mut a.out))).unzip();
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                decoder.step(&mut seqs, |i, id, logits| {
+                    let (job, out) = &mut outs[i];
+                    out.emit(job, id, logits, metrics)
+                })
+            }))
+        };
+        let failure = match result {
+            Ok(Ok(r)) => {
+                window.1 += r.outputs as u64;
+                if r.sequences > 0 {
+                    Metrics::add(&metrics.steps, 1);
+                    Metrics::add(&metrics.step_sequences, r.sequences as u64);
+                    Metrics::add(&metrics.step_rows, r.rows as u64);
+                    metrics.batch_size.store(r.sequences as u64, Ordering::Relaxed);
+                    let us = r.secs * 1e6;
+                    let prefill = us * r.prefill_rows as f64 / r.rows.max(1) as f64;
+                    Metrics::add(&metrics.prefill_us, prefill as u64);
+                    Metrics::add(&metrics.decode_us, (us - prefill) as u64);
+                }
+                None
+            }
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some("internal error: the forward pass panicked".to_string()),
+        };
+
+        // Requests that ended leave; their slots keep what their caches hold.
         let mut i = 0;
         while i < active.len() {
-            let a = &mut active[i];
-            let outcome = if a.job.events.is_closed() {
-                Metrics::add(&metrics.requests_cancelled, 1);
-                None
-            } else {
-                let before = a.out.generated;
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| a.step(engine, &stop_ids, cfg, metrics)));
-                window.1 += (a.out.generated - before) as u64;
-                match r {
-                    Ok(Ok(Step::Continue)) => {
-                        i += 1;
-                        continue;
-                    }
-                    Ok(Ok(Step::Finished(f))) => {
-                        a.finish(f);
+            if failure.is_none() && !active[i].seq.is_done() {
+                i += 1;
+                continue;
+            }
+            let mut a = active.remove(i);
+            let spec = a.seq.spec.as_ref().map(|s| (s.stats.drafted, s.stats.accepted));
+            if let Some((d, acc)) = spec {
+                Metrics::add(&metrics.spec_drafted, (d - a.spec_before.0) as u64);
+                Metrics::add(&metrics.spec_accepted, (acc - a.spec_before.1) as u64);
+            }
+            let cancelled = a.seq.finish() == Some(FinishReason::Cancelled) && a.job.events.is_closed();
+            let mut slot = match (&failure, a.seq.finish()) {
+                (None, Some(finish)) => {
+                    let stats = a.seq.stats();
+                    if !cancelled {
+                        let usage = Usage {
+                            prompt_tokens: a.seq.prompt_len(),
+                            completion_tokens: a.seq.generated(),
+                            cached_tokens: a.seq.cached_tokens(),
+                        };
+                        // A stop string ends with the driver's "cancelled"; it is a stop.
+                        let finish = if finish == FinishReason::Cancelled { FinishReason::Stop } else { finish };
+                        a.out.finish(&a.job, finish, usage);
                         Metrics::add(&metrics.requests_ok, 1);
-                        None
+                        if a.seq.generated() > 1 {
+                            Metrics::add(&metrics.request_decode_milli_tok_s, (stats.decode_tok_s * 1000.0) as u64);
+                            Metrics::add(&metrics.requests_timed, 1);
+                        }
                     }
-                    Ok(Err(e)) => Some(format!("{e:#}")),
-                    Err(_) => Some("internal error: the forward pass panicked".to_string()),
+                    let p = a.seq.into_parts();
+                    Slot { session: p.session, cached: p.cached, spec: p.spec }
+                }
+                _ => {
+                    Metrics::add(&metrics.requests_failed, 1);
+                    let msg = failure.clone().unwrap_or_else(|| "internal error: the request did not finish".into());
+                    let _ = a.job.events.send(Event::Error(msg));
+                    let p = a.seq.into_parts();
+                    Slot { session: p.session, cached: Vec::new(), spec: p.spec }
                 }
             };
-            let mut a = active.remove(i);
-            if let Some(msg) = outcome {
-                Metrics::add(&metrics.requests_failed, 1);
-                let _ = a.job.events.send(Event::Error(msg));
-                a.history.clear();
-                a.slot.session.reset();
+            if failure.is_some() {
+                slot.session.reset();
             }
-            // The cache holds exactly the ids that went through the model.
-            let pos = a.slot.session.pos.min(a.history.len());
-            a.history.truncate(pos);
-            a.slot.cached = a.history;
-            free.push(a.slot);
+            free.push(slot);
         }
         metrics.active.store(active.len() as u64, Ordering::Relaxed);
         let elapsed = window.0.elapsed();
@@ -267,7 +314,9 @@ fn take_slot(
         Some(i) if *created >= cfg.parallel || common_prefix(&free[i].cached, prompt) > 0 => free.swap_remove(i),
         _ => {
             *created += 1;
-            let session = engine.model.new_session(cfg.ctx, cfg.prefill_chunk);
+            // Its passes run batched on the worker's buffers; trees and chunks stay under
+            // `prefill_chunk` tokens.
+            let session = engine.model.new_batched_session(cfg.ctx, cfg.prefill_chunk);
             Metrics::add(&metrics.kv_bytes, session.kv_bytes() as u64);
             let spec = (cfg.spec.mode != SpecMode::None).then(|| Speculator::new(cfg.spec, recycler.clone()));
             Slot { session, cached: Vec::new(), spec }
@@ -279,152 +328,46 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-fn admit<'e>(engine: &'e Engine, job: Job, mut slot: Slot, metrics: &Metrics) -> Active<'e> {
-    // At least the last prompt token must run to produce the first logits.
-    let reuse = common_prefix(&slot.cached, &job.prompt).min(job.prompt.len().saturating_sub(1));
-    slot.session.truncate(reuse);
-    slot.cached.clear();
+/// The request's sequence in `slot`, or the request and slot back with the reason it cannot run.
+#[allow(clippy::result_large_err)]
+fn admit<'e>(engine: &'e Engine, job: Job, slot: Slot, metrics: &Metrics) -> Result<Active<'e>, (Job, Slot, anyhow::Error)> {
+    let reuse = match Sequence::check(&slot.session, &slot.cached, &job.prompt) {
+        Ok(r) => r,
+        Err(e) => return Err((job, slot, e)),
+    };
     Metrics::add(&metrics.prompt_tokens, job.prompt.len() as u64);
     Metrics::add(&metrics.cached_prompt_tokens, reuse as u64);
     let mut sampler = Sampler::new(job.params.sampling.clone());
     sampler.reserve(engine.model.config.vocab_size);
+    let spec_before = slot.spec.as_ref().map_or((0, 0), |s| (s.stats.drafted, s.stats.accepted));
+    let seq = Sequence::new(slot.session, &slot.cached, &job.prompt, job.max_tokens, sampler, slot.spec)
+        .expect("checked above");
     let stop = StopMatcher::new(job.params.stop.clone());
-    let mut history = Vec::with_capacity(job.prompt.len() + job.max_tokens.min(4096));
-    history.extend_from_slice(&job.prompt);
-    Active {
+    Ok(Active {
         job,
-        slot,
-        sampler,
-        history,
-        fed: reuse,
-        next: None,
-        cached_tokens: reuse,
-        out: Output {
-            generated: 0,
-            stream: engine.tokenizer.stream(),
-            stop,
-            logprobs: Vec::new(),
-            stopped_by_string: false,
-        },
-    }
-}
-
-impl Active<'_> {
-    fn step(
-        &mut self,
-        engine: &Engine,
-        stop_ids: &[u32],
-        cfg: WorkerConfig,
-        metrics: &Metrics,
-    ) -> anyhow::Result<Step> {
-        let model = &engine.model;
-        let prompt = &self.job.prompt;
-        let t0 = Instant::now();
-        let logits = if self.fed < prompt.len() {
-            let end = (self.fed + cfg.prefill_chunk.max(1)).min(prompt.len());
-            let last = end == prompt.len();
-            let logits = model.forward(&mut self.slot.session, &prompt[self.fed..end], usize::from(last))?;
-            Metrics::add(&metrics.prefill_us, t0.elapsed().as_micros() as u64);
-            self.fed = end;
-            if !last {
-                return Ok(Step::Continue);
-            }
-            logits
-        } else if let Some(spec) = self.slot.spec.as_mut() {
-            // The root, `next`, is the history's last token.
-            if self.next.take().is_none() {
-                anyhow::bail!("internal error: no token to decode");
-            }
-            let session = &mut self.slot.session;
-            if session.pos + 1 >= session.capacity() {
-                return Ok(Step::Finished(FinishReason::Length));
-            }
-            let (job, out) = (&self.job, &mut self.out);
-            let mut finish = FinishReason::Length;
-            let (drafted, accepted) = (spec.stats.drafted, spec.stats.accepted);
-            let end = spec.step(model, session, &mut self.sampler, &mut self.history, |id, logits| {
-                match out.emit(job, id, logits, stop_ids, metrics) {
-                    None => Pick::Take,
-                    Some(f) => {
-                        finish = f;
-                        // An end-of-text token is not part of the answer; a stop string's or
-                        // the limit's last token is (and the cache need not hold it).
-                        if stop_ids.contains(&id) { Pick::Refuse } else { Pick::TakeAndStop }
-                    }
-                }
-            })?;
-            Metrics::add(&metrics.decode_us, t0.elapsed().as_micros() as u64);
-            Metrics::add(&metrics.spec_drafted, (spec.stats.drafted - drafted) as u64);
-            Metrics::add(&metrics.spec_accepted, (spec.stats.accepted - accepted) as u64);
-            return Ok(match end {
-                StepEnd::Next => {
-                    self.next = self.history.last().copied();
-                    Step::Continue
-                }
-                StepEnd::Ended(_) => Step::Finished(finish),
-                StepEnd::Full => Step::Finished(FinishReason::Length),
-            });
-        } else {
-            let Some(tok) = self.next.take() else { anyhow::bail!("internal error: no token to decode") };
-            let logits = model.forward(&mut self.slot.session, &[tok], 1)?;
-            Metrics::add(&metrics.decode_us, t0.elapsed().as_micros() as u64);
-            logits
-        };
-        let id = self.sampler.sample(logits, &self.history);
-        if let Some(f) = self.out.emit(&self.job, id, logits, stop_ids, metrics) {
-            if !stop_ids.contains(&id) {
-                self.history.push(id);
-            }
-            return Ok(Step::Finished(f));
-        }
-        self.history.push(id);
-        if self.slot.session.pos >= self.slot.session.capacity() {
-            return Ok(Step::Finished(FinishReason::Length));
-        }
-        self.next = Some(id);
-        Ok(Step::Continue)
-    }
-
-    /// Sends the held-back text (unless a stop string ended the answer) and the final event.
-    fn finish(&mut self, finish: FinishReason) {
-        let usage = Usage {
-            prompt_tokens: self.job.prompt.len(),
-            completion_tokens: self.out.generated,
-            cached_tokens: self.cached_tokens,
-        };
-        self.out.finish(&self.job, finish, usage);
-    }
+        seq,
+        out: Output { stream: engine.tokenizer.stream(), stop, logprobs: Vec::new(), stopped_by_string: false },
+        spec_before,
+    })
 }
 
 impl Output<'_> {
-    /// Outputs token `id`, drawn from `logits`, as plain decoding does: the reason the answer
-    /// ends with it, if it does (an end-of-text token, which is not output; a stop string; the
-    /// token limit).
-    fn emit(
-        &mut self,
-        job: &Job,
-        id: u32,
-        logits: &[f32],
-        stop_ids: &[u32],
-        metrics: &Metrics,
-    ) -> Option<FinishReason> {
+    /// Outputs token `id`, drawn from `logits`: its log-probabilities when asked for, its text
+    /// up to any stop string; `Break` when a stop string ends the answer with it.
+    fn emit(&mut self, job: &Job, id: u32, logits: &[f32], metrics: &Metrics) -> ControlFlow<()> {
         if let Some(n) = job.params.logprobs {
             self.logprobs.push(token_logprob(logits, id, n));
         }
-        if stop_ids.contains(&id) {
-            return Some(FinishReason::Stop);
-        }
-        self.generated += 1;
         Metrics::add(&metrics.generated_tokens, 1);
         if let Some(text) = self.stream.push(id) {
             let m = self.stop.push(&text);
             self.send_text(job, m.emit);
             if m.stopped {
                 self.stopped_by_string = true;
-                return Some(FinishReason::Stop);
+                return ControlFlow::Break(());
             }
         }
-        (self.generated >= job.max_tokens).then_some(FinishReason::Length)
+        ControlFlow::Continue(())
     }
 
     fn send_text(&mut self, job: &Job, text: String) {
@@ -509,6 +452,7 @@ mod tests {
                 },
                 max_tokens: 1,
                 events: tx,
+                queued: Instant::now(),
             }
         };
         assert!(sub.submit(job()).is_ok());

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
-use super::{SpecOptions, SpecStats, Speculator, TokenRecycler, generate_spec};
+use super::{SpecOptions, SpecStats, Speculator, TokenRecycler};
 use crate::chat::Message;
 use crate::engine::Engine;
-use crate::generate::generate;
+use crate::decode::{Decoder, Sequence};
 use crate::model::Session;
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -91,27 +91,26 @@ fn prompt_ids(engine: &Engine, p: &BenchPrompt) -> Result<Vec<u32>> {
 }
 
 /// Greedy decoding of one prompt, plain (`spec` None) or speculative: the tokens and the
-/// decode rate.
+/// decode rate. The session and speculator come back through the slots they came from.
 fn decode(
-    engine: &Engine,
-    session: &mut Session,
+    dec: &mut Decoder,
+    session: &mut Option<Session>,
     ids: &[u32],
     max_tokens: usize,
-    spec: Option<&mut Speculator>,
+    spec: &mut Option<Speculator>,
 ) -> Result<(Vec<u32>, f64)> {
-    session.reset();
+    let mut s = session.take().expect("a session");
+    s.reset();
+    let mut seq = Sequence::new(s, &[], ids, max_tokens, Sampler::new(SamplingParams::greedy()), spec.take())?;
     let mut out = Vec::new();
-    let mut sampler = Sampler::new(SamplingParams::greedy());
-    let stop = engine.stop_ids();
-    let push = |t| {
+    let st = dec.generate(&mut seq, |t, _| {
         out.push(t);
         ControlFlow::Continue(())
-    };
-    let m = &engine.model;
-    let st = match spec {
-        Some(spec) => generate_spec(m, session, ids, max_tokens, &mut sampler, &stop, &mut Vec::new(), spec, push)?,
-        None => generate(m, session, ids, max_tokens, &mut sampler, &stop, &mut Vec::new(), push)?,
-    };
+    });
+    let parts = seq.into_parts();
+    *session = Some(parts.session);
+    *spec = parts.spec;
+    let st = st?;
     Ok((out, st.generated_tokens as f64 / st.decode_s.max(1e-9)))
 }
 
@@ -129,18 +128,21 @@ pub fn run(
     warmup: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<SpecBenchResult>> {
-    let mut session = engine.model.new_session(ctx, 512);
+    let mut session = Some(engine.model.new_session(ctx, 512));
+    let mut dec = Decoder::new(&engine.model, engine.stop_ids(), 512);
     let first = prompt_ids(engine, &prompts[0])?;
     let mut specs = Vec::new();
     for o in configs {
         let recycler = Arc::new(Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
-        let mut spec = Speculator::new(*o, recycler);
+        let spec = Speculator::new(*o, recycler);
         spec.check(&engine.model)?;
+        let mut spec = Some(spec);
         for _ in 0..warmup {
-            decode(engine, &mut session, &first, max_tokens, Some(&mut spec))?;
+            decode(&mut dec, &mut session, &first, max_tokens, &mut spec)?;
         }
+        let mut spec = spec.expect("the speculator comes back");
         spec.stats = SpecStats::default();
-        specs.push(spec);
+        specs.push(Some(spec));
     }
     #[derive(Default)]
     struct Acc {
@@ -155,11 +157,12 @@ pub fn run(
     let mut plain_total = 0.0;
     for (i, p) in prompts.iter().enumerate() {
         let ids = prompt_ids(engine, p)?;
-        let (want, plain_rate) = decode(engine, &mut session, &ids, max_tokens, None)?;
+        let (want, plain_rate) = decode(&mut dec, &mut session, &ids, max_tokens, &mut None)?;
         plain_total += plain_rate;
         for (c, spec) in specs.iter_mut().enumerate() {
-            let before = spec.stats.clone();
-            let (out, rate) = decode(engine, &mut session, &ids, max_tokens, Some(spec))?;
+            let before = spec.as_ref().expect("a speculator").stats.clone();
+            let (out, rate) = decode(&mut dec, &mut session, &ids, max_tokens, spec)?;
+            let spec = spec.as_ref().expect("the speculator comes back");
             let same = out == want;
             if !same {
                 mismatches[c].push(p.question_id.clone());
@@ -194,7 +197,7 @@ pub fn run(
     };
     let n = prompts.len();
     let mut results = Vec::new();
-    for (c, (opts, spec)) in configs.iter().zip(&specs).enumerate() {
+    for (c, (opts, spec)) in configs.iter().zip(specs.iter().flatten()).enumerate() {
         let categories: BTreeMap<String, CategoryResult> =
             cats[c].iter().map(|(k, a)| (k.clone(), summarize(a.n, a.rate, a.plain, a.identical, &a.stats))).collect();
         let rate: f64 = cats[c].values().map(|a| a.rate).sum();

@@ -27,7 +27,6 @@ pub mod lookup;
 pub mod recycle;
 pub mod tree;
 
-use std::ops::ControlFlow;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -38,7 +37,6 @@ use serde::Serialize;
 pub use recycle::{RankHits, TokenRecycler};
 pub use tree::{DraftTree, FROM_LOOKUP, FROM_RECYCLE, FROM_SELF};
 
-use crate::generate::{FinishReason, GenerationStats};
 use crate::model::{Llama, Session};
 use crate::sampling::{Sampler, argmax};
 
@@ -287,6 +285,9 @@ pub struct Speculator {
     /// The target's choice at each node of the accepted path (the last one the extra token).
     picks: Vec<u32>,
     chain: Vec<u32>,
+    /// The sources and start of the step in flight (between propose and accept).
+    step_sources: Sources,
+    step_start: Option<Instant>,
 }
 
 impl Speculator {
@@ -307,6 +308,8 @@ impl Speculator {
             path: Vec::new(),
             picks: Vec::new(),
             chain: Vec::new(),
+            step_sources: Sources(0),
+            step_start: None,
         }
     }
 
@@ -512,7 +515,7 @@ impl Speculator {
     }
 }
 
-/// What a step's caller makes of each token the target picks ([`Speculator::step`]).
+/// What a step's caller makes of each token the target picks ([`Speculator::accept`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pick {
     /// Output it and go on: into the tree if a draft holds it, else it ends the step as the
@@ -535,44 +538,63 @@ pub enum StepEnd {
     Next,
     /// A [`Pick`] other than `Take` ended the generation.
     Ended(Pick),
+    /// [`Pick::TakeLast`] on a token outside the tree ended the generation: the history's
+    /// last token still has to go into the cache.
+    EndedUnfed,
     /// The context is full.
     Full,
 }
 
 impl Speculator {
-    /// One speculative step after `history`, whose last token (output, not yet in the cache)
-    /// is the root: drafts a tree, verifies it in one pass, and walks it as plain decoding
-    /// would, handing `on_pick` each token the target picks with the logits it was drawn from,
-    /// in order. Picks the caller takes go onto `history`; the cache ends up holding the root
-    /// and every accepted draft. Needs room for one more token in the cache.
-    pub fn step(
+    /// Drafts the tree of the next step after `history`, whose last token (output, not yet in
+    /// the cache) is the root: the free sources, then the self-draft's low-precision passes
+    /// over `session` (they write past the committed prefix and are forgotten). The tree is
+    /// then [`Speculator::tree`], to verify in one pass (alone, [`Llama::forward_tree`], or
+    /// batched with other sequences) and hand to [`Speculator::accept`]. Needs room for one
+    /// more token in the cache.
+    pub fn propose(&mut self, model: &Llama, session: &mut Session, history: &[u32]) -> Result<&DraftTree> {
+        let cap = session.capacity();
+        ensure!(session.pos + 1 < cap, "the context is full");
+        self.step_start = Some(Instant::now());
+        let src = self.pick_sources(model);
+        self.step_sources = src;
+        let max_nodes = (cap - session.pos).min(session.max_batch());
+        self.draft(model, session, history, src, max_nodes)?;
+        Ok(&self.tree)
+    }
+
+    /// The tree the last [`Speculator::propose`] drafted.
+    pub fn tree(&self) -> &DraftTree {
+        &self.tree
+    }
+
+    /// Walks the verified tree (`logits`: every node's, from a pass of `verify_s` seconds) as
+    /// plain decoding would, handing `on_pick` each token the target picks with the logits it
+    /// was drawn from, in order. Picks the caller takes go onto `history`; the cache ends up
+    /// holding the root and every accepted draft.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept(
         &mut self,
         model: &Llama,
         session: &mut Session,
         sampler: &mut Sampler,
         history: &mut Vec<u32>,
+        logits: &[f32],
+        verify_s: f64,
         mut on_pick: impl FnMut(u32, &[f32]) -> Pick,
     ) -> Result<StepEnd> {
         let cap = session.capacity();
-        ensure!(session.pos + 1 < cap, "the context is full");
-        let step0 = Instant::now();
-        let src = self.pick_sources(model);
-        let max_nodes = (cap - session.pos).min(session.max_batch());
-        self.draft(model, session, history, src, max_nodes)?;
         let tree = std::mem::take(&mut self.tree);
         let n = tree.len();
-        let base = session.pos;
-        let tv = Instant::now();
-        let logits = model.forward_tree(session, &tree.tokens, &tree.parents, crate::model::ALL_BITS)?;
-        let verify_s = tv.elapsed().as_secs_f64();
         let vocab = model.config.vocab_size;
+        ensure!(logits.len() == n * vocab, "{} logits for a tree of {n} nodes", logits.len());
+        let base = session.pos;
 
         // Walk: the target chooses at each node; follow the child holding its choice.
         self.path.clear();
         self.path.push(0);
         self.picks.clear();
         let mut node = 0;
-        let mut last = None;
         let end = loop {
             let row = &logits[node * vocab..(node + 1) * vocab];
             let pick = sampler.sample(row, history);
@@ -588,8 +610,7 @@ impl Speculator {
             }
             let Some(child) = child else {
                 if how == Pick::TakeLast {
-                    last = Some(pick);
-                    break StepEnd::Ended(how);
+                    break StepEnd::EndedUnfed;
                 }
                 break StepEnd::Next;
             };
@@ -616,9 +637,6 @@ impl Speculator {
             }
         }
         session.accept_path(&self.path, model.config.n_layers);
-        if let Some(t) = last {
-            model.forward(session, &[t], 1)?;
-        }
 
         // Statistics and the adaptive estimates.
         let st = &mut self.stats;
@@ -642,103 +660,14 @@ impl Speculator {
             self.lookup_alpha[self.matched].add(per_position(acc_lk, drafted_lk), 0.1);
         }
         self.verify_cost.add(n as f64, verify_s);
-        if let Some(i) = AUTO_CANDIDATES.iter().position(|&c| c == src) {
+        if let Some(i) = AUTO_CANDIDATES.iter().position(|&c| c == self.step_sources) {
             st.mode_steps[i] += 1;
-            self.mode_rate[i].add((accepted + 1) as f64 / step0.elapsed().as_secs_f64().max(1e-9), 0.1);
+            let secs = self.step_start.take().map_or(verify_s, |t| t.elapsed().as_secs_f64());
+            self.mode_rate[i].add((accepted + 1) as f64 / secs.max(1e-9), 0.1);
         }
         self.tree = tree;
         Ok(end)
     }
-}
-
-/// [`crate::generate::generate`] with speculative decoding: the same tokens, the same final
-/// cache, the same callbacks, fewer forward passes of the full model.
-#[allow(clippy::too_many_arguments)]
-pub fn generate_spec(
-    model: &Llama,
-    session: &mut Session,
-    prompt: &[u32],
-    max_tokens: usize,
-    sampler: &mut Sampler,
-    stop_ids: &[u32],
-    history: &mut Vec<u32>,
-    spec: &mut Speculator,
-    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
-) -> Result<GenerationStats> {
-    if spec.opts.mode == SpecMode::None {
-        return crate::generate::generate(model, session, prompt, max_tokens, sampler, stop_ids, history, on_token);
-    }
-    spec.check(model)?;
-    ensure!(!prompt.is_empty(), "the prompt is empty");
-    let room = session.capacity().saturating_sub(session.pos);
-    ensure!(
-        prompt.len() < room,
-        "the prompt has {} tokens but only {room} fit in the remaining context (size {}); use a larger --ctx",
-        prompt.len(),
-        session.capacity()
-    );
-    let t0 = Instant::now();
-    let logits = model.forward(session, prompt, 1)?;
-    history.extend_from_slice(prompt);
-    let first = sampler.sample(logits, history);
-    let prefill_s = t0.elapsed().as_secs_f64();
-
-    let t1 = Instant::now();
-    let mut generated = 0;
-    // What plain decoding does with each token it picks.
-    let mut judge = |pick: u32| {
-        if stop_ids.contains(&pick) {
-            return Pick::Refuse;
-        }
-        generated += 1;
-        if on_token(pick).is_break() {
-            Pick::TakeAndStop
-        } else if generated >= max_tokens {
-            Pick::TakeLast
-        } else {
-            Pick::Take
-        }
-    };
-    let reason = |how: Pick| match how {
-        Pick::Refuse => FinishReason::Stop,
-        Pick::TakeAndStop => FinishReason::Cancelled,
-        _ => FinishReason::Length,
-    };
-    let mut how = judge(first);
-    if how != Pick::Refuse {
-        history.push(first);
-    }
-    let finish = loop {
-        if how != Pick::Take {
-            if how == Pick::TakeLast {
-                model.forward(session, &[first], 1)?;
-            }
-            break reason(how);
-        }
-        // The root (output, not in the cache) needs its own slot and one for a draft.
-        if session.pos + 1 > session.capacity() - 1 {
-            let root = *history.last().expect("the root is in the history");
-            model.forward(session, &[root], 1)?;
-            break FinishReason::Length;
-        }
-        match spec.step(model, session, sampler, history, |t, _| judge(t))? {
-            StepEnd::Next => {}
-            StepEnd::Ended(h) => break reason(h),
-            StepEnd::Full => break FinishReason::Length,
-        }
-        how = Pick::Take;
-    };
-    let decode_s = t1.elapsed().as_secs_f64();
-    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-    Ok(GenerationStats {
-        prompt_tokens: prompt.len(),
-        generated_tokens: generated,
-        prefill_s,
-        decode_s,
-        prefill_tok_s: rate(prompt.len(), prefill_s),
-        decode_tok_s: rate(generated, decode_s),
-        finish,
-    })
 }
 
 #[cfg(test)]

@@ -142,3 +142,29 @@ pub fn write_tiny_model(dir: &std::path::Path, arch: &str) -> (PathBuf, PathBuf)
     w.write(&gguf).unwrap();
     (gguf, hf)
 }
+
+/// Generates up to `n` tokens after `prompt` in a fresh session through the decode driver,
+/// plain or with `spec`: the output ids and the final cache position.
+#[allow(dead_code)]
+pub fn generate(
+    model: &bitnest::model::Llama,
+    prompt: &[u32],
+    n: usize,
+    params: &bitnest::sampling::SamplingParams,
+    stop: &[u32],
+    spec: Option<bitnest::spec::Speculator>,
+) -> (Vec<u32>, usize, Option<bitnest::spec::Speculator>) {
+    use bitnest::decode::{Decoder, Sequence};
+    let session = model.new_session(prompt.len() + n + 16, 512);
+    let sampler = bitnest::sampling::Sampler::new(params.clone());
+    let mut seq = Sequence::new(session, &[], prompt, n, sampler, spec).unwrap();
+    let mut out = Vec::new();
+    Decoder::new(model, stop.to_vec(), 512)
+        .generate(&mut seq, |t, _| {
+            out.push(t);
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    let p = seq.into_parts();
+    (out, p.session.pos, p.spec)
+}
