@@ -125,6 +125,26 @@ fn speculating_server_answers_as_the_plain_one() {
     assert!(out.status.success(), "the speculating server's answers differ from the plain server's ({:?})", out.status);
 }
 
+/// Continuous batching changes nothing a client sees: 16 clients at once against 8 slots get
+/// exactly the answers (text, finish, counts, log-probabilities) each request gets alone
+/// (`tests/server/batch_identity.py`, standard-library Python only).
+#[test]
+fn batched_answers_equal_answers_alone() {
+    let (_alone, alone) = start(&["--ctx", "1024", "--parallel", "1"]);
+    let (_batched, batched) = start(&["--ctx", "1024", "--parallel", "8", "--prefill-chunk", "64"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server/batch_identity.py");
+    let prompts = common::shared("data/specbench-dev.jsonl");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--alone", &alone, "--batched", &batched, "--clients", "16", "--prompts"])
+        .arg(&prompts)
+        .output()
+        .expect("run python3");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "answers under load differ from answers alone ({:?})", out.status);
+}
+
 #[test]
 fn impossible_speculative_modes_are_clear_errors() {
     let model = common::model_path();
