@@ -100,6 +100,25 @@ struct AttendAt<'a> {
     tree: bool,
 }
 
+/// How one span's attention splits into tasks ([`Llama::attend_plan`]): `blocks` of up to
+/// `tokens_per` tokens, each with `per_block` tasks (a KV head's query heads, `heads_per` at
+/// a time, in `head_chunks` pieces).
+#[derive(Clone, Copy)]
+struct AttendPlan {
+    heads_per: usize,
+    tokens_per: usize,
+    head_chunks: usize,
+    blocks: usize,
+    per_block: usize,
+    parallel: bool,
+}
+
+impl AttendPlan {
+    fn items(&self) -> usize {
+        self.blocks * self.per_block
+    }
+}
+
 /// Read every plane a layer holds (no precision cap).
 pub const ALL_BITS: u32 = u32::MAX;
 
@@ -349,9 +368,9 @@ impl Llama {
                 let at = l * s.capacity() * kv_dim + s.pos * kv_dim;
                 let rows = row * kv_dim..(row + m) * kv_dim;
                 s.kv.store(at, &sc.k[rows.clone()], &sc.v[rows]);
-                self.attention(sc, s, l, row, m, matches!(sp.kind, SpanKind::Tree { .. }));
                 row += m;
             }
+            self.attention(sc, spans, l);
             b.wo.forward_capped(&sc.att, n, &mut sc.tmp, max_bits);
             sc.x[..n * dim].iter_mut().zip(&sc.tmp).for_each(|(x, d)| *x += d);
 
@@ -366,37 +385,88 @@ impl Llama {
         }
     }
 
-    /// Attention of the `n` new tokens of `s` at rows `row..` of the batch (already in the
-    /// cache): causal over everything before them, or with `tree`, over the prefix and each
-    /// node's ancestors. One task per (KV head, token) computes the query heads sharing that
-    /// KV head together; each writes only its own slices of the `att` row.
-    fn attention(&self, sc: &mut Scratch, s: &Session, layer: usize, row: usize, n: usize, tree: bool) {
-        let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.n_heads * self.config.head_dim);
-        let span = layer * s.capacity() * kv_dim..(layer + 1) * s.capacity() * kv_dim;
-        let rows = row * q_dim..(row + n) * q_dim;
-        let att = SyncPtr(sc.att[rows.clone()].as_mut_ptr());
-        let at = AttendAt { q: &sc.q[rows], att, start: s.pos, slots: &s.tree_slots, off: &s.tree_off, n, tree };
-        match &s.kv {
-            KvCache::F16 { k, v } => self.attend_layer(&k[span.clone()], &v[span], at),
-            KvCache::F32 { k, v } => self.attend_layer(&k[span.clone()], &v[span], at),
+    /// Attention of every span's new tokens (already in the caches), each over its own
+    /// sequence: causal over everything before them, or for a tree, over the prefix and each
+    /// node's ancestors. The (KV head, tokens) tasks of all the spans share one parallel
+    /// region, so that a step of many one-token sequences keeps every thread busy.
+    fn attention(&self, sc: &mut Scratch, spans: &[Span], layer: usize) {
+        let att = SyncPtr(sc.att.as_mut_ptr());
+        let mut row = 0;
+        let q = &sc.q[..];
+        let part = |sp, row| self.attend_part(q, att, sp, row, layer);
+        if let [sp] = spans {
+            let (kv, cache, at, plan) = part(sp, 0);
+            let work = |item| self.attend_item(kv, cache.clone(), &at, &plan, item);
+            if plan.parallel {
+                crate::kernels::team::parallel_for(plan.items(), work);
+            } else {
+                (0..plan.items()).for_each(work);
+            }
+            return;
+        }
+        let mut parts = Vec::with_capacity(spans.len());
+        let mut ends = Vec::with_capacity(spans.len());
+        let (mut items, mut parallel) = (0, false);
+        for sp in spans {
+            let p = part(sp, row);
+            row += sp.tokens.len();
+            items += p.3.items();
+            parallel |= p.3.parallel;
+            ends.push(items);
+            parts.push(p);
+        }
+        let work = |item: usize| {
+            let i = ends.partition_point(|&e| e <= item);
+            let (kv, cache, at, plan) = &parts[i];
+            let first = if i == 0 { 0 } else { ends[i - 1] };
+            self.attend_item(kv, cache.clone(), at, plan, item - first);
+        };
+        if parallel {
+            crate::kernels::team::parallel_for(items, work);
+        } else {
+            (0..items).for_each(work);
         }
     }
 
-    /// [`Llama::attention`] over one layer's cache, `kc` and `vc`, of either element type.
-    fn attend_layer<T: KvElem>(&self, kc: &[T], vc: &[T], at: AttendAt) {
+    /// The cache, its layer's range, the queries and outputs and the task plan of span `sp`,
+    /// whose rows start at `row`.
+    fn attend_part<'a>(
+        &self,
+        q: &'a [f32],
+        att: SyncPtr,
+        sp: &'a Span<'_>,
+        row: usize,
+        layer: usize,
+    ) -> (&'a KvCache, std::ops::Range<usize>, AttendAt<'a>, AttendPlan) {
+        let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.n_heads * self.config.head_dim);
+        let (s, n) = (&*sp.session, sp.tokens.len());
+        let at = AttendAt {
+            q: &q[row * q_dim..(row + n) * q_dim],
+            // SAFETY (of the later writes): rows row..row + n of `att` belong to this span.
+            att: SyncPtr(unsafe { att.get().add(row * q_dim) }),
+            start: s.pos,
+            slots: &s.tree_slots,
+            off: &s.tree_off,
+            n,
+            tree: matches!(sp.kind, SpanKind::Tree { .. }),
+        };
+        let cache = layer * s.capacity() * kv_dim..(layer + 1) * s.capacity() * kv_dim;
+        (&s.kv, cache, at, self.attend_plan(&at))
+    }
+
+    /// How the attention of one span splits into tasks. Short work (the first tokens of a
+    /// context) runs on this thread. Each task takes all the query heads of a KV head: they
+    /// share each key and value row the kernel reads (at long context those come from
+    /// memory), and their sums are independent chains that hide each other's latency. Only
+    /// when there are fewer (KV head, token) items than threads does a task take a single
+    /// query head. Many tokens (prefill) go up to [`TOKENS_PER_ITEM`] to a task, so that all
+    /// their query heads share each key; the latest tokens, which see the most positions, come
+    /// first so that the team finishes together. Every query gets the same result whatever
+    /// the split ([`attend_group`]).
+    fn attend_plan(&self, at: &AttendAt) -> AttendPlan {
         let c = &self.config;
-        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
-        let q_dim = c.n_heads * hd;
         let group = c.n_heads / c.n_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let AttendAt { q, att, start, slots, off, n, tree } = at;
-        // Short work (the first tokens of a context) runs on this thread. Each task takes all the
-        // query heads of a KV head: they share each key and value row the kernel reads (at long
-        // context those come from memory), and their sums are independent chains that hide each
-        // other's latency. Only when there are fewer (KV head, token) items than threads does a
-        // task take a single query head. Many tokens (prefill) go up to [`TOKENS_PER_ITEM`] to
-        // a task, so that all their query heads share each key; the latest tokens, which see
-        // the most positions, come first so that the team finishes together.
+        let (n, start, tree) = (at.n, at.start, at.tree);
         let parallel = n * (start + n) >= PARALLEL_SCORES;
         let split = parallel && n * c.n_kv_heads < rayon::current_num_threads();
         let (heads_per, tokens_per) = if split {
@@ -412,43 +482,59 @@ impl Llama {
             (hp, most.min(per.max(1)))
         };
         let head_chunks = group.div_ceil(heads_per);
-        let blocks = n.div_ceil(tokens_per);
-        let per_block = c.n_kv_heads * head_chunks;
-        let work = |item: usize| {
-            let b = blocks - 1 - item / per_block;
-            let (g, hc) = (item % per_block / head_chunks, item % head_chunks);
-            let (t0, t1) = (b * tokens_per, ((b + 1) * tokens_per).min(n));
-            let heads = hc * heads_per..((hc + 1) * heads_per).min(group);
-            let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: g * hd };
-            // The item's queries (a fixed array: no allocation).
-            let mut qs: [Query; MAX_ITEM_QUERIES] = Default::default();
-            let mut m = 0;
-            for t in t0..t1 {
-                let (prefix, extra) = if tree { (start, &slots[off[t]..off[t + 1]]) } else { (start + t + 1, &[][..]) };
-                for j in heads.clone() {
-                    let h = g * group + j;
-                    let at = t * q_dim + h * hd;
-                    // SAFETY: (token t, head h) owns columns [h·hd, (h+1)·hd) of att row t; t < n.
-                    let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(at), hd) };
-                    qs[m] = Query { q: &q[at..at + hd], prefix, extra, out };
-                    m += 1;
-                }
-            }
-            SCORES.with_borrow_mut(|sc| {
-                let need: usize = qs[..m].iter().map(|q| q.prefix + q.extra.len()).sum();
-                if sc.len() < need {
-                    // Grows rarely: never below 64 Ki floats, then to a power of two.
-                    sc.resize(need.next_power_of_two().max(1 << 16), 0.0);
-                }
-                attend_group(kv, scale, &mut qs[..m], sc);
-            });
-        };
-        let items = blocks * per_block;
-        if parallel {
-            crate::kernels::team::parallel_for(items, work);
-        } else {
-            (0..items).for_each(work);
+        AttendPlan {
+            heads_per,
+            tokens_per,
+            head_chunks,
+            blocks: n.div_ceil(tokens_per),
+            per_block: c.n_kv_heads * head_chunks,
+            parallel,
         }
+    }
+
+    /// Task `item` of a span's attention planned as `p`, over the layer's part `cache` of `kv`.
+    fn attend_item(&self, kv: &KvCache, cache: std::ops::Range<usize>, at: &AttendAt, p: &AttendPlan, item: usize) {
+        match kv {
+            KvCache::F16 { k, v } => self.attend_task(&k[cache.clone()], &v[cache], at, p, item),
+            KvCache::F32 { k, v } => self.attend_task(&k[cache.clone()], &v[cache], at, p, item),
+        }
+    }
+
+    /// [`Llama::attend_item`] over one layer's cache, `kc` and `vc`, of either element type.
+    fn attend_task<T: KvElem>(&self, kc: &[T], vc: &[T], at: &AttendAt, p: &AttendPlan, item: usize) {
+        let c = &self.config;
+        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
+        let q_dim = c.n_heads * hd;
+        let group = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let AttendAt { q, att, start, slots, off, n, tree } = *at;
+        let b = p.blocks - 1 - item / p.per_block;
+        let (g, hc) = (item % p.per_block / p.head_chunks, item % p.head_chunks);
+        let (t0, t1) = (b * p.tokens_per, ((b + 1) * p.tokens_per).min(n));
+        let heads = hc * p.heads_per..((hc + 1) * p.heads_per).min(group);
+        let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: g * hd };
+        // The item's queries (a fixed array: no allocation).
+        let mut qs: [Query; MAX_ITEM_QUERIES] = Default::default();
+        let mut m = 0;
+        for t in t0..t1 {
+            let (prefix, extra) = if tree { (start, &slots[off[t]..off[t + 1]]) } else { (start + t + 1, &[][..]) };
+            for j in heads.clone() {
+                let h = g * group + j;
+                let at = t * q_dim + h * hd;
+                // SAFETY: (token t, head h) owns columns [h·hd, (h+1)·hd) of att row t; t < n.
+                let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(at), hd) };
+                qs[m] = Query { q: &q[at..at + hd], prefix, extra, out };
+                m += 1;
+            }
+        }
+        SCORES.with_borrow_mut(|sc| {
+            let need: usize = qs[..m].iter().map(|q| q.prefix + q.extra.len()).sum();
+            if sc.len() < need {
+                // Grows rarely: never below 64 Ki floats, then to a power of two.
+                sc.resize(need.next_power_of_two().max(1 << 16), 0.0);
+            }
+            attend_group(kv, scale, &mut qs[..m], sc);
+        });
     }
 
     /// The most planes any layer reads, for bit-plane models (`None` when no layer is one):

@@ -1,0 +1,78 @@
+//! The batch-cost curve: time of one forward pass holding the decode tokens of n sequences
+//! (each after its own `DEPTH`-token context, 256 by default), for n = 1..16 (`NS=1,2,4`),
+//! relative to n = 1. `n ÷ ratio` bounds what continuous batching can give over serving the
+//! sequences one pass each: the aggregate decode rate of n clients, as a multiple of one.
+//!
+//! `cargo run --release --example batch_cost -- MODEL [THREADS]` (a GGUF is transcoded first,
+//! as the CLI does; `REPS=` timed passes per n).
+
+use std::time::Instant;
+
+use bitnest::engine::Engine;
+use bitnest::model::{ALL_BITS, Span, SpanKind};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = std::path::PathBuf::from(args.get(1).map(String::as_str).unwrap_or("model.gguf"));
+    let threads: usize = args.get(2).and_then(|t| t.parse().ok()).unwrap_or(2);
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (depth, reps) = (env("DEPTH", 256), env("REPS", 10));
+    let ns: Vec<usize> = std::env::var("NS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or(vec![1, 2, 3, 4, 6, 8, 12, 16]);
+    let path = if bitnest::format::bnest::BnestFile::sniff(&path) {
+        path
+    } else {
+        bitnest::transcode::cached_planes(&path, true)?.unwrap_or(path)
+    };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    pool.install(|| -> anyhow::Result<()> {
+        let engine = Engine::load(&path, None)?;
+        let model = &engine.model;
+        let most = ns.iter().copied().max().unwrap_or(1);
+        let mut sessions = Vec::new();
+        for j in 0..most {
+            let mut s = model.new_batched_session(depth + 8, 512);
+            let ctx: Vec<u32> = (0..depth as u32).map(|i| (i * 7919 + j as u32 * 31) % 20000 + 10).collect();
+            model.forward(&mut s, &ctx, 1)?;
+            sessions.push(s);
+        }
+        let mut scratch = model.new_scratch(most);
+        let tokens: Vec<u32> = (0..most as u32).map(|i| 100 + i * 13).collect();
+        let mut t1 = 0.0;
+        println!("{} threads, depth {depth}, {reps} passes per n: {}", threads, path.display());
+        for &n in &ns {
+            let mut sum = 0.0;
+            for rep in 0..=reps {
+                let mut spans: Vec<Span> = sessions[..n]
+                    .iter_mut()
+                    .zip(&tokens)
+                    .map(|(s, t)| {
+                        s.truncate(depth);
+                        Span { session: s, tokens: std::slice::from_ref(t), kind: SpanKind::Run { logits: 1 } }
+                    })
+                    .collect();
+                let t = Instant::now();
+                model.forward_batch(&mut scratch, &mut spans, ALL_BITS)?;
+                if rep > 0 {
+                    sum += t.elapsed().as_secs_f64();
+                }
+            }
+            // (The first pass of each n warms up and is not counted.)
+            let mean = sum / reps.max(1) as f64;
+            if n == ns[0] {
+                t1 = mean;
+            }
+            println!(
+                "n={n:3}  pass {:8.2} ms  ×{:5.2} of n={}  bound ×{:5.2} aggregate ({:7.1} tok/s)",
+                mean * 1e3,
+                mean / t1,
+                ns[0],
+                n as f64 * t1 / mean,
+                n as f64 / mean
+            );
+        }
+        Ok(())
+    })
+}
