@@ -6,10 +6,10 @@
 
 pub mod bench;
 pub mod chat;
+pub mod decode;
 pub mod engine;
 pub mod fetch;
 pub mod format;
-pub mod decode;
 pub mod kernels;
 pub mod model;
 pub mod ppl;

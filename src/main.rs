@@ -18,9 +18,9 @@ use bitnest::engine::Engine;
 use bitnest::fetch::resolve_model;
 use std::sync::{Arc, Mutex};
 
+use bitnest::decode::{Decoder, Sequence};
 use bitnest::quant::{GroupDtype, QuantConfig};
 use bitnest::sampling::Sampler;
-use bitnest::decode::{Decoder, Sequence};
 use bitnest::spec::{SpecMode, Speculator, TokenRecycler};
 
 fn main() -> ExitCode {
@@ -292,7 +292,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
 }
 
 fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
-    use bitnest::spec::{SpecMode, SpecOptions, bench};
+    use bitnest::bench::spec as bench;
+    use bitnest::spec::{SpecMode, SpecOptions};
     fn list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>> {
         s.split(',').map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("bad {what} {x:?}"))).collect()
     }

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use anyhow::Result;
 
 use bitnest::chat::Message;
+use bitnest::decode::{Decoder, GenerationStats, Sequence};
 use bitnest::engine::Engine;
 use bitnest::format::bnest::BnestFile;
-use bitnest::decode::{Decoder, GenerationStats, Sequence};
 use bitnest::model::BitsPlan;
 use bitnest::sampling::{Sampler, SamplingParams};
 use bitnest::spec::{SpecMode, SpecOptions, Speculator, TokenRecycler};

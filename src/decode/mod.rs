@@ -17,8 +17,8 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::Serialize;
 
-pub use sequence::{Parts, Sequence};
 use sequence::State;
+pub use sequence::{Parts, Sequence};
 
 use crate::model::{ALL_BITS, Llama, Scratch, Span, SpanKind};
 use crate::spec::{Pick, StepEnd};
@@ -65,7 +65,9 @@ pub struct StepReport {
 enum Work {
     Idle,
     /// Prompt tokens `fed..end`.
-    Prefill { end: usize },
+    Prefill {
+        end: usize,
+    },
     /// The history's last token, to sample the next from.
     Decode,
     /// Its speculator's draft tree.
@@ -243,24 +245,28 @@ impl<'m> Decoder<'m> {
         report.secs = t0.elapsed().as_secs_f64();
         Ok(report)
     }
-
 }
 
 /// Samples the token after `row` for `seq`, whose history's last token `row` belongs to, and
 /// moves the sequence on; returns the tokens output (0 or 1).
-fn sample(stop_ids: &[u32], seq: &mut Sequence, row: &[f32], judge: &mut impl FnMut(bool, u32, &[f32]) -> Pick) -> usize {
-        let id = seq.sampler.sample(row, &seq.history);
-        if stop_ids.contains(&id) {
-            seq.end_with(FinishReason::Stop);
-            return 0;
-        }
-        let last = seq.out.count();
-        seq.history.push(id);
-        match judge(last, id, row) {
-            Pick::Take => seq.state = State::Decode,
-            Pick::TakeLast => seq.state = State::Feed(FinishReason::Length),
-            Pick::TakeAndStop => seq.end_with(FinishReason::Cancelled),
-            Pick::Refuse => unreachable!("the judge refuses only end-of-text tokens"),
-        }
-        1
+fn sample(
+    stop_ids: &[u32],
+    seq: &mut Sequence,
+    row: &[f32],
+    judge: &mut impl FnMut(bool, u32, &[f32]) -> Pick,
+) -> usize {
+    let id = seq.sampler.sample(row, &seq.history);
+    if stop_ids.contains(&id) {
+        seq.end_with(FinishReason::Stop);
+        return 0;
     }
+    let last = seq.out.count();
+    seq.history.push(id);
+    match judge(last, id, row) {
+        Pick::Take => seq.state = State::Decode,
+        Pick::TakeLast => seq.state = State::Feed(FinishReason::Length),
+        Pick::TakeAndStop => seq.end_with(FinishReason::Cancelled),
+        Pick::Refuse => unreachable!("the judge refuses only end-of-text tokens"),
+    }
+    1
+}

@@ -221,7 +221,13 @@ impl Llama {
         let n = tokens.len();
         ensure!(n <= s.max_batch(), "a tree of {n} nodes exceeds the batch size {}", s.max_batch());
         let mut sc = std::mem::take(&mut s.scratch);
-        let r = self.forward_batch(&mut sc, &mut [Span { session: &mut *s, tokens, kind: SpanKind::Tree { parents } }], max_bits).map(|_| ());
+        let r = self
+            .forward_batch(
+                &mut sc,
+                &mut [Span { session: &mut *s, tokens, kind: SpanKind::Tree { parents } }],
+                max_bits,
+            )
+            .map(|_| ());
         s.scratch = sc;
         r?;
         Ok(&s.scratch.logits[..n * self.config.vocab_size])
@@ -239,13 +245,16 @@ impl Llama {
                 anyhow::bail!("two spans of one batched pass share a session");
             }
             match sp.kind {
-                SpanKind::Run { logits } => ensure!(
-                    logits <= sp.tokens.len(),
-                    "asked for {logits} logit rows from {} tokens",
-                    sp.tokens.len()
-                ),
+                SpanKind::Run { logits } => {
+                    ensure!(logits <= sp.tokens.len(), "asked for {logits} logit rows from {} tokens", sp.tokens.len())
+                }
                 SpanKind::Tree { parents } => {
-                    ensure!(parents.len() == sp.tokens.len(), "{} parents for {} tree nodes", parents.len(), sp.tokens.len());
+                    ensure!(
+                        parents.len() == sp.tokens.len(),
+                        "{} parents for {} tree nodes",
+                        parents.len(),
+                        sp.tokens.len()
+                    );
                     if let Some((i, p)) = parents.iter().enumerate().find(|&(i, p)| p.is_some_and(|p| p >= i)) {
                         anyhow::bail!("tree node {i} has parent {}, which does not come before it", p.unwrap_or(0));
                     }

@@ -9,6 +9,6 @@ pub mod source;
 
 pub use config::LlamaConfig;
 pub use llama::{ALL_BITS, Llama, Span, SpanKind};
-pub use session::{KvType, Scratch, Session};
 pub use plan::BitsPlan;
+pub use session::{KvType, Scratch, Session};
 pub use source::ModelSource;

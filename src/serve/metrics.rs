@@ -143,7 +143,12 @@ impl Metrics {
             "Mean tokens (prompt chunks, decode tokens, draft nodes) per forward pass, since start.",
             &[("", per(&self.step_rows, &self.steps))],
         );
-        metric("bitnest_batch_size", "gauge", "Sequences in the latest forward pass.", &[("", g(&self.batch_size) as f64)]);
+        metric(
+            "bitnest_batch_size",
+            "gauge",
+            "Sequences in the latest forward pass.",
+            &[("", g(&self.batch_size) as f64)],
+        );
         metric(
             "bitnest_queue_seconds_mean",
             "gauge",

@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::Stream;
 
-use bitnest::engine::Engine;
 use bitnest::decode::FinishReason;
+use bitnest::engine::Engine;
 
 use super::api::{self, GenParams, PromptInput};
 use super::error::ApiError;

@@ -330,7 +330,12 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 
 /// The request's sequence in `slot`, or the request and slot back with the reason it cannot run.
 #[allow(clippy::result_large_err)]
-fn admit<'e>(engine: &'e Engine, job: Job, slot: Slot, metrics: &Metrics) -> Result<Active<'e>, (Job, Slot, anyhow::Error)> {
+fn admit<'e>(
+    engine: &'e Engine,
+    job: Job,
+    slot: Slot,
+    metrics: &Metrics,
+) -> Result<Active<'e>, (Job, Slot, anyhow::Error)> {
     let reuse = match Sequence::check(&slot.session, &slot.cached, &job.prompt) {
         Ok(r) => r,
         Err(e) => return Err((job, slot, e)),

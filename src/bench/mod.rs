@@ -9,6 +9,7 @@
 //! per token, which llama-bench does not pay) and ignores end-of-text tokens, so every
 //! repetition makes the same number of passes at the same positions.
 
+pub mod spec;
 
 use anyhow::{Result, ensure};
 use serde::Serialize;

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
 
-use super::{SpecOptions, SpecStats, Speculator, TokenRecycler};
 use crate::chat::Message;
-use crate::engine::Engine;
 use crate::decode::{Decoder, Sequence};
+use crate::engine::Engine;
 use crate::model::Session;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::spec::{SpecOptions, SpecStats, Speculator, TokenRecycler};
 
 /// One prompt of a Spec-Bench style JSONL file (`{"question_id", "category", "turns": [...]}`).
 #[derive(Debug, Clone, Deserialize)]
