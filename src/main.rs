@@ -237,7 +237,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         engine.tokenizer.encode(&a.prompt, true)?
     };
     let ctx = context_size(&engine, a.ctx)?;
-    let session = engine.model.new_session(ctx, 512);
+    let session = engine.model.new_batched_session(ctx, 512);
     let spec = (spec.opts.mode != SpecMode::None).then_some(spec);
     let mut seq = Sequence::new(session, &[], &prompt, a.max_tokens, Sampler::new(params), spec)?;
     let mut decoder = Decoder::new(&engine.model, engine.stop_ids(), 512);

@@ -59,7 +59,7 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
             eprintln!("bitnest: cannot catch Ctrl-C ({e}); it will end the program");
         }
     }
-    let mut session = engine.model.new_session(o.ctx, 512);
+    let mut session = engine.model.new_batched_session(o.ctx, 512);
     let mut sampler = Sampler::new(o.params.clone());
     // One Token Recycling matrix for the whole conversation (hot start across turns).
     let recycler = Arc::new(std::sync::Mutex::new(TokenRecycler::new(engine.model.config.vocab_size)));
@@ -107,7 +107,7 @@ pub fn chat(mut engine: Engine, o: ChatOptions) -> Result<()> {
                             Ok(mut e) => {
                                 e.model.kv_type = engine.model.kv_type;
                                 engine = e;
-                                session = engine.model.new_session(o.ctx, 512);
+                                session = engine.model.new_batched_session(o.ctx, 512);
                                 cached.clear();
                                 if let Err(e) = spec.check(&engine.model) {
                                     eprintln!("[{e:#}; speculative decoding is off]");

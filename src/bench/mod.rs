@@ -108,7 +108,7 @@ pub fn run_bench(model: &Llama, opts: &BenchOptions) -> Result<BenchResult> {
         opts.n_gen,
         model.rope.max_pos()
     );
-    let mut session = Some(model.new_session(capacity, opts.max_batch.clamp(1, capacity)));
+    let mut session = Some(model.new_batched_session(capacity, opts.max_batch.clamp(1, capacity)));
     // The context every test starts from: the same tokens each time, before the clock starts.
     let context = bench_tokens(opts.depth, vocab, opts.bos);
     // Both tests go through the decode driver, greedy and without end-of-text tokens: `tokens`
@@ -117,9 +117,7 @@ pub fn run_bench(model: &Llama, opts: &BenchOptions) -> Result<BenchResult> {
     let mut test = |tokens: &[u32], n: usize| -> Result<GenerationStats> {
         let mut s = session.take().expect("the session comes back");
         s.reset();
-        if !context.is_empty() {
-            model.forward(&mut s, &context, 1)?;
-        }
+        decoder.feed(&mut s, &context)?;
         let prompt: Vec<u32> = context.iter().chain(tokens).copied().collect();
         let mut seq = Sequence::new(s, &context, &prompt, n, Sampler::new(SamplingParams::greedy()), None)?;
         let stats = decoder.generate(&mut seq, |_, _| ControlFlow::Continue(()));

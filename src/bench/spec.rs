@@ -128,7 +128,7 @@ pub fn run(
     warmup: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<SpecBenchResult>> {
-    let mut session = Some(engine.model.new_session(ctx, 512));
+    let mut session = Some(engine.model.new_batched_session(ctx, 512));
     let mut dec = Decoder::new(&engine.model, engine.stop_ids(), 512);
     let first = prompt_ids(engine, &prompts[0])?;
     let mut specs = Vec::new();

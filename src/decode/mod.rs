@@ -20,7 +20,7 @@ use serde::Serialize;
 use sequence::State;
 pub use sequence::{Parts, Sequence};
 
-use crate::model::{ALL_BITS, Llama, Scratch, Span, SpanKind};
+use crate::model::{ALL_BITS, Llama, Scratch, Session, Span, SpanKind};
 use crate::spec::{Pick, StepEnd};
 
 /// Why generation ended.
@@ -96,6 +96,16 @@ impl<'m> Decoder<'m> {
 
     pub fn model(&self) -> &'m Llama {
         self.model
+    }
+
+    /// Runs `tokens` into `session` (no logits), in passes of at most the prefill budget, on
+    /// this driver's buffers: a context to start from.
+    pub fn feed(&mut self, session: &mut Session, tokens: &[u32]) -> Result<()> {
+        for chunk in tokens.chunks(self.prefill_budget) {
+            let span = Span { session: &mut *session, tokens: chunk, kind: SpanKind::Run { logits: 0 } };
+            self.model.forward_batch(&mut self.scratch, &mut [span], ALL_BITS)?;
+        }
+        Ok(())
     }
 
     /// Generates `seq` to its end, alone; `on_token` sees each output id (not end-of-text ones)
