@@ -155,11 +155,13 @@ def main():
     p.add_argument("--llama-extra", default="", help="extra llama-server flags (e.g. --no-repack)")
     p.add_argument("--bitnest-extra", default="", help="extra bitnest serve flags (e.g. --spec none)")
     p.add_argument("--out", required=True, help="JSON-lines output")
+    p.add_argument("--curve", help="examples/batch_cost output: adds bitnest's batching bound to the table")
+    p.add_argument("--report-only", action="store_true", help="only print the tables of the rows in --out")
     a = p.parse_args()
     prompts = [json.loads(line)["turns"][0] for line in open(a.prompts) if line.strip()]
     servers = ["bitnest"] + (["llama.cpp"] if a.llama_server else [])
-    rows = []
-    for n in [int(x) for x in a.clients.split(",")]:
+    rows = [json.loads(line) for line in open(a.out)] if a.report_only else []
+    for n in [] if a.report_only else [int(x) for x in a.clients.split(",")]:
         for server in servers:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
@@ -211,6 +213,22 @@ def main():
                   f"{f(b, 'per_request_tok_s')} | {f(l, 'per_request_tok_s')} | {pair(b, 'ttft')} | {pair(l, 'ttft')} | "
                   f"{pair(b, 'latency')} | {pair(l, 'latency')} | {b['errors']}/{l['errors'] if l else '–'} | "
                   f"{b['peak_rss_mib'] or 0:.0f}/{(l['peak_rss_mib'] or 0) if l else 0:.0f} |")
+    if a.curve:
+        # "n=  8  pass ... bound × 2.17 aggregate ..." → {8: 2.17}
+        bound = {}
+        for line in open(a.curve):
+            if line.startswith("n=") and "bound ×" in line:
+                bound[int(line[2:].split()[0])] = float(line.split("bound ×")[1].split()[0])
+        print()
+        print("| clients | mode | bitnest aggregate tok/s | × of 1 client | batch-cost bound × | measured ÷ bound |")
+        print("|---|---|---|---|---|---|")
+        for n in [int(x) for x in a.clients.split(",")]:
+            for mode in a.modes.split(","):
+                b, one = by.get(("bitnest", n, mode)), by.get(("bitnest", 1, mode))
+                if not b or not one or n not in bound:
+                    continue
+                x = b["aggregate_tok_s"] / one["aggregate_tok_s"]
+                print(f"| {n} | {mode} | {b['aggregate_tok_s']:.1f} | {x:.2f}× | {bound[n]:.2f}× | {x / bound[n]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 #
 # Settings (environment): T=2 threads, CLIENTS="1 2 4 8 16", DURATION=30 seconds per
 # configuration, CTX=2048 tokens per slot, MAX_TOKENS=128, MODES="greedy,sampled",
-# SPEC=none (bitnest's --spec; llama-server runs without a draft model), LLAMA_EXTRA (extra
+# CURVE_DEPTH=384 (context of the batch-cost curve: about the load's mean, a dev prompt's ~300
+# tokens and half an answer), SPEC=none (bitnest's --spec; llama-server runs without a draft model), LLAMA_EXTRA (extra
 # llama-server flags; --no-repack is added when llama.cpp's repacked buffers fail on this CPU).
 # llama-server is built by `ONLY=build bash bench/compare-llamacpp.sh` (once, into the cache).
 set -euo pipefail
@@ -56,13 +57,14 @@ $B inspect --model "$SRC" >/dev/null
 mkdir -p "$RESULTS"
 REPORT=$RESULTS/serve-load-$STAMP.md
 RAW=$RESULTS/serve-load-$STAMP.jsonl
-CURVE=$(./target/release/examples/batch_cost "$SRC" "$T" 2>/dev/null)
+CURVE=$(NS=1,2,4,8,16 DEPTH=${CURVE_DEPTH:-384} ./target/release/examples/batch_cost "$SRC" "$T" 2>/dev/null)
+echo "$CURVE" >"$RESULTS/serve-load-$STAMP.curve"
 log "batch-cost curve:"
 echo "$CURVE" >&2
 TABLE=$(python3 bench/serve-load.py --bitnest "$B" --llama-server "$BIN/llama-server" --model "$SRC" \
   --prompts "${PROMPTS:-../shared/data/specbench-dev.jsonl}" --clients "$(echo $CLIENTS | tr ' ' ,)" \
   --duration "$DURATION" --ctx "$CTX" --max-tokens "$MAX_TOKENS" --threads "$T" --modes "$MODES" \
-  --llama-extra="$LLAMA_EXTRA" --bitnest-extra="--spec $SPEC" --out "$RAW")
+  --llama-extra="$LLAMA_EXTRA" --bitnest-extra="--spec $SPEC" --out "$RAW" --curve "$RESULTS/serve-load-$STAMP.curve")
 {
   echo "# Serving under load: $(basename "$SRC")"
   echo
@@ -70,7 +72,7 @@ TABLE=$(python3 bench/serve-load.py --bitnest "$B" --llama-server "$BIN/llama-se
   echo "$T threads, $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); per-slot context $CTX,"
   echo "$MAX_TOKENS new tokens, $DURATION s per configuration; bitnest \`--spec $SPEC\`; llama-server \`$LLAMA_EXTRA\`."
   echo
-  echo "## Batch-cost curve (\`examples/batch_cost\`, depth 256)"
+  echo "## Batch-cost curve (\`examples/batch_cost\`, depth ${CURVE_DEPTH:-384})"
   echo
   echo '```'
   echo "$CURVE"

@@ -1,5 +1,6 @@
 //! The batch-cost curve: time of one forward pass holding the decode tokens of n sequences
 //! (each after its own `DEPTH`-token context, 256 by default), for n = 1..16 (`NS=1,2,4`),
+//! the median over `ROUNDS` (5) rounds that each time every n in turn,
 //! relative to n = 1. `n ÷ ratio` bounds what continuous batching can give over serving the
 //! sequences one pass each: the aggregate decode rate of n clients, as a multiple of one.
 //!
@@ -40,37 +41,49 @@ fn main() -> anyhow::Result<()> {
         }
         let mut scratch = model.new_scratch(most);
         let tokens: Vec<u32> = (0..most as u32).map(|i| 100 + i * 13).collect();
-        let mut t1 = 0.0;
-        println!("{} threads, depth {depth}, {reps} passes per n: {}", threads, path.display());
-        for &n in &ns {
-            let mut sum = 0.0;
-            for rep in 0..=reps {
-                let mut spans: Vec<Span> = sessions[..n]
-                    .iter_mut()
-                    .zip(&tokens)
-                    .map(|(s, t)| {
-                        s.truncate(depth);
-                        Span { session: s, tokens: std::slice::from_ref(t), kind: SpanKind::Run { logits: 1 } }
-                    })
-                    .collect();
-                let t = Instant::now();
-                model.forward_batch(&mut scratch, &mut spans, ALL_BITS)?;
-                if rep > 0 {
-                    sum += t.elapsed().as_secs_f64();
+        // Rounds over every n, so that a slow spell of a shared host falls on all of them; the
+        // median of an n's round means is reported.
+        let rounds = env("ROUNDS", 5);
+        let mut means = vec![Vec::new(); ns.len()];
+        for _ in 0..rounds {
+            for (k, &n) in ns.iter().enumerate() {
+                let mut sum = 0.0;
+                for rep in 0..=reps {
+                    let mut spans: Vec<Span> = sessions[..n]
+                        .iter_mut()
+                        .zip(&tokens)
+                        .map(|(s, t)| {
+                            s.truncate(depth);
+                            Span { session: s, tokens: std::slice::from_ref(t), kind: SpanKind::Run { logits: 1 } }
+                        })
+                        .collect();
+                    let t = Instant::now();
+                    model.forward_batch(&mut scratch, &mut spans, ALL_BITS)?;
+                    // (The first pass of each n warms up and is not counted.)
+                    if rep > 0 {
+                        sum += t.elapsed().as_secs_f64();
+                    }
                 }
+                means[k].push(sum / reps.max(1) as f64);
             }
-            // (The first pass of each n warms up and is not counted.)
-            let mean = sum / reps.max(1) as f64;
-            if n == ns[0] {
-                t1 = mean;
-            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let med: Vec<f64> = means.iter_mut().map(median).collect();
+        println!(
+            "{threads} threads, depth {depth}, median of {rounds} rounds of {reps} passes per n: {}",
+            path.display()
+        );
+        for (k, &n) in ns.iter().enumerate() {
             println!(
                 "n={n:3}  pass {:8.2} ms  ×{:5.2} of n={}  bound ×{:5.2} aggregate ({:7.1} tok/s)",
-                mean * 1e3,
-                mean / t1,
+                med[k] * 1e3,
+                med[k] / med[0],
                 ns[0],
-                n as f64 * t1 / mean,
-                n as f64 / mean
+                n as f64 * med[0] / med[k],
+                n as f64 / med[k]
             );
         }
         Ok(())

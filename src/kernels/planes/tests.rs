@@ -445,7 +445,7 @@ fn transcoded_layouts_on_every_path() {
                 lin.row_at(i, &mut row, r);
                 assert_eq!(row, &w[i * cols..(i + 1) * cols], "{what} r{r} row {i}");
             }
-            for n in [1, 3, 4, 9, 21] {
+            for n in [1, 3, 4, 6, 8, 9, 21] {
                 let x = heavy(&mut rng, n * cols);
                 let mut want = vec![0f32; n * rows];
                 lin.forward_with(&x, n, &mut want, r, Isa::Scalar);

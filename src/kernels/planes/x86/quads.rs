@@ -48,41 +48,26 @@ unsafe fn tile_quads_r<const R: usize>(
     let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { bytes.as_ptr().add(p * plane_len) });
     // A tile starts where its row-major original does; 64 columns are 16 words per plane.
     let at0 = tile * TILE * ctx.row_bytes;
-    if n <= QUADS_SMALL {
-        unsafe {
-            match n {
-                // Sub-blocks of 16 take the general loop, whose halves are each their own sum.
-                1 if sub.size == SUB => quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out),
-                1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, 0, out),
-                _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, 0, out),
-            }
-        }
-        return;
+    // One token of sub-blocks of 32 has a loop of its own.
+    if n == 1 && sub.size == SUB {
+        return unsafe { quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out) };
     }
-    if sub.size != SUB {
-        // Sub-blocks of 16: blocks of eight tokens with the codes from registers.
+    if n <= QUADS_SMALL || sub.size != SUB {
+        // Blocks of at most four tokens, as even as possible (eight as 4 + 4, seven as 4 + 3):
+        // beyond four, a block's accumulators no longer fit the 32 registers and spill.
         let mut t0 = 0;
         while t0 < n {
             let left = n - t0;
+            let nt = if left <= QUADS_BLOCK { left } else { left.div_ceil(left.div_ceil(QUADS_BLOCK)) };
             unsafe {
-                match left {
+                match nt {
                     1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, t0, out),
                     2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, t0, out),
                     3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    4 => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    5 => quads_tokens::<R, 5>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    6 => quads_tokens::<R, 6>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    7 => quads_tokens::<R, 7>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    _ => quads_tokens::<R, 8>(ctx, sub, tile, &planes, at0, acts, t0, out),
+                    _ => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, t0, out),
                 }
             }
-            t0 += QUADS_SMALL;
+            t0 += nt;
         }
         return;
     }
@@ -230,6 +215,9 @@ unsafe fn quads_one<const R: usize>(
 /// Most tokens [`quads_tokens`] takes (codes used straight from registers); larger batches
 /// build each group's codes into a buffer once and go through [`SubJob`].
 const QUADS_SMALL: usize = 8;
+/// Most tokens one pass of [`quads_tokens`] takes: its accumulators for four tokens fill the
+/// 32 registers (at eight, they spilled and a pass cost twice that of four).
+const QUADS_BLOCK: usize = 4;
 
 /// The table lookups a tile's group needs with rows in lanes: per datatype present that is not
 /// the identity at `r`, its table and a byte mask of its rows (four bytes a row). Uniform INT
