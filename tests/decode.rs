@@ -37,7 +37,7 @@ fn sequences_stepped_together_get_what_they_get_alone() {
     let seeded = |t: f32, seed: u64| SamplingParams { temperature: t, seed: Some(seed), ..SamplingParams::greedy() };
     let long = "The history of the city goes back to Roman times, when a small settlement grew up beside the river. \
                 Over the centuries it became a market town, then an industrial centre, and today";
-    let cases = vec![
+    let cases = [
         Case { prompt: text("Once upon a time"), max_tokens: 24, params: SamplingParams::greedy(), spec: None },
         Case { prompt: text(long), max_tokens: 20, params: seeded(0.8, 7), spec: None },
         Case {
