@@ -56,6 +56,20 @@ def peak_rss_mib(pid):
     return None
 
 
+def scrape(base):
+    """bitnest's counters (empty for a server without them)."""
+    out = {}
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("bitnest_") and " " in line:
+                    k, v = line.rsplit(" ", 1)
+                    out[k] = float(v)
+    except Exception:  # noqa: BLE001 - llama-server has other metrics, or none
+        pass
+    return out
+
+
 def chat_stream(base, body):
     """One streamed chat completion: (completion tokens, ttft s, total s)."""
     req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST")
@@ -178,7 +192,17 @@ def main():
                 chat_stream(base, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
                                    "temperature": 0, "stream": True})
                 for mode in a.modes.split(","):
+                    before = scrape(base)
                     r = run_load(base, prompts, n, a.duration, a.max_tokens, mode == "sampled")
+                    after = scrape(base)
+                    d = lambda k: after.get(k, 0.0) - before.get(k, 0.0)  # noqa: E731
+                    if after:
+                        # bitnest's own split of the pass time: prompt tokens' share and decode's.
+                        pre, dec = d("bitnest_prefill_seconds_total"), d("bitnest_decode_seconds_total")
+                        steps = d("bitnest_steps_total")
+                        r.update(prefill_share=pre / (pre + dec) if pre + dec else 0.0,
+                                 decode_only_tok_s=d("bitnest_generated_tokens_total") / dec if dec else 0.0,
+                                 passes=steps)
                     r.update(server=server, clients=n, mode=mode, peak_rss_mib=peak_rss_mib(proc.pid),
                              ctx_per_slot=a.ctx, threads=a.threads, max_tokens=a.max_tokens)
                     rows.append(r)
@@ -220,15 +244,19 @@ def main():
             if line.startswith("n=") and "bound ×" in line:
                 bound[int(line[2:].split()[0])] = float(line.split("bound ×")[1].split()[0])
         print()
-        print("| clients | mode | bitnest aggregate tok/s | × of 1 client | batch-cost bound × | measured ÷ bound |")
-        print("|---|---|---|---|---|---|")
+        print("| clients | mode | bitnest aggregate tok/s | × of 1 client | batch-cost bound × | measured ÷ bound | "
+              "prompt share of pass time | decode tokens ÷ decode time | its × of 1 client | its ÷ bound |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for n in [int(x) for x in a.clients.split(",")]:
             for mode in a.modes.split(","):
                 b, one = by.get(("bitnest", n, mode)), by.get(("bitnest", 1, mode))
                 if not b or not one or n not in bound:
                     continue
                 x = b["aggregate_tok_s"] / one["aggregate_tok_s"]
-                print(f"| {n} | {mode} | {b['aggregate_tok_s']:.1f} | {x:.2f}× | {bound[n]:.2f}× | {x / bound[n]:.2f} |")
+                y = b.get("decode_only_tok_s", 0) / one["decode_only_tok_s"] if one.get("decode_only_tok_s") else 0
+                print(f"| {n} | {mode} | {b['aggregate_tok_s']:.1f} | {x:.2f}× | {bound[n]:.2f}× | {x / bound[n]:.2f} | "
+                      f"{100 * b.get('prefill_share', 0):.0f}% | {b.get('decode_only_tok_s', 0):.1f} | {y:.2f}× | "
+                      f"{y / bound[n]:.2f} |")
 
 
 if __name__ == "__main__":
