@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::gfni::{codes_crumb2, codes_gf};
-use super::{MAX_SUB_CH, SubJob, azo16, code_free_sums, levels512, sub_multipliers, sub_terms16};
+use super::{MAX_SUB_CH, SubJob, azo16, levels512, sub_multipliers, sub_terms16};
 use crate::kernels::SyncPtr;
 use crate::kernels::planes::{Ctx, Levels, QuantActs, SUB, SubMeta, TILE, TileMeta};
 use crate::quant::dtype::EVERY as ALL;
@@ -257,13 +257,11 @@ impl<'a> Lookups<'a> {
     }
 }
 
-/// `NT` tokens (small verification trees; one token of sub-blocks of 32 goes through
-/// [`quads_one`]) against one
-/// full tile of tile-interleaved planes: per sub-block, eight code vectors built once and used
-/// by every token's `vpdpbusd`, then the same float steps as every path. Each token keeps two
-/// `vpdpbusd` chains up to four tokens (beyond, the tokens' own chains hide the latency). Up to
-/// four tokens, the code-free sums run in the same pass (their registers fit); beyond, after
-/// it.
+/// `NT` ≤ [`QUADS_BLOCK`] tokens (small batches and verification trees, in blocks; one token
+/// of sub-blocks of 32 goes through [`quads_one`]) against one full tile of tile-interleaved
+/// planes: per sub-block, eight code vectors built once and used by every token's `vpdpbusd`,
+/// then the same float steps as every path. Each token keeps two `vpdpbusd` chains, and the
+/// code-free sums run in the same pass (the registers of four tokens fit).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn quads_tokens<const R: usize, const NT: usize>(
@@ -280,8 +278,8 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
         let rd = TileReads::new(ctx, sub, tile, acts, t0, NT);
         let (q8, e, eq, eq16, blocks) = (rd.q8, rd.e, rd.eq, rd.eq16, rd.blocks);
         let halves = sub.size != SUB;
-        let merged = NT <= 4 || halves;
-        let chains = if NT <= 4 { 2 } else { 1 };
+        // (At most four tokens: their accumulators fill the registers.)
+        const { assert!(NT <= QUADS_BLOCK) };
         let mut sums = [_mm512_setzero_ps(); NT];
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
@@ -307,7 +305,7 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
                             for t in 0..NT {
                                 let q =
                                     (q8.add(t * acts.padded + 32 * k + 16 * h + 4 * j) as *const i32).read_unaligned();
-                                dot[t][j % chains] = _mm512_dpbusd_epi32(dot[t][j % chains], c, _mm512_set1_epi32(q));
+                                dot[t][j % 2] = _mm512_dpbusd_epi32(dot[t][j % 2], c, _mm512_set1_epi32(q));
                             }
                         }
                         let (sc, mn) = rd.multipliers(2 * k + h);
@@ -324,7 +322,7 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
                 }
                 for (j, c) in codes.into_iter().enumerate() {
                     let c = looks.apply::<R>(c);
-                    let chain = j % chains;
+                    let chain = j % 2;
                     for t in 0..NT {
                         let q = (q8.add(t * acts.padded + 32 * k + 4 * j) as *const i32).read_unaligned();
                         dot[t][chain] = _mm512_dpbusd_epi32(dot[t][chain], c, _mm512_set1_epi32(q));
@@ -336,16 +334,11 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
                     let ek = _mm512_set1_ps(*e.add(t * blocks + k));
                     fs[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, ek), fs[t][0]);
                 }
-                if merged {
-                    for t in 0..NT {
-                        let eqk = _mm512_set1_ps(*eq.add(t * blocks + k));
-                        fs[t][1] = _mm512_fmadd_ps(sc, eqk, fs[t][1]);
-                        fs[t][2] = _mm512_fmadd_ps(mn, eqk, fs[t][2]);
-                    }
+                for t in 0..NT {
+                    let eqk = _mm512_set1_ps(*eq.add(t * blocks + k));
+                    fs[t][1] = _mm512_fmadd_ps(sc, eqk, fs[t][1]);
+                    fs[t][2] = _mm512_fmadd_ps(mn, eqk, fs[t][2]);
                 }
-            }
-            if !merged {
-                code_free_sums(sub, tile, 2 * chunks.start..2 * chunks.end, acts, t0, &mut fs);
             }
             let (a, z, o) = azo16(ctx, m);
             for t in 0..NT {
