@@ -250,7 +250,7 @@ pub(crate) struct ServeArgs {
     /// Context size per request in tokens (prompt + answer); each slot's KV cache holds this many.
     #[arg(long, default_value_t = 2048)]
     pub(crate) ctx: usize,
-    /// Requests generated at once (round-robin, one KV cache each).
+    /// Requests generated at once (one KV cache each; every step runs them all in one forward pass).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub(crate) parallel: u32,
     /// Requests that may wait for a slot; beyond that the server answers 503.
@@ -259,7 +259,8 @@ pub(crate) struct ServeArgs {
     /// Largest request body accepted, in bytes (larger: 400, `request_too_large`).
     #[arg(long, default_value_t = 1 << 20)]
     pub(crate) max_body: usize,
-    /// Prompt tokens computed per scheduling step (a long prompt yields to the others between chunks).
+    /// Prompt tokens computed per step, over all requests still in their prompt (a long prompt
+    /// shares each step with the others' decode tokens).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) prefill_chunk: u32,
     #[command(flatten)]

@@ -1,8 +1,10 @@
 //! The llama-family transformer (llama, Mistral, Qwen2): embeddings → blocks → output head.
 //!
-//! Read top to bottom, [`Llama::forward`] is the whole model. The weights are immutable and
-//! shared; everything that changes while decoding lives in a [`Session`] (KV cache and scratch
-//! buffers sized once), so the decode loop allocates nothing per token.
+//! Read top to bottom, [`Llama::forward_batch`] → `blocks_pass` is the whole model. The weights
+//! are immutable and shared; what changes while decoding lives in a [`Session`] per sequence
+//! (KV cache, position) and in a [`Scratch`] per pass (activation buffers, grown to the largest
+//! pass and then reused), so a pass allocates nothing once its size has been seen (a pass over
+//! several sequences allocates only its attention task list).
 
 use std::sync::Arc;
 

@@ -1,13 +1,15 @@
-//! The inference worker: one thread owns the forward passes and interleaves the requests.
+//! The inference worker: one thread owns the forward passes and batches the requests.
 //!
-//! The engine core is synchronous and already spreads each matmul over every core with rayon,
-//! so running requests on several threads at once would only make them fight over the same
-//! cores. Instead one worker thread (a rayon pool thread, so the kernels' parallel jobs stay
-//! allocation-free) holds up to `parallel` requests, each in its own *slot* (a KV-cache
-//! [`Session`]), and round-robins one step at a time over them: a step is one decode token, or
-//! one chunk of at most `prefill_chunk` prompt tokens, so a long prompt cannot stall the others
-//! for more than a chunk. Requests beyond `parallel` wait in a bounded channel; the HTTP side
-//! answers 503 when it is full.
+//! The engine core is synchronous and already spreads each matmul over every core, so running
+//! requests on several threads at once would only make them fight over the same cores. Instead
+//! one worker thread (a rayon pool thread, so the kernels' parallel jobs stay allocation-free)
+//! holds up to `parallel` requests, each in its own *slot* (a KV-cache [`Session`]), and drives
+//! the decode driver ([`Decoder`]) over them: each step is one forward pass holding every active
+//! request's decode token (or draft tree) and prompt chunks up to `prefill_chunk` tokens in all,
+//! so the weights are read once per step for all of them, and a long prompt delays the others
+//! by at most a chunk. Requests join and leave between steps; each gets exactly the tokens it
+//! would get alone. Requests beyond `parallel` wait in a bounded channel; the HTTP side answers
+//! 503 when it is full.
 //!
 //! Slots are created on demand (at most `parallel`) and kept, with the tokens their cache holds:
 //! a new request takes the free slot whose cache shares the longest prefix with its prompt and
