@@ -18,7 +18,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use sequence::State;
-pub use sequence::{Parts, Sequence};
+pub use sequence::{Parts, Sequence, common_prefix};
 
 use crate::model::{ALL_BITS, Llama, Scratch, Session, Span, SpanKind};
 use crate::spec::{Pick, StepEnd};

@@ -9,6 +9,11 @@ use crate::model::Session;
 use crate::sampling::Sampler;
 use crate::spec::Speculator;
 
+/// Length of the longest common prefix of two token lists.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// What a finished [`Sequence`] gives back.
 pub struct Parts {
     pub session: Session,
@@ -105,8 +110,7 @@ impl Sequence {
     /// when this does); the prompt tokens it would reuse.
     pub fn check(session: &Session, cached: &[u32], prompt: &[u32]) -> Result<usize> {
         ensure!(!prompt.is_empty(), "the prompt is empty");
-        let reuse = cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        let reuse = reuse.min(prompt.len() - 1).min(session.pos);
+        let reuse = common_prefix(cached, prompt).min(prompt.len() - 1).min(session.pos);
         let (new, room) = (prompt.len() - reuse, session.capacity() - reuse);
         ensure!(
             new < room,

@@ -263,9 +263,7 @@ impl Llama {
                 }
             }
         }
-        let rows: usize = spans.iter().map(|s| s.tokens.len()).sum();
         let logit_rows: usize = spans.iter().map(Span::logit_rows).sum();
-        sc.reserve(&self.config, rows, logit_rows);
         self.pass(sc, spans, max_bits, 0);
         Ok(&sc.logits[..logit_rows * self.config.vocab_size])
     }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use bitnest::decode::{Decoder, FinishReason, Sequence};
+use bitnest::decode::{Decoder, FinishReason, Sequence, common_prefix};
 use bitnest::engine::Engine;
 use bitnest::model::Session;
 use bitnest::sampling::Sampler;
@@ -324,10 +324,6 @@ fn take_slot(
             Slot { session, cached: Vec::new(), spec }
         }
     }
-}
-
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The request's sequence in `slot`, or the request and slot back with the reason it cannot run.

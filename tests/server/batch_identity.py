@@ -20,12 +20,9 @@ import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-
-def post(base, path, body):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST")
-    req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read().decode())
+# One chat answer as (text, finish reason, completion tokens, log-probabilities), as the
+# speculative identity check compares them (this script's folder is on the import path).
+from spec_identity import answer
 
 
 def metric(base, name):
@@ -34,13 +31,6 @@ def metric(base, name):
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"metric {name} missing")
-
-
-def answer(base, body):
-    r = post(base, "/v1/chat/completions", body)
-    c = r["choices"][0]
-    lps = [(t["token"], t["logprob"]) for t in (c.get("logprobs") or {}).get("content") or []]
-    return c["message"]["content"], c["finish_reason"], r["usage"]["completion_tokens"], lps
 
 
 def main():
