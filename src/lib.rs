@@ -2,7 +2,7 @@
 //!
 //! The path of a token: [`fetch`] finds the model file, [`format`](mod@format) parses it, [`model`] holds
 //! the weights and runs the forward pass over [`kernels`], [`tokenizer`] and [`chat`] turn text
-//! into ids, [`sampling`] picks the next id, and [`generate`] / [`ppl`] drive the loop.
+//! into ids, [`sampling`] picks the next id, and [`decode`] / [`ppl`] drive the loop.
 
 pub mod bench;
 pub mod chat;

@@ -162,6 +162,13 @@ impl SubMeta {
     }
 }
 
+/// Tokens one parallel region of [`PlaneLinear::forward_shared`] takes: about 512 KiB of
+/// quantized activations (a byte a column), a multiple of eight (the batch kernels' block)
+/// between 32 and 128.
+fn token_chunk(cols: usize) -> usize {
+    (512 * 1024 / cols.max(1)).clamp(32, 128) / 8 * 8
+}
+
 /// Most layers [`PlaneLinear::forward_shared`] takes at once.
 pub const MAX_SHARED: usize = 4;
 
@@ -386,6 +393,20 @@ impl PlaneLinear {
         let first = layers.first().expect("at least one layer");
         let (cols, group) = (first.cols, first.group);
         assert!(layers.len() <= MAX_SHARED && ys.len() == layers.len() && bits.len() == layers.len());
+        // A long batch in chunks of tokens, each a pass over every tile: a chunk's quantized
+        // activations stay in L2 while the tiles stream over them (with all of a 512-token
+        // prompt at once they did not, and a tile's reads went to L3). Each token's result is
+        // what it is alone, so chunking changes no bit.
+        let chunk = token_chunk(cols);
+        if n > chunk {
+            for t0 in (0..n).step_by(chunk) {
+                let m = chunk.min(n - t0);
+                let mut parts: Vec<&mut [f32]> =
+                    ys.iter_mut().zip(layers).map(|(y, l)| &mut y[t0 * l.rows..(t0 + m) * l.rows]).collect();
+                PlaneLinear::forward_shared(layers, &x[t0 * cols..(t0 + m) * cols], m, &mut parts, bits, isa);
+            }
+            return;
+        }
         for ((l, y), &r) in layers.iter().zip(ys.iter()).zip(bits) {
             assert!(l.cols == cols && l.group == group, "layers sharing an input have its width and group size");
             assert!(r >= 1 && r <= l.master_bits, "cannot read {r} planes of {}", l.master_bits);

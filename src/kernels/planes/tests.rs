@@ -162,9 +162,9 @@ fn batch_invariant_bit_for_bit() {
     for (group, sub) in [(128, None), (576, Some((32, 6)))] {
         let bp = two_level(&mut rng, rows, cols, group, 8, &ALL, sub);
         let lin = PlaneLinear::from_bitplanes(&bp, 8).unwrap();
-        let n = 9;
-        let x = heavy(&mut rng, n * cols);
-        for r in [2, 4, 8] {
+        // 150 tokens run as chunks of 128 and 22 (`token_chunk`).
+        for (n, r) in [(9, 2), (9, 4), (9, 8), (150, 4)] {
+            let x = heavy(&mut rng, n * cols);
             let mut batch = vec![0f32; n * rows];
             lin.forward_with(&x, n, &mut batch, r, Isa::detect());
             for t in 0..n {

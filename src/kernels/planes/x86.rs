@@ -423,8 +423,7 @@ unsafe fn tile_sub_body<const R: usize, const GF: bool>(
 ) {
     let planes: [*const u8; R] = std::array::from_fn(|p| unsafe { ctx.bytes.as_ptr().add(ctx.planes[p]) });
     let row0 = tile * TILE * ctx.row_bytes;
-    // (Sub-blocks of 16 take the four-token loop for batches too.)
-    if n > SMALL_BATCH && sub.size == SUB {
+    if n > SMALL_BATCH {
         // A batch: each group's codes built and transposed once (rows in lanes), then every
         // token's sub-block sums come out per row with no horizontal reduction.
         // Uninitialized: a group fills only its own chunks' entries, and reads only those.
@@ -494,45 +493,54 @@ impl SubJob<'_> {
         unsafe { by_blocks!(self, n) }
     }
 
-    /// Tokens `t0..t0 + NT`: per sub-block of 32 columns, eight `vpdpbusd` give each row's
-    /// exact sum, scaled into `f` in sub-block order; then [`Ctx::sub_term`] lane-wise.
+    /// Tokens `t0..t0 + NT`: per sub-block (32 or 16 columns), its eight or four `vpdpbusd`
+    /// per token give each row's exact sum, scaled into `F` in sub-block order; then the
+    /// code-free sums and [`Ctx::sub_term`] lane-wise. Only the `NT` sums and `NT` accumulators
+    /// live through the loop (with eight tokens, 16 of the 32 registers), and every activation
+    /// is a broadcast operand of its `vpdpbusd`.
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn tokens<const NT: usize>(&self, t0: usize) {
         let acts = self.acts;
-        let q8 = acts.q8.as_ptr();
         let blocks = acts.padded / SUB;
-        let col0 = self.ch0 * 64;
-        let base: [usize; NT] = std::array::from_fn(|t| (t0 + t) * acts.padded + col0);
-        let mut fs = [[_mm512_setzero_ps(); 3]; NT];
-        for (s, quads) in self.quads.chunks_exact(SUB / 4).enumerate() {
-            // Up to four tokens, two chains per token (even and odd blocks), so that a single
-            // token is not one chain of eight dependent `vpdpbusd`; the integer sum is exact
-            // in any order.
-            let mut dot = [[_mm512_setzero_si512(); 2]; NT];
+        let size = self.sub.size;
+        let pc = self.sub.per_chunk();
+        let k0 = self.ch0 * pc;
+        let entry0 = self.tile * self.sub.spr + k0;
+        let subs = self.quads.len() / (size / 4);
+        // Every read below stays inside the activations: tokens `t0..t0 + NT`, columns of the
+        // group's chunks, and their blocks.
+        assert!(acts.q8.len() >= (t0 + NT) * acts.padded && (self.ch0 * 64 + subs * size) <= acts.padded);
+        assert!(acts.e.len() >= (t0 + NT) * blocks);
+        let q8: [*const i8; NT] =
+            std::array::from_fn(|t| unsafe { acts.q8.as_ptr().add((t0 + t) * acts.padded + self.ch0 * 64) });
+        let e: [*const f32; NT] = std::array::from_fn(|t| unsafe { acts.e.as_ptr().add((t0 + t) * blocks) });
+        let mut f0 = [_mm512_setzero_ps(); NT];
+        for (s, quads) in self.quads.chunks_exact(size / 4).enumerate() {
+            let mut dot = [_mm512_setzero_si512(); NT];
             for (j, &c) in quads.iter().enumerate() {
-                let col = s * SUB + 4 * j;
-                let chain = if NT <= 4 { j % 2 } else { 0 };
                 for t in 0..NT {
                     unsafe {
-                        let q = (q8.add(base[t] + col) as *const i32).read_unaligned();
-                        dot[t][chain] = _mm512_dpbusd_epi32(dot[t][chain], c, _mm512_set1_epi32(q));
+                        let q = (q8[t].add(s * size + 4 * j) as *const i32).read_unaligned();
+                        dot[t] = _mm512_dpbusd_epi32(dot[t], c, _mm512_set1_epi32(q));
                     }
                 }
             }
-            let dot: [__m512i; NT] =
-                std::array::from_fn(|t| if NT <= 4 { _mm512_add_epi32(dot[t][0], dot[t][1]) } else { dot[t][0] });
-            let k = 2 * self.ch0 + s;
+            // The activation block holding sub-block `k0 + s`.
+            let b = (k0 + s) * size / SUB;
             unsafe {
-                let sc = sub_multipliers(self.sub, self.tile * self.sub.spr + k).0;
+                let sc = sub_multipliers(self.sub, entry0 + s).0;
                 for t in 0..NT {
-                    let e = _mm512_set1_ps(acts.e[(t0 + t) * blocks + k]);
-                    fs[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_mul_ps(sc, e), fs[t][0]);
+                    let se = _mm512_mul_ps(sc, _mm512_set1_ps(*e[t].add(b)));
+                    f0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[t]), se, f0[t]);
                 }
             }
         }
-        let ks = 2 * self.ch0..2 * self.ch0 + self.quads.len() / (SUB / 4);
-        unsafe { code_free_sums(self.sub, self.tile, ks, acts, t0, &mut fs) };
+        let mut fs = [[_mm512_setzero_ps(); 3]; NT];
+        for t in 0..NT {
+            fs[t][0] = f0[t];
+        }
+        unsafe { code_free_sums(self.sub, self.tile, k0..k0 + subs, acts, t0, &mut fs) };
         unsafe {
             let (a, z, o) = azo16(self.ctx, self.m);
             for t in 0..NT {
@@ -614,8 +622,9 @@ unsafe fn sub_terms16(acc: [__m512; 3], a: __m512, z: __m512, o: __m512) -> __m5
 }
 
 /// The two sums of [`sub_step16`] that do not involve the weights' codes, `Σ sc·eq` and
-/// `Σ mn·eq` over sub-blocks `ks` of the tile, for tokens `t0..t0 + NT`: the same operations in
-/// the same sub-block order, run after a dot loop so that its registers are not spilled.
+/// `Σ mn·eq` over sub-blocks `ks` of the tile (of 32 or 16 columns), for tokens `t0..t0 + NT`:
+/// the same operations in the same sub-block order, run after a dot loop so that its
+/// registers are not spilled.
 #[inline(always)]
 unsafe fn code_free_sums<const NT: usize>(
     sub: &SubMeta,
@@ -630,7 +639,9 @@ unsafe fn code_free_sums<const NT: usize>(
         unsafe {
             let (sc, mn) = sub_multipliers(sub, tile * sub.spr + k);
             for t in 0..NT {
-                let eq = _mm512_set1_ps(acts.eq[(t0 + t) * blocks + k]);
+                let eq =
+                    if sub.size == SUB { acts.eq[(t0 + t) * blocks + k] } else { acts.eq16[2 * (t0 + t) * blocks + k] };
+                let eq = _mm512_set1_ps(eq);
                 fs[t][1] = _mm512_fmadd_ps(sc, eq, fs[t][1]);
                 fs[t][2] = _mm512_fmadd_ps(mn, eq, fs[t][2]);
             }

@@ -52,7 +52,7 @@ unsafe fn tile_quads_r<const R: usize>(
     if n == 1 && sub.size == SUB {
         return unsafe { quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out) };
     }
-    if n <= QUADS_SMALL || sub.size != SUB {
+    if n <= QUADS_SMALL {
         // Blocks of at most four tokens, as even as possible (eight as 4 + 4, seven as 4 + 3):
         // beyond four, a block's accumulators no longer fit the 32 registers and spill.
         let mut t0 = 0;
