@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{Result, ensure};
 
 use super::config::LlamaConfig;
-use super::session::KvCache;
+use super::session::{FFN_ROWS, KvCache};
 pub use super::session::{KvType, Scratch, Session};
 use crate::kernels::attention::{HeadView, KvElem, Query, attend_group};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
@@ -362,7 +362,7 @@ impl Llama {
             norm_rows(&sc.x, &b.attn_norm, c.rms_eps, &mut sc.xn, n, dim);
             // One quantization of the input and one parallel region for all three.
             forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &sc.xn, n, &mut [&mut sc.q, &mut sc.k, &mut sc.v], max_bits);
-            assert!(sc.q.len() >= n * q_dim && sc.k.len() >= n * kv_dim && sc.gate.len() >= n * c.ffn_dim);
+            assert!(sc.q.len() >= n * q_dim && sc.k.len() >= n * kv_dim && sc.gate.len() >= n.min(FFN_ROWS) * c.ffn_dim);
             let (q, k) = (SyncPtr(sc.q.as_mut_ptr()), SyncPtr(sc.k.as_mut_ptr()));
             let positions = &sc.positions;
             each_token(n, |t| {
@@ -385,11 +385,18 @@ impl Llama {
 
             // MLP.
             norm_rows(&sc.x, &b.ffn_norm, c.rms_eps, &mut sc.xn, n, dim);
-            forward_shared(&[&*b.w_gate, &*b.w_up], &sc.xn, n, &mut [&mut sc.gate, &mut sc.up], max_bits);
-            let (gate, up, f) = (SyncPtr(sc.gate.as_mut_ptr()), &sc.up, c.ffn_dim);
-            // SAFETY: token t owns row t of the gate buffer.
-            each_token(n, |t| silu_mul(unsafe { row_mut(gate, t, f) }, &up[t * f..(t + 1) * f]));
-            b.w_down.forward_capped(&sc.gate, n, &mut sc.tmp, max_bits);
+            // In chunks of at most `FFN_ROWS` tokens, so that the wide gate and up buffers
+            // stay small during a long prefill (the kernels chunk their batches as finely).
+            let f = c.ffn_dim;
+            for r0 in (0..n).step_by(FFN_ROWS) {
+                let (m, rows) = ((n - r0).min(FFN_ROWS), r0 * dim..(r0 + FFN_ROWS).min(n) * dim);
+                let (gate, up) = (&mut sc.gate[..m * f], &mut sc.up[..m * f]);
+                forward_shared(&[&*b.w_gate, &*b.w_up], &sc.xn[rows.clone()], m, &mut [gate, up], max_bits);
+                let (gate, up) = (SyncPtr(sc.gate.as_mut_ptr()), &sc.up);
+                // SAFETY: token t owns row t of the gate buffer.
+                each_token(m, |t| silu_mul(unsafe { row_mut(gate, t, f) }, &up[t * f..(t + 1) * f]));
+                b.w_down.forward_capped(&sc.gate[..m * f], m, &mut sc.tmp[rows], max_bits);
+            }
             sc.x[..n * dim].iter_mut().zip(&sc.tmp).for_each(|(x, d)| *x += d);
         }
     }

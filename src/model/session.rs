@@ -6,6 +6,10 @@ use crate::kernels::attention::KvElem;
 
 use super::config::LlamaConfig;
 
+/// Most tokens the MLP of a pass takes at once: its gate and up buffers (the widest a pass
+/// has) hold this many rows, whatever the pass's length.
+pub(super) const FFN_ROWS: usize = 128;
+
 /// The element type of a session's KV cache (llama.cpp's `--cache-type-k/v`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvType {
@@ -140,8 +144,9 @@ impl Scratch {
             grow(&mut self.v, c.kv_dim());
             grow(&mut self.att, q_dim);
             grow(&mut self.tmp, c.dim);
-            grow(&mut self.gate, c.ffn_dim);
-            grow(&mut self.up, c.ffn_dim);
+            // The MLP runs in chunks of `FFN_ROWS` tokens.
+            self.gate.resize(rows.min(FFN_ROWS) * c.ffn_dim, 0.0);
+            self.up.resize(rows.min(FFN_ROWS) * c.ffn_dim, 0.0);
             self.positions.reserve(rows.saturating_sub(self.positions.len()));
             self.head_rows.reserve(rows.saturating_sub(self.head_rows.len()));
             self.rows = rows;
