@@ -14,7 +14,7 @@
 #
 # Settings (environment):
 #   T=2 ROUNDS=5 R=1 P=512 N=128        threads, rounds, repetitions per round, prompt and generated tokens
-#   BITS="8 6 5 4 3 2"                  bitnest views of the .bnest file
+#   BITS="8 6 5 4 3 2"                  bitnest views of the .bnest file (BITS="" none: no quantize)
 #   DEPTH=4096 DEPTH_N=32 DEPTH_BITS="4 2"  decode tg$DEPTH_N with $DEPTH tokens in the cache
 #                                       (llama-bench -d), Q4_0 and these views; DEPTH=0 skips it
 #   BITNEST_F32=1                       also a bitnest row for SRC through the f32 path (--f32; 0 leaves it out)
@@ -44,7 +44,7 @@ DEPTH_N=${DEPTH_N:-32}
 DEPTH_BITS=${DEPTH_BITS:-4 2}
 P=${P:-512}
 N=${N:-128}
-BITS=${BITS:-8 6 5 4 3 2}
+BITS=${BITS-8 6 5 4 3 2}
 LLAMA_TYPES=${LLAMA_TYPES:-Q4_0 IQ4_NL Q8_0}
 JOBS=${JOBS:-2}
 ONLY=${ONLY:-}
