@@ -362,7 +362,9 @@ impl Llama {
             norm_rows(&sc.x, &b.attn_norm, c.rms_eps, &mut sc.xn, n, dim);
             // One quantization of the input and one parallel region for all three.
             forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &sc.xn, n, &mut [&mut sc.q, &mut sc.k, &mut sc.v], max_bits);
-            assert!(sc.q.len() >= n * q_dim && sc.k.len() >= n * kv_dim && sc.gate.len() >= n.min(FFN_ROWS) * c.ffn_dim);
+            assert!(
+                sc.q.len() >= n * q_dim && sc.k.len() >= n * kv_dim && sc.gate.len() >= n.min(FFN_ROWS) * c.ffn_dim
+            );
             let (q, k) = (SyncPtr(sc.q.as_mut_ptr()), SyncPtr(sc.k.as_mut_ptr()));
             let positions = &sc.positions;
             each_token(n, |t| {

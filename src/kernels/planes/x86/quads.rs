@@ -52,24 +52,14 @@ unsafe fn tile_quads_r<const R: usize>(
     if n == 1 && sub.size == SUB {
         return unsafe { quads_one::<R>(ctx, sub, tile, &planes, at0, acts, out) };
     }
-    if n <= QUADS_SMALL {
-        // Blocks of at most four tokens, as even as possible (eight as 4 + 4, seven as 4 + 3):
-        // beyond four, a block's accumulators no longer fit the 32 registers and spill.
-        let mut t0 = 0;
-        while t0 < n {
-            let left = n - t0;
-            let nt = if left <= QUADS_BLOCK { left } else { left.div_ceil(left.div_ceil(QUADS_BLOCK)) };
-            unsafe {
-                match nt {
-                    1 => quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    2 => quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    3 => quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                    _ => quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, t0, out),
-                }
-            }
-            t0 += nt;
-        }
-        return;
+    // Up to four tokens use the codes straight from registers (their accumulators fill the 32
+    // registers); more build each group's codes once and go through the batch loop.
+    match n {
+        1 => return unsafe { quads_tokens::<R, 1>(ctx, sub, tile, &planes, at0, acts, 0, out) },
+        2 => return unsafe { quads_tokens::<R, 2>(ctx, sub, tile, &planes, at0, acts, 0, out) },
+        3 => return unsafe { quads_tokens::<R, 3>(ctx, sub, tile, &planes, at0, acts, 0, out) },
+        4 => return unsafe { quads_tokens::<R, 4>(ctx, sub, tile, &planes, at0, acts, 0, out) },
+        _ => {}
     }
     unsafe { quads_batch::<R>(ctx, sub, tile, &planes, at0, acts, n, out) };
 }
@@ -212,12 +202,12 @@ unsafe fn quads_one<const R: usize>(
     }
 }
 
-/// Most tokens [`quads_tokens`] takes (codes used straight from registers); larger batches
-/// build each group's codes into a buffer once and go through [`SubJob`].
-const QUADS_SMALL: usize = 8;
-/// Most tokens one pass of [`quads_tokens`] takes: its accumulators for four tokens fill the
-/// 32 registers (at eight, they spilled and a pass cost twice that of four).
-const QUADS_BLOCK: usize = 4;
+/// Most tokens [`quads_tokens`] takes (codes used straight from registers): its accumulators
+/// for four tokens fill the 32 registers. Larger batches build each group's codes into a
+/// buffer once and go through [`SubJob`]: from five tokens on, that was faster (1.5B, eight
+/// sequences' decode pass: 111 → 93 ms; SmolLM2 at six: 17.2 → 13.6 ms), and at three or four
+/// it was not (`examples/batch_cost`).
+const QUADS_SMALL: usize = 4;
 
 /// The table lookups a tile's group needs with rows in lanes: per datatype present that is not
 /// the identity at `r`, its table and a byte mask of its rows (four bytes a row). Uniform INT
@@ -257,7 +247,7 @@ impl<'a> Lookups<'a> {
     }
 }
 
-/// `NT` ≤ [`QUADS_BLOCK`] tokens (small batches and verification trees, in blocks; one token
+/// `NT` ≤ [`QUADS_SMALL`] tokens (small batches and verification trees; one token
 /// of sub-blocks of 32 goes through [`quads_one`]) against one full tile of tile-interleaved
 /// planes: per sub-block, eight code vectors built once and used by every token's `vpdpbusd`,
 /// then the same float steps as every path. Each token keeps two `vpdpbusd` chains, and the
@@ -279,7 +269,7 @@ unsafe fn quads_tokens<const R: usize, const NT: usize>(
         let (q8, e, eq, eq16, blocks) = (rd.q8, rd.e, rd.eq, rd.eq16, rd.blocks);
         let halves = sub.size != SUB;
         // (At most four tokens: their accumulators fill the registers.)
-        const { assert!(NT <= QUADS_BLOCK) };
+        const { assert!(NT <= QUADS_SMALL) };
         let mut sums = [_mm512_setzero_ps(); NT];
         for g in 0..ctx.gpr {
             let m = &ctx.meta[tile * ctx.gpr + g];
