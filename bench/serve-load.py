@@ -202,7 +202,11 @@ def main():
                         steps = d("bitnest_steps_total")
                         r.update(prefill_share=pre / (pre + dec) if pre + dec else 0.0,
                                  decode_only_tok_s=d("bitnest_generated_tokens_total") / dec if dec else 0.0,
-                                 passes=steps)
+                                 passes=steps,
+                                 prompt_tokens=d("bitnest_prompt_tokens_total"),
+                                 prompt_tokens_processed=d("bitnest_prompt_tokens_total")
+                                 - d("bitnest_prompt_tokens_cached_total"),
+                                 generated_tokens=d("bitnest_generated_tokens_total"))
                     r.update(server=server, clients=n, mode=mode, peak_rss_mib=peak_rss_mib(proc.pid),
                              ctx_per_slot=a.ctx, threads=a.threads, max_tokens=a.max_tokens)
                     rows.append(r)
@@ -238,11 +242,16 @@ def main():
                   f"{pair(b, 'latency')} | {pair(l, 'latency')} | {b['errors']}/{l['errors'] if l else '–'} | "
                   f"{b['peak_rss_mib'] or 0:.0f}/{(l['peak_rss_mib'] or 0) if l else 0:.0f} |")
     if a.curve:
-        # "n=  8  pass ... bound × 2.17 aggregate ..." → {8: 2.17}
-        bound = {}
+        # "n=  8  pass    17.79 ms ... bound × 2.17 aggregate ..." → {8: 2.17}, {8: 17.79};
+        # "prefill 256 prompt tokens  pass ... ms  0.6321 ms per token ..." → 0.6321
+        bound, pass_ms, prefill_ms = {}, {}, None
         for line in open(a.curve):
             if line.startswith("n=") and "bound ×" in line:
-                bound[int(line[2:].split()[0])] = float(line.split("bound ×")[1].split()[0])
+                n = int(line[2:].split()[0])
+                bound[n] = float(line.split("bound ×")[1].split()[0])
+                pass_ms[n] = float(line.split("pass")[1].split()[0])
+            if line.startswith("prefill") and "ms per token" in line:
+                prefill_ms = float(line.split("ms per token")[0].split()[-1])
         print()
         print("| clients | mode | bitnest aggregate tok/s | × of 1 client | batch-cost bound × | measured ÷ bound | "
               "prompt share of pass time | decode tokens ÷ decode time | its × of 1 client | its ÷ bound |")
@@ -257,6 +266,27 @@ def main():
                 print(f"| {n} | {mode} | {b['aggregate_tok_s']:.1f} | {x:.2f}× | {bound[n]:.2f}× | {x / bound[n]:.2f} | "
                       f"{100 * b.get('prefill_share', 0):.0f}% | {b.get('decode_only_tok_s', 0):.1f} | {y:.2f}× | "
                       f"{y / bound[n]:.2f} |")
+        # The curve's bound leaves the prompts out. Priced in: the load's completion tokens as
+        # n-token decode passes at the curve's cost, plus its processed prompt tokens (those not
+        # reused from a slot's cache) at the measured prefill cost per token.
+        if prefill_ms is not None:
+            print()
+            print("With the prompts priced in (decode passes at the curve's cost, prompt tokens at the "
+                  f"prefill pass's {prefill_ms:.4f} ms per token):")
+            print()
+            print("| clients | mode | completion tokens | prompt tokens processed (of sent) | prompt ÷ completion | "
+                  "bound with prompts, tok/s | measured tok/s | measured ÷ bound |")
+            print("|---|---|---|---|---|---|---|---|")
+            for n in [int(x) for x in a.clients.split(",")]:
+                for mode in a.modes.split(","):
+                    b = by.get(("bitnest", n, mode))
+                    if not b or n not in pass_ms or not b.get("generated_tokens"):
+                        continue
+                    c, pp = b["generated_tokens"], b["prompt_tokens_processed"]
+                    ideal_s = (c / n * pass_ms[n] + pp * prefill_ms) / 1e3
+                    bnd = c / ideal_s
+                    print(f"| {n} | {mode} | {c:.0f} | {pp:.0f} ({b['prompt_tokens']:.0f}) | {pp / c:.2f} | {bnd:.1f} | "
+                          f"{b['aggregate_tok_s']:.1f} | {b['aggregate_tok_s'] / bnd:.2f} |")
 
 
 if __name__ == "__main__":

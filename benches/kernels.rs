@@ -6,7 +6,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use bitnest::kernels::planes::Isa;
+use bitnest::kernels::cpu::Isa;
 use bitnest::kernels::{DenseF32, Linear, PlaneLinear};
 use bitnest::quant::bitplane::{BitPlanes, QuantConfig};
 use bitnest::quant::dtype::ALL;

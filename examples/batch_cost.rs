@@ -4,6 +4,10 @@
 //! relative to n = 1. `n ÷ ratio` bounds what continuous batching can give over serving the
 //! sequences one pass each: the aggregate decode rate of n clients, as a multiple of one.
 //!
+//! Then the cost of prompt tokens, which the curve leaves out: one pass of `PREFILL` (256)
+//! prompt tokens on an empty cache, per token (median of the rounds), so that a load's prompts
+//! can be priced beside its decode passes (`bench/serve-load.py`).
+//!
 //! `cargo run --release --example batch_cost -- MODEL [THREADS]` (a GGUF is transcoded first,
 //! as the CLI does; `REPS=` timed passes per n).
 
@@ -67,6 +71,22 @@ fn main() -> anyhow::Result<()> {
                 means[k].push(sum / reps.max(1) as f64);
             }
         }
+        // Prompt tokens: one pass of `PREFILL` of them on an empty cache, as a prompt's chunk.
+        let prefill = env("PREFILL", 256);
+        let prompt: Vec<u32> = (0..prefill as u32).map(|i| (i * 7919) % 20000 + 10).collect();
+        let mut fresh = model.new_batched_session(prefill + 8, prefill);
+        let mut big = model.new_scratch(prefill);
+        let mut prefill_times = Vec::new();
+        for round in 0..=rounds {
+            fresh.truncate(0);
+            let mut spans = [Span { session: &mut fresh, tokens: &prompt, kind: SpanKind::Run { logits: 1 } }];
+            let t = Instant::now();
+            model.forward_batch(&mut big, &mut spans, ALL_BITS)?;
+            // (The first pass warms up and is not counted.)
+            if round > 0 {
+                prefill_times.push(t.elapsed().as_secs_f64());
+            }
+        }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
@@ -86,6 +106,13 @@ fn main() -> anyhow::Result<()> {
                 n as f64 / med[k]
             );
         }
+        let p = median(&mut prefill_times);
+        println!(
+            "prefill {prefill} prompt tokens  pass {:8.2} ms  {:.4} ms per token ({:7.1} tok/s)",
+            p * 1e3,
+            p * 1e3 / prefill as f64,
+            prefill as f64 / p
+        );
         Ok(())
     })
 }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use bitnest::kernels::PlaneLinear;
-use bitnest::kernels::planes::Isa;
+use bitnest::kernels::cpu::Isa;
 use bitnest::quant::bitplane::{BitPlanes, QuantConfig};
 use bitnest::quant::dtype::ALL;
 use rand::rngs::StdRng;

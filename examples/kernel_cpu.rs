@@ -1,7 +1,7 @@
 //! CPU time (not wall time) per GEMV of the bit-plane kernel, one thread: a measurement that
 //! stays meaningful on a loaded machine. `cargo run --release --example kernel_cpu`.
 
-use bitnest::kernels::planes::Isa;
+use bitnest::kernels::cpu::Isa;
 use bitnest::kernels::{DenseF32, Linear, PlaneLinear};
 use bitnest::quant::bitplane::{BitPlanes, QuantConfig};
 use bitnest::quant::dtype::{ALL, GroupDtype};

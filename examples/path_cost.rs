@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bitnest::engine::Engine;
 use bitnest::kernels::Linear;
-use bitnest::kernels::planes::Isa;
+use bitnest::kernels::cpu::Isa;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();

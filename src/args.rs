@@ -98,6 +98,12 @@ pub(crate) struct ModelArgs {
     /// also its default). `inspect` reports the cache's size for it.
     #[arg(long, value_enum, default_value_t = KvType::F16)]
     pub(crate) cache_type: KvType,
+    /// What the cache stores keys as (overrides --cache-type for keys; llama.cpp's -ctk).
+    #[arg(long, value_enum)]
+    pub(crate) cache_type_k: Option<KvType>,
+    /// What the cache stores values as (overrides --cache-type for values; llama.cpp's -ctv).
+    #[arg(long, value_enum)]
+    pub(crate) cache_type_v: Option<KvType>,
     /// Run a GGUF model through the dequantized-f32 reference path. By default a GGUF with
     /// quantized tensors is transcoded once, losslessly, into a cached .bnest beside it (or in
     /// $BITNEST_CACHE/transcoded) and runs on the bit-plane kernels.
@@ -106,6 +112,22 @@ pub(crate) struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The cache type of keys and values: `--cache-type`, unless `--cache-type-k`/`-v` say
+    /// otherwise. Keys and values of different types are refused for now.
+    pub(crate) fn kv_type(&self) -> Result<KvType> {
+        let k = self.cache_type_k.unwrap_or(self.cache_type);
+        let v = self.cache_type_v.unwrap_or(self.cache_type);
+        anyhow::ensure!(
+            k == v,
+            "keys and values of different cache types (--cache-type-k {}, --cache-type-v {}) are not supported yet; \
+             give both the same type (--cache-type {})",
+            k.name(),
+            v.name(),
+            k.name()
+        );
+        Ok(k)
+    }
+
     pub(crate) fn plan(&self) -> Result<Option<BitsPlan>> {
         Ok(match (&self.bits_plan, self.bits) {
             (Some(f), b) => Some(BitsPlan::from_file(f, b)?),

@@ -131,8 +131,18 @@ fn load(m: &ModelArgs) -> Result<Engine> {
     let plan = m.plan()?;
     let path = model_path(m)?;
     let mut engine = Engine::load(&path, plan)?;
-    engine.model.kv_type = m.cache_type;
+    set_kv_type(&mut engine, m)?;
     Ok(engine)
+}
+
+/// The cache type `--cache-type[-k|-v]` ask for, if the model can use it.
+fn set_kv_type(engine: &mut Engine, m: &ModelArgs) -> Result<()> {
+    let kind = m.kv_type()?;
+    if let Some(why) = kind.unsupported(&engine.model.config) {
+        bail!("{why}");
+    }
+    engine.model.kv_type = kind;
+    Ok(())
 }
 
 fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
@@ -455,7 +465,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     let file_bytes = model_bytes(&path)?;
     let t0 = std::time::Instant::now();
     let mut engine = Engine::load(&path, plan.clone())?;
-    engine.model.kv_type = a.model.cache_type;
+    set_kv_type(&mut engine, &a.model)?;
     let load_s = t0.elapsed().as_secs_f64();
     let bos = engine.tokenizer.add_bos().then(|| engine.tokenizer.bos_id()).flatten();
     let opts = bitnest::bench::BenchOptions {
@@ -492,7 +502,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             "bits": bits,
             "bits_per_weight": bpw,
             "threads": r.threads,
-            "cache_type": a.model.cache_type.name(),
+            "cache_type": engine.model.kv_type.name(),
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
             "depth": a.depth,
@@ -534,7 +544,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         let rss = peak_rss_mb.map(|m| format!("{m:.1} MiB")).unwrap_or_else(|| "n/a".into());
         println!(
             "peak RSS (VmHWM): {rss}; KV cache {kv_mb:.1} MiB ({}); load {load_s:.2} s; {} reps after 1 warm-up",
-            a.model.cache_type.name(),
+            engine.model.kv_type.name(),
             a.reps
         );
     }
@@ -609,10 +619,14 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     println!("model: {}", path.display());
     println!("architecture: {}", serde_json::to_string_pretty(&cfg)?);
     // What a session will hold besides the weights, so a user can size --ctx before running.
-    let kv_per_token = 2 * cfg.n_layers * cfg.kv_dim() * a.model.cache_type.elem_bytes();
+    let kind = a.model.kv_type()?;
+    if let Some(why) = kind.unsupported(&cfg) {
+        bail!("{why}");
+    }
+    let kv_per_token = 2 * cfg.n_layers * kind.bytes(cfg.kv_dim());
     println!(
         "KV cache ({}): {} bytes per token, {:.1} MiB at the trained context of {} tokens",
-        a.model.cache_type.name(),
+        kind.name(),
         kv_per_token,
         (kv_per_token * cfg.max_seq) as f64 / 1048576.0,
         cfg.max_seq

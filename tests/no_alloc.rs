@@ -5,7 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bitnest::kernels::PlaneLinear;
-use bitnest::kernels::planes::Isa;
+use bitnest::kernels::cpu::Isa;
 use bitnest::model::ModelSource;
 use bitnest::quant::bitplane::{BitPlanes, QuantConfig};
 use bitnest::quant::dtype::ALL;

@@ -14,6 +14,10 @@
 //! depends on which query is next to which, a tree node whose ancestors sit at listed slots
 //! gets the bits plain decoding computes with them at consecutive positions.
 
+use crate::kernels::cpu::{self, exp_ref};
+
+pub mod q8;
+
 /// What a KV cache stores per element: `f32`, or `f16` (llama.cpp's default), which halves the
 /// bytes attention reads from memory for every decoded token. Widening `f16` to `f32` is exact,
 /// so both go through the same `f32` arithmetic and every path still agrees bit for bit.
@@ -43,6 +47,8 @@ impl KvElem for f32 {
     fn widen(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
+    /// # Safety
+    /// As [`KvElem::load16`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
@@ -63,6 +69,8 @@ impl KvElem for half::f16 {
         use half::slice::HalfFloatSliceExt;
         src.convert_to_f32_slice(dst);
     }
+    /// # Safety
+    /// As [`KvElem::load16`] (F16C, which AVX-512 CPUs have, converts).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
@@ -136,25 +144,16 @@ pub fn attend_group<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], sc
     #[cfg(target_arch = "x86_64")]
     {
         let hd = qs.first().map_or(0, |q| q.q.len());
-        if (hd == 64 || hd == 128) && simd_ok() {
+        if (hd == 64 || hd == 128) && cpu::avx512() {
             // SAFETY: AVX-512F was detected; shapes checked above.
             return unsafe { x86::group_avx512(kv, scale, qs, scores) };
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: AVX2 and FMA were just detected.
+        if cpu::avx2() {
+            // SAFETY: AVX2 and FMA were detected.
             return unsafe { group_avx2(kv, scale, qs, scores) };
         }
     }
     group_ref(kv, scale, qs, scores)
-}
-
-/// Whether the AVX-512 path runs (`BITNEST_ISA=avx2` or `scalar` turns it off, as for the
-/// linear kernels).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn simd_ok() -> bool {
-    use crate::kernels::planes::Isa;
-    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OK.get_or_init(|| matches!(Isa::detect(), Isa::Avx512 | Isa::Avx512Gfni) && std::is_x86_feature_detected!("fma"))
 }
 
 /// Bounds every path relies on (the SIMD paths read without further checks).
@@ -198,34 +197,10 @@ pub fn dot_ref<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
     tree16(&acc)
 }
 
-/// Below this, `exp` is taken as zero (the result would be subnormal).
-pub const EXP_MIN: f32 = -86.0;
-pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
-/// Adding and subtracting it rounds to an integer (to nearest even).
-pub(crate) const ROUND: f32 = 12582912.0;
-pub(crate) const LN2_HI: f32 = 0.693_145_75;
-pub(crate) const LN2_LO: f32 = 1.428_606_8e-6;
-/// `e^r ≈ 1 + r + r²·P(r)` on `|r| ≤ ln2/2` (Cephes' `expf`).
-pub(crate) const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
-
-/// `e^x` for `x ≤ 0` within 2 ulp, from multiplies, adds and fused multiply-adds only, so
-/// every path computes it alike; zero below [`EXP_MIN`] (and for NaN).
-#[inline(always)]
-pub fn exp_ref(x: f32) -> f32 {
-    if x.is_nan() || x < EXP_MIN {
-        return 0.0;
-    }
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = n.mul_add(-LN2_HI, x);
-    let r = n.mul_add(-LN2_LO, r);
-    let mut p = EXP_P[0];
-    for &c in &EXP_P[1..] {
-        p = p.mul_add(r, c);
-    }
-    let y = p.mul_add(r * r, r) + 1.0;
-    f32::from_bits((y.to_bits() as i32).wrapping_add((n as i32) << 23) as u32)
-}
-
+/// The reference compiled for AVX2 and FMA (the same operations, so the same bits).
+///
+/// # Safety
+/// AVX2 and FMA present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_avx2<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
@@ -287,7 +262,8 @@ fn group_ref<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{EXP_MIN, EXP_P, HeadView, KvElem, LN2_HI, LN2_LO, LOG2E, Query, ROUND};
+    use super::{HeadView, KvElem, Query};
+    use crate::kernels::cpu::x86::exp16;
 
     /// # Safety
     /// AVX-512F and FMA present; `check` passed; head size 64 or 128.
@@ -309,6 +285,10 @@ pub(crate) mod x86 {
     /// time for every query in turn, so those keys are read from L1 by all of them rather than
     /// streamed from L2 once per query. Each score is still computed on its own, so the bits
     /// are those of the reference.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA present (the caller's `target_feature`); `check` passed; `NC` chunks of
+    /// 16 are the head size.
     #[inline(always)]
     unsafe fn blocked<T: KvElem, const NC: usize>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         unsafe {
@@ -376,11 +356,18 @@ pub(crate) mod x86 {
     }
 
     /// Key pointer of entry `i`.
+    ///
+    /// # Safety
+    /// `i < q.len()` and the position is inside `base` (`check` passed).
     #[inline(always)]
     unsafe fn row<T>(base: &[T], kv: HeadView<T>, q: &Query, i: usize) -> *const T {
         unsafe { base.as_ptr().add(q.pos(i) * kv.stride + kv.offset) }
     }
 
+    /// The query's `16·NC` values in `NC` vectors.
+    ///
+    /// # Safety
+    /// AVX-512F present; `q.q` holds at least `16·NC` values.
     #[inline(always)]
     unsafe fn load_query<const NC: usize>(q: &Query) -> [__m512; NC] {
         unsafe { std::array::from_fn(|c| _mm512_loadu_ps(q.q.as_ptr().add(16 * c))) }
@@ -389,6 +376,9 @@ pub(crate) mod x86 {
     /// Scores of the query's entries `i0 .. i0 + nb` (`nb ≤ 16`) into `sc`, their maximum
     /// folded into `vmax`. Each score is its own chain and its own lane of the reduction, so
     /// how entries are cut into chunks does not change any bit.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA present; `check` passed; `i0 + nb ≤ q.len()` and `sc` holds them.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn score_chunk<T: KvElem, const NC: usize>(
@@ -419,6 +409,9 @@ pub(crate) mod x86 {
     }
 
     /// Entries `i0 .. i0 + nb` of `sc` set to `dots·scale`, their maximum folded into `vmax`.
+    ///
+    /// # Safety
+    /// AVX-512F present; `1 ≤ nb ≤ 16` and `i0 + nb ≤ sc.len()`.
     #[inline(always)]
     unsafe fn store_scores(dots: __m512, scale: f32, i0: usize, nb: usize, sc: &mut [f32], vmax: &mut __m512) {
         unsafe {
@@ -431,6 +424,9 @@ pub(crate) mod x86 {
 
     /// The dot products of 16 consecutive keys (`k0`, one `stride` apart) with the query,
     /// unrolled so that the sums stay in registers.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA present; 16 keys of `16·NC` elements readable at `k0 + j·stride`.
     #[inline(always)]
     unsafe fn dots16<T: KvElem, const NC: usize>(qv: &[__m512; NC], k0: *const T, stride: usize) -> __m512 {
         unsafe {
@@ -447,8 +443,11 @@ pub(crate) mod x86 {
 
     /// The query's scores `sc`, whose maximum is in `vmax`, turned into `exp(s − max)` in
     /// place; returns `1/Σ`.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA present.
     #[inline(always)]
-    unsafe fn softmax(sc: &mut [f32], vmax: __m512) -> f32 {
+    pub(super) unsafe fn softmax(sc: &mut [f32], vmax: __m512) -> f32 {
         unsafe {
             let len = sc.len();
             let max = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
@@ -469,6 +468,10 @@ pub(crate) mod x86 {
 
     /// `Σ_i e_i·v_i · inv` for each query of `part` (weights in `sc`, query after query): the
     /// entries all of them share first, reading each value row once, then each one's own.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA present; `check` passed; at most four queries, whose weights `sc` holds
+    /// query after query; each `out` holds `16·NC` values.
     #[inline(always)]
     unsafe fn values<T: KvElem, const NC: usize>(kv: HeadView<T>, part: &mut [Query], sc: &[f32], invs: &[f32; 4]) {
         unsafe {
@@ -522,6 +525,9 @@ pub(crate) mod x86 {
     }
 
     /// [`super::tree16`] of one vector.
+    ///
+    /// # Safety
+    /// AVX-512F present.
     #[inline(always)]
     unsafe fn tree16v(a: __m512) -> f32 {
         unsafe {
@@ -535,6 +541,9 @@ pub(crate) mod x86 {
 
     /// Lane `j` of the result is [`super::tree16`] of `a[j]`. (Loops, not closures: those would
     /// be compiled without the caller's target features.)
+    ///
+    /// # Safety
+    /// AVX-512F present.
     #[inline(always)]
     unsafe fn reduce16(a: &[__m512; 16]) -> __m512 {
         unsafe {
@@ -581,25 +590,6 @@ pub(crate) mod x86 {
             _mm512_permutexvar_ps(_mm512_loadu_si512(INV.as_ptr() as *const __m512i), w)
         }
     }
-
-    /// [`super::exp_ref`] in 16 lanes.
-    #[inline(always)]
-    pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
-        unsafe {
-            let ok = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN));
-            let round = _mm512_set1_ps(ROUND);
-            let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), round), round);
-            let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
-            let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
-            let mut p = _mm512_set1_ps(EXP_P[0]);
-            for &c in &EXP_P[1..] {
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-            }
-            let y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0));
-            let e = _mm512_add_epi32(_mm512_castps_si512(y), _mm512_slli_epi32::<23>(_mm512_cvtps_epi32(n)));
-            _mm512_maskz_mov_ps(ok, _mm512_castsi512_ps(e))
-        }
-    }
 }
 
 #[cfg(test)]
@@ -637,23 +627,6 @@ mod tests {
         let mut via_slots = vec![0f32; hd];
         attend_slots(&q, kv, 5, &slots, 0.25, &mut scores, &mut via_slots);
         assert_eq!(out, via_slots);
-    }
-
-    #[test]
-    fn exp_is_accurate_and_zero_far_below() {
-        let mut x = 0f32;
-        while x > -90.0 {
-            let (got, want) = (exp_ref(x) as f64, (x as f64).exp());
-            if x >= EXP_MIN {
-                assert!((got - want).abs() <= 2.5 * f32::EPSILON as f64 * want, "exp({x}) = {got} vs {want}");
-            } else {
-                assert_eq!(got, 0.0);
-            }
-            x -= 0.0137;
-        }
-        assert_eq!(exp_ref(0.0), 1.0);
-        assert_eq!(exp_ref(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_ref(f32::NAN), 0.0);
     }
 
     /// Every path, and every grouping of queries, gives the reference's bits; also on odd
@@ -726,7 +699,7 @@ mod tests {
                 };
                 grouped("grouped", &mut |qs, sc| attend_group(kv, scale, qs, sc));
                 #[cfg(target_arch = "x86_64")]
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if cpu::avx2() {
                     // SAFETY: the features the AVX2 build needs were just detected.
                     grouped("avx2 build", &mut |qs, sc| unsafe { group_avx2(kv, scale, qs, sc) });
                 }

@@ -108,8 +108,8 @@ fn matmul_packed(packed: &[f32], rows: usize, cols: usize, x: &[f32], n: usize, 
 unsafe fn panel_rows(panel: &[f32], cols: usize, x: &[f32], n: usize, out: SyncPtr, rows: usize, r0: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just checked.
+        if super::cpu::avx2() {
+            // SAFETY: AVX2 and FMA were detected (`cpu::avx2`).
             return unsafe { avx2::panel_rows(panel, cols, x, n, out, rows, r0) };
         }
     }
@@ -152,6 +152,10 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// [`super::panel_rows`] with AVX2 and FMA: the tokens in micro-tiles of up to [`MR`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `out` as for [`super::panel_rows`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn panel_rows(panel: &[f32], cols: usize, x: &[f32], n: usize, out: SyncPtr, rows: usize, r0: usize) {
         let mut t = 0;
@@ -172,6 +176,11 @@ mod avx2 {
         }
     }
 
+    /// Tokens `t0..t0 + M` against the panel, their sums in `M × 2` registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `out` points to an `n × rows` buffer with `t0 + M ≤ n`, and no one else writes
+    /// rows `[r0, r0 + NR)`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn tile<const M: usize>(

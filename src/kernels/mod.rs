@@ -2,6 +2,7 @@
 //! weight format (the bit-plane formats) plugs in without touching the model code.
 
 pub mod attention;
+pub mod cpu;
 pub mod dense;
 pub mod ops;
 pub mod planes;
@@ -62,7 +63,7 @@ pub fn forward_shared(layers: &[&dyn Linear], x: &[f32], n: usize, ys: &mut [&mu
     if together {
         let ls: [&PlaneLinear; planes::MAX_SHARED] = std::array::from_fn(|i| planes[i.min(k - 1)].expect("checked"));
         let bits: [u32; planes::MAX_SHARED] = std::array::from_fn(|i| ls[i].bits().min(max_bits.max(1)));
-        PlaneLinear::forward_shared(&ls[..k], x, n, ys, &bits[..k], planes::Isa::detect());
+        PlaneLinear::forward_shared(&ls[..k], x, n, ys, &bits[..k], cpu::Isa::detect());
     } else {
         for (l, y) in layers.iter().zip(ys.iter_mut()) {
             l.forward_capped(x, n, y, max_bits);

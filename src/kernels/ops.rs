@@ -1,6 +1,6 @@
 //! Small element-wise kernels of the transformer block.
 
-use super::attention::exp_ref;
+use super::cpu::{self, exp_ref};
 
 /// RMSNorm: `out = x / sqrt(mean(x²) + eps) · w`. The sum is taken in f64 so the result does not
 /// depend on vector width.
@@ -24,8 +24,8 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::attention::simd_ok() {
-        // SAFETY: AVX-512F and FMA checked by `simd_ok`.
+    if cpu::avx512() {
+        // SAFETY: AVX-512F and FMA checked by `cpu::avx512`.
         done = unsafe { x86::silu_mul_avx512(&mut gate[..n], &up[..n]) };
     }
     for (g, &u) in gate[done..n].iter_mut().zip(&up[done..n]) {
@@ -44,9 +44,12 @@ fn silu_ref(g: f32) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use crate::kernels::attention::x86::exp16;
+    use crate::kernels::cpu::x86::exp16;
 
     /// [`super::silu_mul`] over whole vectors of 16; returns how many elements it did.
+    ///
+    /// # Safety
+    /// AVX-512F and FMA present.
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) -> usize {
         let full = gate.len() / 16 * 16;

@@ -26,6 +26,7 @@ use std::sync::{Arc, OnceLock};
 
 use half::f16;
 
+pub use super::cpu::Isa;
 use super::{Linear, SyncPtr};
 
 mod acts;
@@ -529,58 +530,6 @@ impl Linear for PlaneLinear {
     }
 }
 
-/// Instruction sets the kernel has a path for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    Scalar,
-    Avx2,
-    Avx512,
-    /// AVX-512 with GFNI: the decode loop builds codes by bit-matrix transposes.
-    Avx512Gfni,
-}
-
-impl Isa {
-    /// The best path this CPU runs (detected once).
-    pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            let forced = std::env::var("BITNEST_ISA").ok();
-            let best = Isa::available().last().copied().unwrap_or(Isa::Scalar);
-            match forced.as_deref() {
-                Some("scalar") => Isa::Scalar,
-                Some("avx2") if Isa::available().contains(&Isa::Avx2) => Isa::Avx2,
-                Some("avx512") if Isa::available().contains(&Isa::Avx512) => Isa::Avx512,
-                _ => best,
-            }
-        })
-    }
-
-    /// Every path this CPU can run, worst first.
-    pub fn available() -> Vec<Isa> {
-        #[allow(unused_mut)]
-        let mut v = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
-                v.push(Isa::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx512vbmi")
-                && is_x86_feature_detected!("f16c")
-            {
-                v.push(Isa::Avx512);
-                if is_x86_feature_detected!("gfni") {
-                    v.push(Isa::Avx512Gfni);
-                }
-            }
-        }
-        v
-    }
-}
-
 /// Everything a tile needs, resolved once per matmul.
 struct Ctx<'a> {
     bytes: &'a [u8],
@@ -764,6 +713,9 @@ impl<'a> Ctx<'a> {
     }
 
     /// The reference: plain loops over rows, tokens, groups and columns.
+    ///
+    /// # Safety
+    /// `out` must point to an `n × rows` buffer of which this call alone writes the tile's rows.
     unsafe fn tile_scalar(&self, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
         for i in 0..TILE {
             let row = tile * TILE + i;
@@ -794,6 +746,9 @@ impl Ctx<'_> {
     /// The two-level reference: per sub-block of 32 an exact integer dot product, then
     /// [`Ctx::sub_term`] per group. Every sub-block slot of a chunk is visited, the empty one
     /// past a row's end included (its multipliers are zero), as the vector paths do.
+    ///
+    /// # Safety
+    /// As [`Ctx::tile_scalar`].
     unsafe fn tile_sub_scalar(&self, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
         let blocks = acts.padded / SUB;
         for i in 0..TILE {

@@ -13,7 +13,8 @@ use anyhow::{Result, ensure};
 use super::config::LlamaConfig;
 use super::session::{FFN_ROWS, KvCache};
 pub use super::session::{KvType, Scratch, Session};
-use crate::kernels::attention::{HeadView, KvElem, Query, attend_group};
+use crate::kernels::attention::q8::attend_group_q8;
+use crate::kernels::attention::{HeadView, Query, attend_group};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
 use crate::kernels::{Linear, SyncPtr, forward_shared};
 
@@ -512,25 +513,45 @@ impl Llama {
 
     /// Task `item` of a span's attention planned as `p`, over the layer's part `cache` of `kv`.
     fn attend_item(&self, kv: &KvCache, cache: std::ops::Range<usize>, at: &AttendAt, p: &AttendPlan, item: usize) {
+        let c = &self.config;
+        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
+        let scale = 1.0 / (hd as f32).sqrt();
         match kv {
-            KvCache::F16 { k, v } => self.attend_task(&k[cache.clone()], &v[cache], at, p, item),
-            KvCache::F32 { k, v } => self.attend_task(&k[cache.clone()], &v[cache], at, p, item),
+            KvCache::F16 { k, v } => self.attend_task(at, p, item, |g, qs, sc| {
+                let kv =
+                    HeadView { keys: &k[cache.clone()], values: &v[cache.clone()], stride: kv_dim, offset: g * hd };
+                attend_group(kv, scale, qs, sc)
+            }),
+            KvCache::F32 { k, v } => self.attend_task(at, p, item, |g, qs, sc| {
+                let kv =
+                    HeadView { keys: &k[cache.clone()], values: &v[cache.clone()], stride: kv_dim, offset: g * hd };
+                attend_group(kv, scale, qs, sc)
+            }),
+            KvCache::Q8(q) => {
+                let layer = cache.start / cache.len().max(1);
+                self.attend_task(at, p, item, |g, qs, sc| attend_group_q8(q.view(layer, g, hd), scale, qs, sc))
+            }
         }
     }
 
-    /// [`Llama::attend_item`] over one layer's cache, `kc` and `vc`, of either element type.
-    fn attend_task<T: KvElem>(&self, kc: &[T], vc: &[T], at: &AttendAt, p: &AttendPlan, item: usize) {
+    /// [`Llama::attend_item`]'s queries of KV head `g`, attended by `attend(g, queries, scores)`
+    /// over the layer's cache of whichever type.
+    fn attend_task(
+        &self,
+        at: &AttendAt,
+        p: &AttendPlan,
+        item: usize,
+        attend: impl FnOnce(usize, &mut [Query], &mut [f32]),
+    ) {
         let c = &self.config;
-        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
+        let hd = c.head_dim;
         let q_dim = c.n_heads * hd;
         let group = c.n_heads / c.n_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
         let AttendAt { q, att, start, slots, off, n, tree } = *at;
         let b = p.blocks - 1 - item / p.per_block;
         let (g, hc) = (item % p.per_block / p.head_chunks, item % p.head_chunks);
         let (t0, t1) = (b * p.tokens_per, ((b + 1) * p.tokens_per).min(n));
         let heads = hc * p.heads_per..((hc + 1) * p.heads_per).min(group);
-        let kv = HeadView { keys: kc, values: vc, stride: kv_dim, offset: g * hd };
         // The item's queries (a fixed array: no allocation).
         let mut qs: [Query; MAX_ITEM_QUERIES] = Default::default();
         let mut m = 0;
@@ -551,7 +572,7 @@ impl Llama {
                 // Grows rarely: never below 64 Ki floats, then to a power of two.
                 sc.resize(need.next_power_of_two().max(1 << 16), 0.0);
             }
-            attend_group(kv, scale, &mut qs[..m], sc);
+            attend(g, &mut qs[..m], sc);
         });
     }
 

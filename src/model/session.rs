@@ -2,7 +2,7 @@
 //! activation buffers of a forward pass ([`Scratch`]), which several sequences share when one
 //! pass runs them together.
 
-use crate::kernels::attention::KvElem;
+use crate::kernels::attention::{KvElem, q8};
 
 use super::config::LlamaConfig;
 
@@ -10,7 +10,7 @@ use super::config::LlamaConfig;
 /// has) hold this many rows, whatever the pass's length.
 pub(super) const FFN_ROWS: usize = 128;
 
-/// The element type of a session's KV cache (llama.cpp's `--cache-type-k/v`).
+/// What a session's KV cache stores (llama.cpp's `--cache-type-k/v`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvType {
     /// Half the bytes of `f32`; what llama.cpp stores by default. Attention reads every cached
@@ -19,14 +19,20 @@ pub enum KvType {
     F16,
     /// Exact copies of the computed keys and values.
     F32,
+    /// llama.cpp's q8_0 blocks: per 32 values, int8 codes and one f16 step (8.5 bits a value,
+    /// 53% of f16). Scores are integer dot products on the codes (`kernels::attention::q8`).
+    /// Needs a head size that is a multiple of 32.
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 impl KvType {
-    /// Bytes of one cached key or value element.
-    pub fn elem_bytes(self) -> usize {
+    /// Bytes of `n` cached key (or value) elements, `n` a multiple of 32.
+    pub fn bytes(self, n: usize) -> usize {
         match self {
-            KvType::F16 => 2,
-            KvType::F32 => 4,
+            KvType::F16 => 2 * n,
+            KvType::F32 => 4 * n,
+            KvType::Q8_0 => n + 2 * n.div_ceil(q8::BLOCK),
         }
     }
 
@@ -35,6 +41,20 @@ impl KvType {
         match self {
             KvType::F16 => "f16",
             KvType::F32 => "f32",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Why a model shaped like `c` cannot store its cache as this type, if it cannot.
+    pub fn unsupported(self, c: &LlamaConfig) -> Option<String> {
+        match self {
+            KvType::Q8_0 if !c.head_dim.is_multiple_of(q8::BLOCK) || c.head_dim > q8::MAX_HEAD => Some(format!(
+                "cache type q8_0 needs a head size that is a multiple of {} (at most {}); this model's is {}",
+                q8::BLOCK,
+                q8::MAX_HEAD,
+                c.head_dim
+            )),
+            _ => None,
         }
     }
 }
@@ -43,31 +63,114 @@ impl KvType {
 pub(super) enum KvCache {
     F16 { k: Vec<half::f16>, v: Vec<half::f16> },
     F32 { k: Vec<f32>, v: Vec<f32> },
+    Q8(Q8Cache),
 }
 
-impl KvCache {
-    fn new(kind: KvType, len: usize) -> KvCache {
-        match kind {
-            KvType::F16 => KvCache::F16 { k: vec![half::f16::ZERO; len], v: vec![half::f16::ZERO; len] },
-            KvType::F32 => KvCache::F32 { k: vec![0.0; len], v: vec![0.0; len] },
+/// A q8_0 cache (see [`q8::Q8View`] for the layout): key codes offset by 128, key steps per
+/// (layer, block of the row) in position order, value codes and steps per position.
+pub(super) struct Q8Cache {
+    key_codes: Vec<u8>,
+    key_steps: Vec<half::f16>,
+    value_codes: Vec<i8>,
+    value_steps: Vec<half::f16>,
+    capacity: usize,
+    kv_dim: usize,
+}
+
+impl Q8Cache {
+    /// Blocks of 32 per position.
+    fn blocks(&self) -> usize {
+        self.kv_dim / q8::BLOCK
+    }
+
+    /// (layer, position) of element offset `at` (the start of a position's row).
+    fn locate(&self, at: usize) -> (usize, usize) {
+        let per_layer = self.capacity * self.kv_dim;
+        (at / per_layer, at % per_layer / self.kv_dim)
+    }
+
+    /// Quantizes whole rows `keys`, `values` into the positions from element offset `at` on.
+    fn store(&mut self, at: usize, keys: &[f32], values: &[f32]) {
+        let (nb, cap) = (self.blocks(), self.capacity);
+        let (l, p0) = self.locate(at);
+        let mut codes = [0i8; q8::BLOCK];
+        let mut step = [half::f16::ZERO];
+        for (r, (kr, vr)) in keys.chunks_exact(self.kv_dim).zip(values.chunks_exact(self.kv_dim)).enumerate() {
+            let (p, row) = (p0 + r, at + r * self.kv_dim);
+            for (b, kb) in kr.chunks_exact(q8::BLOCK).enumerate() {
+                q8::quantize_row(kb, &mut codes, &mut step);
+                let dst = &mut self.key_codes[row + b * q8::BLOCK..row + (b + 1) * q8::BLOCK];
+                dst.iter_mut().zip(&codes).for_each(|(d, &c)| *d = c as u8 ^ 0x80);
+                self.key_steps[(l * nb + b) * cap + p] = step[0];
+            }
+            let vs = (l * cap + p) * nb;
+            q8::quantize_row(vr, &mut self.value_codes[row..row + self.kv_dim], &mut self.value_steps[vs..vs + nb]);
         }
     }
 
+    /// Moves position `from`'s row (element offset) to `to`'s, in every array.
+    fn copy_row(&mut self, from: usize, to: usize) {
+        let (nb, cap, d) = (self.blocks(), self.capacity, self.kv_dim);
+        let ((l, pf), (_, pt)) = (self.locate(from), self.locate(to));
+        self.key_codes.copy_within(from..from + d, to);
+        self.value_codes.copy_within(from..from + d, to);
+        for b in 0..nb {
+            self.key_steps[(l * nb + b) * cap + pt] = self.key_steps[(l * nb + b) * cap + pf];
+        }
+        self.value_steps.copy_within((l * cap + pf) * nb..(l * cap + pf + 1) * nb, (l * cap + pt) * nb);
+    }
+
+    /// KV head `g` (of `hd` dimensions) of layer `l`.
+    pub(super) fn view(&self, l: usize, g: usize, hd: usize) -> q8::Q8View<'_> {
+        let (nb, cap, d) = (self.blocks(), self.capacity, self.kv_dim);
+        let layer = l * cap * d..(l + 1) * cap * d;
+        q8::Q8View {
+            key_codes: &self.key_codes[layer.clone()],
+            key_steps: &self.key_steps[(l * nb + g * hd / q8::BLOCK) * cap..(l + 1) * nb * cap],
+            value_codes: &self.value_codes[layer],
+            value_steps: &self.value_steps[l * cap * nb..(l + 1) * cap * nb],
+            stride: d,
+            offset: g * hd,
+            cap,
+        }
+    }
+}
+
+impl KvCache {
+    fn new(kind: KvType, layers: usize, capacity: usize, kv_dim: usize) -> KvCache {
+        let len = layers * capacity * kv_dim;
+        match kind {
+            KvType::F16 => KvCache::F16 { k: vec![half::f16::ZERO; len], v: vec![half::f16::ZERO; len] },
+            KvType::F32 => KvCache::F32 { k: vec![0.0; len], v: vec![0.0; len] },
+            KvType::Q8_0 => KvCache::Q8(Q8Cache {
+                key_codes: vec![0x80; len],
+                key_steps: vec![half::f16::ZERO; len / q8::BLOCK],
+                value_codes: vec![0; len],
+                value_steps: vec![half::f16::ZERO; len / q8::BLOCK],
+                capacity,
+                kv_dim,
+            }),
+        }
+    }
+
+    /// Elements of keys (as many of values) the cache holds.
     fn len(&self) -> usize {
         match self {
             KvCache::F16 { k, .. } => k.len(),
             KvCache::F32 { k, .. } => k.len(),
+            KvCache::Q8(q) => q.key_codes.len(),
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
-            KvCache::F16 { k, v } => (k.len() + v.len()) * KvType::F16.elem_bytes(),
-            KvCache::F32 { k, v } => (k.len() + v.len()) * KvType::F32.elem_bytes(),
+            KvCache::F16 { k, v } => (k.len() + v.len()) * 2,
+            KvCache::F32 { k, v } => (k.len() + v.len()) * 4,
+            KvCache::Q8(q) => q.key_codes.len() + q.value_codes.len() + 2 * (q.key_steps.len() + q.value_steps.len()),
         }
     }
 
-    /// Stores `keys` and `values` (as many floats each) from element `at` on.
+    /// Stores `keys` and `values` (whole rows of as many floats each) from element `at` on.
     pub(super) fn store(&mut self, at: usize, keys: &[f32], values: &[f32]) {
         let n = keys.len();
         match self {
@@ -79,10 +182,11 @@ impl KvCache {
                 KvElem::store(&mut k[at..at + n], keys);
                 KvElem::store(&mut v[at..at + n], values);
             }
+            KvCache::Q8(q) => q.store(at, keys, values),
         }
     }
 
-    /// Copies `len` elements of keys and values from `from` to `to`.
+    /// Copies one position's row of keys and values (`len` elements) from `from` to `to`.
     fn copy_within(&mut self, from: usize, len: usize, to: usize) {
         match self {
             KvCache::F16 { k, v } => {
@@ -93,6 +197,7 @@ impl KvCache {
                 k.copy_within(from..from + len, to);
                 v.copy_within(from..from + len, to);
             }
+            KvCache::Q8(q) => q.copy_row(from, to),
         }
     }
 }
@@ -182,7 +287,7 @@ impl Session {
             pos: 0,
             capacity,
             max_batch,
-            kv: KvCache::new(kind, c.n_layers * capacity * c.kv_dim()),
+            kv: KvCache::new(kind, c.n_layers, capacity, c.kv_dim()),
             tree_slots: Vec::new(),
             tree_off: Vec::with_capacity(if buffers { max_batch + 1 } else { 0 }),
             scratch: if buffers { Scratch::new(c, max_batch) } else { Scratch::default() },

@@ -60,6 +60,9 @@ pub unsafe fn tile_avx512(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, ou
 }
 
 /// Codes of 64 weights rebuilt from `R` plane words, mapped to levels when `lookup`.
+///
+/// # Safety
+/// AVX-512 F/BW/VBMI present; each of the `R` plane pointers is readable for 8 bytes from `off`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Levels, lookup: bool) -> __m512i {
@@ -92,6 +95,9 @@ unsafe fn codes512<const R: usize>(planes: &[*const u8; R], off: usize, lv: &Lev
 }
 
 /// Codes mapped to their levels through the datatype's table (`vpermb` / `vpermi2b`).
+///
+/// # Safety
+/// AVX-512 F/BW/VBMI present.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 unsafe fn levels512<const R: usize>(c: __m512i, lv: &Levels) -> __m512i {
@@ -111,18 +117,27 @@ unsafe fn levels512<const R: usize>(c: __m512i, lv: &Levels) -> __m512i {
 }
 
 /// Interleaved pairwise sums of `a` and `b` (first step of [`reduce16`]).
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
     unsafe { _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)) }
 }
 
 /// Second step of [`reduce16`]: each 128-bit lane holds partial sums of four rows.
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
     unsafe { _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)) }
 }
 
 /// `128·hi + lo`, lane-wise: the two halves of the activations recombined before reducing.
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn combine(hi: __m512i, lo: __m512i) -> __m512i {
     unsafe { _mm512_add_epi32(_mm512_slli_epi32::<7>(hi), lo) }
@@ -130,6 +145,9 @@ unsafe fn combine(hi: __m512i, lo: __m512i) -> __m512i {
 
 /// Lane `i` of the result is the sum of the 16 lanes of `acc[i]`. (No closures here:
 /// they would be compiled without the caller's target features.)
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn reduce16(acc: &[__m512i; TILE]) -> __m512i {
     unsafe {
@@ -153,6 +171,9 @@ unsafe fn reduce16(acc: &[__m512i; TILE]) -> __m512i {
 }
 
 /// `A` and `B` of the tile's 16 rows, lane-wise the same operations as [`Ctx::ab`].
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn ab16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512) {
     unsafe {
@@ -167,6 +188,9 @@ unsafe fn ab16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512) {
 }
 
 /// [`Ctx::term`] for 16 rows.
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn terms16(dot: __m512i, a: __m512, b: __m512, d: f32, dsum: f32) -> __m512 {
     unsafe {
@@ -175,6 +199,10 @@ unsafe fn terms16(dot: __m512i, a: __m512, b: __m512, d: f32, dsum: f32) -> __m5
     }
 }
 
+/// [`tile_avx512`] at `R` planes: small batches row by row, one token fused, larger batches transposed.
+///
+/// # Safety
+/// As [`tile_avx512`], with `R` = `ctx.r`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma")]
 unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
     // Start of each plane, and of each row within a plane (bounds checked at construction).
@@ -257,6 +285,10 @@ unsafe fn tile512<const R: usize>(ctx: &Ctx, tile: usize, acts: &QuantActs, n: u
 
 /// The levels of chunk `ch` of the tile's 16 rows, transposed so that lane `i` of entry `j`
 /// holds row `i`'s levels at columns `4j .. 4j + 4` of the chunk (the batch paths' layout).
+///
+/// # Safety
+/// AVX-512 F/BW/VBMI present, enabled by its caller's `target_feature`; the `R` planes hold chunk `ch` of
+/// the 16 rows from byte `row0` (as [`tile512`] sets `planes` and `row0`).
 #[inline(always)]
 unsafe fn chunk_codes_transposed<const R: usize>(
     ctx: &Ctx,
@@ -281,6 +313,10 @@ const SMALL_BATCH: usize = 4;
 
 /// Tokens `t0..t0 + NT` (`NT` ≤ 4) against one tile, groups of at most two chunks: every
 /// group's sums for each token, then the same float steps as every other path.
+///
+/// # Safety
+/// As [`tile512`] (its `target_feature` and contract), whose `planes` and `row0` it is given, for tokens
+/// `t0..t0 + NT` of `acts` and `out`.
 #[inline(always)]
 unsafe fn gemv_tokens<const R: usize, const NT: usize>(
     ctx: &Ctx,
@@ -315,6 +351,10 @@ unsafe fn gemv_tokens<const R: usize, const NT: usize>(
 
 /// One group of `CH` whole chunks of the tile's 16 rows for `NT` tokens: per token, each row's
 /// combined integer dot product, lane-partial (16 lanes to be summed by [`reduce16`]).
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI/VBMI present, enabled by its caller's `target_feature`; the `R` planes hold chunks
+/// `ch0..ch0 + CH` of the 16 rows from byte `row0`, and `acts` holds them for tokens `t0..t0 + NT`.
 #[inline(always)]
 unsafe fn gemv_group<const R: usize, const CH: usize, const NT: usize>(
     ctx: &Ctx,
@@ -394,12 +434,19 @@ pub unsafe fn tile_sub_avx512(
     }
 }
 
+/// [`tile_sub_avx512`] at `R` planes, codes built by [`codes512`].
+///
+/// # Safety
+/// As [`tile_avx512`], with `R` = `ctx.r`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma")]
 unsafe fn tile_sub512<const R: usize>(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs, n: usize, out: SyncPtr) {
     unsafe { tile_sub_body::<R, false>(ctx, sub, tile, acts, n, out) }
 }
 
 /// [`tile_sub512`] with the codes of the decode loop built by [`codes_gf`].
+///
+/// # Safety
+/// As [`tile_sub512`], and GFNI present.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma,gfni")]
 unsafe fn tile_sub512_gf<const R: usize>(
     ctx: &Ctx,
@@ -412,6 +459,11 @@ unsafe fn tile_sub512_gf<const R: usize>(
     unsafe { tile_sub_body::<R, true>(ctx, sub, tile, acts, n, out) }
 }
 
+/// The body of [`tile_sub512`] and [`tile_sub512_gf`]: batches through [`SubJob`], up to
+/// [`SMALL_BATCH`] tokens through [`sub_tokens`].
+///
+/// # Safety
+/// As [`tile_sub512`], or [`tile_sub512_gf`] when `GF`: it is inlined into them and needs their `target_feature`.
 #[inline(always)]
 unsafe fn tile_sub_body<const R: usize, const GF: bool>(
     ctx: &Ctx,
@@ -488,6 +540,9 @@ struct SubJob<'a> {
 
 impl SubJob<'_> {
     /// Every token, in blocks of up to [`BLOCK`].
+    ///
+    /// # Safety
+    /// As [`SubJob::tokens`], for tokens `0..n`.
     #[inline(always)]
     unsafe fn all_tokens(&self, n: usize) {
         unsafe { by_blocks!(self, n) }
@@ -498,6 +553,10 @@ impl SubJob<'_> {
     /// code-free sums and [`Ctx::sub_term`] lane-wise. Only the `NT` sums and `NT` accumulators
     /// live through the loop (with eight tokens, 16 of the 32 registers), and every activation
     /// is a broadcast operand of its `vpdpbusd`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI, F16C and FMA present; `out` holds tokens `t0..t0 + NT` of the tile's 16 rows,
+    /// written by this job alone.
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn tokens<const NT: usize>(&self, t0: usize) {
@@ -555,6 +614,9 @@ impl SubJob<'_> {
 }
 
 /// `(A, z, O)` of the tile's 16 rows, lane-wise as [`Ctx::azo`](super::Ctx).
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn azo16(ctx: &Ctx, m: &TileMeta) -> (__m512, __m512, __m512) {
     unsafe {
@@ -602,6 +664,9 @@ unsafe fn reduce16_quarters(acc: &[__m512i; TILE]) -> [__m512i; 4] {
 }
 
 /// [`Ctx::sub_step`](super::Ctx), lane-wise over 16 rows.
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn sub_step16(acc: &mut [__m512; 3], dot: __m512i, sc: __m512, mn: __m512, e: f32, eq: f32) {
     unsafe {
@@ -613,6 +678,9 @@ unsafe fn sub_step16(acc: &mut [__m512; 3], dot: __m512i, sc: __m512, mn: __m512
 }
 
 /// [`Ctx::sub_term`](super::Ctx), lane-wise over 16 rows.
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn sub_terms16(acc: [__m512; 3], a: __m512, z: __m512, o: __m512) -> __m512 {
     unsafe {
@@ -625,6 +693,9 @@ unsafe fn sub_terms16(acc: [__m512; 3], a: __m512, z: __m512, o: __m512) -> __m5
 /// `Σ mn·eq` over sub-blocks `ks` of the tile (of 32 or 16 columns), for tokens `t0..t0 + NT`:
 /// the same operations in the same sub-block order, run after a dot loop so that its
 /// registers are not spilled.
+///
+/// # Safety
+/// AVX-512F and F16C present, enabled by its caller's `target_feature` (every read is bounds-checked).
 #[inline(always)]
 unsafe fn code_free_sums<const NT: usize>(
     sub: &SubMeta,
@@ -651,6 +722,9 @@ unsafe fn code_free_sums<const NT: usize>(
 
 /// Lane `i` of the first result is the sum of lanes 0–7 of `acc[i]` (columns 0–31 of the
 /// chunk), of the second lanes 8–15: [`reduce16`] without its last addition.
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn reduce16_halves(acc: &[__m512i; TILE]) -> (__m512i, __m512i) {
     unsafe {
@@ -678,6 +752,10 @@ const SPAN: usize = 8;
 /// Tokens `t0..t0 + NT` of a two-level layer against one tile. Each row's chunks of a span
 /// are built in one run (plane words read in order, row overheads paid once per span), then
 /// each chunk's 16 rows are reduced to two sub-block sums per row.
+///
+/// # Safety
+/// As [`tile_sub_body`] (its `target_feature` and contract), whose `planes` and `row0` it is given, for
+/// tokens `t0..t0 + NT` of `acts` and `out`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn sub_tokens<const R: usize, const NT: usize, const GF: bool>(
@@ -757,6 +835,10 @@ unsafe fn sub_tokens<const R: usize, const NT: usize, const GF: bool>(
 
 /// Row `i`'s chunks `span` for tokens `t0..t0 + NT`: codes built once per chunk, and per token
 /// `Σ level·q` lane-partial into `buf[chunk − span.start][t][i]`.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI/VBMI (and VL, GFNI when `GF`) present, enabled by its caller's `target_feature`; the
+/// `R` planes hold `8·span.len()` bytes from `off`, and `acts.q8` chunks `span` of tokens `t0..t0 + NT`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn sub_row<const R: usize, const NT: usize, const LOOKUP: bool, const GF: bool>(
@@ -794,6 +876,10 @@ unsafe fn sub_row<const R: usize, const NT: usize, const LOOKUP: bool, const GF:
 
 /// Row `i`'s lane-partial `Σ level·q` of chunk `ch` (levels `c`) for tokens `t0..t0 + NT`,
 /// into `slot[t][i]`.
+///
+/// # Safety
+/// AVX-512 F/VNNI present, enabled by its caller's `target_feature`; `acts.q8` holds chunk `ch` of tokens
+/// `t0..t0 + NT`.
 #[inline(always)]
 unsafe fn chunk_dots<const NT: usize>(
     c: __m512i,
@@ -813,6 +899,10 @@ unsafe fn chunk_dots<const NT: usize>(
 }
 
 /// [`sub_row`]'s `NC` chunks from chunk `ch` (entry `k` of the span) with [`codes_gf`].
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI/VBMI and GFNI present, enabled by its caller's `target_feature`; `NC` ≤ 4, the `R`
+/// planes hold `8·NC` bytes from `off + 8k`, and `acts.q8` chunks `ch..ch + NC` of tokens `t0..t0 + NT`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn sub_run<const R: usize, const NT: usize, const LOOKUP: bool, const NC: usize>(
@@ -839,6 +929,9 @@ unsafe fn sub_run<const R: usize, const NT: usize, const LOOKUP: bool, const NC:
 const BLOCK: usize = 8;
 
 /// Lane `i` of result `j` is lane `j` of `v[i]`: a 16 × 16 transpose of 32-bit elements.
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn transpose16(v: &[__m512i; TILE]) -> [__m512i; TILE] {
     unsafe {
@@ -888,6 +981,10 @@ struct Job<'a> {
 
 impl Job<'_> {
     /// Tokens `t0..t0 + NT`: their group dot products, and the group's term added to each.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI and FMA present; `acts` holds columns `col0..col0 + 4·quads.len()` of tokens
+    /// `t0..t0 + NT`, and `out` those tokens' 16 rows of the tile, written by this job alone.
     #[inline(never)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
     unsafe fn tokens<const NT: usize>(&self, t0: usize) {

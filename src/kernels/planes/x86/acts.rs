@@ -58,6 +58,9 @@ pub unsafe fn quantize_row_avx512(
 }
 
 /// `round_to` (`../acts.rs`) in 16 lanes: the same add of ±0.5, clamp and truncation.
+///
+/// # Safety
+/// AVX-512F present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn round16(y: __m512, max: f32) -> __m512i {
     unsafe {

@@ -8,6 +8,9 @@ use super::super::{Ctx, QuantActs, SUB, SubMeta, SyncPtr, TILE, TileMeta};
 use super::{MAX_CH, MAX_SUB_CH};
 
 /// Expands 32 plane bits into 32 bytes of 0xff / 0x00.
+///
+/// # Safety
+/// AVX2 present, enabled by its caller's `target_feature`.
 #[inline(always)]
 unsafe fn bits_to_bytes(bits: u32) -> __m256i {
     unsafe {
@@ -21,6 +24,9 @@ unsafe fn bits_to_bytes(bits: u32) -> __m256i {
 }
 
 /// Codes → levels with 16-entry `vpshufb` tables, one per value of the code's high nibble.
+///
+/// # Safety
+/// AVX2 present, enabled by its caller's `target_feature`; `r` ≤ 8, so the reads stay inside `table`.
 #[inline(always)]
 unsafe fn lookup_avx2(c: __m256i, table: &[u8; 256], r: usize) -> __m256i {
     unsafe {
@@ -37,6 +43,9 @@ unsafe fn lookup_avx2(c: __m256i, table: &[u8; 256], r: usize) -> __m256i {
 }
 
 /// Lane `j` of the result is the sum of the 8 lanes of `acc[j]`.
+///
+/// # Safety
+/// AVX2 present.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn reduce4_avx2(acc: &[__m256i; 4]) -> __m128i {
@@ -47,6 +56,9 @@ unsafe fn reduce4_avx2(acc: &[__m256i; 4]) -> __m128i {
 }
 
 /// Levels of row `i` of the tile over `chunks`, one 32-byte register per 32 columns.
+///
+/// # Safety
+/// AVX2 present.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn row_codes_avx2(
@@ -78,6 +90,9 @@ unsafe fn row_codes_avx2(
 
 /// Adds four rows' products with the 32 activations at `at` to `acc[0]` (high bytes) and
 /// `acc[1]` (low bytes), widened to 16 bits (`vpmaddubsw` would saturate on 255 × 127).
+///
+/// # Safety
+/// AVX2 present; `acts.hi` and `acts.lo` each hold 32 bytes from `at`.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn madd4_avx2(acc: &mut [[__m256i; 4]; 2], codes: [__m256i; 4], acts: &QuantActs, at: usize) {
@@ -87,6 +102,9 @@ unsafe fn madd4_avx2(acc: &mut [[__m256i; 4]; 2], codes: [__m256i; 4], acts: &Qu
 }
 
 /// Adds four rows' products with the 32 activation bytes of `src` at `at` to `acc`.
+///
+/// # Safety
+/// AVX2 present; `src` holds 32 bytes from `at`.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn madd4_one_avx2(acc: &mut [__m256i; 4], codes: [__m256i; 4], src: &[i8], at: usize) {

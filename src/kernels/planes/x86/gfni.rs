@@ -16,8 +16,12 @@ use std::arch::x86_64::*;
 /// chunks' worth, zero beyond). Up to four planes, a matrix holds two chunks, one per nibble
 /// (one permute and one transpose per two chunks, then a shift and a mask); beyond four, two
 /// permutes first gather planes 0–3 and 4–7 of two chunks, and a matrix holds one chunk.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VBMI and GFNI present; `NC` ≤ 4 and each of the `R` plane pointers is readable for
+/// `8·NC` bytes from `off`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni")]
 pub(super) unsafe fn codes_gf<const R: usize, const NC: usize>(planes: &[*const u8; R], off: usize) -> [__m512i; NC] {
     unsafe {
         let m: u32 = if NC >= 4 { u32::MAX } else { (1u32 << (8 * NC)) - 1 };
@@ -70,8 +74,11 @@ pub(super) unsafe fn codes_gf<const R: usize, const NC: usize>(planes: &[*const 
 /// yield bytes holding four 2-bit codes, which one masked shift each (an affine step) splits.
 /// The same codes as [`codes_gf`] gives for the two halves, with about two thirds of its
 /// operations.
+///
+/// # Safety
+/// AVX-512 F/BW/VBMI and GFNI present; both plane pointers are readable for 64 bytes from `off`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,gfni")]
 pub(super) unsafe fn codes_crumb2(planes: &[*const u8; 2], off: usize) -> [__m512i; 8] {
     unsafe {
         let a = _mm512_loadu_si512(planes[0].add(off) as *const __m512i);
@@ -127,6 +134,10 @@ static GF_CRUMB: [[u8; 64]; 2] = {
 };
 
 /// Planes `2k` and `2k + 1` at `off`, `m`-masked 32 bytes each, in the low and high halves.
+///
+/// # Safety
+/// AVX-512 F/BW/VL present, enabled by its caller's `target_feature`; planes `2k` and `2k + 1` (those
+/// below `R`) are readable from `off` for the bytes `m` selects.
 #[inline(always)]
 unsafe fn pair_regs<const R: usize>(planes: &[*const u8; R], off: usize, k: usize, m: u32) -> __m512i {
     unsafe {

@@ -35,6 +35,11 @@ pub unsafe fn tile_quads(ctx: &Ctx, sub: &SubMeta, tile: usize, acts: &QuantActs
     }
 }
 
+/// [`tile_quads`] at `R` planes: one token of sub-blocks of 32 through [`quads_one`], up to
+/// [`QUADS_SMALL`] tokens through [`quads_tokens`], larger batches through [`quads_batch`].
+///
+/// # Safety
+/// As [`tile_quads`], with `R` = `ctx.r`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma,gfni")]
 unsafe fn tile_quads_r<const R: usize>(
     ctx: &Ctx,
@@ -67,6 +72,9 @@ unsafe fn tile_quads_r<const R: usize>(
 /// A batch against one full tile: each group's codes built once into a buffer, then every
 /// token in blocks. Kept out of [`tile_quads_r`] so that decoding, which never needs the
 /// 32 KiB code buffer, does not pay for probing its stack pages on every tile.
+///
+/// # Safety
+/// As [`tile_quads_r`], whose `planes` and `at0` it is given.
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,avx2,fma,gfni")]
@@ -150,6 +158,9 @@ impl<'a> TileReads<'a> {
 
 /// One token (decoding) against one full tile of tile-interleaved planes: [`quads_tokens`]
 /// for `NT = 1`, with four `vpdpbusd` chains and the code-free sums in the same loop.
+///
+/// # Safety
+/// As [`tile_quads_r`] (its `target_feature` and contract), whose `planes` and `at0` it is given.
 #[inline(always)]
 unsafe fn quads_one<const R: usize>(
     ctx: &Ctx,
@@ -238,6 +249,9 @@ impl<'a> Lookups<'a> {
     }
 
     /// Codes to levels, each row through its datatype's table.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VBMI present, enabled by its caller's `target_feature`.
     #[inline(always)]
     unsafe fn apply<const R: usize>(&self, mut c: __m512i) -> __m512i {
         for &(mask, lv) in &self.at[..self.n] {
@@ -252,6 +266,10 @@ impl<'a> Lookups<'a> {
 /// planes: per sub-block, eight code vectors built once and used by every token's `vpdpbusd`,
 /// then the same float steps as every path. Each token keeps two `vpdpbusd` chains, and the
 /// code-free sums run in the same pass (the registers of four tokens fit).
+///
+/// # Safety
+/// As [`tile_quads_r`] (its `target_feature` and contract), whose `planes` and `at0` it is given, for
+/// tokens `t0..t0 + NT` of `out`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn quads_tokens<const R: usize, const NT: usize>(
