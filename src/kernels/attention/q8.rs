@@ -261,8 +261,10 @@ mod x86 {
     #[inline(always)]
     unsafe fn scores16<const NC: usize>(kv: &Q8View, qq: &QuantQuery, p0: usize, scale: f32) -> __m512 {
         unsafe {
-            let qv: [__m512i; NC] =
-                std::array::from_fn(|c| _mm512_loadu_si512(qq.codes.as_ptr().add(64 * c) as *const _));
+            let mut qv = [_mm512_setzero_si512(); NC];
+            for c in 0..NC {
+                qv[c] = _mm512_loadu_si512(qq.codes.as_ptr().add(64 * c) as *const _);
+            }
             let mut acc = _mm512_setzero_ps();
             let k0 = kv.key_codes.as_ptr().add(p0 * kv.stride + kv.offset);
             for c in 0..NC {
@@ -294,26 +296,46 @@ mod x86 {
     #[inline(always)]
     unsafe fn reduce16_halves(a: &[__m512i; 16]) -> (__m512i, __m512i) {
         unsafe {
-            let pair =
-                |x: __m512i, y: __m512i| _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
-            let quad =
-                |x: __m512i, y: __m512i| _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
             // v[i]: 128-bit block L holds the sums of rows 4i..4i+4 over lanes 4L..4L+4.
-            let v: [__m512i; 4] =
-                std::array::from_fn(|i| quad(pair(a[4 * i], a[4 * i + 1]), pair(a[4 * i + 2], a[4 * i + 3])));
+            let mut v = [_mm512_setzero_si512(); 4];
+            for i in 0..4 {
+                v[i] = quad(pair(a[4 * i], a[4 * i + 1]), pair(a[4 * i + 2], a[4 * i + 3]));
+            }
             // Blocks 0, 1 of each v are the first half of the lanes, 2, 3 the second.
             let lo01 = _mm512_shuffle_i32x4::<0b01_00_01_00>(v[0], v[1]);
             let hi01 = _mm512_shuffle_i32x4::<0b11_10_11_10>(v[0], v[1]);
             let lo23 = _mm512_shuffle_i32x4::<0b01_00_01_00>(v[2], v[3]);
             let hi23 = _mm512_shuffle_i32x4::<0b11_10_11_10>(v[2], v[3]);
-            // Each: blocks (v0 first, v0 second, v1 first, v1 second) of one half, summed pairwise.
-            let fold = |x: __m512i, y: __m512i| {
-                _mm512_add_epi32(
-                    _mm512_shuffle_i32x4::<0b10_00_10_00>(x, y),
-                    _mm512_shuffle_i32x4::<0b11_01_11_01>(x, y),
-                )
-            };
             (fold(lo01, lo23), fold(hi01, hi23))
+        }
+    }
+
+    /// Interleaved pairwise sums of `a` and `b` (the first step of a transposing reduction).
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[inline(always)]
+    unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
+        unsafe { _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)) }
+    }
+
+    /// The second step: each 128-bit block holds partial sums of four rows.
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[inline(always)]
+    unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
+        unsafe { _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)) }
+    }
+
+    /// Blocks (x0, x1, x2, x3) and (y0, …) to (x0 + x1, x2 + x3, y0 + y1, y2 + y3).
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[inline(always)]
+    unsafe fn fold(x: __m512i, y: __m512i) -> __m512i {
+        unsafe {
+            _mm512_add_epi32(_mm512_shuffle_i32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_i32x4::<0b11_01_11_01>(x, y))
         }
     }
 
@@ -374,14 +396,41 @@ mod x86 {
     unsafe fn row<const NC: usize>(kv: &Q8View, p: usize) -> [[__m512; 4]; NC] {
         unsafe {
             let at = p * kv.stride + kv.offset;
-            std::array::from_fn(|c| {
-                std::array::from_fn(|u| {
-                    let j = at + 64 * c + 16 * u;
-                    let codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(kv.value_codes.as_ptr().add(j) as *const _));
-                    let d = _mm512_set1_ps(kv.value_steps.get_unchecked(j / BLOCK).to_f32());
-                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(codes))
-                })
-            })
+            // The row's (two or four) steps widened at once.
+            let sp = kv.value_steps.as_ptr().add(at / BLOCK);
+            let raw = if NC == 1 {
+                _mm_cvtsi32_si128((sp as *const i32).read_unaligned())
+            } else {
+                _mm_loadl_epi64(sp as *const __m128i)
+            };
+            let steps = _mm_cvtph_ps(raw);
+            let mut out = [[_mm512_setzero_ps(); 4]; NC];
+            for c in 0..NC {
+                for u in 0..4 {
+                    let codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        kv.value_codes.as_ptr().add(at + 64 * c + 16 * u) as *const _,
+                    ));
+                    let d = _mm512_broadcastss_ps(lane(steps, 2 * c + u / 2));
+                    out[c][u] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(codes));
+                }
+            }
+            out
+        }
+    }
+
+    /// Lane `i` (0–3) of `v` in lane 0.
+    ///
+    /// # Safety
+    /// SSE present.
+    #[inline(always)]
+    unsafe fn lane(v: __m128, i: usize) -> __m128 {
+        unsafe {
+            match i {
+                0 => v,
+                1 => _mm_shuffle_ps::<0b01_01_01_01>(v, v),
+                2 => _mm_shuffle_ps::<0b10_10_10_10>(v, v),
+                _ => _mm_shuffle_ps::<0b11_11_11_11>(v, v),
+            }
         }
     }
 }
