@@ -156,7 +156,12 @@ fn inspect_sizes_the_kv_cache_for_the_chosen_cache_type() {
     let model = common::model_path();
     // SmolLM2-135M: 30 layers × 3 KV heads × head_dim 64 × (K and V) × element bytes, the sum
     // llama.cpp also uses; its trained context is 8192 tokens.
-    for (ty, bytes, mib) in [("f16", 30 * 3 * 64 * 2 * 2, "180.0"), ("f32", 30 * 3 * 64 * 2 * 4, "360.0")] {
+    // q8_0: a byte a value and an f16 step per 32 values (34 bytes per 32, as llama.cpp's).
+    for (ty, bytes, mib) in [
+        ("f16", 30 * 3 * 64 * 2 * 2, "180.0"),
+        ("f32", 30 * 3 * 64 * 2 * 4, "360.0"),
+        ("q8_0", 30 * 2 * (3 * 64 + 2 * 3 * 64 / 32), "95.6"),
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
             .args(["inspect", "--cache-type", ty, "--model"])
             .arg(&model)
@@ -167,4 +172,29 @@ fn inspect_sizes_the_kv_cache_for_the_chosen_cache_type() {
         let want = format!("KV cache ({ty}): {bytes} bytes per token, {mib} MiB at the trained context of 8192");
         assert!(text.contains(&want), "no {want:?} in:\n{text}");
     }
+}
+
+/// A cache type the model cannot use, and keys and values of different types, are refused
+/// with a message and a non-zero exit, not a panic.
+#[test]
+fn unusable_cache_types_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    // The tiny model's heads have 16 dimensions: q8_0 blocks are 32 wide.
+    let (gguf, _) = common::write_tiny_llama(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
+        .args(["inspect", "--cache-type", "q8_0", "--model"])
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("multiple of 32") && err.contains("16"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
+        .args(["inspect", "--cache-type-k", "q8_0", "--cache-type-v", "f16", "--model"])
+        .arg(common::model_path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--cache-type-k q8_0") && err.contains("not supported yet"), "{err}");
 }
