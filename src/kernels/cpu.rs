@@ -104,6 +104,49 @@ pub(crate) mod x86 {
 
     use super::{EXP_MIN, EXP_P, LN2_HI, LN2_LO, LOG2E, ROUND};
 
+    /// Interleaved pairwise sums of `a` and `b` (first step of the transposing reductions).
+    ///
+    /// # Safety
+    /// AVX-512F present, enabled by its caller's `target_feature`.
+    #[inline(always)]
+    pub(crate) unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
+        unsafe { _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)) }
+    }
+
+    /// Second step of the transposing reductions: each 128-bit lane holds partial sums of four rows.
+    ///
+    /// # Safety
+    /// AVX-512F present, enabled by its caller's `target_feature`.
+    #[inline(always)]
+    pub(crate) unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
+        unsafe { _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)) }
+    }
+
+    /// Lane `i` of the first result is the sum of lanes 0–7 of `acc[i]` (columns 0–31 of the
+    /// chunk), of the second lanes 8–15: the transposing reductions without its last addition.
+    ///
+    /// # Safety
+    /// AVX-512F present, enabled by its caller's `target_feature`.
+    #[inline(always)]
+    pub(crate) unsafe fn reduce16_halves(acc: &[__m512i; 16]) -> (__m512i, __m512i) {
+        unsafe {
+            let v0 = quad(pair(acc[0], acc[1]), pair(acc[2], acc[3]));
+            let v1 = quad(pair(acc[4], acc[5]), pair(acc[6], acc[7]));
+            let v2 = quad(pair(acc[8], acc[9]), pair(acc[10], acc[11]));
+            let v3 = quad(pair(acc[12], acc[13]), pair(acc[14], acc[15]));
+            // Blocks: rows 0–3 first half, rows 0–3 second half, rows 4–7 first, rows 4–7 second.
+            let s01 = _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v1),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v1),
+            );
+            let s23 = _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(v2, v3),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(v2, v3),
+            );
+            (_mm512_shuffle_i32x4::<0b10_00_10_00>(s01, s23), _mm512_shuffle_i32x4::<0b11_01_11_01>(s01, s23))
+        }
+    }
+
     /// [`super::exp_ref`] in 16 lanes, with the same bits.
     ///
     /// # Safety

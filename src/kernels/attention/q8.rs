@@ -204,6 +204,7 @@ mod x86 {
     use super::super::x86::softmax;
     use super::{BLOCK, Q8View, QuantQuery, score_ref};
     use crate::kernels::attention::Query;
+    use crate::kernels::cpu::x86::reduce16_halves;
 
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI, F16C and FMA present; `check` passed; head size 64 or 128.
@@ -285,57 +286,6 @@ mod x86 {
                 }
             }
             _mm512_mul_ps(acc, _mm512_set1_ps(scale))
-        }
-    }
-
-    /// Lane `j` of the results: the sum of lanes 0–7 (first) and 8–15 (second) of `a[j]`, the
-    /// two blocks of 32 codes one `vpdpbusd` of 64 covered. Integer sums, so exact in any order.
-    ///
-    /// # Safety
-    /// AVX-512F present.
-    #[inline(always)]
-    unsafe fn reduce16_halves(a: &[__m512i; 16]) -> (__m512i, __m512i) {
-        unsafe {
-            // v[i]: 128-bit block L holds the sums of rows 4i..4i+4 over lanes 4L..4L+4.
-            let mut v = [_mm512_setzero_si512(); 4];
-            for i in 0..4 {
-                v[i] = quad(pair(a[4 * i], a[4 * i + 1]), pair(a[4 * i + 2], a[4 * i + 3]));
-            }
-            // Blocks 0, 1 of each v are the first half of the lanes, 2, 3 the second.
-            let lo01 = _mm512_shuffle_i32x4::<0b01_00_01_00>(v[0], v[1]);
-            let hi01 = _mm512_shuffle_i32x4::<0b11_10_11_10>(v[0], v[1]);
-            let lo23 = _mm512_shuffle_i32x4::<0b01_00_01_00>(v[2], v[3]);
-            let hi23 = _mm512_shuffle_i32x4::<0b11_10_11_10>(v[2], v[3]);
-            (fold(lo01, lo23), fold(hi01, hi23))
-        }
-    }
-
-    /// Interleaved pairwise sums of `a` and `b` (the first step of a transposing reduction).
-    ///
-    /// # Safety
-    /// AVX-512F present.
-    #[inline(always)]
-    unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
-        unsafe { _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)) }
-    }
-
-    /// The second step: each 128-bit block holds partial sums of four rows.
-    ///
-    /// # Safety
-    /// AVX-512F present.
-    #[inline(always)]
-    unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
-        unsafe { _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)) }
-    }
-
-    /// Blocks (x0, x1, x2, x3) and (y0, …) to (x0 + x1, x2 + x3, y0 + y1, y2 + y3).
-    ///
-    /// # Safety
-    /// AVX-512F present.
-    #[inline(always)]
-    unsafe fn fold(x: __m512i, y: __m512i) -> __m512i {
-        unsafe {
-            _mm512_add_epi32(_mm512_shuffle_i32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_i32x4::<0b11_01_11_01>(x, y))
         }
     }
 

@@ -13,6 +13,8 @@ mod quads;
 pub use acts::{quantize_block_avx512, quantize_row_avx512};
 pub use avx2::{tile_avx2, tile_sub_avx2};
 use gfni::codes_gf;
+
+use crate::kernels::cpu::x86::{pair, quad, reduce16_halves};
 pub use quads::tile_quads;
 
 /// Runs `$job.tokens::<NT>(t0)` over tokens `0..$n` in blocks of up to [`BLOCK`]: the token
@@ -114,24 +116,6 @@ unsafe fn levels512<const R: usize>(c: __m512i, lv: &Levels) -> __m512i {
             }
         }
     }
-}
-
-/// Interleaved pairwise sums of `a` and `b` (first step of [`reduce16`]).
-///
-/// # Safety
-/// AVX-512F present, enabled by its caller's `target_feature`.
-#[inline(always)]
-unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
-    unsafe { _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)) }
-}
-
-/// Second step of [`reduce16`]: each 128-bit lane holds partial sums of four rows.
-///
-/// # Safety
-/// AVX-512F present, enabled by its caller's `target_feature`.
-#[inline(always)]
-unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
-    unsafe { _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)) }
 }
 
 /// `128·hi + lo`, lane-wise: the two halves of the activations recombined before reducing.
@@ -717,31 +701,6 @@ unsafe fn code_free_sums<const NT: usize>(
                 fs[t][2] = _mm512_fmadd_ps(mn, eq, fs[t][2]);
             }
         }
-    }
-}
-
-/// Lane `i` of the first result is the sum of lanes 0–7 of `acc[i]` (columns 0–31 of the
-/// chunk), of the second lanes 8–15: [`reduce16`] without its last addition.
-///
-/// # Safety
-/// AVX-512F present, enabled by its caller's `target_feature`.
-#[inline(always)]
-unsafe fn reduce16_halves(acc: &[__m512i; TILE]) -> (__m512i, __m512i) {
-    unsafe {
-        let v0 = quad(pair(acc[0], acc[1]), pair(acc[2], acc[3]));
-        let v1 = quad(pair(acc[4], acc[5]), pair(acc[6], acc[7]));
-        let v2 = quad(pair(acc[8], acc[9]), pair(acc[10], acc[11]));
-        let v3 = quad(pair(acc[12], acc[13]), pair(acc[14], acc[15]));
-        // Blocks: rows 0–3 first half, rows 0–3 second half, rows 4–7 first, rows 4–7 second.
-        let s01 = _mm512_add_epi32(
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v1),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v1),
-        );
-        let s23 = _mm512_add_epi32(
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(v2, v3),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(v2, v3),
-        );
-        (_mm512_shuffle_i32x4::<0b10_00_10_00>(s01, s23), _mm512_shuffle_i32x4::<0b11_01_11_01>(s01, s23))
     }
 }
 
