@@ -207,6 +207,18 @@ unsafe fn group_avx2<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], s
     group_ref(kv, scale, qs, scores)
 }
 
+/// The reference's weights: `sc` turned into `exp(s − max)` in place, summed in 16 lanes (entry
+/// `i` into lane `i mod 16`, in order) and the lanes by [`tree16`]; returns `1/Σ`.
+pub(crate) fn softmax_ref(sc: &mut [f32]) -> f32 {
+    let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sums = [0f32; 16];
+    for (i, s) in sc.iter_mut().enumerate() {
+        *s = exp_ref(*s - max);
+        sums[i % 16] += *s;
+    }
+    1.0 / tree16(&sums)
+}
+
 /// Largest head whose rows the reference widens on the stack (larger ones go element by
 /// element, with the same bits).
 const WIDE_MAX: usize = 256;
@@ -231,13 +243,7 @@ fn group_ref<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &
                 dot_ref(q.q, k)
             } * scale;
         }
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sums = [0f32; 16];
-        for (i, s) in sc.iter_mut().enumerate() {
-            *s = exp_ref(*s - max);
-            sums[i % 16] += *s;
-        }
-        let inv = 1.0 / tree16(&sums);
+        let inv = softmax_ref(sc);
         q.out.fill(0.0);
         for (i, &e) in sc.iter().enumerate() {
             let vals = &kv.values[at(q.pos(i))];

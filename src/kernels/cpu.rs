@@ -109,7 +109,7 @@ pub(crate) mod x86 {
     /// # Safety
     /// AVX-512F present, enabled by its caller's `target_feature`.
     #[inline(always)]
-    pub(crate) unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
+    unsafe fn pair(a: __m512i, b: __m512i) -> __m512i {
         unsafe { _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)) }
     }
 
@@ -118,7 +118,7 @@ pub(crate) mod x86 {
     /// # Safety
     /// AVX-512F present, enabled by its caller's `target_feature`.
     #[inline(always)]
-    pub(crate) unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
+    unsafe fn quad(a: __m512i, b: __m512i) -> __m512i {
         unsafe { _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)) }
     }
 

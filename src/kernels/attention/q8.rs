@@ -18,8 +18,8 @@
 
 use half::f16;
 
-use super::{Query, tree16};
-use crate::kernels::cpu::{self, exp_ref};
+use super::{Query, softmax_ref};
+use crate::kernels::cpu;
 
 /// Values per q8_0 block.
 pub const BLOCK: usize = 32;
@@ -178,13 +178,7 @@ fn group_ref(kv: Q8View, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         for (i, s) in sc.iter_mut().enumerate() {
             *s = score_ref(&kv, &qq, hd, q.pos(i), scale);
         }
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sums = [0f32; 16];
-        for (i, s) in sc.iter_mut().enumerate() {
-            *s = exp_ref(*s - max);
-            sums[i % 16] += *s;
-        }
-        let inv = 1.0 / tree16(&sums);
+        let inv = softmax_ref(sc);
         q.out.fill(0.0);
         for (i, &e) in sc.iter().enumerate() {
             let p = q.pos(i);

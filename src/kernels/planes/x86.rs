@@ -14,7 +14,7 @@ pub use acts::{quantize_block_avx512, quantize_row_avx512};
 pub use avx2::{tile_avx2, tile_sub_avx2};
 use gfni::codes_gf;
 
-use crate::kernels::cpu::x86::{pair, quad, reduce16_halves};
+use crate::kernels::cpu::x86::reduce16_halves;
 pub use quads::tile_quads;
 
 /// Runs `$job.tokens::<NT>(t0)` over tokens `0..$n` in blocks of up to [`BLOCK`]: the token
@@ -135,22 +135,8 @@ unsafe fn combine(hi: __m512i, lo: __m512i) -> __m512i {
 #[inline(always)]
 unsafe fn reduce16(acc: &[__m512i; TILE]) -> __m512i {
     unsafe {
-        let v0 = quad(pair(acc[0], acc[1]), pair(acc[2], acc[3]));
-        let v1 = quad(pair(acc[4], acc[5]), pair(acc[6], acc[7]));
-        let v2 = quad(pair(acc[8], acc[9]), pair(acc[10], acc[11]));
-        let v3 = quad(pair(acc[12], acc[13]), pair(acc[14], acc[15]));
-        let s01 = _mm512_add_epi32(
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v1),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v1),
-        );
-        let s23 = _mm512_add_epi32(
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(v2, v3),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(v2, v3),
-        );
-        _mm512_add_epi32(
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(s01, s23),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(s01, s23),
-        )
+        let (a, b) = reduce16_halves(acc);
+        _mm512_add_epi32(a, b)
     }
 }
 
