@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use bitnest::fetch::DEFAULT_MODEL;
 use bitnest::model::BitsPlan;
-use bitnest::model::llama::KvType;
+use bitnest::model::llama::{KvType, KvTypes};
 use bitnest::sampling::SamplingParams;
 
 #[derive(Parser)]
@@ -112,20 +112,10 @@ pub(crate) struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The cache type of keys and values: `--cache-type`, unless `--cache-type-k`/`-v` say
-    /// otherwise. Keys and values of different types are refused for now.
-    pub(crate) fn kv_type(&self) -> Result<KvType> {
-        let k = self.cache_type_k.unwrap_or(self.cache_type);
-        let v = self.cache_type_v.unwrap_or(self.cache_type);
-        anyhow::ensure!(
-            k == v,
-            "keys and values of different cache types (--cache-type-k {}, --cache-type-v {}) are not supported yet; \
-             give both the same type (--cache-type {})",
-            k.name(),
-            v.name(),
-            k.name()
-        );
-        Ok(k)
+    /// The cache types of keys and values: `--cache-type`, unless `--cache-type-k`/`-v` say
+    /// otherwise.
+    pub(crate) fn kv_type(&self) -> KvTypes {
+        KvTypes { k: self.cache_type_k.unwrap_or(self.cache_type), v: self.cache_type_v.unwrap_or(self.cache_type) }
     }
 
     pub(crate) fn plan(&self) -> Result<Option<BitsPlan>> {

@@ -137,7 +137,7 @@ fn load(m: &ModelArgs) -> Result<Engine> {
 
 /// The cache type `--cache-type[-k|-v]` ask for, if the model can use it.
 fn set_kv_type(engine: &mut Engine, m: &ModelArgs) -> Result<()> {
-    let kind = m.kv_type()?;
+    let kind = m.kv_type();
     if let Some(why) = kind.unsupported(&engine.model.config) {
         bail!("{why}");
     }
@@ -619,11 +619,11 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     println!("model: {}", path.display());
     println!("architecture: {}", serde_json::to_string_pretty(&cfg)?);
     // What a session will hold besides the weights, so a user can size --ctx before running.
-    let kind = a.model.kv_type()?;
+    let kind = a.model.kv_type();
     if let Some(why) = kind.unsupported(&cfg) {
         bail!("{why}");
     }
-    let kv_per_token = 2 * cfg.n_layers * kind.bytes(cfg.kv_dim());
+    let kv_per_token = kind.bytes_per_token(&cfg);
     println!(
         "KV cache ({}): {} bytes per token, {:.1} MiB at the trained context of {} tokens",
         kind.name(),

@@ -94,7 +94,7 @@ pub fn calibrate_tokens(source: &ModelSource, ids: &[u32]) -> Result<Importance>
     let mut model = source.load_f32()?;
     // Exact keys and values: the statistics (and so the file written) do not depend on the
     // cache type a user decodes with.
-    model.kv_type = crate::model::llama::KvType::F32;
+    model.kv_type = crate::model::llama::KvTypes::both(crate::model::llama::KvType::F32);
     let vocab = model.config.vocab_size;
     ensure!(ids.iter().all(|&t| (t as usize) < vocab), "calibration token id outside the vocabulary");
     let mut taps: Vec<(Vec<String>, Arc<Mutex<Squares>>)> = Vec::new();

@@ -47,7 +47,7 @@ fn library_bench_measures_both_tests_on_a_tiny_model() {
     assert!(deep.tg.unwrap().samples[0] > 0.0);
     assert!(run_bench(&model, &BenchOptions { depth: 230, ..opts.clone() }).is_err());
     // An f32 cache holds twice the bytes.
-    model.kv_type = bitnest::model::llama::KvType::F32;
+    model.kv_type = bitnest::model::llama::KvTypes::both(bitnest::model::llama::KvType::F32);
     let wide = run_bench(&model, &BenchOptions { reps: 1, ..opts }).unwrap();
     assert_eq!(wide.kv_bytes, 2 * 42 * 32 * 2 * 4);
     if cfg!(target_os = "linux") {

@@ -13,7 +13,7 @@ fn logits(path: &std::path::Path) -> Vec<f32> {
     let mut m = ModelSource::open(path, None).unwrap().load_f32().unwrap();
     // An exact cache: these tests hold the loaders to an f64 reference within 1e-3, tighter
     // than rounding keys and values to f16 allows.
-    m.kv_type = bitnest::model::llama::KvType::F32;
+    m.kv_type = bitnest::model::llama::KvTypes::both(bitnest::model::llama::KvType::F32);
     let mut s = m.new_session(32, 8);
     m.forward(&mut s, &TOKENS, TOKENS.len()).unwrap().to_vec()
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use bitnest::chat::Message;
 use bitnest::engine::Engine;
-use bitnest::model::{ALL_BITS, BitsPlan, KvType, Llama, ModelSource};
+use bitnest::model::{ALL_BITS, BitsPlan, KvType, KvTypes, Llama, ModelSource};
 use bitnest::quant::QuantConfig;
 use bitnest::quant::dtype::ALL;
 use bitnest::sampling::SamplingParams;
@@ -86,20 +86,31 @@ fn greedy_output_is_identical_in_every_mode() {
             }
         }
     }
-    // A q8_0 cache: each position's keys and values are quantized from its own row when stored,
-    // so drafts that are rolled back change nothing later tokens see.
+    // Block-format caches, keys and values alike or not: each position's keys and values are
+    // quantized from its own row when stored, so drafts that are rolled back change nothing
+    // later tokens see.
     let mut e = Engine::load(&path, Some(BitsPlan::uniform(Some(5)))).unwrap();
-    e.model.kv_type = KvType::Q8_0;
     let stop = e.stop_ids();
-    for mode in ["self+recycle+lookup", "both"] {
-        let mode: SpecMode = mode.parse().unwrap();
-        let mut spec = speculator(&e.model, mode, 3, 6);
-        for g in common::golden() {
-            let want = plain(&e.model, &g.prompt_ids, 40, &greedy, &stop);
-            let (got, _) = speculative(&e.model, &g.prompt_ids, 40, &greedy, &stop, &mut spec);
-            assert_eq!(got, want, "q8_0 cache, --spec {mode}, prompt {}", g.name);
+    let types = [
+        (KvType::Q8_0, KvType::Q8_0),
+        (KvType::Q4_0, KvType::Q4_0),
+        (KvType::Q4H, KvType::Q4H),
+        (KvType::F16, KvType::Q4_0),
+        (KvType::Q8_0, KvType::Q4H),
+    ];
+    for (k, v) in types {
+        e.model.kv_type = KvTypes { k, v };
+        let name = e.model.kv_type.name();
+        for mode in ["self+recycle+lookup", "both"] {
+            let mode: SpecMode = mode.parse().unwrap();
+            let mut spec = speculator(&e.model, mode, 3, 6);
+            for g in common::golden() {
+                let want = plain(&e.model, &g.prompt_ids, 40, &greedy, &stop);
+                let (got, _) = speculative(&e.model, &g.prompt_ids, 40, &greedy, &stop, &mut spec);
+                assert_eq!(got, want, "{name} cache, --spec {mode}, prompt {}", g.name);
+            }
+            assert!(spec.stats.tokens > spec.stats.steps, "{name} cache, --spec {mode}: no draft accepted");
         }
-        assert!(spec.stats.tokens > spec.stats.steps, "q8_0 cache, --spec {mode}: no draft accepted");
     }
     // At the real model's reference precision the first golden answers match llama.cpp too.
     let e = Engine::load(&path, None).unwrap();

@@ -16,7 +16,8 @@
 
 use crate::kernels::cpu::{self, exp_ref};
 
-pub mod q8;
+pub mod blocks;
+pub mod formats;
 
 /// What a KV cache stores per element: `f32`, or `f16` (llama.cpp's default), which halves the
 /// bytes attention reads from memory for every decoded token. Widening `f16` to `f32` is exact,
@@ -434,7 +435,7 @@ pub(crate) mod x86 {
     /// # Safety
     /// AVX-512F and FMA present; 16 keys of `16·NC` elements readable at `k0 + j·stride`.
     #[inline(always)]
-    unsafe fn dots16<T: KvElem, const NC: usize>(qv: &[__m512; NC], k0: *const T, stride: usize) -> __m512 {
+    pub(super) unsafe fn dots16<T: KvElem, const NC: usize>(qv: &[__m512; NC], k0: *const T, stride: usize) -> __m512 {
         unsafe {
             let mut acc = [_mm512_setzero_ps(); 16];
             for j in 0..16 {

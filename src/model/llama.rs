@@ -11,9 +11,9 @@ use std::sync::Arc;
 use anyhow::{Result, ensure};
 
 use super::config::LlamaConfig;
-use super::session::{FFN_ROWS, KvCache};
-pub use super::session::{KvType, Scratch, Session};
-use crate::kernels::attention::q8::attend_group_q8;
+use super::session::{FFN_ROWS, KvCache, Side};
+pub use super::session::{KvType, KvTypes, Scratch, Session};
+use crate::kernels::attention::blocks::attend_group_blocks;
 use crate::kernels::attention::{HeadView, Query, attend_group};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
 use crate::kernels::{Linear, SyncPtr, forward_shared};
@@ -40,7 +40,7 @@ pub struct Llama {
     pub head: Arc<dyn Linear>,
     pub rope: Rope,
     /// What new sessions store keys and values as.
-    pub kv_type: KvType,
+    pub kv_type: KvTypes,
 }
 
 /// Runs `f(t)` for every token `t < n`: spread over the team for prefill-sized batches, in
@@ -516,21 +516,23 @@ impl Llama {
         let c = &self.config;
         let (hd, kv_dim) = (c.head_dim, c.kv_dim());
         let scale = 1.0 / (hd as f32).sqrt();
-        match kv {
-            KvCache::F16 { k, v } => self.attend_task(at, p, item, |g, qs, sc| {
+        let layer = cache.start / cache.len().max(1);
+        match (&kv.k, &kv.v) {
+            (Side::F16(k), Side::F16(v)) => self.attend_task(at, p, item, |g, qs, sc| {
                 let kv =
                     HeadView { keys: &k[cache.clone()], values: &v[cache.clone()], stride: kv_dim, offset: g * hd };
                 attend_group(kv, scale, qs, sc)
             }),
-            KvCache::F32 { k, v } => self.attend_task(at, p, item, |g, qs, sc| {
+            (Side::F32(k), Side::F32(v)) => self.attend_task(at, p, item, |g, qs, sc| {
                 let kv =
                     HeadView { keys: &k[cache.clone()], values: &v[cache.clone()], stride: kv_dim, offset: g * hd };
                 attend_group(kv, scale, qs, sc)
             }),
-            KvCache::Q8(q) => {
-                let layer = cache.start / cache.len().max(1);
-                self.attend_task(at, p, item, |g, qs, sc| attend_group_q8(q.view(layer, g, hd), scale, qs, sc))
-            }
+            // Block formats, or keys and values of different types.
+            _ => self.attend_task(at, p, item, |g, qs, sc| {
+                let (keys, values) = kv.views(layer, g);
+                attend_group_blocks(keys, values, scale, qs, sc)
+            }),
         }
     }
 

@@ -10,5 +10,5 @@ pub mod source;
 pub use config::LlamaConfig;
 pub use llama::{ALL_BITS, Llama, Span, SpanKind};
 pub use plan::BitsPlan;
-pub use session::{KvType, Scratch, Session};
+pub use session::{KvType, KvTypes, Scratch, Session};
 pub use source::ModelSource;

@@ -2,7 +2,8 @@
 //! activation buffers of a forward pass ([`Scratch`]), which several sequences share when one
 //! pass runs them together.
 
-use crate::kernels::attention::{KvElem, q8};
+use crate::kernels::attention::formats::{self, BLOCK};
+use crate::kernels::attention::{KvElem, blocks};
 
 use super::config::LlamaConfig;
 
@@ -10,20 +11,29 @@ use super::config::LlamaConfig;
 /// has) hold this many rows, whatever the pass's length.
 pub(super) const FFN_ROWS: usize = 128;
 
-/// What a session's KV cache stores (llama.cpp's `--cache-type-k/v`).
+/// What a session's KV cache stores keys or values as (llama.cpp's `--cache-type-k/-v`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum KvType {
     /// Half the bytes of `f32`; what llama.cpp stores by default. Attention reads every cached
     /// position of a layer from memory for each decoded token, so this halves its traffic.
     #[default]
     F16,
-    /// Exact copies of the computed keys and values.
+    /// Exact copies of the computed keys and values (keys and values both, or neither).
     F32,
     /// llama.cpp's q8_0 blocks: per 32 values, int8 codes and one f16 step (8.5 bits a value,
-    /// 53% of f16). Scores are integer dot products on the codes (`kernels::attention::q8`).
-    /// Needs a head size that is a multiple of 32.
+    /// 53% of f16). Scores are integer dot products on the codes. Needs a head size that is
+    /// a multiple of 32.
     #[value(name = "q8_0")]
     Q8_0,
+    /// llama.cpp's q4_0 blocks: per 32 values, 4-bit codes and one f16 step (4.5 bits a value,
+    /// 28% of f16). Needs a head size that is a multiple of 64.
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// q4_0 blocks of each head's row after an orthonormal Hadamard rotation, which spreads
+    /// outlier channels before quantizing (same bytes as q4_0, much smaller error on models
+    /// with large key channels). Needs a power-of-two head size (64–256).
+    #[value(name = "q4h")]
+    Q4H,
 }
 
 impl KvType {
@@ -32,7 +42,8 @@ impl KvType {
         match self {
             KvType::F16 => 2 * n,
             KvType::F32 => 4 * n,
-            KvType::Q8_0 => n + 2 * n.div_ceil(q8::BLOCK),
+            KvType::Q8_0 => n + 2 * n.div_ceil(BLOCK),
+            KvType::Q4_0 | KvType::Q4H => n / 2 + 2 * n.div_ceil(BLOCK),
         }
     }
 
@@ -42,164 +53,253 @@ impl KvType {
             KvType::F16 => "f16",
             KvType::F32 => "f32",
             KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+            KvType::Q4H => "q4h",
         }
     }
 
     /// Why a model shaped like `c` cannot store its cache as this type, if it cannot.
     pub fn unsupported(self, c: &LlamaConfig) -> Option<String> {
-        match self {
-            KvType::Q8_0 if !c.head_dim.is_multiple_of(q8::BLOCK) || c.head_dim > q8::MAX_HEAD => Some(format!(
-                "cache type q8_0 needs a head size that is a multiple of {} (at most {}); this model's is {}",
-                q8::BLOCK,
-                q8::MAX_HEAD,
-                c.head_dim
-            )),
-            _ => None,
-        }
+        let hd = c.head_dim;
+        let need = match self {
+            KvType::F16 | KvType::F32 => return None,
+            KvType::Q8_0 if hd.is_multiple_of(BLOCK) && hd <= blocks::MAX_HEAD => return None,
+            KvType::Q4_0 if hd.is_multiple_of(64) && hd <= blocks::MAX_HEAD => return None,
+            KvType::Q4H if formats::rotatable(hd) && hd >= 64 => return None,
+            KvType::Q8_0 => format!("a multiple of {BLOCK} (at most {})", blocks::MAX_HEAD),
+            KvType::Q4_0 => format!("a multiple of 64 (at most {})", blocks::MAX_HEAD),
+            KvType::Q4H => format!("a power of two from 64 to {}", formats::MAX_ROTATED),
+        };
+        Some(format!("cache type {} needs a head size that is {need}; this model's is {hd}", self.name()))
     }
 }
 
-/// Keys and values of every layer, `layer × capacity × kv_dim` each.
-pub(super) enum KvCache {
-    F16 { k: Vec<half::f16>, v: Vec<half::f16> },
-    F32 { k: Vec<f32>, v: Vec<f32> },
-    Q8(Q8Cache),
+/// The types of a cache's keys and values, chosen independently.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvTypes {
+    pub k: KvType,
+    pub v: KvType,
 }
 
-/// A q8_0 cache (see [`q8::Q8View`] for the layout): key codes offset by 128, key steps per
-/// (layer, block of the row) in position order, value codes and steps per position.
-pub(super) struct Q8Cache {
-    key_codes: Vec<u8>,
-    key_steps: Vec<half::f16>,
-    value_codes: Vec<i8>,
-    value_steps: Vec<half::f16>,
+impl KvTypes {
+    /// Keys and values both of type `t`.
+    pub fn both(t: KvType) -> KvTypes {
+        KvTypes { k: t, v: t }
+    }
+
+    /// `f16`, or `q8_0/q4_0` when keys and values differ.
+    pub fn name(self) -> String {
+        if self.k == self.v { self.k.name().to_string() } else { format!("{}/{}", self.k.name(), self.v.name()) }
+    }
+
+    /// Why a model shaped like `c` cannot use these types, if it cannot.
+    pub fn unsupported(self, c: &LlamaConfig) -> Option<String> {
+        if (self.k == KvType::F32) != (self.v == KvType::F32) {
+            return Some("an f32 cache holds keys and values both as f32; pick another type for both".into());
+        }
+        self.k.unsupported(c).or_else(|| self.v.unsupported(c))
+    }
+
+    /// Bytes a token's keys and values take in every layer of a model shaped like `c`.
+    pub fn bytes_per_token(self, c: &LlamaConfig) -> usize {
+        c.n_layers * (self.k.bytes(c.kv_dim()) + self.v.bytes(c.kv_dim()))
+    }
+}
+
+/// Keys or values of every layer, `layer × capacity × kv_dim` elements, in one format. Block
+/// formats keep their steps per (layer, block of the row) in position order for keys (16
+/// positions' steps are one load when scoring), per position for values.
+pub(super) enum Side {
+    F16(Vec<half::f16>),
+    F32(Vec<f32>),
+    /// q8_0: keys' codes offset by 128 (as `u8`), values' codes as `i8` bits.
+    Q8 {
+        codes: Vec<u8>,
+        steps: Vec<half::f16>,
+    },
+    /// q4_0, packed per 64 values; `rotated`: each head's row rotated first.
+    Q4 {
+        codes: Vec<u8>,
+        steps: Vec<half::f16>,
+        rotated: bool,
+    },
+}
+
+/// Keys and values of every layer.
+pub(super) struct KvCache {
+    pub(super) k: Side,
+    pub(super) v: Side,
     capacity: usize,
     kv_dim: usize,
+    head_dim: usize,
 }
 
-impl Q8Cache {
-    /// Blocks of 32 per position.
-    fn blocks(&self) -> usize {
-        self.kv_dim / q8::BLOCK
-    }
-
-    /// (layer, position) of element offset `at` (the start of a position's row).
-    fn locate(&self, at: usize) -> (usize, usize) {
-        let per_layer = self.capacity * self.kv_dim;
-        (at / per_layer, at % per_layer / self.kv_dim)
-    }
-
-    /// Quantizes whole rows `keys`, `values` into the positions from element offset `at` on.
-    fn store(&mut self, at: usize, keys: &[f32], values: &[f32]) {
-        let (nb, cap) = (self.blocks(), self.capacity);
-        let (l, p0) = self.locate(at);
-        let mut codes = [0i8; q8::BLOCK];
-        let mut step = [half::f16::ZERO];
-        for (r, (kr, vr)) in keys.chunks_exact(self.kv_dim).zip(values.chunks_exact(self.kv_dim)).enumerate() {
-            let (p, row) = (p0 + r, at + r * self.kv_dim);
-            for (b, kb) in kr.chunks_exact(q8::BLOCK).enumerate() {
-                q8::quantize_row(kb, &mut codes, &mut step);
-                let dst = &mut self.key_codes[row + b * q8::BLOCK..row + (b + 1) * q8::BLOCK];
-                dst.iter_mut().zip(&codes).for_each(|(d, &c)| *d = c as u8 ^ 0x80);
-                self.key_steps[(l * nb + b) * cap + p] = step[0];
+impl Side {
+    fn new(t: KvType, len: usize, key: bool) -> Side {
+        match t {
+            KvType::F16 => Side::F16(vec![half::f16::ZERO; len]),
+            KvType::F32 => Side::F32(vec![0.0; len]),
+            KvType::Q8_0 => {
+                Side::Q8 { codes: vec![if key { 0x80 } else { 0 }; len], steps: vec![half::f16::ZERO; len / BLOCK] }
             }
-            let vs = (l * cap + p) * nb;
-            q8::quantize_row(vr, &mut self.value_codes[row..row + self.kv_dim], &mut self.value_steps[vs..vs + nb]);
-        }
-    }
-
-    /// Moves position `from`'s row (element offset) to `to`'s, in every array.
-    fn copy_row(&mut self, from: usize, to: usize) {
-        let (nb, cap, d) = (self.blocks(), self.capacity, self.kv_dim);
-        let ((l, pf), (_, pt)) = (self.locate(from), self.locate(to));
-        self.key_codes.copy_within(from..from + d, to);
-        self.value_codes.copy_within(from..from + d, to);
-        for b in 0..nb {
-            self.key_steps[(l * nb + b) * cap + pt] = self.key_steps[(l * nb + b) * cap + pf];
-        }
-        self.value_steps.copy_within((l * cap + pf) * nb..(l * cap + pf + 1) * nb, (l * cap + pt) * nb);
-    }
-
-    /// KV head `g` (of `hd` dimensions) of layer `l`.
-    pub(super) fn view(&self, l: usize, g: usize, hd: usize) -> q8::Q8View<'_> {
-        let (nb, cap, d) = (self.blocks(), self.capacity, self.kv_dim);
-        let layer = l * cap * d..(l + 1) * cap * d;
-        q8::Q8View {
-            key_codes: &self.key_codes[layer.clone()],
-            key_steps: &self.key_steps[(l * nb + g * hd / q8::BLOCK) * cap..(l + 1) * nb * cap],
-            value_codes: &self.value_codes[layer],
-            value_steps: &self.value_steps[l * cap * nb..(l + 1) * cap * nb],
-            stride: d,
-            offset: g * hd,
-            cap,
-        }
-    }
-}
-
-impl KvCache {
-    fn new(kind: KvType, layers: usize, capacity: usize, kv_dim: usize) -> KvCache {
-        let len = layers * capacity * kv_dim;
-        match kind {
-            KvType::F16 => KvCache::F16 { k: vec![half::f16::ZERO; len], v: vec![half::f16::ZERO; len] },
-            KvType::F32 => KvCache::F32 { k: vec![0.0; len], v: vec![0.0; len] },
-            KvType::Q8_0 => KvCache::Q8(Q8Cache {
-                key_codes: vec![0x80; len],
-                key_steps: vec![half::f16::ZERO; len / q8::BLOCK],
-                value_codes: vec![0; len],
-                value_steps: vec![half::f16::ZERO; len / q8::BLOCK],
-                capacity,
-                kv_dim,
-            }),
-        }
-    }
-
-    /// Elements of keys (as many of values) the cache holds.
-    fn len(&self) -> usize {
-        match self {
-            KvCache::F16 { k, .. } => k.len(),
-            KvCache::F32 { k, .. } => k.len(),
-            KvCache::Q8(q) => q.key_codes.len(),
+            KvType::Q4_0 | KvType::Q4H => Side::Q4 {
+                codes: vec![0x88; len / 2],
+                steps: vec![half::f16::ZERO; len / BLOCK],
+                rotated: t == KvType::Q4H,
+            },
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
-            KvCache::F16 { k, v } => (k.len() + v.len()) * 2,
-            KvCache::F32 { k, v } => (k.len() + v.len()) * 4,
-            KvCache::Q8(q) => q.key_codes.len() + q.value_codes.len() + 2 * (q.key_steps.len() + q.value_steps.len()),
+            Side::F16(x) => 2 * x.len(),
+            Side::F32(x) => 4 * x.len(),
+            Side::Q8 { codes, steps } | Side::Q4 { codes, steps, .. } => codes.len() + 2 * steps.len(),
         }
     }
+}
 
-    /// Stores `keys` and `values` (whole rows of as many floats each) from element `at` on.
+impl KvCache {
+    fn new(t: KvTypes, layers: usize, capacity: usize, kv_dim: usize, head_dim: usize) -> KvCache {
+        let len = layers * capacity * kv_dim;
+        KvCache { k: Side::new(t.k, len, true), v: Side::new(t.v, len, false), capacity, kv_dim, head_dim }
+    }
+
+    fn bytes(&self) -> usize {
+        self.k.bytes() + self.v.bytes()
+    }
+
+    /// Stores `keys` and `values` (whole rows of `kv_dim` floats each) at the positions from
+    /// element offset `at` (`(layer · capacity + position) · kv_dim`) on.
     pub(super) fn store(&mut self, at: usize, keys: &[f32], values: &[f32]) {
-        let n = keys.len();
-        match self {
-            KvCache::F16 { k, v } => {
-                KvElem::store(&mut k[at..at + n], keys);
-                KvElem::store(&mut v[at..at + n], values);
+        let (d, cap, hd) = (self.kv_dim, self.capacity, self.head_dim);
+        let nb = d / BLOCK;
+        let mut tmp = [0f32; formats::MAX_ROTATED];
+        for (side, rows, key) in [(&mut self.k, keys, true), (&mut self.v, values, false)] {
+            for (r, row) in rows.chunks_exact(d).enumerate() {
+                let e = at + r * d;
+                let (l, p) = (e / (cap * d), e % (cap * d) / d);
+                match side {
+                    Side::F16(x) => KvElem::store(&mut x[e..e + d], row),
+                    Side::F32(x) => x[e..e + d].copy_from_slice(row),
+                    Side::Q8 { codes, steps } => {
+                        let mut c = [0i8; BLOCK];
+                        let mut s = [half::f16::ZERO];
+                        for (b, xb) in row.chunks_exact(BLOCK).enumerate() {
+                            formats::quantize_q8(xb, &mut c, &mut s);
+                            let dst = &mut codes[e + b * BLOCK..e + (b + 1) * BLOCK];
+                            let off = if key { 0x80 } else { 0 };
+                            dst.iter_mut().zip(&c).for_each(|(o, &x)| *o = x as u8 ^ off);
+                            steps[if key { (l * nb + b) * cap + p } else { e / BLOCK + b }] = s[0];
+                        }
+                    }
+                    Side::Q4 { codes, steps, rotated } => {
+                        let mut s = [half::f16::ZERO; formats::MAX_ROTATED / BLOCK];
+                        for (g, xh) in row.chunks_exact(hd).enumerate() {
+                            let x = &mut tmp[..hd];
+                            x.copy_from_slice(xh);
+                            if *rotated {
+                                formats::rotate(x);
+                            }
+                            let c0 = (e + g * hd) / 2;
+                            formats::quantize_q4(x, &mut codes[c0..c0 + hd / 2], &mut s);
+                            for (j, &sj) in s[..hd / BLOCK].iter().enumerate() {
+                                let b = g * hd / BLOCK + j;
+                                steps[if key { (l * nb + b) * cap + p } else { e / BLOCK + b }] = sj;
+                            }
+                        }
+                    }
+                }
             }
-            KvCache::F32 { k, v } => {
-                KvElem::store(&mut k[at..at + n], keys);
-                KvElem::store(&mut v[at..at + n], values);
-            }
-            KvCache::Q8(q) => q.store(at, keys, values),
         }
     }
 
-    /// Copies one position's row of keys and values (`len` elements) from `from` to `to`.
-    fn copy_within(&mut self, from: usize, len: usize, to: usize) {
-        match self {
-            KvCache::F16 { k, v } => {
-                k.copy_within(from..from + len, to);
-                v.copy_within(from..from + len, to);
+    /// Copies one position's keys and values (element offset of its row) to another's.
+    fn copy_row(&mut self, from: usize, to: usize) {
+        let (d, cap) = (self.kv_dim, self.capacity);
+        let nb = d / BLOCK;
+        let (l, pf, pt) = (from / (cap * d), from % (cap * d) / d, to % (cap * d) / d);
+        for (side, key) in [(&mut self.k, true), (&mut self.v, false)] {
+            let steps = match side {
+                Side::F16(x) => {
+                    x.copy_within(from..from + d, to);
+                    continue;
+                }
+                Side::F32(x) => {
+                    x.copy_within(from..from + d, to);
+                    continue;
+                }
+                Side::Q8 { codes, steps } => {
+                    codes.copy_within(from..from + d, to);
+                    steps
+                }
+                Side::Q4 { codes, steps, .. } => {
+                    codes.copy_within(from / 2..(from + d) / 2, to / 2);
+                    steps
+                }
+            };
+            if key {
+                for b in 0..nb {
+                    steps[(l * nb + b) * cap + pt] = steps[(l * nb + b) * cap + pf];
+                }
+            } else {
+                steps.copy_within(from / BLOCK..from / BLOCK + nb, to / BLOCK);
             }
-            KvCache::F32 { k, v } => {
-                k.copy_within(from..from + len, to);
-                v.copy_within(from..from + len, to);
-            }
-            KvCache::Q8(q) => q.copy_row(from, to),
         }
     }
+
+    /// KV head `g` of layer `l`: its keys and values as the block kernel reads them.
+    pub(super) fn views(&self, l: usize, g: usize) -> (blocks::KeyView<'_>, blocks::ValueView<'_>) {
+        let (d, cap, hd) = (self.kv_dim, self.capacity, self.head_dim);
+        let nb = d / BLOCK;
+        let layer = l * cap * d..(l + 1) * cap * d;
+        let (stride, offset) = (d, g * hd);
+        let key_steps = (l * nb + g * hd / BLOCK) * cap..(l + 1) * nb * cap;
+        let keys = match &self.k {
+            Side::F16(x) => blocks::KeyView::F16(blocks::F16Rows { data: &x[layer.clone()], stride, offset }),
+            Side::Q8 { codes, steps } => blocks::KeyView::Q8(blocks::Q8Keys {
+                codes: &codes[layer.clone()],
+                steps: &steps[key_steps.clone()],
+                stride,
+                offset,
+                cap,
+            }),
+            Side::Q4 { codes, steps, rotated } => blocks::KeyView::Q4(blocks::Q4Keys {
+                codes: &codes[layer.start / 2..layer.end / 2],
+                steps: &steps[key_steps.clone()],
+                stride,
+                offset,
+                cap,
+                rotated: *rotated,
+            }),
+            Side::F32(_) => unreachable!("f32 keys go with f32 values, through the float kernel"),
+        };
+        let vsteps = layer.start / BLOCK..layer.end / BLOCK;
+        let values = match &self.v {
+            Side::F16(x) => blocks::ValueView::F16(blocks::F16Rows { data: &x[layer.clone()], stride, offset }),
+            Side::Q8 { codes, steps } => blocks::ValueView::Q8(blocks::Q8Values {
+                codes: as_i8(&codes[layer.clone()]),
+                steps: &steps[vsteps],
+                stride,
+                offset,
+            }),
+            Side::Q4 { codes, steps, rotated } => blocks::ValueView::Q4(blocks::Q4Values {
+                codes: &codes[layer.start / 2..layer.end / 2],
+                steps: &steps[vsteps],
+                stride,
+                offset,
+                rotated: *rotated,
+            }),
+            Side::F32(_) => unreachable!("f32 values go with f32 keys, through the float kernel"),
+        };
+        (keys, values)
+    }
+}
+
+/// The same bytes as `i8`.
+fn as_i8(x: &[u8]) -> &[i8] {
+    // SAFETY: `u8` and `i8` have the same size and alignment, and every bit pattern is valid.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const i8, x.len()) }
 }
 
 /// Activation buffers of one forward pass over up to [`Scratch::rows`] tokens, of any number
@@ -282,12 +382,12 @@ pub struct Session {
 impl Session {
     /// A session of `capacity` tokens; passes it runs alone take at most `max_batch` tokens, and
     /// their buffers are allocated now when `buffers` is set (else on first use).
-    pub(super) fn new(c: &LlamaConfig, kind: KvType, capacity: usize, max_batch: usize, buffers: bool) -> Session {
+    pub(super) fn new(c: &LlamaConfig, kind: KvTypes, capacity: usize, max_batch: usize, buffers: bool) -> Session {
         Session {
             pos: 0,
             capacity,
             max_batch,
-            kv: KvCache::new(kind, c.n_layers, capacity, c.kv_dim()),
+            kv: KvCache::new(kind, c.n_layers, capacity, c.kv_dim(), c.head_dim),
             tree_slots: Vec::new(),
             tree_off: Vec::with_capacity(if buffers { max_batch + 1 } else { 0 }),
             scratch: if buffers { Scratch::new(c, max_batch) } else { Scratch::default() },
@@ -317,7 +417,7 @@ impl Session {
     /// parent of the next) as the next tokens of the sequence: their keys and values move to
     /// consecutive positions, where plain decoding would have put them.
     pub fn accept_path(&mut self, path: &[usize], layers: usize) {
-        let kv_dim = self.kv.len() / (layers * self.capacity).max(1);
+        let kv_dim = self.kv.kv_dim;
         for (i, &node) in path.iter().enumerate() {
             debug_assert!(node >= i, "path nodes are increasing");
             if node == i {
@@ -326,7 +426,7 @@ impl Session {
             for l in 0..layers {
                 let base = l * self.capacity * kv_dim;
                 let (from, to) = (base + (self.pos + node) * kv_dim, base + (self.pos + i) * kv_dim);
-                self.kv.copy_within(from, kv_dim, to);
+                self.kv.copy_row(from, to);
             }
         }
         self.pos += path.len();

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::arch::RopeStyle;
 use super::config::LlamaConfig;
-use super::llama::{Block, KvType, Llama};
+use super::llama::{Block, KvTypes, Llama};
 use super::plan::BitsPlan;
 use crate::format::bnest::{BnestFile, Encoding};
 use crate::format::gguf::GgufFile;
@@ -278,6 +278,6 @@ impl ModelSource {
         }
         let norm = get("output_norm.weight", &[dim])?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq, cfg.rope_style == RopeStyle::Interleaved);
-        Ok(Llama { config: cfg, embed, blocks, norm, head, rope, kv_type: KvType::default() })
+        Ok(Llama { config: cfg, embed, blocks, norm, head, rope, kv_type: KvTypes::default() })
     }
 }
