@@ -297,6 +297,11 @@ pub(crate) struct PplArgs {
     /// Score at most this many chunks.
     #[arg(long)]
     pub(crate) chunks: Option<usize>,
+    /// Round activations through block formats as the pass makes them, to measure what
+    /// storing them so would cost (BCT's runtime state; docs/BCT.md): `COMPONENT=FORMAT,…`,
+    /// components embed, residual, norm, attn_out, ffn_mid or all; formats q8_0, q4_0, bf16.
+    #[arg(long)]
+    pub(crate) state_blocks: Option<String>,
     #[arg(long, value_enum, default_value = "text")]
     pub(crate) format: OutputFormat,
 }

@@ -415,7 +415,15 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
 }
 
 fn cmd_ppl(a: PplArgs) -> Result<()> {
-    let engine = load(&a.model)?;
+    let mut engine = load(&a.model)?;
+    if let Some(spec) = &a.state_blocks {
+        let st = bitnest::model::StateBlocks::parse(spec)?;
+        let c = &engine.model.config;
+        if let Some(why) = st.unsupported(c.dim, c.n_heads * c.head_dim, c.ffn_dim) {
+            bail!("{why}");
+        }
+        engine.model.state = st;
+    }
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
     let tokens = engine.tokenizer.encode(&text, false)?;
     let bos = engine.tokenizer.add_bos().then(|| engine.tokenizer.bos_id()).flatten();
@@ -623,7 +631,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if let Some(why) = kind.unsupported(&cfg) {
         bail!("{why}");
     }
-    let kv_per_token = kind.bytes_per_token(&cfg);
+    let kv_per_token = kind.bytes_per_token(&cfg, &source.key_bias(&cfg)?);
     println!(
         "KV cache ({}): {} bytes per token, {:.1} MiB at the trained context of {} tokens",
         kind.name(),

@@ -161,9 +161,15 @@ fn inspect_sizes_the_kv_cache_for_the_chosen_cache_type() {
         ("f16", 30 * 3 * 64 * 2 * 2, "180.0"),
         ("f32", 30 * 3 * 64 * 2 * 4, "360.0"),
         ("q8_0", 30 * 2 * (3 * 64 + 2 * 3 * 64 / 32), "95.6"),
+        // q4_0 and q4h: half a byte a value and an f16 step per 32 (18 bytes per 32).
+        ("q4_0", 30 * 2 * (3 * 64 / 2 + 2 * 3 * 64 / 32), "50.6"),
+        ("q4h", 30 * 2 * (3 * 64 / 2 + 2 * 3 * 64 / 32), "50.6"),
+        // Keys and values apart.
+        ("q8_0/q4h", 30 * (3 * 64 + 2 * 3 * 64 / 32 + 3 * 64 / 2 + 2 * 3 * 64 / 32), "73.1"),
     ] {
+        let (k, v) = ty.split_once('/').unwrap_or((ty, ty));
         let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
-            .args(["inspect", "--cache-type", ty, "--model"])
+            .args(["inspect", "--cache-type-k", k, "--cache-type-v", v, "--model"])
             .arg(&model)
             .output()
             .unwrap();
@@ -174,7 +180,7 @@ fn inspect_sizes_the_kv_cache_for_the_chosen_cache_type() {
     }
 }
 
-/// A cache type the model cannot use, and keys and values of different types, are refused
+/// A cache type the model cannot use, and f32 keys with other values (or the reverse), are refused
 /// with a message and a non-zero exit, not a panic.
 #[test]
 fn unusable_cache_types_are_refused_clearly() {
@@ -189,12 +195,20 @@ fn unusable_cache_types_are_refused_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("multiple of 32") && err.contains("16"), "{err}");
-    let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
-        .args(["inspect", "--cache-type-k", "q8_0", "--cache-type-v", "f16", "--model"])
-        .arg(common::model_path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("--cache-type-k q8_0") && err.contains("not supported yet"), "{err}");
+    for (args, want) in [
+        (["--cache-type-k", "q4_0"], "multiple of 64"),
+        (["--cache-type-v", "q4h"], "power of two"),
+        (["--cache-type-k", "f32"], "f32"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bitnest"))
+            .arg("inspect")
+            .args(args)
+            .arg("--model")
+            .arg(&gguf)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
 }

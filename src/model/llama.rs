@@ -13,6 +13,7 @@ use anyhow::{Result, ensure};
 use super::config::LlamaConfig;
 use super::session::{FFN_ROWS, KvCache, Side};
 pub use super::session::{KvType, KvTypes, Scratch, Session};
+use super::state::{self, StateBlocks};
 use crate::kernels::attention::blocks::attend_group_blocks;
 use crate::kernels::attention::{HeadView, Query, attend_group};
 use crate::kernels::ops::{Rope, rms_norm, silu_mul};
@@ -41,6 +42,12 @@ pub struct Llama {
     pub rope: Rope,
     /// What new sessions store keys and values as.
     pub kv_type: KvTypes,
+    /// Per layer, the largest magnitude of the key projection's bias (0 without one), which
+    /// decides where 4-bit keys stay wider ([`KvTypes::for_layer`]).
+    pub key_bias: Vec<f32>,
+    /// Activations rounded through block formats as a pass makes them (a measurement of
+    /// BCT's runtime-state compression; none by default).
+    pub state: StateBlocks,
 }
 
 /// Runs `f(t)` for every token `t < n`: spread over the team for prefill-sized batches, in
@@ -161,14 +168,19 @@ impl Llama {
     /// its buffers for passes of its own allocated now.
     pub fn new_session(&self, capacity: usize, max_batch: usize) -> Session {
         let capacity = capacity.clamp(1, self.rope.max_pos());
-        Session::new(&self.config, self.kv_type, capacity, max_batch.clamp(1, capacity), true)
+        Session::new(&self.config, &self.cache_layers(), capacity, max_batch.clamp(1, capacity), true)
     }
 
     /// A session whose passes mostly run batched with others, on a shared [`Scratch`]: its
     /// own buffers are allocated only if it runs a pass alone.
     pub fn new_batched_session(&self, capacity: usize, max_batch: usize) -> Session {
         let capacity = capacity.clamp(1, self.rope.max_pos());
-        Session::new(&self.config, self.kv_type, capacity, max_batch.clamp(1, capacity), false)
+        Session::new(&self.config, &self.cache_layers(), capacity, max_batch.clamp(1, capacity), false)
+    }
+
+    /// The types every layer of a new session's cache stores keys and values as.
+    pub fn cache_layers(&self) -> Vec<(KvType, KvType)> {
+        self.kv_type.per_layer(self.config.n_layers, &self.key_bias)
     }
 
     /// Buffers for batched passes of up to `rows` tokens (they grow when a pass needs more).
@@ -358,9 +370,12 @@ impl Llama {
         for (t, &tok) in spans.iter().flat_map(|s| s.tokens).enumerate() {
             self.embed.row(tok as usize, &mut sc.x[t * dim..(t + 1) * dim]);
         }
+        let st = self.state;
+        state::apply(st.embed, &mut sc.x[..n * dim]);
         for (l, b) in self.blocks.iter().enumerate() {
             // Attention.
             norm_rows(&sc.x, &b.attn_norm, c.rms_eps, &mut sc.xn, n, dim);
+            state::apply(st.norm, &mut sc.xn[..n * dim]);
             // One quantization of the input and one parallel region for all three.
             forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &sc.xn, n, &mut [&mut sc.q, &mut sc.k, &mut sc.v], max_bits);
             assert!(
@@ -377,17 +392,19 @@ impl Llama {
             let mut row = 0;
             for sp in spans.iter_mut() {
                 let (s, m) = (&mut *sp.session, sp.tokens.len());
-                let at = l * s.capacity() * kv_dim + s.pos * kv_dim;
                 let rows = row * kv_dim..(row + m) * kv_dim;
-                s.kv.store(at, &sc.k[rows.clone()], &sc.v[rows]);
+                s.kv.store(l, s.pos, &sc.k[rows.clone()], &sc.v[rows]);
                 row += m;
             }
             self.attention(sc, spans, l);
+            state::apply(st.attn_out, &mut sc.att[..n * q_dim]);
             b.wo.forward_capped(&sc.att, n, &mut sc.tmp, max_bits);
             sc.x[..n * dim].iter_mut().zip(&sc.tmp).for_each(|(x, d)| *x += d);
+            state::apply(st.residual, &mut sc.x[..n * dim]);
 
             // MLP.
             norm_rows(&sc.x, &b.ffn_norm, c.rms_eps, &mut sc.xn, n, dim);
+            state::apply(st.norm, &mut sc.xn[..n * dim]);
             // In chunks of at most `FFN_ROWS` tokens, so that the wide gate and up buffers
             // stay small during a long prefill (the kernels chunk their batches as finely).
             let f = c.ffn_dim;
@@ -398,9 +415,11 @@ impl Llama {
                 let (gate, up) = (SyncPtr(sc.gate.as_mut_ptr()), &sc.up);
                 // SAFETY: token t owns row t of the gate buffer.
                 each_token(m, |t| silu_mul(unsafe { row_mut(gate, t, f) }, &up[t * f..(t + 1) * f]));
+                state::apply(st.ffn_mid, &mut sc.gate[..m * f]);
                 b.w_down.forward_capped(&sc.gate[..m * f], m, &mut sc.tmp[rows], max_bits);
             }
             sc.x[..n * dim].iter_mut().zip(&sc.tmp).for_each(|(x, d)| *x += d);
+            state::apply(st.residual, &mut sc.x[..n * dim]);
         }
     }
 
@@ -415,7 +434,7 @@ impl Llama {
         let part = |sp, row| self.attend_part(q, att, sp, row, layer);
         if let [sp] = spans {
             let (kv, cache, at, plan) = part(sp, 0);
-            let work = |item| self.attend_item(kv, cache.clone(), &at, &plan, item);
+            let work = |item| self.attend_item(kv, cache, &at, &plan, item);
             if plan.parallel {
                 crate::kernels::team::parallel_for(plan.items(), work);
             } else {
@@ -438,7 +457,7 @@ impl Llama {
             let i = ends.partition_point(|&e| e <= item);
             let (kv, cache, at, plan) = &parts[i];
             let first = if i == 0 { 0 } else { ends[i - 1] };
-            self.attend_item(kv, cache.clone(), at, plan, item - first);
+            self.attend_item(kv, *cache, at, plan, item - first);
         };
         if parallel {
             crate::kernels::team::parallel_for(items, work);
@@ -456,8 +475,8 @@ impl Llama {
         sp: &'a Span<'_>,
         row: usize,
         layer: usize,
-    ) -> (&'a KvCache, std::ops::Range<usize>, AttendAt<'a>, AttendPlan) {
-        let (kv_dim, q_dim) = (self.config.kv_dim(), self.config.n_heads * self.config.head_dim);
+    ) -> (&'a KvCache, usize, AttendAt<'a>, AttendPlan) {
+        let q_dim = self.config.n_heads * self.config.head_dim;
         let (s, n) = (&*sp.session, sp.tokens.len());
         let at = AttendAt {
             q: &q[row * q_dim..(row + n) * q_dim],
@@ -469,8 +488,7 @@ impl Llama {
             n,
             tree: matches!(sp.kind, SpanKind::Tree { .. }),
         };
-        let cache = layer * s.capacity() * kv_dim..(layer + 1) * s.capacity() * kv_dim;
-        (&s.kv, cache, at, self.attend_plan(&at))
+        (&s.kv, layer, at, self.attend_plan(&at))
     }
 
     /// How the attention of one span splits into tasks. Short work (the first tokens of a
@@ -512,21 +530,16 @@ impl Llama {
     }
 
     /// Task `item` of a span's attention planned as `p`, over the layer's part `cache` of `kv`.
-    fn attend_item(&self, kv: &KvCache, cache: std::ops::Range<usize>, at: &AttendAt, p: &AttendPlan, item: usize) {
+    fn attend_item(&self, kv: &KvCache, layer: usize, at: &AttendAt, p: &AttendPlan, item: usize) {
         let c = &self.config;
         let (hd, kv_dim) = (c.head_dim, c.kv_dim());
         let scale = 1.0 / (hd as f32).sqrt();
-        let layer = cache.start / cache.len().max(1);
-        match (&kv.k, &kv.v) {
+        match &kv.layers[layer] {
             (Side::F16(k), Side::F16(v)) => self.attend_task(at, p, item, |g, qs, sc| {
-                let kv =
-                    HeadView { keys: &k[cache.clone()], values: &v[cache.clone()], stride: kv_dim, offset: g * hd };
-                attend_group(kv, scale, qs, sc)
+                attend_group(HeadView { keys: k, values: v, stride: kv_dim, offset: g * hd }, scale, qs, sc)
             }),
             (Side::F32(k), Side::F32(v)) => self.attend_task(at, p, item, |g, qs, sc| {
-                let kv =
-                    HeadView { keys: &k[cache.clone()], values: &v[cache.clone()], stride: kv_dim, offset: g * hd };
-                attend_group(kv, scale, qs, sc)
+                attend_group(HeadView { keys: k, values: v, stride: kv_dim, offset: g * hd }, scale, qs, sc)
             }),
             // Block formats, or keys and values of different types.
             _ => self.attend_task(at, p, item, |g, qs, sc| {

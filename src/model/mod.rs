@@ -6,9 +6,11 @@ pub mod llama;
 pub mod plan;
 pub mod session;
 pub mod source;
+pub mod state;
 
 pub use config::LlamaConfig;
 pub use llama::{ALL_BITS, Llama, Span, SpanKind};
 pub use plan::BitsPlan;
 pub use session::{KvType, KvTypes, Scratch, Session};
 pub use source::ModelSource;
+pub use state::{StateBlocks, StateFormat};

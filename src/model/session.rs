@@ -74,6 +74,10 @@ impl KvType {
     }
 }
 
+/// Largest key projection bias for which a layer's keys take a 4-bit type (see
+/// [`KvTypes::for_layer`]).
+pub const WIDE_KEY_BIAS: f32 = 16.0;
+
 /// The types of a cache's keys and values, chosen independently.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KvTypes {
@@ -100,15 +104,33 @@ impl KvTypes {
         self.k.unsupported(c).or_else(|| self.v.unsupported(c))
     }
 
-    /// Bytes a token's keys and values take in every layer of a model shaped like `c`.
-    pub fn bytes_per_token(self, c: &LlamaConfig) -> usize {
-        c.n_layers * (self.k.bytes(c.kv_dim()) + self.v.bytes(c.kv_dim()))
+    /// The types of layer `l`'s keys and values, for a model whose key projection bias peaks
+    /// at `key_bias` (0 without one) in that layer: 4-bit keys stay at q8_0 in a layer whose
+    /// bias exceeds [`WIDE_KEY_BIAS`]. Such a bias puts a large constant on many key channels
+    /// (Qwen2.5-Coder-1.5B's first layer: 40 channels over 20, up to 354), which a 4-bit step
+    /// sized to it erases the rest of the key under, rotated or not (perplexity in the
+    /// thousands with every layer at 4 bits).
+    pub fn for_layer(self, key_bias: f32) -> (KvType, KvType) {
+        let wide = key_bias > WIDE_KEY_BIAS && matches!(self.k, KvType::Q4_0 | KvType::Q4H);
+        (if wide { KvType::Q8_0 } else { self.k }, self.v)
+    }
+
+    /// Every layer's types, for per-layer key bias peaks `key_bias` (one per layer; missing
+    /// entries count as none).
+    pub fn per_layer(self, layers: usize, key_bias: &[f32]) -> Vec<(KvType, KvType)> {
+        (0..layers).map(|l| self.for_layer(key_bias.get(l).copied().unwrap_or(0.0))).collect()
+    }
+
+    /// Bytes a token's keys and values take in every layer of a model shaped like `c`, whose
+    /// key bias peaks per layer are `key_bias`.
+    pub fn bytes_per_token(self, c: &LlamaConfig, key_bias: &[f32]) -> usize {
+        self.per_layer(c.n_layers, key_bias).iter().map(|&(k, v)| k.bytes(c.kv_dim()) + v.bytes(c.kv_dim())).sum()
     }
 }
 
-/// Keys or values of every layer, `layer × capacity × kv_dim` elements, in one format. Block
-/// formats keep their steps per (layer, block of the row) in position order for keys (16
-/// positions' steps are one load when scoring), per position for values.
+/// Keys or values of one layer, `capacity × kv_dim` elements, in one format. Block formats
+/// keep their steps per block of the row in position order for keys (`steps[block · capacity +
+/// position]`: 16 positions' steps are one load when scoring), per position for values.
 pub(super) enum Side {
     F16(Vec<half::f16>),
     F32(Vec<f32>),
@@ -125,10 +147,10 @@ pub(super) enum Side {
     },
 }
 
-/// Keys and values of every layer.
+/// Keys and values of every layer, each layer in the formats [`KvTypes::for_layer`] gives it.
 pub(super) struct KvCache {
-    pub(super) k: Side,
-    pub(super) v: Side,
+    /// Per layer: keys, values.
+    pub(super) layers: Vec<(Side, Side)>,
     capacity: usize,
     kv_dim: usize,
     head_dim: usize,
@@ -157,116 +179,115 @@ impl Side {
             Side::Q8 { codes, steps } | Side::Q4 { codes, steps, .. } => codes.len() + 2 * steps.len(),
         }
     }
-}
 
-impl KvCache {
-    fn new(t: KvTypes, layers: usize, capacity: usize, kv_dim: usize, head_dim: usize) -> KvCache {
-        let len = layers * capacity * kv_dim;
-        KvCache { k: Side::new(t.k, len, true), v: Side::new(t.v, len, false), capacity, kv_dim, head_dim }
-    }
-
-    fn bytes(&self) -> usize {
-        self.k.bytes() + self.v.bytes()
-    }
-
-    /// Stores `keys` and `values` (whole rows of `kv_dim` floats each) at the positions from
-    /// element offset `at` (`(layer · capacity + position) · kv_dim`) on.
-    pub(super) fn store(&mut self, at: usize, keys: &[f32], values: &[f32]) {
-        let (d, cap, hd) = (self.kv_dim, self.capacity, self.head_dim);
-        let nb = d / BLOCK;
-        let mut tmp = [0f32; formats::MAX_ROTATED];
-        for (side, rows, key) in [(&mut self.k, keys, true), (&mut self.v, values, false)] {
-            for (r, row) in rows.chunks_exact(d).enumerate() {
-                let e = at + r * d;
-                let (l, p) = (e / (cap * d), e % (cap * d) / d);
-                match side {
-                    Side::F16(x) => KvElem::store(&mut x[e..e + d], row),
-                    Side::F32(x) => x[e..e + d].copy_from_slice(row),
-                    Side::Q8 { codes, steps } => {
-                        let mut c = [0i8; BLOCK];
-                        let mut s = [half::f16::ZERO];
-                        for (b, xb) in row.chunks_exact(BLOCK).enumerate() {
-                            formats::quantize_q8(xb, &mut c, &mut s);
-                            let dst = &mut codes[e + b * BLOCK..e + (b + 1) * BLOCK];
-                            let off = if key { 0x80 } else { 0 };
-                            dst.iter_mut().zip(&c).for_each(|(o, &x)| *o = x as u8 ^ off);
-                            steps[if key { (l * nb + b) * cap + p } else { e / BLOCK + b }] = s[0];
-                        }
+    /// Stores `row` (one position's `kv_dim` values, heads of `hd`) at position `p` of
+    /// `capacity`; `key`: keys' layout.
+    fn store(&mut self, p: usize, row: &[f32], hd: usize, capacity: usize, key: bool) {
+        let d = row.len();
+        let e = p * d;
+        let step_at = |b: usize| if key { b * capacity + p } else { p * (d / BLOCK) + b };
+        match self {
+            Side::F16(x) => KvElem::store(&mut x[e..e + d], row),
+            Side::F32(x) => x[e..e + d].copy_from_slice(row),
+            Side::Q8 { codes, steps } => {
+                let mut c = [0i8; BLOCK];
+                let mut s = [half::f16::ZERO];
+                let off = if key { 0x80 } else { 0 };
+                for (b, xb) in row.chunks_exact(BLOCK).enumerate() {
+                    formats::quantize_q8(xb, &mut c, &mut s);
+                    let dst = &mut codes[e + b * BLOCK..e + (b + 1) * BLOCK];
+                    dst.iter_mut().zip(&c).for_each(|(o, &x)| *o = x as u8 ^ off);
+                    steps[step_at(b)] = s[0];
+                }
+            }
+            Side::Q4 { codes, steps, rotated } => {
+                let mut tmp = [0f32; formats::MAX_ROTATED];
+                let mut s = [half::f16::ZERO; formats::MAX_ROTATED / BLOCK];
+                for (g, xh) in row.chunks_exact(hd).enumerate() {
+                    let x = &mut tmp[..hd];
+                    x.copy_from_slice(xh);
+                    if *rotated {
+                        formats::rotate(x);
                     }
-                    Side::Q4 { codes, steps, rotated } => {
-                        let mut s = [half::f16::ZERO; formats::MAX_ROTATED / BLOCK];
-                        for (g, xh) in row.chunks_exact(hd).enumerate() {
-                            let x = &mut tmp[..hd];
-                            x.copy_from_slice(xh);
-                            if *rotated {
-                                formats::rotate(x);
-                            }
-                            let c0 = (e + g * hd) / 2;
-                            formats::quantize_q4(x, &mut codes[c0..c0 + hd / 2], &mut s);
-                            for (j, &sj) in s[..hd / BLOCK].iter().enumerate() {
-                                let b = g * hd / BLOCK + j;
-                                steps[if key { (l * nb + b) * cap + p } else { e / BLOCK + b }] = sj;
-                            }
-                        }
+                    let c0 = (e + g * hd) / 2;
+                    formats::quantize_q4(x, &mut codes[c0..c0 + hd / 2], &mut s);
+                    for (j, &sj) in s[..hd / BLOCK].iter().enumerate() {
+                        steps[step_at(g * hd / BLOCK + j)] = sj;
                     }
                 }
             }
         }
     }
 
-    /// Copies one position's keys and values (element offset of its row) to another's.
-    fn copy_row(&mut self, from: usize, to: usize) {
-        let (d, cap) = (self.kv_dim, self.capacity);
+    /// Copies position `from`'s row (`d` values) to position `to`.
+    fn copy_row(&mut self, from: usize, to: usize, d: usize, capacity: usize, key: bool) {
         let nb = d / BLOCK;
-        let (l, pf, pt) = (from / (cap * d), from % (cap * d) / d, to % (cap * d) / d);
-        for (side, key) in [(&mut self.k, true), (&mut self.v, false)] {
-            let steps = match side {
-                Side::F16(x) => {
-                    x.copy_within(from..from + d, to);
-                    continue;
-                }
-                Side::F32(x) => {
-                    x.copy_within(from..from + d, to);
-                    continue;
-                }
-                Side::Q8 { codes, steps } => {
-                    codes.copy_within(from..from + d, to);
-                    steps
-                }
-                Side::Q4 { codes, steps, .. } => {
-                    codes.copy_within(from / 2..(from + d) / 2, to / 2);
-                    steps
-                }
-            };
-            if key {
-                for b in 0..nb {
-                    steps[(l * nb + b) * cap + pt] = steps[(l * nb + b) * cap + pf];
-                }
-            } else {
-                steps.copy_within(from / BLOCK..from / BLOCK + nb, to / BLOCK);
+        let steps = match self {
+            Side::F16(x) => return x.copy_within(from * d..(from + 1) * d, to * d),
+            Side::F32(x) => return x.copy_within(from * d..(from + 1) * d, to * d),
+            Side::Q8 { codes, steps } => {
+                codes.copy_within(from * d..(from + 1) * d, to * d);
+                steps
             }
+            Side::Q4 { codes, steps, .. } => {
+                codes.copy_within(from * d / 2..(from + 1) * d / 2, to * d / 2);
+                steps
+            }
+        };
+        if key {
+            for b in 0..nb {
+                steps[b * capacity + to] = steps[b * capacity + from];
+            }
+        } else {
+            steps.copy_within(from * nb..(from + 1) * nb, to * nb);
+        }
+    }
+}
+
+impl KvCache {
+    fn new(t: &[(KvType, KvType)], capacity: usize, kv_dim: usize, head_dim: usize) -> KvCache {
+        let len = capacity * kv_dim;
+        let layers = t.iter().map(|&(k, v)| (Side::new(k, len, true), Side::new(v, len, false))).collect();
+        KvCache { layers, capacity, kv_dim, head_dim }
+    }
+
+    fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
+    }
+
+    /// Stores `keys` and `values` (whole rows of `kv_dim` floats each) of layer `l` at the
+    /// positions from `p0` on.
+    pub(super) fn store(&mut self, l: usize, p0: usize, keys: &[f32], values: &[f32]) {
+        let (d, cap, hd) = (self.kv_dim, self.capacity, self.head_dim);
+        let (k, v) = &mut self.layers[l];
+        for (r, (kr, vr)) in keys.chunks_exact(d).zip(values.chunks_exact(d)).enumerate() {
+            k.store(p0 + r, kr, hd, cap, true);
+            v.store(p0 + r, vr, hd, cap, false);
+        }
+    }
+
+    /// Copies position `from`'s keys and values to position `to`, in every layer.
+    fn copy_position(&mut self, from: usize, to: usize) {
+        let (d, cap) = (self.kv_dim, self.capacity);
+        for (k, v) in &mut self.layers {
+            k.copy_row(from, to, d, cap, true);
+            v.copy_row(from, to, d, cap, false);
         }
     }
 
     /// KV head `g` of layer `l`: its keys and values as the block kernel reads them.
     pub(super) fn views(&self, l: usize, g: usize) -> (blocks::KeyView<'_>, blocks::ValueView<'_>) {
-        let (d, cap, hd) = (self.kv_dim, self.capacity, self.head_dim);
-        let nb = d / BLOCK;
-        let layer = l * cap * d..(l + 1) * cap * d;
-        let (stride, offset) = (d, g * hd);
-        let key_steps = (l * nb + g * hd / BLOCK) * cap..(l + 1) * nb * cap;
-        let keys = match &self.k {
-            Side::F16(x) => blocks::KeyView::F16(blocks::F16Rows { data: &x[layer.clone()], stride, offset }),
-            Side::Q8 { codes, steps } => blocks::KeyView::Q8(blocks::Q8Keys {
-                codes: &codes[layer.clone()],
-                steps: &steps[key_steps.clone()],
-                stride,
-                offset,
-                cap,
-            }),
+        let (cap, hd) = (self.capacity, self.head_dim);
+        let (stride, offset) = (self.kv_dim, g * hd);
+        let head_steps = g * hd / BLOCK * cap..;
+        let keys = match &self.layers[l].0 {
+            Side::F16(x) => blocks::KeyView::F16(blocks::F16Rows { data: x, stride, offset }),
+            Side::Q8 { codes, steps } => {
+                blocks::KeyView::Q8(blocks::Q8Keys { codes, steps: &steps[head_steps], stride, offset, cap })
+            }
             Side::Q4 { codes, steps, rotated } => blocks::KeyView::Q4(blocks::Q4Keys {
-                codes: &codes[layer.start / 2..layer.end / 2],
-                steps: &steps[key_steps.clone()],
+                codes,
+                steps: &steps[head_steps],
                 stride,
                 offset,
                 cap,
@@ -274,22 +295,14 @@ impl KvCache {
             }),
             Side::F32(_) => unreachable!("f32 keys go with f32 values, through the float kernel"),
         };
-        let vsteps = layer.start / BLOCK..layer.end / BLOCK;
-        let values = match &self.v {
-            Side::F16(x) => blocks::ValueView::F16(blocks::F16Rows { data: &x[layer.clone()], stride, offset }),
-            Side::Q8 { codes, steps } => blocks::ValueView::Q8(blocks::Q8Values {
-                codes: as_i8(&codes[layer.clone()]),
-                steps: &steps[vsteps],
-                stride,
-                offset,
-            }),
-            Side::Q4 { codes, steps, rotated } => blocks::ValueView::Q4(blocks::Q4Values {
-                codes: &codes[layer.start / 2..layer.end / 2],
-                steps: &steps[vsteps],
-                stride,
-                offset,
-                rotated: *rotated,
-            }),
+        let values = match &self.layers[l].1 {
+            Side::F16(x) => blocks::ValueView::F16(blocks::F16Rows { data: x, stride, offset }),
+            Side::Q8 { codes, steps } => {
+                blocks::ValueView::Q8(blocks::Q8Values { codes: as_i8(codes), steps, stride, offset })
+            }
+            Side::Q4 { codes, steps, rotated } => {
+                blocks::ValueView::Q4(blocks::Q4Values { codes, steps, stride, offset, rotated: *rotated })
+            }
             Side::F32(_) => unreachable!("f32 values go with f32 keys, through the float kernel"),
         };
         (keys, values)
@@ -382,12 +395,18 @@ pub struct Session {
 impl Session {
     /// A session of `capacity` tokens; passes it runs alone take at most `max_batch` tokens, and
     /// their buffers are allocated now when `buffers` is set (else on first use).
-    pub(super) fn new(c: &LlamaConfig, kind: KvTypes, capacity: usize, max_batch: usize, buffers: bool) -> Session {
+    pub(super) fn new(
+        c: &LlamaConfig,
+        kind: &[(KvType, KvType)],
+        capacity: usize,
+        max_batch: usize,
+        buffers: bool,
+    ) -> Session {
         Session {
             pos: 0,
             capacity,
             max_batch,
-            kv: KvCache::new(kind, c.n_layers, capacity, c.kv_dim(), c.head_dim),
+            kv: KvCache::new(kind, capacity, c.kv_dim(), c.head_dim),
             tree_slots: Vec::new(),
             tree_off: Vec::with_capacity(if buffers { max_batch + 1 } else { 0 }),
             scratch: if buffers { Scratch::new(c, max_batch) } else { Scratch::default() },
@@ -416,17 +435,11 @@ impl Session {
     /// Commits the tree nodes `path` (indices into the last tree pass, increasing, each the
     /// parent of the next) as the next tokens of the sequence: their keys and values move to
     /// consecutive positions, where plain decoding would have put them.
-    pub fn accept_path(&mut self, path: &[usize], layers: usize) {
-        let kv_dim = self.kv.kv_dim;
+    pub fn accept_path(&mut self, path: &[usize], _layers: usize) {
         for (i, &node) in path.iter().enumerate() {
             debug_assert!(node >= i, "path nodes are increasing");
-            if node == i {
-                continue;
-            }
-            for l in 0..layers {
-                let base = l * self.capacity * kv_dim;
-                let (from, to) = (base + (self.pos + node) * kv_dim, base + (self.pos + i) * kv_dim);
-                self.kv.copy_row(from, to);
+            if node != i {
+                self.kv.copy_position(self.pos + node, self.pos + i);
             }
         }
         self.pos += path.len();
@@ -434,5 +447,42 @@ impl Session {
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
         self.kv.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 4-bit keys widen to q8_0 only in layers with a large key bias; values and other key
+    /// types never change, and the byte count follows the per-layer types.
+    #[test]
+    fn wide_keys_only_where_the_key_bias_is_large() {
+        let q4h = KvTypes::both(KvType::Q4H);
+        assert_eq!(q4h.for_layer(354.0), (KvType::Q8_0, KvType::Q4H));
+        assert_eq!(q4h.for_layer(5.0), (KvType::Q4H, KvType::Q4H));
+        assert_eq!(KvTypes { k: KvType::Q4_0, v: KvType::F16 }.for_layer(100.0), (KvType::Q8_0, KvType::F16));
+        assert_eq!(KvTypes::both(KvType::F16).for_layer(354.0), (KvType::F16, KvType::F16));
+        assert_eq!(
+            q4h.per_layer(3, &[354.0]),
+            vec![(KvType::Q8_0, KvType::Q4H), (KvType::Q4H, KvType::Q4H), (KvType::Q4H, KvType::Q4H)]
+        );
+        let c = LlamaConfig {
+            arch: "qwen2".into(),
+            n_layers: 2,
+            dim: 256,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn_dim: 512,
+            vocab_size: 100,
+            rope_base: 1e6,
+            rms_eps: 1e-6,
+            max_seq: 64,
+            rope_style: Default::default(),
+        };
+        let n = c.kv_dim();
+        assert_eq!(q4h.bytes_per_token(&c, &[0.0, 0.0]), 4 * KvType::Q4H.bytes(n));
+        assert_eq!(q4h.bytes_per_token(&c, &[50.0, 0.0]), KvType::Q8_0.bytes(n) + 3 * KvType::Q4H.bytes(n));
     }
 }

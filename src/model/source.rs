@@ -219,6 +219,17 @@ impl ModelSource {
         Ok(Some(l))
     }
 
+    /// Per layer, the largest magnitude of the key projection's bias (0 where there is none):
+    /// where it is large, keys stay wider than 4 bits in the cache (`KvTypes::for_layer`).
+    pub fn key_bias(&self, cfg: &LlamaConfig) -> Result<Vec<f32>> {
+        (0..cfg.n_layers)
+            .map(|l| {
+                let b = self.tensor(&format!("blk.{l}.attn_k.bias"), cfg)?;
+                Ok(b.map_or(0.0, |(_, v)| v.iter().fold(0f32, |m, x| m.max(x.abs()))))
+            })
+            .collect()
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         match self {
             Self::Gguf(g) => g.tensor(name).is_some(),
@@ -261,6 +272,7 @@ impl ModelSource {
             true => Arc::from(dense("output", cfg.vocab_size, dim)?),
             false => embed.clone(),
         };
+        let key_bias = self.key_bias(&cfg)?;
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let p = format!("blk.{l}");
@@ -278,6 +290,16 @@ impl ModelSource {
         }
         let norm = get("output_norm.weight", &[dim])?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq, cfg.rope_style == RopeStyle::Interleaved);
-        Ok(Llama { config: cfg, embed, blocks, norm, head, rope, kv_type: KvTypes::default() })
+        Ok(Llama {
+            config: cfg,
+            embed,
+            blocks,
+            norm,
+            head,
+            rope,
+            kv_type: KvTypes::default(),
+            key_bias,
+            state: Default::default(),
+        })
     }
 }
