@@ -631,7 +631,8 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     if let Some(why) = kind.unsupported(&cfg) {
         bail!("{why}");
     }
-    let kv_per_token = kind.bytes_per_token(&cfg, &source.key_bias(&cfg)?);
+    let key_bias = source.key_bias(&cfg)?;
+    let kv_per_token = kind.bytes_per_token(&cfg, &key_bias);
     println!(
         "KV cache ({}): {} bytes per token, {:.1} MiB at the trained context of {} tokens",
         kind.name(),
@@ -639,6 +640,13 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         (kv_per_token * cfg.max_seq) as f64 / 1048576.0,
         cfg.max_seq
     );
+    let wide: Vec<usize> = (0..cfg.n_layers).filter(|&l| kind.for_layer(key_bias[l]).0 != kind.k).collect();
+    if !wide.is_empty() {
+        println!(
+            "  keys of layers {wide:?} stay q8_0: their key bias exceeds {}",
+            bitnest::model::session::WIDE_KEY_BIAS
+        );
+    }
     match &source {
         bitnest::model::ModelSource::Gguf(g) => {
             println!("format: GGUF v{} (alignment {}), {} metadata keys", g.version, g.alignment, g.metadata.len());

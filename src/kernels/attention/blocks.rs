@@ -169,10 +169,16 @@ impl Keys for F16Rows<'_> {
         unsafe {
             let k0 = self.data.as_ptr().add(p0 * self.stride + self.offset);
             let dots = if NC == 1 {
-                let qv: [__m512; 4] = std::array::from_fn(|c| _mm512_loadu_ps(q.f.as_ptr().add(16 * c)));
+                let mut qv = [_mm512_setzero_ps(); 4];
+                for (c, v) in qv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(q.f.as_ptr().add(16 * c));
+                }
                 super::x86::dots16::<f16, 4>(&qv, k0, self.stride)
             } else {
-                let qv: [__m512; 8] = std::array::from_fn(|c| _mm512_loadu_ps(q.f.as_ptr().add(16 * c)));
+                let mut qv = [_mm512_setzero_ps(); 8];
+                for (c, v) in qv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(q.f.as_ptr().add(16 * c));
+                }
                 super::x86::dots16::<f16, 8>(&qv, k0, self.stride)
             };
             _mm512_mul_ps(dots, _mm512_set1_ps(scale))
@@ -197,9 +203,13 @@ impl Values for F16Rows<'_> {
         use std::arch::x86_64::*;
         unsafe {
             let v = self.data.as_ptr().add(p * self.stride + self.offset);
-            std::array::from_fn(|c| {
-                std::array::from_fn(|u| _mm512_cvtph_ps(_mm256_loadu_si256(v.add(64 * c + 16 * u) as *const __m256i)))
-            })
+            let mut out = [[_mm512_setzero_ps(); 4]; NC];
+            for c in 0..NC {
+                for u in 0..4 {
+                    out[c][u] = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(64 * c + 16 * u) as *const __m256i));
+                }
+            }
+            out
         }
     }
 }
@@ -312,14 +322,16 @@ impl Values for Q8Values<'_> {
         unsafe {
             let at = p * self.stride + self.offset;
             let steps = x86::steps4::<NC>(self.steps.as_ptr().add(at / BLOCK));
-            std::array::from_fn(|c| {
-                std::array::from_fn(|u| {
+            let mut out = [[_mm512_setzero_ps(); 4]; NC];
+            for c in 0..NC {
+                for u in 0..4 {
                     let codes = _mm512_cvtepi8_epi32(_mm_loadu_si128(
                         self.codes.as_ptr().add(at + 64 * c + 16 * u) as *const __m128i
                     ));
-                    _mm512_mul_ps(x86::lane(steps, 2 * c + u / 2), _mm512_cvtepi32_ps(codes))
-                })
-            })
+                    out[c][u] = _mm512_mul_ps(x86::lane(steps, 2 * c + u / 2), _mm512_cvtepi32_ps(codes));
+                }
+            }
+            out
         }
     }
 }
@@ -346,7 +358,8 @@ impl Values for Q4Values<'_> {
             let at = p * self.stride + self.offset;
             let steps = x86::steps4::<NC>(self.steps.as_ptr().add(at / BLOCK));
             let (nib, eight) = (_mm512_set1_epi32(0x0f), _mm512_set1_epi32(8));
-            std::array::from_fn(|c| {
+            let mut out = [[_mm512_setzero_ps(); 4]; NC];
+            for c in 0..NC {
                 let b = self.codes.as_ptr().add(at / 2 + 32 * c);
                 // Bytes 0..16 hold values 0..16 and 32..48; bytes 16..32 values 16..32 and 48..64.
                 let w0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(b as *const __m128i));
@@ -357,11 +370,12 @@ impl Values for Q4Values<'_> {
                     _mm512_srli_epi32::<4>(w0),
                     _mm512_srli_epi32::<4>(w1),
                 ];
-                std::array::from_fn(|u| {
+                for u in 0..4 {
                     let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(codes[u], eight));
-                    _mm512_mul_ps(x86::lane(steps, 2 * c + u / 2), v)
-                })
-            })
+                    out[c][u] = _mm512_mul_ps(x86::lane(steps, 2 * c + u / 2), v);
+                }
+            }
+            out
         }
     }
 }
