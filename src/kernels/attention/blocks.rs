@@ -186,6 +186,7 @@ impl Keys for F16Rows<'_> {
     }
 }
 
+#[allow(clippy::needless_range_loop)]
 impl Values for F16Rows<'_> {
     fn rotated(&self) -> bool {
         false
@@ -302,6 +303,7 @@ impl Keys for Q4Keys<'_> {
     }
 }
 
+#[allow(clippy::needless_range_loop)]
 impl Values for Q8Values<'_> {
     fn rotated(&self) -> bool {
         false
@@ -336,6 +338,7 @@ impl Values for Q8Values<'_> {
     }
 }
 
+#[allow(clippy::needless_range_loop)]
 impl Values for Q4Values<'_> {
     fn rotated(&self) -> bool {
         self.rotated
