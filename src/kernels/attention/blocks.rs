@@ -162,6 +162,8 @@ impl Keys for F16Rows<'_> {
         super::KvElem::widen(&self.data[at..at + hd], &mut row[..hd]);
         dot_ref(&q.f[..hd], &row[..hd]) * scale
     }
+    /// # Safety
+    /// As [`Keys::scores16`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn scores16<const NC: usize>(&self, q: &Prepared, p0: usize, scale: f32) -> std::arch::x86_64::__m512 {
@@ -198,6 +200,8 @@ impl Values for F16Rows<'_> {
         let at = p * self.stride + self.offset;
         super::KvElem::widen(&self.data[at..at + out.len()], out);
     }
+    /// # Safety
+    /// As [`Values::row16`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn row16<const NC: usize>(&self, p: usize) -> [[std::arch::x86_64::__m512; 4]; NC] {
@@ -236,6 +240,8 @@ impl Keys for Q8Keys<'_> {
         }
         acc * scale
     }
+    /// # Safety
+    /// As [`Keys::scores16`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn scores16<const NC: usize>(&self, q: &Prepared, p0: usize, scale: f32) -> std::arch::x86_64::__m512 {
@@ -277,6 +283,8 @@ impl Keys for Q4Keys<'_> {
         }
         acc * scale
     }
+    /// # Safety
+    /// As [`Keys::scores16`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn scores16<const NC: usize>(&self, q: &Prepared, p0: usize, scale: f32) -> std::arch::x86_64::__m512 {
@@ -317,6 +325,8 @@ impl Values for Q8Values<'_> {
             *o = self.steps[(at + j) / BLOCK].to_f32() * self.codes[at + j] as f32;
         }
     }
+    /// # Safety
+    /// As [`Values::row16`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn row16<const NC: usize>(&self, p: usize) -> [[std::arch::x86_64::__m512; 4]; NC] {
@@ -353,6 +363,8 @@ impl Values for Q4Values<'_> {
             *o = self.steps[(at + j) / BLOCK].to_f32() * (formats::q4_code(row, j) as i32 - 8) as f32;
         }
     }
+    /// # Safety
+    /// As [`Values::row16`].
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn row16<const NC: usize>(&self, p: usize) -> [[std::arch::x86_64::__m512; 4]; NC] {
