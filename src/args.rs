@@ -283,6 +283,10 @@ pub(crate) struct ServeArgs {
     /// Model id reported to clients (default: the --model name or file name).
     #[arg(long)]
     pub(crate) alias: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every route but /health and /v1/models (401
+    /// otherwise). Prefer the environment variable: a command line is visible to other users.
+    #[arg(long, env = "BITNEST_API_KEY", hide_env_values = true)]
+    pub(crate) api_key: Option<String>,
 }
 
 #[derive(Args)]

@@ -112,6 +112,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         prefill_chunk: a.prefill_chunk as usize,
         spec,
         grace: std::time::Duration::from_secs(a.grace),
+        api_key: a.api_key.as_deref().and_then(serve::auth::ApiKey::new),
     };
     serve::serve(engine, opts)
 }

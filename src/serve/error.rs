@@ -80,6 +80,12 @@ impl ApiError {
         }
     }
 
+    /// 401: the server wants `Authorization: Bearer KEY` and the request lacks it or has
+    /// another key (OpenAI's `invalid_api_key`).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::invalid(message, None).with_status(StatusCode::UNAUTHORIZED).with_code("invalid_api_key")
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::invalid(message, None).with_status(StatusCode::NOT_FOUND).with_code("not_found")
     }
@@ -92,6 +98,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(s) = self.retry_after
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
         {

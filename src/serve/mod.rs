@@ -7,6 +7,7 @@
 //! parses and validates request bodies; [`stop`] cuts stop strings out of streamed text.
 
 pub mod api;
+pub mod auth;
 pub mod error;
 pub mod metrics;
 pub mod routes;
@@ -37,6 +38,8 @@ pub struct ServeOptions {
     pub spec: bitnest::spec::SpecOptions,
     /// How long in-flight requests get to finish after SIGINT/SIGTERM.
     pub grace: Duration,
+    /// The key clients must send as `Authorization: Bearer KEY` ([`auth`]).
+    pub api_key: Option<auth::ApiKey>,
 }
 
 /// Serves until SIGINT/SIGTERM. Call it outside any rayon pool: it builds its own pool for the
@@ -88,12 +91,23 @@ pub fn serve(engine: Engine, opts: ServeOptions) -> Result<()> {
         let addr = listener.local_addr()?;
         // Tests and scripts wait for this line (and read the port from it with --port 0).
         println!(
-            "bitnest serve: listening on http://{addr} (model {}, ctx {}, parallel {}, queue {})",
-            opts.model_id, opts.ctx, cfg.parallel, opts.queue
+            "bitnest serve: listening on http://{addr} (model {}, ctx {}, parallel {}, queue {}{})",
+            opts.model_id,
+            opts.ctx,
+            cfg.parallel,
+            opts.queue,
+            if opts.api_key.is_some() { ", API key required" } else { "" }
         );
+        if opts.api_key.is_none() && !addr.ip().is_loopback() {
+            eprintln!(
+                "bitnest serve: warning: listening on {} without --api-key: anyone who can reach this port \
+                 can use the model",
+                addr.ip()
+            );
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        let app = routes::router(state, opts.max_body);
+        let app = routes::router(state, opts.max_body, opts.api_key.clone());
         let abort2 = abort.clone();
         let grace = opts.grace;
         axum::serve(listener, app)

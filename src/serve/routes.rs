@@ -23,6 +23,7 @@ use bitnest::decode::FinishReason;
 use bitnest::engine::Engine;
 
 use super::api::{self, GenParams, PromptInput};
+use super::auth::{self, ApiKey};
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::worker::{Event, Job, Submitter, TokenLogprob, Usage};
@@ -40,7 +41,7 @@ pub struct AppState {
 
 type St = State<Arc<AppState>>;
 
-pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
+pub fn router(state: Arc<AppState>, max_body: usize, key: Option<ApiKey>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -57,6 +58,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
                 .with_code("method_not_allowed")
         })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(Arc::new(key), auth::require_key))
         .with_state(state)
 }
 
