@@ -23,6 +23,15 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Most template instructions one render may run (minijinja's fuel): a template is a program
+/// from the model's author, so a loop that never ends must end here. Real templates spend a few
+/// dozen instructions per message.
+pub const MAX_TEMPLATE_STEPS: u64 = 20_000_000;
+
+/// Most bytes a render may produce beyond four times the messages' own bytes: room for system
+/// prompts and tool schemas, not for a template that multiplies its input without bound.
+pub const MAX_TEMPLATE_EXTRA_OUTPUT: usize = 1 << 20;
+
 /// One turn of a conversation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -65,6 +74,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         // Templates call Python string and dict methods (`.strip()`, `.items()`, ...).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(MAX_TEMPLATE_STEPS));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         // Replaces minijinja's HTML-safe `tojson`: transformers emits plain `json.dumps` output,
@@ -82,14 +92,45 @@ impl ChatTemplate {
     /// special-token parsing on.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| anyhow!("chat template: {e}"))?;
-        template
-            .render(context! {
+        let input: usize = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+        let mut out = BoundedOutput { buf: Vec::new(), limit: input.saturating_mul(4) + MAX_TEMPLATE_EXTRA_OUTPUT };
+        let rendered = template.render_captured_to(
+            context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
-            })
-            .map_err(|e| anyhow!("rendering chat template: {e}"))
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.buf).map_err(|_| anyhow!("the chat template produced invalid UTF-8")),
+            Err(_) if out.buf.len() >= out.limit => {
+                Err(anyhow!("the chat template's output exceeds {} bytes for this conversation", out.limit))
+            }
+            Err(e) => Err(anyhow!("rendering chat template: {e}")),
+        }
+    }
+}
+
+/// Collects a render's output and fails the write that would take it past `limit` bytes, which
+/// stops the render there.
+struct BoundedOutput {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            self.buf.resize(self.limit, 0);
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -332,6 +373,25 @@ mod tests {
 
     fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
         pairs.iter().map(|(r, c)| Message::new(*r, *c)).collect()
+    }
+
+    #[test]
+    fn a_template_that_never_ends_or_floods_is_stopped() {
+        let spin = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(spin, "<s>", "</s>").unwrap();
+        let t0 = std::time::Instant::now();
+        let err = t.render(&msgs(&[("user", "hi")]), true).unwrap_err().to_string();
+        assert!(err.contains("fuel") || err.contains("rendering"), "{err}");
+        assert!(t0.elapsed().as_secs() < 30, "the fuel limit took {:?}", t0.elapsed());
+
+        let flood = "{% for i in range(100000) %}{{ messages[0].content }}{% endfor %}";
+        let t = ChatTemplate::new(flood, "<s>", "</s>").unwrap();
+        let err = t.render(&msgs(&[("user", &"x".repeat(1000))]), true).unwrap_err().to_string();
+        assert!(err.contains("exceeds"), "{err}");
+        // The same template within its budget renders.
+        let few = "{% for i in range(100) %}{{ messages[0].content }}{% endfor %}";
+        let t = ChatTemplate::new(few, "<s>", "</s>").unwrap();
+        assert_eq!(t.render(&msgs(&[("user", &"x".repeat(1000))]), true).unwrap().len(), 100_000);
     }
 
     #[test]

@@ -24,7 +24,12 @@ impl Engine {
     /// Opens `path` (already resolved by [`crate::fetch::resolve_model`]) and loads it; a
     /// `.bnest` file is read at the precision `plan` asks for (default: all its planes).
     pub fn load(path: &Path, plan: Option<BitsPlan>) -> Result<Self> {
-        let mut source = ModelSource::open(path, plan)?;
+        Self::from_source(ModelSource::open(path, plan)?, path)
+    }
+
+    /// Loads an opened model (`path` names it in messages): what [`Engine::load`] does after
+    /// opening the file, and the fuzzers' way in with a file image held in memory.
+    pub fn from_source(mut source: ModelSource, path: &Path) -> Result<Self> {
         let tokenizer = source.tokenizer()?;
         source.forget_tokenizer();
         let model = source.load_f32().with_context(|| format!("loading weights from {}", path.display()))?;

@@ -100,6 +100,8 @@ pub struct Tokenizer {
     eos: Option<u32>,
     add_bos: bool,
     add_eos: bool,
+    /// `special.get_vocab_size(true)`, which copies the whole vocabulary on every call.
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -321,7 +323,8 @@ impl Tokenizer {
         ensure!(!add_eos || eos.is_some(), "the model asks for an EOS token but does not name one");
         let mut plain = special.clone();
         plain.set_encode_special_tokens(true);
-        Ok(Self { special, plain, bos, eos, add_bos, add_eos })
+        let vocab_size = special.get_vocab_size(true);
+        Ok(Self { special, plain, bos, eos, add_bos, add_eos, vocab_size })
     }
 
     /// Text to ids, with BOS (and EOS) added when the model asks for them, as llama.cpp's
@@ -356,7 +359,7 @@ impl Tokenizer {
 
     /// Number of ids the tokenizer can produce (base vocabulary plus added tokens).
     pub fn vocab_size(&self) -> usize {
-        self.special.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// The vocabulary entry for `id` as stored (byte-level form, e.g. `Ġthe`), not decoded text.

@@ -221,6 +221,11 @@ impl GgufFile {
         Self::parse(mmap).with_context(|| format!("invalid GGUF file {}", path.display()))
     }
 
+    /// Parses a GGUF image held in memory (the fuzzer's entry point; tests).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::parse(super::map_bytes(bytes)?).context("invalid GGUF file")
+    }
+
     fn parse(mmap: Mmap) -> Result<Self> {
         let mut c = Cursor { buf: &mmap[..], pos: 0 };
         let magic = c.arr::<4>("magic")?;

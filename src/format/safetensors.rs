@@ -29,10 +29,7 @@ pub struct SafetensorsDir {
 impl SafetensorsDir {
     pub fn open(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let cfg_text =
-            std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
-        let config: serde_json::Value =
-            serde_json::from_str(&cfg_text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let cfg_text = std::fs::read(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot list {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -41,22 +38,42 @@ impl SafetensorsDir {
         files.sort();
         ensure!(!files.is_empty(), "no *.safetensors files in {}", dir.display());
         let mut shards = Vec::new();
-        let mut index = HashMap::new();
-        for (i, path) in files.iter().enumerate() {
+        for path in &files {
             let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: read-only map; every access goes through safetensors' bounds checks.
             let mmap = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
-            check_header(&mmap).with_context(|| format!("invalid safetensors file {}", path.display()))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .with_context(|| format!("invalid safetensors file {}", path.display()))?;
-            for name in st.names() {
-                if index.insert(name.to_string(), i).is_some() {
-                    bail!("tensor {name} appears in two shards");
+            shards.push((path.display().to_string(), mmap));
+        }
+        Self::build(dir, &cfg_text, shards).with_context(|| format!("in {}", cfg_path.display()))
+    }
+
+    /// A checkpoint held in memory: `config.json`'s bytes and each shard's (the fuzzer's entry
+    /// point; tests). `dir` is only where `tokenizer.json` would be looked for.
+    pub fn from_parts(dir: &Path, config: &[u8], shards: &[&[u8]]) -> Result<Self> {
+        ensure!(!shards.is_empty(), "no safetensors shards");
+        let maps = shards
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Ok((format!("shard {i}"), super::map_bytes(b)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Self::build(dir, config, maps)
+    }
+
+    fn build(dir: &Path, config: &[u8], shards: Vec<(String, Mmap)>) -> Result<Self> {
+        let config: serde_json::Value = serde_json::from_slice(config).context("config.json is not valid JSON")?;
+        let mut index = HashMap::new();
+        let mut maps = Vec::with_capacity(shards.len());
+        for (i, (name, mmap)) in shards.into_iter().enumerate() {
+            check_header(&mmap).with_context(|| format!("invalid safetensors file {name}"))?;
+            let st = SafeTensors::deserialize(&mmap).with_context(|| format!("invalid safetensors file {name}"))?;
+            for t in st.names() {
+                if index.insert(t.to_string(), i).is_some() {
+                    bail!("tensor {t} appears in two shards");
                 }
             }
-            shards.push(mmap);
+            maps.push(mmap);
         }
-        Ok(SafetensorsDir { dir: dir.to_path_buf(), config, shards, index })
+        Ok(SafetensorsDir { dir: dir.to_path_buf(), config, shards: maps, index })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

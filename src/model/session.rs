@@ -210,7 +210,8 @@ impl Side {
                         formats::rotate(x);
                     }
                     let c0 = (e + g * hd) / 2;
-                    formats::quantize_q4(x, &mut codes[c0..c0 + hd / 2], &mut s);
+                    let quantize = if *rotated { formats::quantize_q4_fitted } else { formats::quantize_q4 };
+                    quantize(x, &mut codes[c0..c0 + hd / 2], &mut s);
                     for (j, &sj) in s[..hd / BLOCK].iter().enumerate() {
                         steps[step_at(g * hd / BLOCK + j)] = sj;
                     }
