@@ -3,8 +3,8 @@
 write files, and checks that no partial file is ever left where a later run would trust it.
 
 Three writers, KILLS kills in all, dealt round-robin:
-- quantize: `bitnest quantize SRC -o OUT` over an OUT that already holds an older complete file
-  (the 4-plane quantization; the run writes the 8-plane one). Afterwards OUT must be byte for
+- quantize: `bitnest quantize SMOLLM2 -o OUT` (4 planes, integer groups) over an OUT that
+  already holds an older complete file (2 planes). Afterwards OUT must be byte for
   byte the old file or the new one.
 - transcode: `bitnest run --model COPY.gguf` transcodes the GGUF into the `.bnest` cache beside
   it on first use. Afterwards the cache file must be absent or byte-identical to a complete
@@ -34,7 +34,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("BITNEST_CACHE") or os.path.expanduser("~/.cache/bitnest")
 SMOL = os.path.join(CACHE, "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf")
-SMOL_SHA = None  # read from the known file below
+# A 4-plane integer quantization of SmolLM2 (about 10 s here) over an older 2-plane one.
+QUANT_NEW = ["--master-bits", "4", "--scale-search", "1", "--dtypes", "int"]
+QUANT_OLD = ["--master-bits", "2", "--scale-search", "1", "--dtypes", "int"]
 
 
 def sha(path):
@@ -103,9 +105,9 @@ def main():
     qdir = os.path.join(work, "q")
     os.makedirs(qdir)
     old, new = os.path.join(work, "old.bnest"), os.path.join(work, "new.bnest")
-    rc, _, err = run([bin_, "quantize", SMOL, "--master-bits", "4", "-o", old], env=base_env)
+    rc, _, err = run([bin_, "quantize", SMOL] + QUANT_OLD + ["-o", old], env=base_env)
     assert rc == 0, err
-    rc, q.full, err = run([bin_, "quantize", SMOL, "--master-bits", "8", "-o", new], env=base_env)
+    rc, q.full, err = run([bin_, "quantize", SMOL] + QUANT_NEW + ["-o", new], env=base_env)
     assert rc == 0, err
     old_sha, new_sha = sha(old), sha(new)
 
@@ -144,10 +146,10 @@ def main():
         if w is q:
             shutil.copy(old, os.path.join(qdir, "out.bnest"))
             out = os.path.join(qdir, "out.bnest")
-            rc, _, _ = run([bin_, "quantize", SMOL, "--master-bits", "8", "-o", out], env=base_env, kill_after=when)
+            rc, _, _ = run([bin_, "quantize", SMOL] + QUANT_NEW + ["-o", out], env=base_env, kill_after=when)
             s = sha(out) if os.path.exists(out) else "absent"
             state = {old_sha: "old file", new_sha: "new file"}.get(s, "PARTIAL")
-            again = [bin_, "quantize", SMOL, "--master-bits", "8", "-o", out]
+            again = [bin_, "quantize", SMOL] + QUANT_NEW + ["-o", out]
             check_dir, final, final_sha = qdir, out, new_sha
         elif w is t:
             if os.path.exists(tfile):

@@ -117,6 +117,12 @@ fn tokenizers() -> &'static [Tok] {
     })
 }
 
+/// One-time setup of the tokenizer target, run before the first input (libFuzzer's init), so
+/// that loading the tokenizers does not count against the first input's timeout.
+pub fn tokenizer_init() {
+    tokenizers();
+}
+
 /// Encoding arbitrary text and decoding arbitrary ids (the first byte picks which). Checked
 /// beyond "no panic": decoding what was encoded gives the text back (less the characters the
 /// vocabulary has no token for), and a stream's pieces add up to the decoding of the whole id
@@ -175,6 +181,11 @@ fn engine() -> &'static Engine {
         let planes = bitnest::transcode::cached_planes(&gguf, false).expect("transcode").unwrap_or(gguf);
         Engine::load(&planes, None).expect("load the default model")
     })
+}
+
+/// One-time setup of the request target (loading SmolLM2), before the first input.
+pub fn request_init() {
+    engine();
 }
 
 /// The server's request handling before the model runs: every endpoint's body parsed and

@@ -6,4 +6,4 @@
 #[path = "../checks.rs"]
 mod checks;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::request(data));
+libfuzzer_sys::fuzz_target!(init: checks::request_init(), |data: &[u8]| checks::request(data));

@@ -7,4 +7,4 @@
 #[path = "../checks.rs"]
 mod checks;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::tokenizer(data));
+libfuzzer_sys::fuzz_target!(init: checks::tokenizer_init(), |data: &[u8]| checks::tokenizer(data));

@@ -106,7 +106,9 @@ pub fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// Precomputed rotary-embedding angles for positions `0..max_pos`.
+/// Rotary-embedding angles for positions `0..max_pos`, precomputed for the first
+/// [`Rope::TABLE_POSITIONS`] and computed the same way on the fly beyond (bit-identical), so a
+/// model that declares a context of millions of tokens does not cost a table of gigabytes.
 ///
 /// Frequency `i` (of `head_dim / 2`) rotates one pair of a head's dimensions: `2i` and `2i + 1`
 /// when `interleaved` (GGUF `llama` files, whose converter permuted the Q/K rows), `i` and
@@ -115,30 +117,47 @@ pub fn softmax(x: &mut [f32]) {
 pub struct Rope {
     half: usize,
     interleaved: bool,
+    max_pos: usize,
+    /// `base^(−2i/head_dim)` for each frequency `i`.
+    freqs: Vec<f64>,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl Rope {
+    /// Positions whose angles are kept in a table (8 MiB for 128-dimension heads).
+    pub const TABLE_POSITIONS: usize = 1 << 15;
+
     pub fn new(head_dim: usize, base: f64, max_pos: usize, interleaved: bool) -> Self {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_pos * half);
-        let mut sin = Vec::with_capacity(max_pos * half);
-        for p in 0..max_pos {
-            for i in 0..half {
-                let theta = p as f64 * base.powf(-2.0 * i as f64 / head_dim as f64);
+        let freqs: Vec<f64> = (0..half).map(|i| base.powf(-2.0 * i as f64 / head_dim as f64)).collect();
+        let table = max_pos.min(Self::TABLE_POSITIONS);
+        let mut cos = Vec::with_capacity(table * half);
+        let mut sin = Vec::with_capacity(table * half);
+        for p in 0..table {
+            for &f in &freqs {
+                let theta = p as f64 * f;
                 cos.push(theta.cos() as f32);
                 sin.push(theta.sin() as f32);
             }
         }
-        Rope { half, interleaved, cos, sin }
+        Rope { half, interleaved, max_pos, freqs, cos, sin }
     }
 
     /// Rotates every head of `x` (`n_heads × head_dim`) for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
-        let c = &self.cos[pos * self.half..(pos + 1) * self.half];
-        let s = &self.sin[pos * self.half..(pos + 1) * self.half];
         let h = self.half;
+        let (mut cf, mut sf) = (Vec::new(), Vec::new());
+        let (c, s) = if (pos + 1) * h <= self.cos.len() {
+            (&self.cos[pos * h..(pos + 1) * h], &self.sin[pos * h..(pos + 1) * h])
+        } else {
+            for &f in &self.freqs {
+                let theta = pos as f64 * f;
+                cf.push(theta.cos() as f32);
+                sf.push(theta.sin() as f32);
+            }
+            (&cf[..], &sf[..])
+        };
         for head in x.chunks_exact_mut(h * 2) {
             for i in 0..h {
                 let (ia, ib) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + h) };
@@ -150,7 +169,7 @@ impl Rope {
     }
 
     pub fn max_pos(&self) -> usize {
-        self.cos.len() / self.half.max(1)
+        self.max_pos
     }
 }
 
@@ -189,6 +208,23 @@ mod tests {
         rms_norm(&x, &[1.0; 4], 0.0, &mut out);
         let rms = (out.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
         assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_beyond_its_table_equals_the_table_bit_for_bit() {
+        let big = Rope::new(64, 1e6, Rope::TABLE_POSITIONS + 100, false);
+        let small = Rope { cos: Vec::new(), sin: Vec::new(), ..Rope::new(64, 1e6, 1 << 40, false) };
+        assert_eq!(small.max_pos(), 1 << 40);
+        for pos in [0, 1, 77, Rope::TABLE_POSITIONS - 1, Rope::TABLE_POSITIONS + 99] {
+            let mut a: Vec<f32> = (0..128).map(|i| i as f32 * 0.01 - 0.3).collect();
+            let mut b = a.clone();
+            big.apply(&mut a, pos);
+            small.apply(&mut b, pos);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 /// Parses the body as JSON of any shape: only syntax errors here.
 pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid("the request body is empty; expected a JSON object", None));
+        return Err(
+            ApiError::invalid("the request body is empty; expected a JSON object", None).with_code("invalid_json")
+        );
     }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(format!("malformed JSON in the request body: {e}"), None).with_code("invalid_json")

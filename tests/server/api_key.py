@@ -71,12 +71,14 @@ def main():
     checks += 1
 
     good = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
-    r = good.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    r = good.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
     assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0, r
     streamed = "".join(
         c.choices[0].delta.content or ""
         for c in good.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, stream=True
         )
         if c.choices
     )

@@ -249,6 +249,9 @@ def test_errors():
     for what, path, raw, want, param in cases:
         status, _, body = http("POST", path, raw=raw)
         assert_error(status, body, want, param, what)
+        if what in ("malformed JSON", "not JSON", "empty body"):
+            # docs/SERVER.md: malformed JSON and an empty body are `invalid_json`.
+            check(body["error"]["code"] == "invalid_json", f"{what}: {body}")
         still_serving()
     # Oversized prompt: more tokens than the context holds.
     long = " ".join(["word"] * (ARGS.ctx + 50))
