@@ -9,6 +9,7 @@
 # Needs the nightly toolchain (libFuzzer's instrumentation) and cargo-fuzz; the normal build
 # stays on stable. The corpus persists in fuzz/corpus/<target> (seeded by fuzz/make_seeds.py on
 # first use), so runs split into parts add up; crashes are saved in fuzz/artifacts/<target>/.
+# FUZZ_LOGS=target/fuzz-logs/<stamp> only writes the summary of that earlier run's logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH="${1:-60}"
@@ -27,15 +28,15 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   echo "bench/fuzz.sh: cargo-fuzz is not installed: cargo install cargo-fuzz --locked" >&2
   exit 2
 fi
+stamp="$(date -u +%Y%m%d-%H%M%S)"
+logs="${FUZZ_LOGS:-target/fuzz-logs/$stamp}"
+mkdir -p "$logs" bench/results
+if [ -z "${FUZZ_LOGS:-}" ]; then
 cargo build --release --locked --bin bitnest
 cargo +nightly fuzz build -O >/dev/null
 if [ ! -d fuzz/corpus ]; then
   python3 fuzz/make_seeds.py target/release/bitnest
 fi
-
-stamp="$(date -u +%Y%m%d-%H%M%S)"
-logs="target/fuzz-logs/$stamp"
-mkdir -p "$logs" bench/results
 run_one() {
   local t="$1"
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
@@ -54,13 +55,14 @@ for t in $TARGETS; do
   fi
 done
 wait
+fi
 
 out="bench/results/fuzz-$stamp.md"
 findings=0
 {
   echo "# Fuzzing, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
-  echo "\`JOBS=$JOBS bash bench/fuzz.sh $SECONDS_EACH $*\` at commit $(git rev-parse --short HEAD), $(nproc) cores;"
+  echo "\`JOBS=$JOBS bash bench/fuzz.sh $SECONDS_EACH $*\` at commit $(git rev-parse --short HEAD), $(nproc) cores; logs $logs;"
   echo "libFuzzer -timeout=$TIMEOUT s, -rss_limit_mb=$RSS_MB. Coverage is libFuzzer's \`cov\` (edges reached) and \`ft\` (features)."
   echo
   echo "| target | seconds | executions | exec/s | cov | ft | corpus | peak RSS MB | crashes, timeouts, OOMs |"
