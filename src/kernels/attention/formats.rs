@@ -52,13 +52,7 @@ pub fn quantize_q4(x: &[f32], codes: &mut [u8], steps: &mut [f16]) {
     let mut c = [0u8; 64];
     for (k, chunk) in x.chunks_exact(64).enumerate() {
         for (h, xb) in chunk.chunks_exact(BLOCK).enumerate() {
-            let (mut amax, mut max) = (0f32, 0f32);
-            for &v in xb {
-                if amax < v.abs() {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
+            let max = signed_max(xb);
             let d = max / -8.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             for (j, &v) in xb.iter().enumerate() {
@@ -83,13 +77,7 @@ pub fn quantize_q4_fitted(x: &[f32], codes: &mut [u8], steps: &mut [f16]) {
     let mut c = [0u8; 64];
     for (k, chunk) in x.chunks_exact(64).enumerate() {
         for (h, xb) in chunk.chunks_exact(BLOCK).enumerate() {
-            let (mut amax, mut max) = (0f32, 0f32);
-            for &v in xb {
-                if amax < v.abs() {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
+            let max = signed_max(xb);
             let mut best = (f32::INFINITY, f16::ZERO, [8u8; BLOCK]);
             for t in SHRINK {
                 let d0 = max / -8.0 * t;
@@ -119,6 +107,19 @@ pub fn quantize_q4_fitted(x: &[f32], codes: &mut [u8], steps: &mut [f16]) {
             codes[32 * k + j] = c[j] | (c[j + 32] << 4);
         }
     }
+}
+
+/// The value of largest magnitude in `xb`, the first such (llama.cpp's q4_0 rule).
+#[inline(always)]
+fn signed_max(xb: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in xb {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
 }
 
 /// Code `j` (0–15) of a row packed by [`quantize_q4`].
