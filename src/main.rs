@@ -89,23 +89,11 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
             _ => a.model.model.clone(),
         }
     });
-    let engine = load(&a.model)?;
-    Speculator::new(spec, Arc::new(Mutex::new(TokenRecycler::new(0)))).check(&engine.model)?;
-    let ctx = context_size(&engine, Some(a.ctx))?;
-    let slot_bytes = engine.model.new_session(1, 1).kv_bytes() * ctx;
-    eprintln!(
-        "bitnest serve: {} loaded; KV cache {:.1} MiB per slot, at most {:.1} MiB for {} slots",
-        engine.path.display(),
-        slot_bytes as f64 / 1048576.0,
-        (slot_bytes * a.parallel as usize) as f64 / 1048576.0,
-        a.parallel
-    );
     let opts = serve::ServeOptions {
         host: a.host,
         port: a.port,
         model_id,
         threads: a.model.threads,
-        ctx,
         parallel: a.parallel as usize,
         queue: a.queue as usize,
         max_body: a.max_body,
@@ -114,7 +102,25 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         grace: std::time::Duration::from_secs(a.grace),
         api_key: a.api_key.as_deref().and_then(serve::auth::ApiKey::new),
     };
-    serve::serve(engine, opts)
+    // The socket is bound first, so a load balancer sees "loading" (503) rather than nothing.
+    serve::serve(opts, || {
+        // A test hook: holds the load so the test suite can watch the loading phase.
+        if let Some(ms) = std::env::var("BITNEST_SERVE_LOAD_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+            std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+        }
+        let engine = load(&a.model)?;
+        Speculator::new(spec, Arc::new(Mutex::new(TokenRecycler::new(0)))).check(&engine.model)?;
+        let ctx = context_size(&engine, Some(a.ctx))?;
+        let slot_bytes = engine.model.new_session(1, 1).kv_bytes() * ctx;
+        eprintln!(
+            "bitnest serve: {} loaded; KV cache {:.1} MiB per slot, at most {:.1} MiB for {} slots",
+            engine.path.display(),
+            slot_bytes as f64 / 1048576.0,
+            (slot_bytes * a.parallel as usize) as f64 / 1048576.0,
+            a.parallel
+        );
+        Ok(serve::Loaded { engine, ctx })
+    })
 }
 
 /// The file `--model` runs from: the named or given model, and for a quantized GGUF its

@@ -68,6 +68,31 @@ impl ApiError {
         }
     }
 
+    /// 503 with `Retry-After` while the model loads (`/health` says `loading`).
+    pub fn loading() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the model is still loading; retry shortly".into(),
+            kind: "server_error",
+            param: None,
+            code: Some("loading"),
+            retry_after: Some(1),
+        }
+    }
+
+    /// 503 with `Retry-After` for a new generation request while draining (after SIGTERM): a
+    /// router sends it to another replica; nothing of it was computed here, so retrying is safe.
+    pub fn draining() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "this server is draining (shutting down) and takes no new requests; another replica will".into(),
+            kind: "server_error",
+            param: None,
+            code: Some("draining"),
+            retry_after: Some(1),
+        }
+    }
+
     /// 500: something went wrong on our side (the message still says what).
     pub fn internal(message: impl Into<String>) -> Self {
         Self {

@@ -48,6 +48,10 @@ pub struct Metrics {
     /// Speculative draft nodes verified, and how many the target accepted.
     pub spec_drafted: AtomicU64,
     pub spec_accepted: AtomicU64,
+    /// The server's [`Phase`](super::readiness::Phase): 0 loading, 1 ready, 2 draining.
+    pub phase: AtomicU64,
+    /// Slots (`--parallel`): requests that can run at once.
+    pub slots: AtomicU64,
 }
 
 impl Metrics {
@@ -161,6 +165,26 @@ impl Metrics {
             "Mean of finished requests' own decode rates, since start.",
             &[("", per(&self.request_decode_milli_tok_s, &self.requests_timed) / 1000.0)],
         );
+        let phase = g(&self.phase);
+        metric(
+            "bitnest_ready",
+            "gauge",
+            "1 when the model is loaded and new requests are taken (what /health's 200 says).",
+            &[("", f64::from(phase == 1))],
+        );
+        metric(
+            "bitnest_draining",
+            "gauge",
+            "1 after SIGTERM while accepted requests finish; new ones get 503.",
+            &[("", f64::from(phase == 2))],
+        );
+        metric(
+            "bitnest_prefix_cache_hit_ratio",
+            "gauge",
+            "Fraction of prompt tokens found in a slot's KV cache, since start.",
+            &[("", per(&self.cached_prompt_tokens, &self.prompt_tokens))],
+        );
+        metric("bitnest_slots", "gauge", "Requests that can run at once (--parallel).", &[("", g(&self.slots) as f64)]);
         metric("bitnest_queue_depth", "gauge", "Requests waiting for a slot.", &[("", g(&self.queue_depth) as f64)]);
         metric("bitnest_active_requests", "gauge", "Requests holding a slot.", &[("", g(&self.active) as f64)]);
         metric("bitnest_kv_cache_bytes", "gauge", "Bytes of KV cache allocated.", &[("", g(&self.kv_bytes) as f64)]);

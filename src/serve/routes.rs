@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,6 +22,7 @@ use tokio_stream::Stream;
 use bitnest::decode::FinishReason;
 use bitnest::engine::Engine;
 
+use super::affinity;
 use super::api::{self, GenParams, PromptInput};
 use super::auth::{self, ApiKey};
 use super::error::ApiError;
@@ -35,6 +36,8 @@ pub struct AppState {
     /// The id clients see in `/v1/models` and in responses.
     pub model_id: String,
     pub ctx: usize,
+    /// Slots (`--parallel`).
+    pub parallel: usize,
     pub spec: String,
     pub started: u64,
 }
@@ -109,16 +112,17 @@ async fn chat(State(st): St, b: Result<Bytes, BytesRejection>) -> Response {
     let r = async {
         let b = body(b)?;
         let (messages, params) = api::parse_chat(&b)?;
+        let key = affinity::chat_key(&messages);
         let engine = st.engine.clone();
         let prompt = tokio::task::spawn_blocking(move || engine.chat_prompt(&messages))
             .await
             .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
             .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e:#}"), Some("messages")))?;
-        Ok::<_, ApiError>((prompt, params))
+        Ok::<_, ApiError>((prompt, params, key))
     }
     .await;
     match r {
-        Ok((prompt, params)) => start(&st, Kind::Chat, prompt, params, None, "messages").await,
+        Ok((prompt, params, key)) => with_key(start(&st, Kind::Chat, prompt, params, None, "messages").await, &key),
         Err(e) => invalid(&st, e),
     }
 }
@@ -128,6 +132,10 @@ async fn completions(State(st): St, b: Result<Bytes, BytesRejection>) -> Respons
     let r = async {
         let b = body(b)?;
         let (prompt, params) = api::parse_completion(&b)?;
+        let key = match &prompt {
+            PromptInput::Text(t) => affinity::text_key(t),
+            PromptInput::Ids(ids) => affinity::ids_key(ids),
+        };
         let engine = st.engine.clone();
         let (ids, text) = tokio::task::spawn_blocking(move || match prompt {
             PromptInput::Text(t) => engine.tokenizer.encode(&t, true).map(|ids| (ids, t)),
@@ -143,13 +151,23 @@ async fn completions(State(st): St, b: Result<Bytes, BytesRejection>) -> Respons
         .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))?
         .map_err(|e| ApiError::invalid(format!("{e:#}"), Some("prompt")))?;
         let echo = params.echo.then_some(text);
-        Ok::<_, ApiError>((ids, params, echo))
+        Ok::<_, ApiError>((ids, params, echo, key))
     }
     .await;
     match r {
-        Ok((ids, params, echo)) => start(&st, Kind::Completion, ids, params, echo, "prompt").await,
+        Ok((ids, params, echo, key)) => {
+            with_key(start(&st, Kind::Completion, ids, params, echo, "prompt").await, &key)
+        }
         Err(e) => invalid(&st, e),
     }
+}
+
+/// Returns the request's prefix-affinity key ([`affinity`]) in the response header.
+fn with_key(mut r: Response, key: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(key) {
+        r.headers_mut().insert(affinity::HEADER, v);
+    }
+    r
 }
 
 fn invalid(st: &AppState, e: ApiError) -> Response {
@@ -440,8 +458,17 @@ fn model_json(st: &AppState) -> Value {
            "meta": {"n_ctx": st.ctx, "n_vocab": st.engine.model.config.vocab_size}})
 }
 
-async fn health() -> Response {
-    axum::Json(json!({"status": "ok"})).into_response()
+/// Ready (the [`readiness`](super::readiness) gate answers 503 before and after): with the
+/// slot and queue figures llama.cpp's `/health` gives, for a router or autoscaler to read.
+async fn health(State(st): St) -> Response {
+    let active = st.metrics.active.load(Ordering::Relaxed) as usize;
+    axum::Json(json!({
+        "status": "ok",
+        "slots_idle": st.parallel.saturating_sub(active),
+        "slots_processing": active,
+        "queue_depth": st.metrics.queue_depth.load(Ordering::Relaxed),
+    }))
+    .into_response()
 }
 
 async fn metrics(State(st): St) -> Response {
