@@ -185,3 +185,55 @@ fn impossible_speculative_modes_are_clear_errors() {
     let err = run("telepathy");
     assert!(err.contains("telepathy"), "{err}");
 }
+
+/// What a load balancer sees (`tests/server/lifecycle.py`): `/health` 503 `loading` while the
+/// model loads (held here for 3 s), 200 once ready, 503 `draining` after SIGTERM while the
+/// running request finishes; new generation requests get 503 with `Retry-After` in both
+/// not-ready phases; then the process exits 0. With `--grace 1` the running request is cut
+/// short instead, and the exit is still 0.
+#[test]
+fn health_and_drain_follow_the_servers_life() {
+    for (grace, long_tokens, expect_cancel) in [("30", "160", false), ("1", "1500", true)] {
+        let model = common::model_path();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--model"])
+            .arg(&model)
+            .args(["--host", "127.0.0.1", "--port", "0", "--ctx", "2048", "--parallel", "2", "--grace", grace])
+            .env("BITNEST_SERVE_LOAD_DELAY_MS", "3000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start bitnest serve");
+        let stderr = child.stderr.take().expect("server stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if let Some(rest) = line.split("bound to ").nth(1) {
+                    let _ = tx.send(rest.split(';').next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let mut server = Server(child);
+        let base = rx.recv_timeout(Duration::from_secs(60)).expect("server did not bind within 60 s");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server/lifecycle.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script).args(["--base-url", &base, "--pid", &server.0.id().to_string(), "--long-tokens", long_tokens]);
+        if expect_cancel {
+            cmd.arg("--expect-cancel");
+        }
+        let out = cmd.output().expect("run python3");
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "the lifecycle checks failed (--grace {grace}): {:?}", out.status);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = server.0.try_wait().expect("wait for server") {
+                assert!(status.success(), "server exited with {status} after draining (--grace {grace})");
+                break;
+            }
+            assert!(Instant::now() < deadline, "server still running 30 s after SIGTERM (--grace {grace})");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -56,15 +56,16 @@ impl ApiError {
         }
     }
 
-    /// 503 while shutting down.
+    /// 503 with `Retry-After` while shutting down: the request was not finished here (its
+    /// `--grace` ran out, or the worker had stopped), so retrying elsewhere is safe.
     pub fn shutting_down() -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the server is shutting down".into(),
+            message: "the server shut down before finishing this request; retry it".into(),
             kind: "server_error",
             param: None,
             code: Some("shutting_down"),
-            retry_after: None,
+            retry_after: Some(1),
         }
     }
 

@@ -155,9 +155,7 @@ async fn completions(State(st): St, b: Result<Bytes, BytesRejection>) -> Respons
     }
     .await;
     match r {
-        Ok((ids, params, echo, key)) => {
-            with_key(start(&st, Kind::Completion, ids, params, echo, "prompt").await, &key)
-        }
+        Ok((ids, params, echo, key)) => with_key(start(&st, Kind::Completion, ids, params, echo, "prompt").await, &key),
         Err(e) => invalid(&st, e),
     }
 }
@@ -326,6 +324,7 @@ async fn whole(mut rx: UnboundedReceiver<Event>, reply: Reply) -> Response {
                 lps.extend(logprobs);
             }
             Event::Error(msg) => return ApiError::internal(msg).into_response(),
+            Event::ShuttingDown => return ApiError::shutting_down().into_response(),
             Event::Done { finish, usage } => {
                 let fin = finish_str(finish);
                 let choice = match reply.kind {
@@ -350,7 +349,7 @@ async fn whole(mut rx: UnboundedReceiver<Event>, reply: Reply) -> Response {
             }
         }
     }
-    ApiError::internal("the generation ended without a result").into_response()
+    ApiError::shutting_down().into_response()
 }
 
 /// Streaming: worker events become SSE chunks. Dropping the response body (client gone) drops
@@ -394,8 +393,12 @@ impl SseStream {
                 self.push(&ApiError::internal(msg).body());
                 self.done = true;
             }
+            Some(Event::ShuttingDown) => {
+                self.push(&ApiError::shutting_down().body());
+                self.done = true;
+            }
             None => {
-                self.push(&ApiError::internal("the generation ended without a result").body());
+                self.push(&ApiError::shutting_down().body());
                 self.done = true;
             }
         }

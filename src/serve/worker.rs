@@ -81,6 +81,9 @@ pub enum Event {
         usage: Usage,
     },
     Error(String),
+    /// Cut short by shutdown (`--grace` ran out): nothing usable was finished here, so the
+    /// client or its router may retry elsewhere.
+    ShuttingDown,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -164,7 +167,7 @@ pub fn run(engine: &Engine, rx: Receiver<Job>, cfg: WorkerConfig, metrics: &Metr
     'main: loop {
         if abort.load(Ordering::Relaxed) {
             for a in active.drain(..) {
-                let _ = a.job.events.send(Event::Error("the server is shutting down".into()));
+                let _ = a.job.events.send(Event::ShuttingDown);
                 Metrics::add(&metrics.requests_cancelled, 1);
             }
             break;
