@@ -83,7 +83,8 @@ def assert_error(status, body, want_status, param=None, what=""):
 
 def still_serving():
     status, _, body = http("GET", "/health")
-    check(status == 200 and body.get("status") == "ok" and body.get("slots_idle") == args.parallel, f"health: {status} {body}")
+    slots = body.get("slots_idle", -1) + body.get("slots_processing", -1) if isinstance(body, dict) else -2
+    check(status == 200 and body.get("status") == "ok" and slots == ARGS.parallel, f"health: {status} {body}")
 
 
 # ---------------------------------------------------------------------------------------------
