@@ -208,7 +208,8 @@ def affinity(router):
     keys = sum(ok for conv in res for *_, ok in conv)
     check(keys == n_conv * turns, f"the server returned deploy/prefix_key.py's key on {keys} of {n_conv * turns} requests")
     spread = {up for conv in res for up, *_ in conv}
-    check(len(spread) == 2, f"conversations spread over {len(spread)} replicas")
+    # Informational: the ring depends on the replicas' ports, so all 8 may hash to one (p ≈ 1%).
+    say(f"- conversations spread over {len(spread)} replicas")
     rate = lambda rs: sum(c for conv in rs for _, c, _, _ in conv[1:]) / max(1, sum(p for conv in rs for _, _, p, _ in conv[1:]))
     without = conversations(router, "volcanoes", n_conv, turns, with_key=False)
     moved = sum(len({up for up, *_ in conv}) > 1 for conv in without)
@@ -252,14 +253,20 @@ def load(router, seconds, event_at, event, n_clients=8):
     return records, t_event
 
 
-def access_log_retries(tmp, since):
-    """Requests the router retried on a second replica (their upstream status lists two)."""
-    n = 0
+def access_log_retries(tmp, t_event):
+    """Requests the router retried on a second replica (their upstream status lists two), split
+    into those it had begun before `t_event` (in flight there: rescued) and those after."""
+    before = after = 0
     for line in open(os.path.join(tmp, "access.log")):
-        ts = float(line.split()[0])
-        if ts >= since and re.search(r"up_status=\d+, \d+", line):
-            n += 1
-    return n
+        end = float(line.split()[0])
+        took = re.search(r"time=([0-9.]+)", line)
+        start = end - float(took.group(1)) if took else end
+        if end >= t_event and re.search(r"up_status=\d+, \d+", line):
+            if start < t_event:
+                before += 1
+            else:
+                after += 1
+    return before, after
 
 
 def main():
@@ -297,8 +304,10 @@ def main():
         in_flight = [r for r in recs if r[0] < t_kill < r[1]]
         outside = [r for r in failed if not (r[0] < t_kill)]
         after = [r for r in recs if r[0] > t_kill]
+        rescued, rerouted = access_log_retries(tmp, t_kill)
         say(f"{len(recs)} requests, {len(in_flight)} in flight at the kill (on either replica), {len(failed)} failed; "
-            f"{access_log_retries(tmp, t_kill - 1)} retried by the router on the other replica.")
+            f"the router retried {rescued} of those in flight on the other replica (non-streamed: no byte had "
+            f"reached the client) and rerouted {rerouted} later ones that it first sent to the dead replica.")
         for r in failed[:5]:
             say(f"  - failed: {r[3]}")
         check(not outside, f"no failed request outside those in flight at the kill ({len(outside)} such)")
@@ -313,8 +322,9 @@ def main():
         rc = drained.proc.wait(timeout=90)
         failed = [r for r in recs if not r[2]]
         in_flight = [r for r in recs if r[0] < t_term < r[1]]
+        turned = sum(access_log_retries(tmp, t_term))
         say(f"{len(recs)} requests, {len(in_flight)} in flight at the SIGTERM, {len(failed)} failed; "
-            f"{access_log_retries(tmp, t_term - 1)} turned away while draining and retried on the other replica.")
+            f"{turned} were turned away while draining (or refused after) and retried on the other replica.")
         for r in failed[:5]:
             say(f"  - failed: {r[3]}")
         check(not failed, "no request lost to the drain")
