@@ -34,6 +34,49 @@ pub(crate) enum Cmd {
     Quantize(QuantizeArgs),
     /// Prompt-processing and generation speed, measured as llama-bench does (pp512, tg128).
     Bench(BenchArgs),
+    /// What the model would cost on a bit-serial accelerator (BitMoD's PE array) and the designs
+    /// it is compared with, layer by layer, beside the CPU (docs/ACCEL.md).
+    AccelReport(AccelArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct AccelArgs {
+    /// The model (each layer's precision comes from its file and --bits/--bits-plan; the KV
+    /// cache's from --cache-type). A quantized GGUF is read through its bit-plane transcode.
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Price a shape file of the simulator's kind (JSON: model_config, layer_config) instead of
+    /// a model, every layer at --w-prec bits, as the authors' simulator does.
+    #[arg(long, requires = "w_prec")]
+    pub(crate) shapes: Option<PathBuf>,
+    /// Bits per weight, metadata included, for --shapes (BitMoD: 3.0625, 4.0625, 6.0625).
+    #[arg(long, requires = "shapes")]
+    pub(crate) w_prec: Option<f64>,
+    /// Tokens of context: attention's length in decode, the tokens of a prefill pass.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub(crate) ctx: u64,
+    #[arg(long, value_enum, default_value = "decode")]
+    pub(crate) phase: bitnest::accel::Phase,
+    /// The accelerator: bitmod, ant, olive or fp16 (the paper's values), unless --hw gives one.
+    #[arg(long, default_value = "bitmod")]
+    pub(crate) accel: String,
+    /// A hardware description file (JSON, the shape --print-hw writes).
+    #[arg(long)]
+    pub(crate) hw: Option<PathBuf>,
+    /// Print the accelerator's description as JSON (a starting point for --hw) and stop.
+    #[arg(long)]
+    pub(crate) print_hw: bool,
+    /// Clock for converting cycles to time and tokens per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub(crate) clock_mhz: f64,
+    /// List every op, not only each layer's sum.
+    #[arg(long)]
+    pub(crate) ops: bool,
+    /// Also time every linear layer on this CPU at the same precision (the model is loaded).
+    #[arg(long)]
+    pub(crate) cpu: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) format: OutputFormat,
 }
 
 #[derive(Args)]

@@ -4,6 +4,7 @@
 //! the weights and runs the forward pass over [`kernels`], [`tokenizer`] and [`chat`] turn text
 //! into ids, [`sampling`] picks the next id, and [`decode`] / [`ppl`] drive the loop.
 
+pub mod accel;
 pub mod bench;
 pub mod chat;
 pub mod decode;

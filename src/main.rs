@@ -1,5 +1,6 @@
-//! The `bitnest` command line: run, chat, serve, ppl, inspect, quantize, bench.
+//! The `bitnest` command line: run, chat, serve, ppl, inspect, quantize, bench, accel-report.
 
+mod accel_report;
 mod args;
 mod repl;
 mod serve;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Cmd::Inspect(a) => a.model.threads,
         Cmd::Quantize(a) => a.threads,
         Cmd::Serve(_) => None,
+        Cmd::AccelReport(a) => a.model.threads,
         Cmd::Bench(a) => match &a.what {
             Some(BenchWhat::Spec(s)) => s.model.threads,
             None => a.model.threads,
@@ -74,6 +76,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Quantize(a) => cmd_quantize(a),
         Cmd::Serve(a) => cmd_serve(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::AccelReport(a) => accel_report::cmd(a),
     }
 }
 
@@ -125,7 +128,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
 
 /// The file `--model` runs from: the named or given model, and for a quantized GGUF its
 /// lossless bit-plane transcode (made once, cached), unless `--f32` asks for the reference path.
-fn model_path(m: &ModelArgs) -> Result<std::path::PathBuf> {
+pub(crate) fn model_path(m: &ModelArgs) -> Result<std::path::PathBuf> {
     let path = resolve_model(&m.model)?;
     if m.f32 || !path.is_file() || bitnest::format::bnest::BnestFile::sniff(&path) {
         return Ok(path);
@@ -134,7 +137,7 @@ fn model_path(m: &ModelArgs) -> Result<std::path::PathBuf> {
 }
 
 /// Sets the thread count and loads the model named by `--model`.
-fn load(m: &ModelArgs) -> Result<Engine> {
+pub(crate) fn load(m: &ModelArgs) -> Result<Engine> {
     let plan = m.plan()?;
     let path = model_path(m)?;
     let mut engine = Engine::load(&path, plan)?;

@@ -79,6 +79,26 @@ pub struct TensorDesc {
     pub encoding: Encoding,
 }
 
+impl TensorDesc {
+    /// Bits stored per weight when `r` planes are read: the planes (with row padding), every
+    /// group's scale and offset (40 bits) and sub-block multipliers; 32 for an f32 tensor.
+    pub fn bits_per_weight(&self, r: u32) -> f64 {
+        let n: usize = self.shape.iter().product();
+        match &self.encoding {
+            Encoding::F32 { .. } => 32.0,
+            Encoding::Planes { group, sub, .. } => {
+                let (rows, cols) = (self.shape[0], self.shape[1]);
+                let per_sub = |s: &SubSection| if s.kind == SubKind::Half { 32 } else { 2 * s.bits as usize };
+                let sub_bits = sub.map_or(0, |s| rows * cols.div_ceil(s.size) * per_sub(&s));
+                let bits = (rows * row_bytes(cols) * 8) as f64 * r as f64
+                    + (rows * cols.div_ceil(*group)) as f64 * 40.0
+                    + sub_bits as f64;
+                bits / n as f64
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Header {
     pub format_version: u32,
@@ -438,18 +458,11 @@ impl BnestFile {
         for t in &self.header.tensors {
             let n: usize = t.shape.iter().product();
             params += n as f64;
-            bits += match &t.encoding {
-                Encoding::F32 { .. } => 32.0 * n as f64,
-                Encoding::Planes { group, master_bits, sub, .. } => {
-                    let r = bits_for(&t.name, *master_bits)?;
-                    let (rows, cols) = (t.shape[0], t.shape[1]);
-                    let per_sub = |s: &SubSection| if s.kind == SubKind::Half { 32 } else { 2 * s.bits as usize };
-                    let sub_bits = sub.map_or(0, |s| rows * cols.div_ceil(s.size) * per_sub(&s));
-                    (rows * row_bytes(cols) * 8) as f64 * r as f64
-                        + (rows * cols.div_ceil(*group)) as f64 * 40.0
-                        + sub_bits as f64
-                }
+            let r = match &t.encoding {
+                Encoding::F32 { .. } => 0,
+                Encoding::Planes { master_bits, .. } => bits_for(&t.name, *master_bits)?,
             };
+            bits += t.bits_per_weight(r) * n as f64;
         }
         Ok(bits / params)
     }
