@@ -421,10 +421,32 @@ impl<'a> TokenStream<'a> {
     pub fn push(&mut self, id: u32) -> Option<String> {
         self.ids.push(id);
         let text = self.decode_window();
-        if text.ends_with('\u{FFFD}') && self.pending_with_bytes() < MAX_PENDING_TOKENS {
+        if !text.ends_with('\u{FFFD}') {
+            let end = self.ids.len();
+            return self.emit(text, end);
+        }
+        if self.pending_with_bytes() < MAX_PENDING_TOKENS {
             return None;
         }
-        self.emit(text)
+        // Held back long enough: these bytes are not all one character in the making. Emit up to
+        // the last id boundary where the text is settled: its decoding is a prefix of the
+        // window's and bytes follow it, so no later byte can change it. (Cutting inside a
+        // character instead shows it as U+FFFD and then again; a fuzzer found that.)
+        for cut in (self.read + 1..self.ids.len()).rev() {
+            if !self.ids[cut..].iter().any(|&i| self.has_bytes(i)) {
+                continue;
+            }
+            let left = self.tokenizer.decode(&self.ids[self.prefix..cut]).unwrap_or_default();
+            if text.starts_with(&left) {
+                return self.emit(left, cut);
+            }
+        }
+        None
+    }
+
+    /// Whether `id` decodes to some text (control tokens and ids outside the vocabulary do not).
+    fn has_bytes(&self, id: u32) -> bool {
+        self.tokenizer.decode(&[id]).is_ok_and(|t| !t.is_empty())
     }
 
     /// Held-back ids that decode to some bytes. Ids that decode to nothing (control tokens, ids
@@ -432,7 +454,7 @@ impl<'a> TokenStream<'a> {
     /// toward the wait: `decode(ids)` joins the bytes on either side of them, and so must the
     /// stream (a fuzzer found a character split by eight such ids shown as U+FFFD and then again).
     fn pending_with_bytes(&self) -> usize {
-        self.ids[self.read..].iter().filter(|&&id| self.tokenizer.decode(&[id]).is_ok_and(|t| !t.is_empty())).count()
+        self.ids[self.read..].iter().filter(|&&id| self.has_bytes(id)).count()
     }
 
     /// Returns whatever is still held back (an incomplete character shows as U+FFFD), so that
@@ -442,7 +464,8 @@ impl<'a> TokenStream<'a> {
             return None;
         }
         let text = self.decode_window();
-        self.emit(text)
+        let end = self.ids.len();
+        self.emit(text, end)
     }
 
     /// All ids pushed so far.
@@ -455,7 +478,9 @@ impl<'a> TokenStream<'a> {
         self.tokenizer.decode(&self.ids[self.prefix..]).unwrap_or_default()
     }
 
-    fn emit(&mut self, text: String) -> Option<String> {
+    /// Emits what `text` (the decoding of `ids[prefix..end]`) adds to what was emitted, and
+    /// moves the window on to `end`.
+    fn emit(&mut self, text: String, end: usize) -> Option<String> {
         let before = self.tokenizer.decode(&self.ids[self.prefix..self.read]).unwrap_or_default();
         // The window's text normally extends the already-emitted text; if a decoder rewrote the
         // overlap, fall back to the longest common prefix that ends on a character boundary.
@@ -470,7 +495,7 @@ impl<'a> TokenStream<'a> {
         let start = (0..=start).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
         let new = &text[start..];
         self.prefix = self.read;
-        self.read = self.ids.len();
+        self.read = end;
         (!new.is_empty()).then(|| new.to_string())
     }
 }
