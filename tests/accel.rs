@@ -286,3 +286,29 @@ fn bad_options_are_clear_errors() {
     std::fs::write(&hw, r#"{"name": "x"}"#).unwrap();
     assert!(run(&["--hw", hw.to_str().unwrap()]).contains("hardware file"));
 }
+
+/// `--print-hw` writes a file `--hw` reads back to the same machine.
+#[test]
+fn a_printed_hardware_file_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN).args(["accel-report", "--accel", "olive", "--print-hw"]).output().unwrap();
+    assert!(out.status.success());
+    let hw = dir.path().join("olive.json");
+    std::fs::write(&hw, &out.stdout).unwrap();
+    let shapes = common::shared("anchors/bitmod-sim-configs/smollm2_135m.json");
+    let cycles = |extra: &[&std::ffi::OsStr]| {
+        let o = Command::new(BIN)
+            .args(["accel-report", "--shapes"])
+            .arg(&shapes)
+            .args(["--w-prec", "4.5", "--phase", "prefill", "--format", "json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["totals"]["cycles"].as_u64().unwrap()
+    };
+    // Anchor: OliVe, discriminative, SmolLM2-135M: 44,049,408 cycles.
+    assert_eq!(cycles(&["--accel".as_ref(), "olive".as_ref()]), 44_049_408);
+    assert_eq!(cycles(&["--hw".as_ref(), hw.as_os_str()]), 44_049_408);
+}
