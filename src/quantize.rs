@@ -19,6 +19,7 @@ fn tensor_names(n_layers: usize, has_output: bool) -> Vec<(String, bool)> {
         v.push(("output.weight".into(), true));
     }
     v.push(("output_norm.weight".into(), false));
+    v.push(("rope_freqs.weight".into(), false));
     for l in 0..n_layers {
         for m in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
             v.push((format!("blk.{l}.{m}.weight"), true));
@@ -27,6 +28,8 @@ fn tensor_names(n_layers: usize, has_output: bool) -> Vec<(String, bool)> {
             v.push((format!("blk.{l}.{b}.bias"), false));
         }
         v.push((format!("blk.{l}.attn_norm.weight"), false));
+        v.push((format!("blk.{l}.attn_q_norm.weight"), false));
+        v.push((format!("blk.{l}.attn_k_norm.weight"), false));
         v.push((format!("blk.{l}.ffn_norm.weight"), false));
     }
     v

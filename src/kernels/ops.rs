@@ -12,6 +12,19 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`rms_norm`] of each `w.len()`-wide head of `x`, in place, with the one weight vector `w`:
+/// the query and key norms of Qwen3 and Gemma 3, applied to every head before RoPE.
+pub fn rms_norm_heads(x: &mut [f32], w: &[f32], eps: f32) {
+    for head in x.chunks_exact_mut(w.len()) {
+        // The same operations as `rms_norm`, in place.
+        let ss: f64 = head.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = (1.0 / (ss / head.len() as f64 + eps as f64).sqrt()) as f32;
+        for (v, &g) in head.iter_mut().zip(w) {
+            *v = *v * scale * g;
+        }
+    }
+}
+
 /// SiLU-gated product used by the llama MLP: `gate ← silu(gate) · up`.
 ///
 /// `silu(g) = g·σ(g)`, with `σ` from `e = e^(−|g|)` by [`exp_ref`] (whose argument must not be
@@ -129,8 +142,23 @@ impl Rope {
     pub const TABLE_POSITIONS: usize = 1 << 15;
 
     pub fn new(head_dim: usize, base: f64, max_pos: usize, interleaved: bool) -> Self {
+        Self::with_factors(head_dim, base, max_pos, interleaved, None)
+    }
+
+    /// [`Rope::new`] with each frequency divided by a factor: the `rope_freqs` tensor through
+    /// which GGUF files carry Llama 3.1's rope scaling (and Phi-3's long factors), applied as
+    /// llama.cpp's `ggml_rope_ext` does (θ = pos · base^(−2i/d) ÷ factor[i]).
+    pub fn with_factors(
+        head_dim: usize,
+        base: f64,
+        max_pos: usize,
+        interleaved: bool,
+        factors: Option<&[f32]>,
+    ) -> Self {
         let half = head_dim / 2;
-        let freqs: Vec<f64> = (0..half).map(|i| base.powf(-2.0 * i as f64 / head_dim as f64)).collect();
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| base.powf(-2.0 * i as f64 / head_dim as f64) / factors.map_or(1.0, |f| f[i] as f64))
+            .collect();
         let table = max_pos.min(Self::TABLE_POSITIONS);
         let mut cos = Vec::with_capacity(table * half);
         let mut sin = Vec::with_capacity(table * half);
@@ -198,6 +226,19 @@ mod tests {
                 // Below e^-87 the exponential flushes to zero (as in attention).
                 assert!((y as f64 - exact).abs() <= 4e-7 * exact.abs() + 1e-30, "silu({x})·{u}: {y} vs {exact}");
             }
+        }
+    }
+
+    #[test]
+    fn head_norms_equal_the_row_norm_of_each_head() {
+        let x: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * 0.7).collect();
+        let w = [1.5f32, -0.5, 2.0, 1.0];
+        let mut y = x.clone();
+        rms_norm_heads(&mut y, &w, 1e-6);
+        for h in 0..3 {
+            let mut want = [0f32; 4];
+            rms_norm(&x[h * 4..h * 4 + 4], &w, 1e-6, &mut want);
+            assert_eq!(&y[h * 4..h * 4 + 4], &want);
         }
     }
 

@@ -38,6 +38,10 @@ pub const ARCHS: &[Arch] = &[
     Arch { name: "llama", hf_names: &["LlamaForCausalLM", "llama"], rope: RopeStyle::Interleaved },
     Arch { name: "mistral", hf_names: &["MistralForCausalLM", "mistral"], rope: RopeStyle::Interleaved },
     Arch { name: "qwen2", hf_names: &["Qwen2ForCausalLM", "qwen2"], rope: RopeStyle::Neox },
+    // Qwen2 without the q/k/v biases, with an RMS norm of each query and key head before RoPE
+    // (`attn_q_norm`, `attn_k_norm`: loaded wherever a file has them) and a head size of its
+    // own (`attention.key_length`, 128 on every Qwen3, whatever the width).
+    Arch { name: "qwen3", hf_names: &["Qwen3ForCausalLM", "qwen3"], rope: RopeStyle::Neox },
 ];
 
 impl Arch {

@@ -48,10 +48,9 @@ impl LlamaConfig {
         let dim = int("embedding_length")?;
         let n_heads = int("attention.head_count")?;
         ensure!(n_heads > 0, "attention.head_count is 0");
-        let head_dim = match int("rope.dimension_count") {
-            Ok(d) => d,
-            Err(_) => dim / n_heads,
-        };
+        // The head size: `attention.key_length` where the file states it (Qwen3's and Gemma's
+        // differ from width ÷ heads), else the rotated dimensions, else width ÷ heads.
+        let head_dim = int("attention.key_length").or_else(|_| int("rope.dimension_count")).unwrap_or(dim / n_heads);
         let vocab_size = match int("vocab_size") {
             Ok(v) => v,
             Err(_) => g

@@ -16,7 +16,7 @@ pub use super::session::{KvType, KvTypes, Scratch, Session};
 use super::state::{self, StateBlocks};
 use crate::kernels::attention::blocks::attend_group_blocks;
 use crate::kernels::attention::{HeadView, Query, attend_group};
-use crate::kernels::ops::{Rope, rms_norm, silu_mul};
+use crate::kernels::ops::{Rope, rms_norm, rms_norm_heads, silu_mul};
 use crate::kernels::{Linear, SyncPtr, forward_shared};
 
 /// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
@@ -25,6 +25,9 @@ pub struct Block {
     pub wq: Box<dyn Linear>,
     pub wk: Box<dyn Linear>,
     pub wv: Box<dyn Linear>,
+    /// RMS norms applied to each query and key head before RoPE (Qwen3), when the file has them.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     pub wo: Box<dyn Linear>,
     pub ffn_norm: Vec<f32>,
     pub w_gate: Box<dyn Linear>,
@@ -386,6 +389,12 @@ impl Llama {
             each_token(n, |t| {
                 // SAFETY: token t owns row t of the query and key buffers.
                 let (q, k) = unsafe { (row_mut(q, t, q_dim), row_mut(k, t, kv_dim)) };
+                if let Some(w) = &b.q_norm {
+                    rms_norm_heads(q, w, c.rms_eps);
+                }
+                if let Some(w) = &b.k_norm {
+                    rms_norm_heads(k, w, c.rms_eps);
+                }
                 self.rope.apply(q, positions[t]);
                 self.rope.apply(k, positions[t]);
             });

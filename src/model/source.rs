@@ -281,6 +281,8 @@ impl ModelSource {
                 wq: dense(&format!("{p}.attn_q"), q_dim, dim)?,
                 wk: dense(&format!("{p}.attn_k"), kv_dim, dim)?,
                 wv: dense(&format!("{p}.attn_v"), kv_dim, dim)?,
+                q_norm: opt_bias(&format!("{p}.attn_q_norm.weight"), cfg.head_dim)?,
+                k_norm: opt_bias(&format!("{p}.attn_k_norm.weight"), cfg.head_dim)?,
                 wo: dense(&format!("{p}.attn_output"), dim, q_dim)?,
                 ffn_norm: get(&format!("{p}.ffn_norm.weight"), &[dim])?,
                 w_gate: dense(&format!("{p}.ffn_gate"), ffn, dim)?,
@@ -289,7 +291,15 @@ impl ModelSource {
             });
         }
         let norm = get("output_norm.weight", &[dim])?;
-        let rope = Rope::new(cfg.head_dim, cfg.rope_base, cfg.max_seq, cfg.rope_style == RopeStyle::Interleaved);
+        // Llama 3.1's rope scaling (and any other a converter bakes into per-frequency factors).
+        let factors = opt_bias("rope_freqs.weight", cfg.head_dim / 2)?;
+        let rope = Rope::with_factors(
+            cfg.head_dim,
+            cfg.rope_base,
+            cfg.max_seq,
+            cfg.rope_style == RopeStyle::Interleaved,
+            factors.as_deref(),
+        );
         Ok(Llama {
             config: cfg,
             embed,

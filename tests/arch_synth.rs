@@ -1,0 +1,114 @@
+//! Architectures no real file here has, proven against llama.cpp on small random-weight GGUF
+//! files (`tests/synth/make_gguf.py`, SmolLM2's tokenizer borrowed; the `gguf` and `numpy`
+//! packages write them, deterministically): Qwen3 (q/k norms, no biases, a head size of its own)
+//! and Llama 3.1's rope scaling (the `rope_freqs` factors, over positions past the original
+//! context of 32). llama.cpp's figures for the same files are in `tests/golden/arch_synth.json`
+//! (`tests/synth/llamacpp_goldens.py` makes them): f32 perplexity over 4 chunks of 128 tokens
+//! must be within 0.5% and greedy continuations identical; each file also quantizes to `.bnest`
+//! and runs at 8 and 4 planes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitnest");
+
+fn golden() -> serde_json::Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/arch_synth.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read the golden")).expect("parse the golden")
+}
+
+fn make(dir: &Path, arch: &str) -> PathBuf {
+    let out = dir.join(format!("{arch}.gguf"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/synth/make_gguf.py");
+    let r = Command::new("python3")
+        .arg(script)
+        .args(["--arch", arch, "--tokenizer-from"])
+        .arg(common::model_path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run python3");
+    assert!(
+        r.status.success(),
+        "tests/synth/make_gguf.py failed (it needs the `gguf` and `numpy` packages: \
+         python3 -m pip install gguf numpy; .ci/run does this): {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    out
+}
+
+fn bitnest_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = Command::new(BIN).args(args).args(["--format", "json", "-t", "1"]).output().expect("run bitnest");
+    assert!(out.status.success(), "bitnest {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+fn ppl(model: &Path, text: &Path, extra: &[&str]) -> f64 {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["ppl".as_ref(), "--model".as_ref(), model.as_os_str()];
+    args.extend(extra.iter().map(|s| std::ffi::OsStr::new(s)));
+    args.extend([
+        "--file".as_ref(),
+        text.as_os_str(),
+        "--ctx".as_ref(),
+        "128".as_ref(),
+        "--chunks".as_ref(),
+        "4".as_ref(),
+    ]);
+    bitnest_json(&args)["ppl"].as_f64().expect("ppl in the JSON")
+}
+
+#[test]
+fn synthetic_architectures_match_llama_cpp() {
+    let g = golden();
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("wiki.txt");
+    let all = std::fs::read(common::shared("data/wikitext-2-raw-test.txt")).expect("WikiText-2");
+    std::fs::write(&text, &all[..g["text_bytes"].as_u64().unwrap() as usize]).unwrap();
+    let prompt = g["prompt"].as_str().unwrap();
+    let n = g["n_predict"].as_u64().unwrap().to_string();
+    for (arch, want) in g["archs"].as_object().unwrap() {
+        let gguf = make(dir.path(), arch);
+        let ours = ppl(&gguf, &text, &["--f32"]);
+        let theirs = want["ppl"].as_f64().unwrap();
+        let rel = (ours - theirs).abs() / theirs;
+        println!("{arch}: PPL {ours:.4} here, {theirs:.4} llama.cpp ({:+.4}%)", 100.0 * (ours - theirs) / theirs);
+        assert!(rel < 0.005, "{arch}: perplexity {ours} against llama.cpp's {theirs}");
+
+        let run = bitnest_json(&[
+            "run".as_ref(),
+            "--model".as_ref(),
+            gguf.as_os_str(),
+            "--f32".as_ref(),
+            "--prompt".as_ref(),
+            prompt.as_ref(),
+            "--temperature".as_ref(),
+            "0".as_ref(),
+            "--max-tokens".as_ref(),
+            n.as_ref(),
+        ]);
+        assert_eq!(
+            run["text"].as_str().unwrap(),
+            want["continuation"].as_str().unwrap(),
+            "{arch}: greedy continuation"
+        );
+
+        // The same weights as nested bit planes: 8 planes are close to f32, 4 still run.
+        let bnest = dir.path().join(format!("{arch}.bnest"));
+        let q = Command::new(BIN).arg("quantize").arg(&gguf).arg("-o").arg(&bnest).args(["-t", "1"]).output().unwrap();
+        assert!(q.status.success(), "{arch}: quantize: {}", String::from_utf8_lossy(&q.stderr));
+        let p8 = ppl(&bnest, &text, &["--bits", "8"]);
+        let p4 = ppl(&bnest, &text, &["--bits", "4"]);
+        println!("{arch}: .bnest PPL {p8:.1} at 8 planes, {p4:.1} at 4");
+        assert!((p8 - ours).abs() / ours < 0.05, "{arch}: 8 planes {p8} against f32 {ours}");
+        assert!(p4.is_finite() && p4 > 1.0, "{arch}: 4 planes {p4}");
+    }
+}
+
+/// A GGUF of an architecture bitnest does not run names it and the ones it does.
+#[test]
+fn unsupported_architectures_name_the_supported_ones() {
+    let e = bitnest::model::arch::Arch::from_gguf("gemma4").unwrap_err().to_string();
+    assert!(e.contains("gemma4") && e.contains("qwen3") && e.contains("llama"), "{e}");
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""llama.cpp's figures for the synthetic architecture files (tests/arch_synth.rs reads them):
+perplexity over 4 chunks of 128 tokens of WikiText-2 (f32 weights and KV cache) and a greedy
+continuation, for each file tests/synth/make_gguf.py writes. Writes tests/golden/arch_synth.json.
+
+    python3 tests/synth/llamacpp_goldens.py --llama-bin ~/.cache/bitnest/llama.cpp/bin \
+        --tokenizer-from ~/.cache/bitnest/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARCHS = ["qwen3", "llama3"]
+PROMPT = "The history of the city"
+N_PREDICT = 24
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-bin", required=True)
+    ap.add_argument("--tokenizer-from", required=True)
+    ap.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "data", "wikitext-2-raw-test.txt"))
+    a = ap.parse_args()
+    out = {"text_bytes": 20000, "ctx": 128, "chunks": 4, "prompt": PROMPT, "n_predict": N_PREDICT, "archs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        text = os.path.join(tmp, "wiki.txt")
+        with open(a.text, "rb") as f, open(text, "wb") as g:
+            g.write(f.read(out["text_bytes"]))
+        for arch in ARCHS:
+            path = os.path.join(tmp, f"{arch}.gguf")
+            subprocess.run([sys.executable, os.path.join(ROOT, "tests/synth/make_gguf.py"), "--arch", arch,
+                            "--tokenizer-from", a.tokenizer_from, "--out", path], check=True)
+            ppl = subprocess.run([os.path.join(a.llama_bin, "llama-perplexity"), "-m", path, "-f", text, "-c", "128",
+                                  "--chunks", "4", "-t", "1", "-b", "128", "-ctk", "f32", "-ctv", "f32", "--no-repack"],
+                                 capture_output=True, text=True, check=True)
+            m = re.search(r"Final estimate: PPL = ([0-9.]+)", ppl.stdout + ppl.stderr)
+            gen = subprocess.run([os.path.join(a.llama_bin, "llama-completion"), "-m", path, "-p", PROMPT, "-n",
+                                  str(N_PREDICT), "--temp", "0", "-t", "1", "-no-cnv", "--no-repack", "-ctk", "f32",
+                                  "-ctv", "f32"], capture_output=True, text=True, check=True)
+            text_out = gen.stdout
+            assert text_out.startswith(PROMPT), text_out[:200]
+            out["archs"][arch] = {"ppl": float(m.group(1)), "continuation": text_out[len(PROMPT):].rstrip("\n")}
+            print(arch, out["archs"][arch])
+    path = os.path.join(ROOT, "tests/golden/arch_synth.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

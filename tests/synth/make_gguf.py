@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Writes a small random-weight GGUF of one architecture, with SmolLM2's tokenizer borrowed, for
+comparing bitnest with llama.cpp on architectures no real file here has (tests/arch_synth.rs).
+
+    python3 tests/synth/make_gguf.py --arch qwen3 --tokenizer-from SMOLLM2.gguf --out qwen3.gguf
+
+Deterministic (NumPy's frozen legacy generator, a fixed seed). f32 weights; scaled so that each layer changes
+the residual stream visibly and the logits spread over several units (far from ties).
+Architectures:
+  qwen3   q/k RMS norms per head, no biases, head size 32 with 4 heads on a width of 64 (so the
+          query width 128 differs from the model's), rotate-half RoPE
+  llama3  Llama with a `rope_freqs` tensor (Llama 3.1's rope scaling, factor 8, low/high
+          frequency factors 1/4, original context 32), so positions past 32 are scaled
+"""
+import argparse
+import math
+
+import numpy as np
+from gguf import GGUFReader, GGUFWriter
+
+TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                  "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+                  "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"]
+
+
+def copy_tokenizer(src, w):
+    r = GGUFReader(src)
+    for k in TOKENIZER_KEYS:
+        f = r.fields.get(k)
+        if f is None:
+            continue
+        v = f.contents()
+        if k == "tokenizer.ggml.model":
+            w.add_tokenizer_model(v)
+        elif k == "tokenizer.ggml.pre":
+            w.add_tokenizer_pre(v)
+        elif k == "tokenizer.ggml.tokens":
+            w.add_token_list(v)
+        elif k == "tokenizer.ggml.token_type":
+            w.add_token_types(v)
+        elif k == "tokenizer.ggml.merges":
+            w.add_token_merges(v)
+        elif k == "tokenizer.ggml.bos_token_id":
+            w.add_bos_token_id(v)
+        elif k == "tokenizer.ggml.eos_token_id":
+            w.add_eos_token_id(v)
+        elif k == "tokenizer.ggml.unknown_token_id":
+            w.add_unk_token_id(v)
+        elif k == "tokenizer.ggml.padding_token_id":
+            w.add_pad_token_id(v)
+        elif k == "tokenizer.ggml.add_bos_token":
+            w.add_add_bos_token(v)
+        elif k == "tokenizer.ggml.add_space_prefix":
+            w.add_add_space_prefix(v)
+    return len(r.fields["tokenizer.ggml.tokens"].contents())
+
+
+def llama3_rope_factors(head_dim, base, factor=8.0, low=1.0, high=4.0, original=32):
+    """Llama 3.1's frequency factors, as llama.cpp's converter writes `rope_freqs`."""
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    low_wavelen, high_wavelen = original / low, original / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", required=True, choices=["qwen3", "llama3"])
+    ap.add_argument("--tokenizer-from", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=20261207)
+    a = ap.parse_args()
+    # The legacy generator: its streams are frozen across NumPy versions, so the file (and the
+    # llama.cpp figures stored for it) stay the same wherever the test runs.
+    rng = np.random.RandomState(a.seed)
+    gguf_arch = "qwen3" if a.arch == "qwen3" else "llama"
+    n_layers, dim, ffn, n_heads, n_kv = 2, 64, 128, 4, 2
+    head_dim = 32 if a.arch == "qwen3" else dim // n_heads
+    q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
+    base = 10000.0
+    w = GGUFWriter(a.out, gguf_arch)
+    w.add_name(f"synthetic {a.arch}")
+    vocab = copy_tokenizer(a.tokenizer_from, w)
+    w.add_block_count(n_layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(base)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(vocab)
+    w.add_file_type(0)  # all f32
+
+    def mat(rows, cols, scale=1.0):
+        return (rng.standard_normal((rows, cols)) * scale / math.sqrt(cols)).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", (rng.standard_normal((vocab, dim))).astype(np.float32))
+    for l in range(n_layers):
+        p = f"blk.{l}"
+        w.add_tensor(f"{p}.attn_norm.weight", norm(dim))
+        w.add_tensor(f"{p}.attn_q.weight", mat(q_dim, dim, 2.0))
+        w.add_tensor(f"{p}.attn_k.weight", mat(kv_dim, dim, 2.0))
+        w.add_tensor(f"{p}.attn_v.weight", mat(kv_dim, dim))
+        w.add_tensor(f"{p}.attn_output.weight", mat(dim, q_dim))
+        if a.arch == "qwen3":
+            w.add_tensor(f"{p}.attn_q_norm.weight", norm(head_dim))
+            w.add_tensor(f"{p}.attn_k_norm.weight", norm(head_dim))
+        w.add_tensor(f"{p}.ffn_norm.weight", norm(dim))
+        w.add_tensor(f"{p}.ffn_gate.weight", mat(ffn, dim))
+        w.add_tensor(f"{p}.ffn_up.weight", mat(ffn, dim))
+        w.add_tensor(f"{p}.ffn_down.weight", mat(dim, ffn))
+    if a.arch == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, base))
+    w.add_tensor("output_norm.weight", norm(dim))
+    w.add_tensor("output.weight", mat(vocab, dim, 4.0))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+if __name__ == "__main__":
+    main()
