@@ -47,7 +47,7 @@ fn bitnest_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
 
 fn ppl(model: &Path, text: &Path, extra: &[&str]) -> f64 {
     let mut args: Vec<&std::ffi::OsStr> = vec!["ppl".as_ref(), "--model".as_ref(), model.as_os_str()];
-    args.extend(extra.iter().map(|s| std::ffi::OsStr::new(s)));
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
     args.extend([
         "--file".as_ref(),
         text.as_os_str(),
