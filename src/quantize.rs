@@ -19,7 +19,9 @@ fn tensor_names(n_layers: usize, has_output: bool) -> Vec<(String, bool)> {
         v.push(("output.weight".into(), true));
     }
     v.push(("output_norm.weight".into(), false));
-    v.push(("rope_freqs.weight".into(), false));
+    for r in ["rope_freqs", "rope_factors_short", "rope_factors_long"] {
+        v.push((format!("{r}.weight"), false));
+    }
     for l in 0..n_layers {
         for m in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
             v.push((format!("blk.{l}.{m}.weight"), true));

@@ -1,8 +1,9 @@
 //! Architectures no real file here has, proven against llama.cpp on small random-weight GGUF
 //! files (`tests/synth/make_gguf.py`, SmolLM2's tokenizer borrowed; the `gguf` and `numpy`
-//! packages write them, deterministically): Qwen3 (q/k norms, no biases, a head size of its own)
-//! and Llama 3.1's rope scaling (the `rope_freqs` factors, over positions past the original
-//! context of 32). llama.cpp's figures for the same files are in `tests/golden/arch_synth.json`
+//! packages write them, deterministically): Qwen3 (q/k norms, no biases, a head size of its own),
+//! Llama 3.1's rope scaling (the `rope_freqs` factors, over positions past the original context
+//! of 32) and Phi-3 (fused q/k/v and gate/up tensors; LongRoPE's short factors at a context of
+//! 128 and its long ones at 512, past the original 256, with its attention factor). llama.cpp's figures for the same files are in `tests/golden/arch_synth.json`
 //! (`tests/synth/llamacpp_goldens.py` makes them): f32 perplexity over 4 chunks of 128 tokens
 //! must be within 0.5% and greedy continuations identical; each file also quantizes to `.bnest`
 //! and runs at 8 and 4 planes.
@@ -46,13 +47,17 @@ fn bitnest_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {
 }
 
 fn ppl(model: &Path, text: &Path, extra: &[&str]) -> f64 {
+    ppl_at(model, text, extra, "128")
+}
+
+fn ppl_at(model: &Path, text: &Path, extra: &[&str], ctx: &str) -> f64 {
     let mut args: Vec<&std::ffi::OsStr> = vec!["ppl".as_ref(), "--model".as_ref(), model.as_os_str()];
     args.extend(extra.iter().map(std::ffi::OsStr::new));
     args.extend([
         "--file".as_ref(),
         text.as_os_str(),
         "--ctx".as_ref(),
-        "128".as_ref(),
+        ctx.as_ref(),
         "--chunks".as_ref(),
         "4".as_ref(),
     ]);
@@ -75,6 +80,11 @@ fn synthetic_architectures_match_llama_cpp() {
         let rel = (ours - theirs).abs() / theirs;
         println!("{arch}: PPL {ours:.4} here, {theirs:.4} llama.cpp ({:+.4}%)", 100.0 * (ours - theirs) / theirs);
         assert!(rel < 0.005, "{arch}: perplexity {ours} against llama.cpp's {theirs}");
+        for (ctx, theirs) in want["ppl_at"].as_object().unwrap() {
+            let (ours, theirs) = (ppl_at(&gguf, &text, &["--f32"], ctx), theirs.as_f64().unwrap());
+            println!("{arch}: PPL at ctx {ctx} {ours:.4} here, {theirs:.4} llama.cpp");
+            assert!((ours - theirs).abs() / theirs < 0.005, "{arch} at ctx {ctx}: {ours} against llama.cpp's {theirs}");
+        }
 
         let run = bitnest_json(&[
             "run".as_ref(),

@@ -494,6 +494,7 @@ mod tests {
             rms_eps: 1e-5,
             max_seq: 256,
             rope_style: Default::default(),
+            rope_scaling: Default::default(),
         }
     }
 

@@ -131,8 +131,9 @@ pub struct Rope {
     half: usize,
     interleaved: bool,
     max_pos: usize,
-    /// `base^(−2i/head_dim)` for each frequency `i`.
+    /// `base^(−2i/head_dim)` (÷ its factor) for each frequency `i`.
     freqs: Vec<f64>,
+    mscale: f32,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
@@ -142,18 +143,20 @@ impl Rope {
     pub const TABLE_POSITIONS: usize = 1 << 15;
 
     pub fn new(head_dim: usize, base: f64, max_pos: usize, interleaved: bool) -> Self {
-        Self::with_factors(head_dim, base, max_pos, interleaved, None)
+        Self::with_factors(head_dim, base, max_pos, interleaved, None, 1.0)
     }
 
     /// [`Rope::new`] with each frequency divided by a factor: the `rope_freqs` tensor through
     /// which GGUF files carry Llama 3.1's rope scaling (and Phi-3's long factors), applied as
-    /// llama.cpp's `ggml_rope_ext` does (θ = pos · base^(−2i/d) ÷ factor[i]).
+    /// llama.cpp's `ggml_rope_ext` does (θ = pos · base^(−2i/d) ÷ factor[i]); cos and sin are
+    /// scaled by `mscale` (its `attn_factor`, 1 but for LongRoPE and YaRN).
     pub fn with_factors(
         head_dim: usize,
         base: f64,
         max_pos: usize,
         interleaved: bool,
         factors: Option<&[f32]>,
+        mscale: f32,
     ) -> Self {
         let half = head_dim / 2;
         let freqs: Vec<f64> = (0..half)
@@ -165,11 +168,11 @@ impl Rope {
         for p in 0..table {
             for &f in &freqs {
                 let theta = p as f64 * f;
-                cos.push(theta.cos() as f32);
-                sin.push(theta.sin() as f32);
+                cos.push(theta.cos() as f32 * mscale);
+                sin.push(theta.sin() as f32 * mscale);
             }
         }
-        Rope { half, interleaved, max_pos, freqs, cos, sin }
+        Rope { half, interleaved, max_pos, freqs, mscale, cos, sin }
     }
 
     /// Rotates every head of `x` (`n_heads × head_dim`) for position `pos`.
@@ -181,8 +184,8 @@ impl Rope {
         } else {
             for &f in &self.freqs {
                 let theta = pos as f64 * f;
-                cf.push(theta.cos() as f32);
-                sf.push(theta.sin() as f32);
+                cf.push(theta.cos() as f32 * self.mscale);
+                sf.push(theta.sin() as f32 * self.mscale);
             }
             (&cf[..], &sf[..])
         };

@@ -42,6 +42,10 @@ pub const ARCHS: &[Arch] = &[
     // (`attn_q_norm`, `attn_k_norm`: loaded wherever a file has them) and a head size of its
     // own (`attention.key_length`, 128 on every Qwen3, whatever the width).
     Arch { name: "qwen3", hf_names: &["Qwen3ForCausalLM", "qwen3"], rope: RopeStyle::Neox },
+    // Llama's block with q, k, v in one `attn_qkv` and gate and up in one `ffn_up` (cut apart
+    // at load, `source::fused_part`), and LongRoPE (`rope_factors_short`/`_long`, chosen by a
+    // session's context against `rope.scaling.original_context_length`; `attn_factor`).
+    Arch { name: "phi3", hf_names: &["Phi3ForCausalLM", "phi3"], rope: RopeStyle::Neox },
 ];
 
 impl Arch {

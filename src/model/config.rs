@@ -26,6 +26,26 @@ pub struct LlamaConfig {
     /// recorded, which were all interleaved).
     #[serde(default)]
     pub rope_style: RopeStyle,
+    /// Rope scaling read from metadata (per-frequency factors come as tensors).
+    #[serde(default)]
+    pub rope_scaling: RopeScaling,
+}
+
+/// Rope scaling beyond per-frequency factors: Phi-3's LongRoPE picks its long factors
+/// (`rope_factors_long`) for contexts longer than the original one, the short ones otherwise,
+/// as llama.cpp does by the context it is given; and both scale cos and sin by `attn_factor`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// `rope.scaling.original_context_length`.
+    pub original_ctx: Option<usize>,
+    /// `rope.scaling.attn_factor` (1 when absent).
+    pub attn_factor: f32,
+}
+
+impl Default for RopeScaling {
+    fn default() -> Self {
+        RopeScaling { original_ctx: None, attn_factor: 1.0 }
+    }
 }
 
 impl LlamaConfig {
@@ -71,6 +91,10 @@ impl LlamaConfig {
             rms_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f32,
             max_seq: int("context_length").unwrap_or(2048),
             rope_style: spec.rope,
+            rope_scaling: RopeScaling {
+                original_ctx: int("rope.scaling.original_context_length").ok(),
+                attn_factor: float("rope.scaling.attn_factor").unwrap_or(1.0) as f32,
+            },
             arch,
         };
         cfg.validate()?;
@@ -108,6 +132,7 @@ impl LlamaConfig {
             rms_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5) as f32,
             max_seq: int("max_position_embeddings").unwrap_or(2048),
             rope_style: spec.rope,
+            rope_scaling: RopeScaling::default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -133,6 +158,8 @@ impl LlamaConfig {
         ensure!(c.rope_base.is_finite() && c.rope_base > 0.0, "RoPE base {} is not positive", c.rope_base);
         ensure!(c.rms_eps.is_finite() && c.rms_eps >= 0.0, "RMSNorm epsilon {} is invalid", c.rms_eps);
         ensure!(c.max_seq > 0, "context length is 0");
+        let a = c.rope_scaling.attn_factor;
+        ensure!(a.is_finite() && a > 0.0, "rope scaling attn_factor {a} is not positive");
         Ok(())
     }
 }

@@ -43,6 +43,9 @@ pub struct Llama {
     pub norm: Vec<f32>,
     pub head: Arc<dyn Linear>,
     pub rope: Rope,
+    /// Phi-3's long rope and the original context past which a session uses it (llama.cpp
+    /// chooses by the context it is given; so does a session, by its capacity).
+    pub rope_long: Option<(Rope, usize)>,
     /// What new sessions store keys and values as.
     pub kv_type: KvTypes,
     /// Per layer, the largest magnitude of the key projection's bias (0 without one), which
@@ -171,14 +174,23 @@ impl Llama {
     /// its buffers for passes of its own allocated now.
     pub fn new_session(&self, capacity: usize, max_batch: usize) -> Session {
         let capacity = capacity.clamp(1, self.rope.max_pos());
-        Session::new(&self.config, &self.cache_layers(), capacity, max_batch.clamp(1, capacity), true)
+        let mut s = Session::new(&self.config, &self.cache_layers(), capacity, max_batch.clamp(1, capacity), true);
+        s.long_rope = self.long_rope(capacity);
+        s
+    }
+
+    /// Whether a session of `capacity` tokens rotates with the long rope.
+    fn long_rope(&self, capacity: usize) -> bool {
+        self.rope_long.as_ref().is_some_and(|(_, orig)| capacity > *orig)
     }
 
     /// A session whose passes mostly run batched with others, on a shared [`Scratch`]: its
     /// own buffers are allocated only if it runs a pass alone.
     pub fn new_batched_session(&self, capacity: usize, max_batch: usize) -> Session {
         let capacity = capacity.clamp(1, self.rope.max_pos());
-        Session::new(&self.config, &self.cache_layers(), capacity, max_batch.clamp(1, capacity), false)
+        let mut s = Session::new(&self.config, &self.cache_layers(), capacity, max_batch.clamp(1, capacity), false);
+        s.long_rope = self.long_rope(capacity);
+        s
     }
 
     /// The types every layer of a new session's cache stores keys and values as.
@@ -307,10 +319,12 @@ impl Llama {
         let rows: usize = spans.iter().map(|s| s.tokens.len()).sum();
         sc.reserve(c, rows, logits_at + spans.iter().map(Span::logit_rows).sum::<usize>());
         sc.positions.clear();
+        sc.long_rope.clear();
         sc.head_rows.clear();
         let mut row = 0;
         for sp in spans.iter_mut() {
             let (s, n) = (&mut *sp.session, sp.tokens.len());
+            sc.long_rope.extend(std::iter::repeat_n(s.long_rope, n));
             match sp.kind {
                 SpanKind::Run { logits } => {
                     sc.positions.extend(s.pos..s.pos + n);
@@ -385,7 +399,7 @@ impl Llama {
                 sc.q.len() >= n * q_dim && sc.k.len() >= n * kv_dim && sc.gate.len() >= n.min(FFN_ROWS) * c.ffn_dim
             );
             let (q, k) = (SyncPtr(sc.q.as_mut_ptr()), SyncPtr(sc.k.as_mut_ptr()));
-            let positions = &sc.positions;
+            let (positions, long_rope) = (&sc.positions, &sc.long_rope);
             each_token(n, |t| {
                 // SAFETY: token t owns row t of the query and key buffers.
                 let (q, k) = unsafe { (row_mut(q, t, q_dim), row_mut(k, t, kv_dim)) };
@@ -395,8 +409,12 @@ impl Llama {
                 if let Some(w) = &b.k_norm {
                     rms_norm_heads(k, w, c.rms_eps);
                 }
-                self.rope.apply(q, positions[t]);
-                self.rope.apply(k, positions[t]);
+                let rope = match &self.rope_long {
+                    Some((long, _)) if long_rope[t] => long,
+                    _ => &self.rope,
+                };
+                rope.apply(q, positions[t]);
+                rope.apply(k, positions[t]);
             });
             let mut row = 0;
             for sp in spans.iter_mut() {

@@ -334,6 +334,8 @@ pub struct Scratch {
     pub(super) logits: Vec<f32>,
     /// Each row's position in its sequence.
     pub(super) positions: Vec<usize>,
+    /// Each row's session rotates with the long rope.
+    pub(super) long_rope: Vec<bool>,
     /// The rows whose logits the pass computes, in output order.
     pub(super) head_rows: Vec<usize>,
 }
@@ -391,6 +393,8 @@ pub struct Session {
     pub(super) tree_off: Vec<usize>,
     /// Buffers of the passes this session runs alone ([`super::Llama::forward`]).
     pub(super) scratch: Scratch,
+    /// Rotates with the model's long rope (Phi-3 past its original context).
+    pub(super) long_rope: bool,
 }
 
 impl Session {
@@ -411,6 +415,7 @@ impl Session {
             tree_slots: Vec::new(),
             tree_off: Vec::with_capacity(if buffers { max_batch + 1 } else { 0 }),
             scratch: if buffers { Scratch::new(c, max_batch) } else { Scratch::default() },
+            long_rope: false,
         }
     }
 
@@ -481,6 +486,7 @@ mod tests {
             rms_eps: 1e-6,
             max_seq: 64,
             rope_style: Default::default(),
+            rope_scaling: Default::default(),
         };
         let n = c.kv_dim();
         assert_eq!(q4h.bytes_per_token(&c, &[0.0, 0.0]), 4 * KvType::Q4H.bytes(n));

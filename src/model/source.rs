@@ -13,7 +13,7 @@ use super::config::LlamaConfig;
 use super::llama::{Block, KvTypes, Llama};
 use super::plan::BitsPlan;
 use crate::format::bnest::{BnestFile, Encoding};
-use crate::format::gguf::GgufFile;
+use crate::format::gguf::{GgufFile, TensorInfo};
 use crate::format::safetensors::{SafetensorsDir, hf_name, permute_qk};
 use crate::kernels::ops::Rope;
 use crate::kernels::{DenseF32, Linear, PlaneLinear, planes};
@@ -101,11 +101,30 @@ impl ModelSource {
         }
     }
 
-    /// A tensor by GGUF name as `(shape, f32 data)`; Q/K of HF checkpoints come permuted.
+    /// A tensor by GGUF name as `(shape, f32 data)`; Q/K of HF checkpoints come permuted, and
+    /// the parts of fused GGUF tensors come cut out of them ([`fused_part`]).
     pub fn tensor(&self, name: &str, cfg: &LlamaConfig) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
         match self {
             Self::Gguf(g) => match g.tensor(name) {
-                None => Ok(None),
+                None => match fused_part(g, name) {
+                    None => Ok(None),
+                    Some((fused, rows)) => {
+                        let data = g.tensor_f32(fused).with_context(|| format!("tensor {}", fused.name))?;
+                        let cols: usize = fused.shape[1..].iter().product();
+                        let mut shape = fused.shape.clone();
+                        shape[0] = rows.len();
+                        Ok(Some((shape, data[rows.start * cols..rows.end * cols].to_vec())))
+                    }
+                },
+                Some(info) if fused_part(g, name).is_some() => {
+                    // `ffn_up` holding gate and up: its second half is the up projection.
+                    let (fused, rows) = fused_part(g, name).expect("checked");
+                    let data = g.tensor_f32(fused).with_context(|| format!("tensor {name}"))?;
+                    let cols: usize = info.shape[1..].iter().product();
+                    let mut shape = info.shape.clone();
+                    shape[0] = rows.len();
+                    Ok(Some((shape, data[rows.start * cols..rows.end * cols].to_vec())))
+                }
                 Some(info) => {
                     Ok(Some((info.shape.clone(), g.tensor_f32(info).with_context(|| format!("tensor {name}"))?)))
                 }
@@ -232,7 +251,7 @@ impl ModelSource {
 
     pub fn has_tensor(&self, name: &str) -> bool {
         match self {
-            Self::Gguf(g) => g.tensor(name).is_some(),
+            Self::Gguf(g) => g.tensor(name).is_some() || fused_part(g, name).is_some(),
             Self::HfDir(d) => hf_name(name).is_some_and(|hf| d.names().any(|n| n == hf)),
             Self::Bnest(b, _) => b.tensor(name).is_some(),
         }
@@ -291,15 +310,27 @@ impl ModelSource {
             });
         }
         let norm = get("output_norm.weight", &[dim])?;
-        // Llama 3.1's rope scaling (and any other a converter bakes into per-frequency factors).
-        let factors = opt_bias("rope_freqs.weight", cfg.head_dim / 2)?;
-        let rope = Rope::with_factors(
-            cfg.head_dim,
-            cfg.rope_base,
-            cfg.max_seq,
-            cfg.rope_style == RopeStyle::Interleaved,
-            factors.as_deref(),
-        );
+        // Rope scaling baked into per-frequency factors: Llama 3.1's (`rope_freqs`), or Phi-3's
+        // LongRoPE (`rope_factors_short` up to its original context, `rope_factors_long` past it).
+        let half = cfg.head_dim / 2;
+        let rope_with = |factors: Option<&[f32]>| {
+            Rope::with_factors(
+                cfg.head_dim,
+                cfg.rope_base,
+                cfg.max_seq,
+                cfg.rope_style == RopeStyle::Interleaved,
+                factors,
+                cfg.rope_scaling.attn_factor,
+            )
+        };
+        let freqs = opt_bias("rope_freqs.weight", half)?;
+        let short = opt_bias("rope_factors_short.weight", half)?;
+        let long = opt_bias("rope_factors_long.weight", half)?;
+        let rope = rope_with(freqs.as_deref().or(short.as_deref()));
+        let rope_long = match (&freqs, &long, cfg.rope_scaling.original_ctx) {
+            (None, Some(l), Some(orig)) => Some((rope_with(Some(l)), orig)),
+            _ => None,
+        };
         Ok(Llama {
             config: cfg,
             embed,
@@ -307,9 +338,49 @@ impl ModelSource {
             norm,
             head,
             rope,
+            rope_long,
             kv_type: KvTypes::default(),
             key_bias,
             state: Default::default(),
         })
+    }
+}
+
+/// Matrices a GGUF file stores fused that the model keeps apart, as llama.cpp's loaders find
+/// them (by which tensors exist, not by architecture): `blk.N.attn_qkv` holds q, k and v one
+/// after the other (Phi-3), and an `ffn_up` twice as tall as `ffn_down` is wide holds the gate
+/// then the up projection (Phi-3's fused SwiGLU input) when there is no `ffn_gate`. Returns the
+/// fused tensor and the rows of `name` in it.
+fn fused_part<'g>(g: &'g GgufFile, name: &str) -> Option<(&'g TensorInfo, std::ops::Range<usize>)> {
+    let (block, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let (part, suffix) = rest.split_once('.')?;
+    let p = |m: &str| format!("blk.{block}.{m}.{suffix}");
+    match part {
+        "attn_q" | "attn_k" | "attn_v" => {
+            if g.tensor(name).is_some() {
+                return None;
+            }
+            let fused = g.tensor(&p("attn_qkv"))?;
+            // q is as wide as attn_output's input; k and v split the rest.
+            let q = g.tensor(&format!("blk.{block}.attn_output.weight"))?.shape.get(1).copied()?;
+            let kv = fused.shape[0].checked_sub(q)? / 2;
+            match part {
+                "attn_q" => Some((fused, 0..q)),
+                "attn_k" => Some((fused, q..q + kv)),
+                _ => Some((fused, q + kv..q + 2 * kv)),
+            }
+        }
+        "ffn_gate" | "ffn_up" if suffix == "weight" => {
+            if g.tensor(&p("ffn_gate")).is_some() {
+                return None;
+            }
+            let up = g.tensor(&p("ffn_up"))?;
+            let ffn = g.tensor(&p("ffn_down"))?.shape.get(1).copied()?;
+            if up.shape[0] != 2 * ffn {
+                return None;
+            }
+            Some((up, if part == "ffn_gate" { 0..ffn } else { ffn..2 * ffn }))
+        }
+        _ => None,
     }
 }

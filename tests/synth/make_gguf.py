@@ -11,6 +11,10 @@ Architectures:
           query width 128 differs from the model's), rotate-half RoPE
   llama3  Llama with a `rope_freqs` tensor (Llama 3.1's rope scaling, factor 8, low/high
           frequency factors 1/4, original context 32), so positions past 32 are scaled
+  phi3    fused `attn_qkv` and gate+up `ffn_up`, LongRoPE: `rope_factors_short`/`_long`, an
+          original context of 256 (so a context of 128 takes the short factors, 512 the long
+          ones; llama.cpp pads its context to a multiple of 256 before choosing) and an
+          attention factor of 1.19
 """
 import argparse
 import math
@@ -75,7 +79,7 @@ def llama3_rope_factors(head_dim, base, factor=8.0, low=1.0, high=4.0, original=
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", required=True, choices=["qwen3", "llama3"])
+    ap.add_argument("--arch", required=True, choices=["qwen3", "llama3", "phi3"])
     ap.add_argument("--tokenizer-from", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=20261207)
@@ -83,13 +87,14 @@ def main():
     # The legacy generator: its streams are frozen across NumPy versions, so the file (and the
     # llama.cpp figures stored for it) stay the same wherever the test runs.
     rng = np.random.RandomState(a.seed)
-    gguf_arch = "qwen3" if a.arch == "qwen3" else "llama"
+    gguf_arch = {"qwen3": "qwen3", "llama3": "llama", "phi3": "phi3"}[a.arch]
     n_layers, dim, ffn, n_heads, n_kv = 2, 64, 128, 4, 2
     head_dim = 32 if a.arch == "qwen3" else dim // n_heads
     q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
     base = 10000.0
     w = GGUFWriter(a.out, gguf_arch)
-    w.add_name(f"synthetic {a.arch}")
+    # (Not the architecture's name: llama.cpp keys vocabulary quirks on "phi3" in it.)
+    w.add_name("synthetic test model")
     vocab = copy_tokenizer(a.tokenizer_from, w)
     w.add_block_count(n_layers)
     w.add_context_length(4096)
@@ -104,6 +109,9 @@ def main():
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(vocab)
     w.add_file_type(0)  # all f32
+    if a.arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(256)
+        w.add_rope_scaling_attn_factors(1.19)
 
     def mat(rows, cols, scale=1.0):
         return (rng.standard_normal((rows, cols)) * scale / math.sqrt(cols)).astype(np.float32)
@@ -115,19 +123,31 @@ def main():
     for l in range(n_layers):
         p = f"blk.{l}"
         w.add_tensor(f"{p}.attn_norm.weight", norm(dim))
-        w.add_tensor(f"{p}.attn_q.weight", mat(q_dim, dim, 2.0))
-        w.add_tensor(f"{p}.attn_k.weight", mat(kv_dim, dim, 2.0))
-        w.add_tensor(f"{p}.attn_v.weight", mat(kv_dim, dim))
+        q, k, v = mat(q_dim, dim, 2.0), mat(kv_dim, dim, 2.0), mat(kv_dim, dim)
+        if a.arch == "phi3":
+            w.add_tensor(f"{p}.attn_qkv.weight", np.concatenate([q, k, v]))
+        else:
+            w.add_tensor(f"{p}.attn_q.weight", q)
+            w.add_tensor(f"{p}.attn_k.weight", k)
+            w.add_tensor(f"{p}.attn_v.weight", v)
         w.add_tensor(f"{p}.attn_output.weight", mat(dim, q_dim))
         if a.arch == "qwen3":
             w.add_tensor(f"{p}.attn_q_norm.weight", norm(head_dim))
             w.add_tensor(f"{p}.attn_k_norm.weight", norm(head_dim))
         w.add_tensor(f"{p}.ffn_norm.weight", norm(dim))
-        w.add_tensor(f"{p}.ffn_gate.weight", mat(ffn, dim))
-        w.add_tensor(f"{p}.ffn_up.weight", mat(ffn, dim))
+        gate, up = mat(ffn, dim), mat(ffn, dim)
+        if a.arch == "phi3":
+            w.add_tensor(f"{p}.ffn_up.weight", np.concatenate([gate, up]))
+        else:
+            w.add_tensor(f"{p}.ffn_gate.weight", gate)
+            w.add_tensor(f"{p}.ffn_up.weight", up)
         w.add_tensor(f"{p}.ffn_down.weight", mat(dim, ffn))
     if a.arch == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, base))
+    if a.arch == "phi3":
+        half = head_dim // 2
+        w.add_tensor("rope_factors_short.weight", (1.0 + 0.5 * rng.rand(half)).astype(np.float32))
+        w.add_tensor("rope_factors_long.weight", (1.0 + 20.0 * rng.rand(half)).astype(np.float32))
     w.add_tensor("output_norm.weight", norm(dim))
     w.add_tensor("output.weight", mat(vocab, dim, 4.0))
     w.write_header_to_file()
