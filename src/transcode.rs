@@ -214,14 +214,17 @@ pub fn transcode_file(src: &Path, out: &Path, progress: bool) -> Result<()> {
     );
     let mut tensors = Vec::with_capacity(g.tensors.len());
     let mut widest = 2;
-    for t in &g.tensors {
-        bar.set_message(t.name.clone());
-        let data = tensor_data(g, t).with_context(|| format!("tensor {} ({:?})", t.name, t.dtype))?;
-        if let TensorData::Planes(bp) = &data {
-            widest = widest.max(bp.master_bits);
+    for whole in &g.tensors {
+        bar.set_message(whole.name.clone());
+        // Fused tensors (Phi-3's q/k/v, gate/up) become the model's separate matrices.
+        for t in &crate::model::source::gguf_parts(g, whole) {
+            let data = tensor_data(g, t).with_context(|| format!("tensor {} ({:?})", t.name, t.dtype))?;
+            if let TensorData::Planes(bp) = &data {
+                widest = widest.max(bp.master_bits);
+            }
+            tensors.push((t.name.clone(), t.shape.clone(), data));
         }
-        tensors.push((t.name.clone(), t.shape.clone(), data));
-        bar.inc(t.size_bytes as u64);
+        bar.inc(whole.size_bytes as u64);
     }
     bar.set_message("writing");
     // What the header's quantization record says of a transcoded file: its widest tensor and

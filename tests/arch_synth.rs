@@ -6,7 +6,9 @@
 //! 128 and its long ones at 512, past the original 256, with its attention factor). llama.cpp's figures for the same files are in `tests/golden/arch_synth.json`
 //! (`tests/synth/llamacpp_goldens.py` makes them): f32 perplexity over 4 chunks of 128 tokens
 //! must be within 0.5% and greedy continuations identical; each file also quantizes to `.bnest`
-//! and runs at 8 and 4 planes.
+//! and runs at 8 and 4 planes. A Q8_0 Phi-3 file runs through the lossless transcode into bit
+//! planes (its fused tensors cut apart there): greedy identical, perplexity within 2% (the plane
+//! kernels round activations differently from llama.cpp's Q8_0 dot products).
 
 mod common;
 
@@ -20,12 +22,12 @@ fn golden() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("read the golden")).expect("parse the golden")
 }
 
-fn make(dir: &Path, arch: &str) -> PathBuf {
-    let out = dir.join(format!("{arch}.gguf"));
+fn make(dir: &Path, name: &str, arch: &str, ty: &str) -> PathBuf {
+    let out = dir.join(format!("{name}.gguf"));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/synth/make_gguf.py");
     let r = Command::new("python3")
         .arg(script)
-        .args(["--arch", arch, "--tokenizer-from"])
+        .args(["--arch", arch, "--type", ty, "--tokenizer-from"])
         .arg(common::model_path())
         .arg("--out")
         .arg(&out)
@@ -73,37 +75,41 @@ fn synthetic_architectures_match_llama_cpp() {
     std::fs::write(&text, &all[..g["text_bytes"].as_u64().unwrap() as usize]).unwrap();
     let prompt = g["prompt"].as_str().unwrap();
     let n = g["n_predict"].as_u64().unwrap().to_string();
-    for (arch, want) in g["archs"].as_object().unwrap() {
-        let gguf = make(dir.path(), arch);
-        let ours = ppl(&gguf, &text, &["--f32"]);
+    for (name, want) in g["archs"].as_object().unwrap() {
+        let (arch, ty) = (want["arch"].as_str().unwrap(), want["type"].as_str().unwrap());
+        let gguf = make(dir.path(), name, arch, ty);
+        // f32 weights on the f32 path, to 0.5%; Q8_0 weights transcoded into bit planes, whose
+        // kernels round activations differently from llama.cpp's, to 2%.
+        let (path, tolerance): (&[&str], f64) = if ty == "f32" { (&["--f32"], 0.005) } else { (&[], 0.02) };
+        let arch = name.as_str();
+        let ours = ppl(&gguf, &text, path);
         let theirs = want["ppl"].as_f64().unwrap();
         let rel = (ours - theirs).abs() / theirs;
         println!("{arch}: PPL {ours:.4} here, {theirs:.4} llama.cpp ({:+.4}%)", 100.0 * (ours - theirs) / theirs);
-        assert!(rel < 0.005, "{arch}: perplexity {ours} against llama.cpp's {theirs}");
+        assert!(rel < tolerance, "{arch}: perplexity {ours} against llama.cpp's {theirs}");
         for (ctx, theirs) in want["ppl_at"].as_object().unwrap() {
-            let (ours, theirs) = (ppl_at(&gguf, &text, &["--f32"], ctx), theirs.as_f64().unwrap());
+            let (ours, theirs) = (ppl_at(&gguf, &text, path, ctx), theirs.as_f64().unwrap());
             println!("{arch}: PPL at ctx {ctx} {ours:.4} here, {theirs:.4} llama.cpp");
-            assert!((ours - theirs).abs() / theirs < 0.005, "{arch} at ctx {ctx}: {ours} against llama.cpp's {theirs}");
+            assert!(
+                (ours - theirs).abs() / theirs < tolerance,
+                "{arch} at ctx {ctx}: {ours} against llama.cpp's {theirs}"
+            );
         }
 
-        let run = bitnest_json(&[
-            "run".as_ref(),
-            "--model".as_ref(),
-            gguf.as_os_str(),
-            "--f32".as_ref(),
-            "--prompt".as_ref(),
-            prompt.as_ref(),
-            "--temperature".as_ref(),
-            "0".as_ref(),
-            "--max-tokens".as_ref(),
-            n.as_ref(),
-        ]);
+        let mut run_args: Vec<&std::ffi::OsStr> = vec!["run".as_ref(), "--model".as_ref(), gguf.as_os_str()];
+        run_args.extend(path.iter().map(std::ffi::OsStr::new));
+        run_args
+            .extend(["--prompt", prompt, "--temperature", "0", "--max-tokens", n.as_str()].map(std::ffi::OsStr::new));
+        let run = bitnest_json(&run_args);
         assert_eq!(
             run["text"].as_str().unwrap(),
             want["continuation"].as_str().unwrap(),
             "{arch}: greedy continuation"
         );
 
+        if ty != "f32" {
+            continue;
+        }
         // The same weights as nested bit planes: 8 planes are close to f32, 4 still run.
         let bnest = dir.path().join(format!("{arch}.bnest"));
         let q = Command::new(BIN).arg("quantize").arg(&gguf).arg("-o").arg(&bnest).args(["-t", "1"]).output().unwrap();

@@ -346,6 +346,40 @@ impl ModelSource {
     }
 }
 
+/// A GGUF tensor as the model's tensors: itself, or for a fused one ([`fused_part`]) its parts,
+/// each a view of the same bytes (whole rows of any encoding), named as the model names them.
+pub fn gguf_parts(g: &GgufFile, t: &TensorInfo) -> Vec<TensorInfo> {
+    let Some((block, rest)) = t.name.strip_prefix("blk.").and_then(|n| n.split_once('.')) else {
+        return vec![t.clone()];
+    };
+    let Some((part, suffix)) = rest.split_once('.') else { return vec![t.clone()] };
+    let names: &[&str] = match part {
+        "attn_qkv" => &["attn_q", "attn_k", "attn_v"],
+        "ffn_up" => &["ffn_gate", "ffn_up"],
+        _ => &[],
+    };
+    let parts: Vec<TensorInfo> = names
+        .iter()
+        .filter_map(|m| {
+            let name = format!("blk.{block}.{m}.{suffix}");
+            let (fused, rows) = fused_part(g, &name)?;
+            (fused.name == t.name && t.shape[0] > 0).then(|| {
+                let row_bytes = t.size_bytes / t.shape[0];
+                let mut shape = t.shape.clone();
+                shape[0] = rows.len();
+                TensorInfo {
+                    name,
+                    shape,
+                    dtype: t.dtype,
+                    offset: t.offset + rows.start * row_bytes,
+                    size_bytes: rows.len() * row_bytes,
+                }
+            })
+        })
+        .collect();
+    if parts.len() == names.len() && !parts.is_empty() { parts } else { vec![t.clone()] }
+}
+
 /// Matrices a GGUF file stores fused that the model keeps apart, as llama.cpp's loaders find
 /// them (by which tensors exist, not by architecture): `blk.N.attn_qkv` holds q, k and v one
 /// after the other (Phi-3), and an `ffn_up` twice as tall as `ffn_down` is wide holds the gate

@@ -15,10 +15,12 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARCHS = ["qwen3", "llama3", "phi3"]
+# (name, architecture, matrix encoding): f32 files run on bitnest's f32 path; the Q8_0 one
+# through the lossless transcode into bit planes (Phi-3's fused tensors cut apart there).
+ARCHS = [("qwen3", "qwen3", "f32"), ("llama3", "llama3", "f32"), ("phi3", "phi3", "f32"), ("phi3-q8_0", "phi3", "q8_0")]
 # Contexts beyond the common 128 at which an architecture is also measured (Phi-3: its long
 # rope factors, past the original context of 256).
-EXTRA_CTX = {"phi3": [512]}
+EXTRA_CTX = {"phi3": [512], "phi3-q8_0": [512]}
 PROMPT = "The history of the city"
 N_PREDICT = 24
 
@@ -34,10 +36,10 @@ def main():
         text = os.path.join(tmp, "wiki.txt")
         with open(a.text, "rb") as f, open(text, "wb") as g:
             g.write(f.read(out["text_bytes"]))
-        for arch in ARCHS:
-            path = os.path.join(tmp, f"{arch}.gguf")
+        for name, arch, ty in ARCHS:
+            path = os.path.join(tmp, f"{name}.gguf")
             subprocess.run([sys.executable, os.path.join(ROOT, "tests/synth/make_gguf.py"), "--arch", arch,
-                            "--tokenizer-from", a.tokenizer_from, "--out", path], check=True)
+                            "--type", ty, "--tokenizer-from", a.tokenizer_from, "--out", path], check=True)
             def perplexity(ctx):
                 r = subprocess.run([os.path.join(a.llama_bin, "llama-perplexity"), "-m", path, "-f", text, "-c",
                                     str(ctx), "--chunks", "4", "-t", "1", "-b", str(ctx), "-ctk", "f32", "-ctv", "f32",
@@ -49,9 +51,10 @@ def main():
                                   "-ctv", "f32"], capture_output=True, text=True, check=True)
             text_out = gen.stdout
             assert text_out.startswith(PROMPT), text_out[:200]
-            out["archs"][arch] = {"ppl": perplexity(128), "continuation": text_out[len(PROMPT):].rstrip("\n"),
-                                  "ppl_at": {str(c): perplexity(c) for c in EXTRA_CTX.get(arch, [])}}
-            print(arch, out["archs"][arch])
+            out["archs"][name] = {"arch": arch, "type": ty, "ppl": perplexity(128),
+                                  "continuation": text_out[len(PROMPT):].rstrip("\n"),
+                                  "ppl_at": {str(c): perplexity(c) for c in EXTRA_CTX.get(name, [])}}
+            print(name, out["archs"][name])
     path = os.path.join(ROOT, "tests/golden/arch_synth.json")
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)

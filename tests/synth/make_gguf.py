@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--tokenizer-from", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=20261207)
+    ap.add_argument("--type", choices=["f32", "q8_0"], default="f32",
+                    help="encoding of the matrices (q8_0: llama.cpp's blocks, which bitnest transcodes)")
     a = ap.parse_args()
     # The legacy generator: its streams are frozen across NumPy versions, so the file (and the
     # llama.cpp figures stored for it) stay the same wherever the test runs.
@@ -93,6 +95,15 @@ def main():
     q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
     base = 10000.0
     w = GGUFWriter(a.out, gguf_arch)
+    add_tensor = w.add_tensor
+    if a.type == "q8_0":
+        from gguf import GGMLQuantizationType, quants
+
+        def add_tensor(name, t):
+            if t.ndim == 2:
+                w.add_tensor(name, quants.quantize(t, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(name, t)
     # (Not the architecture's name: llama.cpp keys vocabulary quirks on "phi3" in it.)
     w.add_name("synthetic test model")
     vocab = copy_tokenizer(a.tokenizer_from, w)
@@ -108,7 +119,7 @@ def main():
     w.add_rope_freq_base(base)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(vocab)
-    w.add_file_type(0)  # all f32
+    w.add_file_type(0 if a.type == "f32" else 7)  # all f32, or mostly Q8_0
     if a.arch == "phi3":
         w.add_rope_scaling_orig_ctx_len(256)
         w.add_rope_scaling_attn_factors(1.19)
@@ -119,37 +130,37 @@ def main():
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w.add_tensor("token_embd.weight", (rng.standard_normal((vocab, dim))).astype(np.float32))
+    add_tensor("token_embd.weight", (rng.standard_normal((vocab, dim))).astype(np.float32))
     for l in range(n_layers):
         p = f"blk.{l}"
-        w.add_tensor(f"{p}.attn_norm.weight", norm(dim))
+        add_tensor(f"{p}.attn_norm.weight", norm(dim))
         q, k, v = mat(q_dim, dim, 2.0), mat(kv_dim, dim, 2.0), mat(kv_dim, dim)
         if a.arch == "phi3":
-            w.add_tensor(f"{p}.attn_qkv.weight", np.concatenate([q, k, v]))
+            add_tensor(f"{p}.attn_qkv.weight", np.concatenate([q, k, v]))
         else:
-            w.add_tensor(f"{p}.attn_q.weight", q)
-            w.add_tensor(f"{p}.attn_k.weight", k)
-            w.add_tensor(f"{p}.attn_v.weight", v)
-        w.add_tensor(f"{p}.attn_output.weight", mat(dim, q_dim))
+            add_tensor(f"{p}.attn_q.weight", q)
+            add_tensor(f"{p}.attn_k.weight", k)
+            add_tensor(f"{p}.attn_v.weight", v)
+        add_tensor(f"{p}.attn_output.weight", mat(dim, q_dim))
         if a.arch == "qwen3":
-            w.add_tensor(f"{p}.attn_q_norm.weight", norm(head_dim))
-            w.add_tensor(f"{p}.attn_k_norm.weight", norm(head_dim))
-        w.add_tensor(f"{p}.ffn_norm.weight", norm(dim))
+            add_tensor(f"{p}.attn_q_norm.weight", norm(head_dim))
+            add_tensor(f"{p}.attn_k_norm.weight", norm(head_dim))
+        add_tensor(f"{p}.ffn_norm.weight", norm(dim))
         gate, up = mat(ffn, dim), mat(ffn, dim)
         if a.arch == "phi3":
-            w.add_tensor(f"{p}.ffn_up.weight", np.concatenate([gate, up]))
+            add_tensor(f"{p}.ffn_up.weight", np.concatenate([gate, up]))
         else:
-            w.add_tensor(f"{p}.ffn_gate.weight", gate)
-            w.add_tensor(f"{p}.ffn_up.weight", up)
-        w.add_tensor(f"{p}.ffn_down.weight", mat(dim, ffn))
+            add_tensor(f"{p}.ffn_gate.weight", gate)
+            add_tensor(f"{p}.ffn_up.weight", up)
+        add_tensor(f"{p}.ffn_down.weight", mat(dim, ffn))
     if a.arch == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, base))
+        add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, base))
     if a.arch == "phi3":
         half = head_dim // 2
-        w.add_tensor("rope_factors_short.weight", (1.0 + 0.5 * rng.rand(half)).astype(np.float32))
-        w.add_tensor("rope_factors_long.weight", (1.0 + 20.0 * rng.rand(half)).astype(np.float32))
-    w.add_tensor("output_norm.weight", norm(dim))
-    w.add_tensor("output.weight", mat(vocab, dim, 4.0))
+        add_tensor("rope_factors_short.weight", (1.0 + 0.5 * rng.rand(half)).astype(np.float32))
+        add_tensor("rope_factors_long.weight", (1.0 + 20.0 * rng.rand(half)).astype(np.float32))
+    add_tensor("output_norm.weight", norm(dim))
+    add_tensor("output.weight", mat(vocab, dim, 4.0))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
