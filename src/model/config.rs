@@ -1,7 +1,7 @@
 //! Architecture hyper-parameters of a llama-family model, read from GGUF metadata or an HF
 //! `config.json`, and checked for consistency before any weight is touched.
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use super::arch::{Arch, RopeStyle};
@@ -40,11 +40,79 @@ pub struct RopeScaling {
     pub original_ctx: Option<usize>,
     /// `rope.scaling.attn_factor` (1 when absent).
     pub attn_factor: f32,
+    /// Llama 3.1's scaling from a Hugging Face `config.json` (a GGUF file carries it as the
+    /// `rope_freqs` tensor instead).
+    #[serde(default)]
+    pub llama3: Option<Llama3Rope>,
 }
 
 impl Default for RopeScaling {
     fn default() -> Self {
-        RopeScaling { original_ctx: None, attn_factor: 1.0 }
+        RopeScaling { original_ctx: None, attn_factor: 1.0, llama3: None }
+    }
+}
+
+/// `rope_scaling` of type `llama3` (Llama 3.1 and later).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Llama3Rope {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_ctx: f64,
+}
+
+impl Llama3Rope {
+    /// The per-frequency factors llama.cpp's converter writes as `rope_freqs` for it.
+    pub fn factors(&self, head_dim: usize, base: f64) -> Vec<f32> {
+        let (low_wavelen, high_wavelen) =
+            (self.original_ctx / self.low_freq_factor, self.original_ctx / self.high_freq_factor);
+        (0..head_dim / 2)
+            .map(|i| {
+                let freq = 1.0 / base.powf(2.0 * i as f64 / head_dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let f = if wavelen < high_wavelen {
+                    1.0
+                } else if wavelen > low_wavelen {
+                    self.factor
+                } else {
+                    let smooth = (self.original_ctx / wavelen - self.low_freq_factor)
+                        / (self.high_freq_factor - self.low_freq_factor);
+                    1.0 / ((1.0 - smooth) / self.factor + smooth)
+                };
+                f as f32
+            })
+            .collect()
+    }
+}
+
+/// `rope_scaling` of a Hugging Face `config.json`: none, `default`, or `llama3`; others are an
+/// error rather than a model that silently rotates wrong.
+fn hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
+    let Some(rs) = v.get("rope_scaling").filter(|r| !r.is_null()) else { return Ok(RopeScaling::default()) };
+    let ty = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let num = |k: &str, d: f64| rs.get(k).and_then(|x| x.as_f64()).unwrap_or(d);
+    match ty {
+        "default" => Ok(RopeScaling::default()),
+        "llama3" => {
+            let l = Llama3Rope {
+                factor: num("factor", 8.0),
+                low_freq_factor: num("low_freq_factor", 1.0),
+                high_freq_factor: num("high_freq_factor", 4.0),
+                original_ctx: num("original_max_position_embeddings", 8192.0),
+            };
+            ensure!(
+                [l.factor, l.low_freq_factor, l.high_freq_factor, l.original_ctx]
+                    .iter()
+                    .all(|x| x.is_finite() && *x > 0.0)
+                    && l.high_freq_factor > l.low_freq_factor,
+                "config.json: rope_scaling {rs} is not a valid llama3 scaling"
+            );
+            Ok(RopeScaling { llama3: Some(l), ..RopeScaling::default() })
+        }
+        other => bail!(
+            "config.json: rope scaling {other:?} is not supported from safetensors yet (llama3 is; a GGUF \
+             conversion carries the others as tensors bitnest reads)"
+        ),
     }
 }
 
@@ -94,6 +162,7 @@ impl LlamaConfig {
             rope_scaling: RopeScaling {
                 original_ctx: int("rope.scaling.original_context_length").ok(),
                 attn_factor: float("rope.scaling.attn_factor").unwrap_or(1.0) as f32,
+                llama3: None,
             },
             arch,
         };
@@ -132,7 +201,7 @@ impl LlamaConfig {
             rms_eps: v.get("rms_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5) as f32,
             max_seq: int("max_position_embeddings").unwrap_or(2048),
             rope_style: spec.rope,
-            rope_scaling: RopeScaling::default(),
+            rope_scaling: hf_rope_scaling(v)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -161,5 +230,37 @@ impl LlamaConfig {
         let a = c.rope_scaling.attn_factor;
         ensure!(a.is_finite() && a > 0.0, "rope scaling attn_factor {a} is not positive");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_factors_are_the_converters() {
+        // tests/synth/make_gguf.py's llama3 factors (head 16, base 10000, original context 32),
+        // as written into its file: [1, 3.2995389, 8, 8, 8, 8, 8, 8].
+        let l = Llama3Rope { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_ctx: 32.0 };
+        let f = l.factors(16, 10000.0);
+        let want = [1.0, 3.2995389, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0];
+        for (a, b) in f.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn hf_rope_scaling_is_read_or_refused() {
+        let base = serde_json::json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100});
+        let mut v = base.clone();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        assert!(LlamaConfig::from_hf_json(&v).unwrap().rope_scaling.llama3.is_some());
+        v["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
+        assert!(LlamaConfig::from_hf_json(&v).unwrap_err().to_string().contains("yarn"));
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": -1.0});
+        assert!(LlamaConfig::from_hf_json(&v).is_err());
+        assert!(LlamaConfig::from_hf_json(&base).unwrap().rope_scaling.llama3.is_none());
     }
 }

@@ -323,7 +323,10 @@ impl ModelSource {
                 cfg.rope_scaling.attn_factor,
             )
         };
-        let freqs = opt_bias("rope_freqs.weight", half)?;
+        let freqs = match opt_bias("rope_freqs.weight", half)? {
+            Some(f) => Some(f),
+            None => cfg.rope_scaling.llama3.map(|l| l.factors(cfg.head_dim, cfg.rope_base)),
+        };
         let short = opt_bias("rope_factors_short.weight", half)?;
         let long = opt_bias("rope_factors_long.weight", half)?;
         let rope = rope_with(freqs.as_deref().or(short.as_deref()));
