@@ -134,7 +134,7 @@ fn a_kquant_gguf_transcodes_losslessly_runs_on_planes_and_is_cached() {
     let planes = bitnest::transcode::cached_planes(&gguf, false).unwrap().expect("quantized tensors transcode");
     eprintln!("transcoded in {:.2} s: {}", t0.elapsed().as_secs_f64(), planes.display());
     assert_eq!(planes.parent(), gguf.parent(), "beside a source in a writable folder");
-    assert!(planes.file_name().unwrap().to_string_lossy().ends_with(".v3.bnest"));
+    assert!(planes.file_name().unwrap().to_string_lossy().ends_with(&format!(".v{}.bnest", bitnest::format::bnest::VERSION)));
 
     // Every weight bit-identical to the source's: each matrix's planes, read whole.
     let g = GgufFile::open(&gguf).unwrap();
@@ -233,7 +233,7 @@ fn an_unwritable_source_folder_uses_the_cache_directory() {
     let in_cache = std::fs::read_dir(cache.join("transcoded")).map(|d| d.count()).unwrap_or(0);
     if root {
         eprintln!("running as root: the read-only folder was writable; transcode placed beside the source");
-        assert!(ro.join("model.v3.bnest").exists());
+        assert!(ro.join(format!("model.v{}.bnest", bitnest::format::bnest::VERSION)).exists());
     } else {
         assert_eq!(in_cache, 1, "one transcode in $BITNEST_CACHE/transcoded");
     }

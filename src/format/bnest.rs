@@ -19,9 +19,11 @@ use crate::quant::dtype::MAX_BITS;
 
 pub const MAGIC: &[u8; 8] = b"BITNEST\0";
 /// Written by this build. Version 2 added optional sub-block scales; version 3 added the kinds
-/// of sub-block scales and the datatypes that GGUF tensors transcode into losslessly
-/// (`docs/FORMAT.md`). Versions 1 and 2 read as before.
-pub const VERSION: u32 = 3;
+/// of sub-block scales and the datatypes that GGUF tensors transcode into losslessly; version 4
+/// the rope scaling in `config` and the optional tensors of Qwen3, Phi-3 and Llama 3.1 (rope
+/// factors, head norms), which a version-3 reader would ignore and so run the model wrong
+/// (`docs/FORMAT.md`). Older versions read as before.
+pub const VERSION: u32 = 4;
 const OLDEST_VERSION: u32 = 1;
 const PREAMBLE: usize = 32;
 const ALIGN: u64 = 64;
