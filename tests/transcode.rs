@@ -134,7 +134,13 @@ fn a_kquant_gguf_transcodes_losslessly_runs_on_planes_and_is_cached() {
     let planes = bitnest::transcode::cached_planes(&gguf, false).unwrap().expect("quantized tensors transcode");
     eprintln!("transcoded in {:.2} s: {}", t0.elapsed().as_secs_f64(), planes.display());
     assert_eq!(planes.parent(), gguf.parent(), "beside a source in a writable folder");
-    assert!(planes.file_name().unwrap().to_string_lossy().ends_with(&format!(".v{}.bnest", bitnest::format::bnest::VERSION)));
+    assert!(
+        planes
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .ends_with(&format!(".v{}.bnest", bitnest::format::bnest::VERSION))
+    );
 
     // Every weight bit-identical to the source's: each matrix's planes, read whole.
     let g = GgufFile::open(&gguf).unwrap();
