@@ -598,17 +598,8 @@ fn inspect_bnest(b: &bitnest::format::bnest::BnestFile, all: bool) {
         h.quant.dtypes,
         h.quant.objective
     );
-    // All-in bits per weight at each precision: planes read + group metadata, over all matrices.
-    let (mut weights, mut meta_bits, mut row_bits) = (0f64, 0f64, 0f64);
-    for t in &h.tensors {
-        if let Encoding::Planes { group, sub, .. } = &t.encoding {
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            weights += (rows * cols) as f64;
-            meta_bits += (rows * cols.div_ceil(*group) * 40) as f64;
-            meta_bits += sub.map_or(0, |s| rows * cols.div_ceil(s.size) * 2 * s.bits as usize) as f64;
-            row_bits += (rows * bitnest::quant::bitplane::row_bytes(cols) * 8) as f64;
-        }
-        if all {
+    if all {
+        for t in &h.tensors {
             let enc = match &t.encoding {
                 Encoding::F32 { .. } => "f32".to_string(),
                 Encoding::Planes { group, master_bits, sub: None, .. } => {
@@ -621,10 +612,22 @@ fn inspect_bnest(b: &bitnest::format::bnest::BnestFile, all: bool) {
             println!("  {:<28} {:?} {enc}", t.name, t.shape);
         }
     }
+    // All-in bits per weight at each precision, over all matrices: each reads `r` planes (or all
+    // it stores, if fewer) plus its group metadata (`TensorDesc::bits_per_weight`).
+    let matrices: Vec<(&bitnest::format::bnest::TensorDesc, u32, f64)> = h
+        .tensors
+        .iter()
+        .filter_map(|t| match &t.encoding {
+            Encoding::Planes { master_bits, .. } => Some((t, *master_bits, (t.shape[0] * t.shape[1]) as f64)),
+            Encoding::F32 { .. } => None,
+        })
+        .collect();
+    let weights: f64 = matrices.iter().map(|m| m.2).sum();
     for r in (1..=h.quant.master_bits).rev() {
+        let bits: f64 = matrices.iter().map(|(t, master, n)| t.bits_per_weight(r.min(*master)) * n).sum();
         println!(
             "  read at {r} bits: {:.3} bits/weight all-in over {:.1} M plane weights",
-            (row_bits * r as f64 + meta_bits) / weights,
+            bits / weights,
             weights / 1e6
         );
     }
