@@ -167,7 +167,7 @@ fn sum_layers(cost: &Cost, cpu: Option<&CpuTimes>) -> Vec<LayerSum> {
                 dram_cycles: dram,
                 cycles: ops.iter().map(|o| o.cycles).sum(),
                 bound: if compute >= dram { "compute" } else { "memory" },
-                dram_bytes: ops.iter().map(|o| o.w_bytes * o.refetch[0] + o.i_bytes * o.refetch[1] + o.o_bytes).sum(),
+                dram_bytes: ops.iter().map(|o| o.dram_bytes()).sum(),
                 energy_pe_uj: ops.iter().map(|o| o.energy_pe_uj).sum(),
                 energy_sram_uj: ops.iter().map(|o| o.energy_sram_read_uj + o.energy_sram_write_uj).sum(),
                 energy_dram_uj: ops.iter().map(|o| o.energy_dram_uj).sum(),

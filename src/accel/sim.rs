@@ -46,6 +46,13 @@ pub struct OpCost {
     pub energy_dram_uj: f64,
 }
 
+impl OpCost {
+    /// Bytes this op moves to or from DRAM, refetches included.
+    pub fn dram_bytes(&self) -> u64 {
+        self.w_bytes * self.refetch[0] + self.i_bytes * self.refetch[1] + self.o_bytes
+    }
+}
+
 /// A pass's totals, summed in op order.
 #[derive(Debug, Clone, Serialize)]
 pub struct Totals {
@@ -173,7 +180,7 @@ pub fn simulate(hw: &Hardware, ops: &[Op], phase: Phase) -> Result<Cost> {
         compute_cycles,
         cycles,
         tiles,
-        dram_bytes: out.iter().map(|o| o.w_bytes * o.refetch[0] + o.i_bytes * o.refetch[1] + o.o_bytes).sum(),
+        dram_bytes: out.iter().map(OpCost::dram_bytes).sum(),
         energy_pe_uj: pe,
         energy_sram_read_uj: read,
         energy_sram_write_uj: write,

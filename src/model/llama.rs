@@ -324,7 +324,9 @@ impl Llama {
         let mut row = 0;
         for sp in spans.iter_mut() {
             let (s, n) = (&mut *sp.session, sp.tokens.len());
-            sc.long_rope.extend(std::iter::repeat_n(s.long_rope, n));
+            if self.rope_long.is_some() {
+                sc.long_rope.extend(std::iter::repeat_n(s.long_rope, n));
+            }
             match sp.kind {
                 SpanKind::Run { logits } => {
                     sc.positions.extend(s.pos..s.pos + n);

@@ -105,29 +105,20 @@ impl ModelSource {
     /// the parts of fused GGUF tensors come cut out of them ([`fused_part`]).
     pub fn tensor(&self, name: &str, cfg: &LlamaConfig) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
         match self {
-            Self::Gguf(g) => match g.tensor(name) {
-                None => match fused_part(g, name) {
-                    None => Ok(None),
-                    Some((fused, rows)) => {
-                        let data = g.tensor_f32(fused).with_context(|| format!("tensor {}", fused.name))?;
-                        let cols: usize = fused.shape[1..].iter().product();
-                        let mut shape = fused.shape.clone();
-                        shape[0] = rows.len();
-                        Ok(Some((shape, data[rows.start * cols..rows.end * cols].to_vec())))
-                    }
-                },
-                Some(info) if fused_part(g, name).is_some() => {
-                    // `ffn_up` holding gate and up: its second half is the up projection.
-                    let (fused, rows) = fused_part(g, name).expect("checked");
-                    let data = g.tensor_f32(fused).with_context(|| format!("tensor {name}"))?;
-                    let cols: usize = info.shape[1..].iter().product();
-                    let mut shape = info.shape.clone();
+            // A part of a fused tensor (q/k/v of `attn_qkv`; gate or up of a gate+up `ffn_up`,
+            // whose name is the fused tensor's own), else the tensor itself.
+            Self::Gguf(g) => match (fused_part(g, name), g.tensor(name)) {
+                (Some((fused, rows)), _) => {
+                    let data = g.tensor_f32(fused).with_context(|| format!("tensor {}", fused.name))?;
+                    let cols: usize = fused.shape[1..].iter().product();
+                    let mut shape = fused.shape.clone();
                     shape[0] = rows.len();
                     Ok(Some((shape, data[rows.start * cols..rows.end * cols].to_vec())))
                 }
-                Some(info) => {
+                (None, Some(info)) => {
                     Ok(Some((info.shape.clone(), g.tensor_f32(info).with_context(|| format!("tensor {name}"))?)))
                 }
+                (None, None) => Ok(None),
             },
             Self::HfDir(d) => {
                 let Some(hf) = hf_name(name) else {

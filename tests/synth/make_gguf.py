@@ -22,41 +22,28 @@ import math
 import numpy as np
 from gguf import GGUFReader, GGUFWriter
 
-TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                  "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
-                  "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix"]
+# The tokenizer's metadata, key by key, with the writer method that stores it.
+TOKENIZER_KEYS = {
+    "tokenizer.ggml.model": "add_tokenizer_model",
+    "tokenizer.ggml.pre": "add_tokenizer_pre",
+    "tokenizer.ggml.tokens": "add_token_list",
+    "tokenizer.ggml.token_type": "add_token_types",
+    "tokenizer.ggml.merges": "add_token_merges",
+    "tokenizer.ggml.bos_token_id": "add_bos_token_id",
+    "tokenizer.ggml.eos_token_id": "add_eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "add_unk_token_id",
+    "tokenizer.ggml.padding_token_id": "add_pad_token_id",
+    "tokenizer.ggml.add_bos_token": "add_add_bos_token",
+    "tokenizer.ggml.add_space_prefix": "add_add_space_prefix",
+}
 
 
 def copy_tokenizer(src, w):
     r = GGUFReader(src)
-    for k in TOKENIZER_KEYS:
-        f = r.fields.get(k)
-        if f is None:
-            continue
-        v = f.contents()
-        if k == "tokenizer.ggml.model":
-            w.add_tokenizer_model(v)
-        elif k == "tokenizer.ggml.pre":
-            w.add_tokenizer_pre(v)
-        elif k == "tokenizer.ggml.tokens":
-            w.add_token_list(v)
-        elif k == "tokenizer.ggml.token_type":
-            w.add_token_types(v)
-        elif k == "tokenizer.ggml.merges":
-            w.add_token_merges(v)
-        elif k == "tokenizer.ggml.bos_token_id":
-            w.add_bos_token_id(v)
-        elif k == "tokenizer.ggml.eos_token_id":
-            w.add_eos_token_id(v)
-        elif k == "tokenizer.ggml.unknown_token_id":
-            w.add_unk_token_id(v)
-        elif k == "tokenizer.ggml.padding_token_id":
-            w.add_pad_token_id(v)
-        elif k == "tokenizer.ggml.add_bos_token":
-            w.add_add_bos_token(v)
-        elif k == "tokenizer.ggml.add_space_prefix":
-            w.add_add_space_prefix(v)
+    for key, method in TOKENIZER_KEYS.items():
+        f = r.fields.get(key)
+        if f is not None:
+            getattr(w, method)(f.contents())
     return len(r.fields["tokenizer.ggml.tokens"].contents())
 
 
