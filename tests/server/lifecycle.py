@@ -89,7 +89,7 @@ def main():
     got = {}
 
     def run_long():
-        got["answer"] = call(base, "/v1/completions", long, timeout=300)
+        got["answer"] = call(base, "/v1/completions", long, timeout=900)
 
     t = threading.Thread(target=run_long)
     t.start()
@@ -108,7 +108,7 @@ def main():
           f"draining: a new chat request is 503 draining with Retry-After ({s} {code})")
     s, _, b = call(base, "/v1/models")
     check(s == 200, f"draining: /v1/models is still served ({s})")
-    t.join(300)
+    t.join(900)
     s, h, b = got.get("answer", (None, None, None))
     usage = b.get("usage", {}) if isinstance(b, dict) else {}
     if a.expect_cancel:
