@@ -33,6 +33,8 @@ fn tensor_names(n_layers: usize, has_output: bool) -> Vec<(String, bool)> {
         v.push((format!("blk.{l}.attn_q_norm.weight"), false));
         v.push((format!("blk.{l}.attn_k_norm.weight"), false));
         v.push((format!("blk.{l}.ffn_norm.weight"), false));
+        v.push((format!("blk.{l}.post_attention_norm.weight"), false));
+        v.push((format!("blk.{l}.post_ffw_norm.weight"), false));
     }
     v
 }

@@ -497,6 +497,7 @@ mod tests {
             max_seq: 256,
             rope_style: Default::default(),
             rope_scaling: Default::default(),
+            sliding_window: None,
         }
     }
 

@@ -90,6 +90,14 @@ pub struct HeadView<'a, T = f32> {
     pub offset: usize,
 }
 
+impl<'a, T> HeadView<'a, T> {
+    /// The same head from position `from` on (position `from` becomes 0): the window of a
+    /// sliding-window layer.
+    pub fn skip(self, from: usize) -> Self {
+        HeadView { keys: &self.keys[from * self.stride..], values: &self.values[from * self.stride..], ..self }
+    }
+}
+
 impl<T> Clone for HeadView<'_, T> {
     fn clone(&self) -> Self {
         *self

@@ -46,6 +46,17 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// GELU-gated product of Gemma's MLP: `gate ← gelu(gate) · up`, GELU in its tanh form,
+/// `0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))`, as llama.cpp's `ggml_gelu`. Scalar: 2,048
+/// values a token and layer on Gemma 3 270M, a small fraction of a pass.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh()) * u;
+    }
+}
+
 /// `g·σ(g)`, the scalar reference of [`silu_mul`].
 fn silu_ref(g: f32) -> f32 {
     let e = exp_ref(-g.abs());

@@ -23,6 +23,9 @@ use rayon::prelude::*;
 /// decode step (norms, sampling), far shorter than anything a person would notice as load.
 const SPIN: Duration = Duration::from_millis(2);
 
+/// How long the caller spins for unfinished workers before it starts yielding its core.
+const YIELD_AFTER: Duration = Duration::from_micros(200);
+
 /// Runs `f(0) … f(count − 1)`, spread over the current thread count (rayon's, so `--threads`
 /// applies), and returns when all are done. Tasks may run in any order on any thread.
 pub fn parallel_for(count: usize, f: impl Fn(usize) + Sync) {
@@ -160,8 +163,17 @@ impl Team {
             s.wake.notify_all();
         }
         job.work();
+        // Spin for the workers, but yield the core once the wait is long: on an oversubscribed
+        // machine (more busy threads than cores) a worker may be waiting for this very core.
+        let started = Instant::now();
+        let mut spins = 0u32;
         while s.finished.load(Ordering::Acquire) < self.workers {
-            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) && started.elapsed() > YIELD_AFTER {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         s.job.store(std::ptr::null_mut(), Ordering::Relaxed);
         if job.panicked.load(Ordering::Relaxed) {

@@ -21,6 +21,27 @@ pub enum RopeStyle {
     Neox,
 }
 
+/// The activation of the gated feed-forward block: `act(gate) · up`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FfnAct {
+    /// SwiGLU: `gate·σ(gate)`.
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma).
+    GeluTanh,
+}
+
+/// Interleaved local (sliding-window) and global attention layers: of every `period` layers,
+/// the first `period − 1` attend to the last `sliding_window` positions only (the window size
+/// is the file's `attention.sliding_window`) and rotate with their own rope base.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    pub period: usize,
+    /// The local layers' rope base (the global ones keep `rope.freq_base`).
+    pub rope_base: f64,
+}
+
 /// One architecture's description.
 #[derive(Debug)]
 pub struct Arch {
@@ -31,21 +52,71 @@ pub struct Arch {
     /// The pairing of the Q/K rows as stored in this architecture's GGUF files. Hugging Face
     /// checkpoints are brought into the same order at load, so one model path serves both.
     pub rope: RopeStyle,
+    /// Whether token embeddings are multiplied by √width before the first block (Gemma).
+    pub embed_scale: bool,
+    pub ffn_act: FfnAct,
+    /// Local and global attention layers, when the architecture interleaves them.
+    pub sliding_window: Option<SlidingWindow>,
+    /// The chat template to use when a file carries none (llama.cpp would fall back to ChatML,
+    /// which models of this family were never trained on).
+    pub chat_template: Option<&'static str>,
 }
+
+/// The llama conventions, which most entries share.
+const LLAMA: Arch = Arch {
+    name: "llama",
+    hf_names: &["LlamaForCausalLM", "llama"],
+    rope: RopeStyle::Interleaved,
+    embed_scale: false,
+    ffn_act: FfnAct::Silu,
+    sliding_window: None,
+    chat_template: None,
+};
+
+/// Gemma 3's own chat template (string contents only): a system message is folded into the
+/// first user turn; the assistant's role is `model`.
+const GEMMA_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if message['role'] == 'assistant' -%}{%- set role = "model" -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}{{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"#;
 
 /// Every architecture bitnest runs.
 pub const ARCHS: &[Arch] = &[
-    Arch { name: "llama", hf_names: &["LlamaForCausalLM", "llama"], rope: RopeStyle::Interleaved },
-    Arch { name: "mistral", hf_names: &["MistralForCausalLM", "mistral"], rope: RopeStyle::Interleaved },
-    Arch { name: "qwen2", hf_names: &["Qwen2ForCausalLM", "qwen2"], rope: RopeStyle::Neox },
+    LLAMA,
+    Arch { name: "mistral", hf_names: &["MistralForCausalLM", "mistral"], ..LLAMA },
+    Arch { name: "qwen2", hf_names: &["Qwen2ForCausalLM", "qwen2"], rope: RopeStyle::Neox, ..LLAMA },
     // Qwen2 without the q/k/v biases, with an RMS norm of each query and key head before RoPE
     // (`attn_q_norm`, `attn_k_norm`: loaded wherever a file has them) and a head size of its
     // own (`attention.key_length`, 128 on every Qwen3, whatever the width).
-    Arch { name: "qwen3", hf_names: &["Qwen3ForCausalLM", "qwen3"], rope: RopeStyle::Neox },
+    Arch { name: "qwen3", hf_names: &["Qwen3ForCausalLM", "qwen3"], rope: RopeStyle::Neox, ..LLAMA },
     // Llama's block with q, k, v in one `attn_qkv` and gate and up in one `ffn_up` (cut apart
     // at load, `source::fused_part`), and LongRoPE (`rope_factors_short`/`_long`, chosen by a
     // session's context against `rope.scaling.original_context_length`; `attn_factor`).
-    Arch { name: "phi3", hf_names: &["Phi3ForCausalLM", "phi3"], rope: RopeStyle::Neox },
+    Arch { name: "phi3", hf_names: &["Phi3ForCausalLM", "phi3"], rope: RopeStyle::Neox, ..LLAMA },
+    // Embeddings × √width; q/k head norms; a norm after attention and after the FFN as well as
+    // before them (`post_attention_norm`, `post_ffw_norm`: loaded wherever a file has them);
+    // GeGLU; five sliding-window layers (rope base 10,000) to each global one (`rope.freq_base`),
+    // as llama.cpp's `gemma3` (its norms already hold 1 + w, added by the converter).
+    Arch {
+        name: "gemma3",
+        hf_names: &["Gemma3ForCausalLM", "gemma3_text"],
+        rope: RopeStyle::Neox,
+        embed_scale: true,
+        ffn_act: FfnAct::GeluTanh,
+        sliding_window: Some(SlidingWindow { period: 6, rope_base: 10_000.0 }),
+        chat_template: Some(GEMMA_TEMPLATE),
+        ..LLAMA
+    },
 ];
 
 impl Arch {

@@ -29,6 +29,21 @@ pub struct LlamaConfig {
     /// Rope scaling read from metadata (per-frequency factors come as tensors).
     #[serde(default)]
     pub rope_scaling: RopeScaling,
+    /// Local (sliding-window) layers, for architectures that interleave them with global ones.
+    #[serde(default)]
+    pub sliding_window: Option<LocalLayers>,
+}
+
+/// Which layers attend to a window only, how far, and with which rope base.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LocalLayers {
+    /// Positions a local layer attends to, itself included (`attention.sliding_window`).
+    pub window: usize,
+    /// Of every `period` layers, the first `period − 1` are local
+    /// (`attention.sliding_window_pattern`, else the architecture's).
+    pub period: usize,
+    /// The local layers' rope base (`rope.freq_base_swa`, else the architecture's).
+    pub rope_base: f64,
 }
 
 /// Rope scaling beyond per-frequency factors: Phi-3's LongRoPE picks its long factors
@@ -121,6 +136,17 @@ impl LlamaConfig {
         self.n_kv_heads * self.head_dim
     }
 
+    /// The architecture's description (validated when the config was read).
+    pub fn spec(&self) -> &'static Arch {
+        Arch::from_gguf(&self.arch).unwrap_or(&super::arch::ARCHS[0])
+    }
+
+    /// The window of layer `l` if it is a sliding-window (local) layer, else `None`.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        let sw = self.sliding_window?;
+        (l % sw.period < sw.period - 1).then_some(sw.window)
+    }
+
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let arch =
             g.get("general.architecture").and_then(|v| v.as_str()).context("missing general.architecture")?.to_string();
@@ -147,6 +173,9 @@ impl LlamaConfig {
                 .map(|a| a.len())
                 .context("vocabulary size unknown")?,
         };
+        if let Some(cap) = float("final_logit_softcapping").or_else(|| float("attn_logit_softcapping")) {
+            ensure!(cap == 0.0, "logit soft-capping ({cap}) is not supported");
+        }
         let cfg = LlamaConfig {
             n_layers: int("block_count")?,
             dim,
@@ -163,6 +192,14 @@ impl LlamaConfig {
                 original_ctx: int("rope.scaling.original_context_length").ok(),
                 attn_factor: float("rope.scaling.attn_factor").unwrap_or(1.0) as f32,
                 llama3: None,
+            },
+            sliding_window: match (spec.sliding_window, int("attention.sliding_window")) {
+                (Some(sw), Ok(window)) if window > 0 => Some(LocalLayers {
+                    window,
+                    period: int("attention.sliding_window_pattern").unwrap_or(sw.period),
+                    rope_base: float("rope.freq_base_swa").unwrap_or(sw.rope_base),
+                }),
+                _ => None,
             },
             arch,
         };
@@ -202,6 +239,14 @@ impl LlamaConfig {
             max_seq: int("max_position_embeddings").unwrap_or(2048),
             rope_style: spec.rope,
             rope_scaling: hf_rope_scaling(v)?,
+            sliding_window: match (spec.sliding_window, int("sliding_window")) {
+                (Some(sw), Ok(window)) if window > 0 => Some(LocalLayers {
+                    window,
+                    period: int("sliding_window_pattern").unwrap_or(sw.period),
+                    rope_base: v.get("rope_local_base_freq").and_then(|x| x.as_f64()).unwrap_or(sw.rope_base),
+                }),
+                _ => None,
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -227,6 +272,16 @@ impl LlamaConfig {
         ensure!(c.rope_base.is_finite() && c.rope_base > 0.0, "RoPE base {} is not positive", c.rope_base);
         ensure!(c.rms_eps.is_finite() && c.rms_eps >= 0.0, "RMSNorm epsilon {} is invalid", c.rms_eps);
         ensure!(c.max_seq > 0, "context length is 0");
+        Arch::from_gguf(&c.arch)?;
+        if let Some(sw) = c.sliding_window {
+            ensure!(
+                sw.window > 0 && sw.period > 0,
+                "sliding window {} / pattern {} must be positive",
+                sw.window,
+                sw.period
+            );
+            ensure!(sw.rope_base.is_finite() && sw.rope_base > 0.0, "local RoPE base {} is not positive", sw.rope_base);
+        }
         let a = c.rope_scaling.attn_factor;
         ensure!(a.is_finite() && a > 0.0, "rope scaling attn_factor {a} is not positive");
         Ok(())

@@ -10,16 +10,18 @@ use std::sync::Arc;
 
 use anyhow::{Result, ensure};
 
+use super::arch::FfnAct;
 use super::config::LlamaConfig;
 use super::session::{FFN_ROWS, KvCache, Side};
 pub use super::session::{KvType, KvTypes, Scratch, Session};
 use super::state::{self, StateBlocks};
 use crate::kernels::attention::blocks::attend_group_blocks;
 use crate::kernels::attention::{HeadView, Query, attend_group};
-use crate::kernels::ops::{Rope, rms_norm, rms_norm_heads, silu_mul};
+use crate::kernels::ops::{Rope, gelu_tanh_mul, rms_norm, rms_norm_heads, silu_mul};
 use crate::kernels::{Linear, SyncPtr, forward_shared};
 
-/// One transformer block: pre-norm attention and pre-norm SiLU-gated MLP, both residual.
+/// One transformer block: pre-norm attention and pre-norm gated MLP, both residual (Gemma
+/// also normalizes each one's output before adding it back).
 pub struct Block {
     pub attn_norm: Vec<f32>,
     pub wq: Box<dyn Linear>,
@@ -29,10 +31,16 @@ pub struct Block {
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
     pub wo: Box<dyn Linear>,
+    /// RMS norm of the attention output before the residual add (Gemma), when the file has it.
+    pub post_attn_norm: Option<Vec<f32>>,
+    /// Positions this layer attends to, itself included, if it is a sliding-window layer.
+    pub window: Option<usize>,
     pub ffn_norm: Vec<f32>,
     pub w_gate: Box<dyn Linear>,
     pub w_up: Box<dyn Linear>,
     pub w_down: Box<dyn Linear>,
+    /// RMS norm of the MLP output before the residual add (Gemma), when the file has it.
+    pub post_ffn_norm: Option<Vec<f32>>,
 }
 
 pub struct Llama {
@@ -46,6 +54,11 @@ pub struct Llama {
     /// Phi-3's long rope and the original context past which a session uses it (llama.cpp
     /// chooses by the context it is given; so does a session, by its capacity).
     pub rope_long: Option<(Rope, usize)>,
+    /// The rope of sliding-window layers where it differs (Gemma 3: base 10,000).
+    pub rope_local: Option<Rope>,
+    /// Factor on the token embeddings (Gemma: √width).
+    pub embed_scale: Option<f32>,
+    pub ffn_act: FfnAct,
     /// What new sessions store keys and values as.
     pub kv_type: KvTypes,
     /// Per layer, the largest magnitude of the key projection's bias (0 without one), which
@@ -83,6 +96,16 @@ fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], n: usize, dim: usi
     let o = SyncPtr(out.as_mut_ptr());
     // SAFETY: token t owns row t of `out`, which holds n rows.
     each_token(n, |t| rms_norm(&x[t * dim..(t + 1) * dim], w, eps, unsafe { row_mut(o, t, dim) }));
+}
+
+/// RMSNorm of the first `n` rows of `x` in place (the norm of a block's output, Gemma).
+fn norm_rows_in_place(x: &mut [f32], w: &[f32], eps: f32, n: usize, dim: usize) {
+    assert!(x.len() >= n * dim);
+    let p = SyncPtr(x.as_mut_ptr());
+    each_token(n, |t| {
+        // SAFETY: token t owns row t of `x`, which holds n rows.
+        rms_norm_heads(unsafe { row_mut(p, t, dim) }, w, eps)
+    });
 }
 
 /// Most queries one attention task takes: [`TOKENS_PER_ITEM`] tokens times the query heads
@@ -389,6 +412,9 @@ impl Llama {
         for (t, &tok) in spans.iter().flat_map(|s| s.tokens).enumerate() {
             self.embed.row(tok as usize, &mut sc.x[t * dim..(t + 1) * dim]);
         }
+        if let Some(f) = self.embed_scale {
+            sc.x[..n * dim].iter_mut().for_each(|x| *x *= f);
+        }
         let st = self.state;
         state::apply(st.embed, &mut sc.x[..n * dim]);
         for (l, b) in self.blocks.iter().enumerate() {
@@ -411,8 +437,9 @@ impl Llama {
                 if let Some(w) = &b.k_norm {
                     rms_norm_heads(k, w, c.rms_eps);
                 }
-                let rope = match &self.rope_long {
-                    Some((long, _)) if long_rope[t] => long,
+                let rope = match (&self.rope_long, &self.rope_local) {
+                    (Some((long, _)), _) if long_rope[t] => long,
+                    (_, Some(local)) if b.window.is_some() => local,
                     _ => &self.rope,
                 };
                 rope.apply(q, positions[t]);
@@ -428,6 +455,9 @@ impl Llama {
             self.attention(sc, spans, l);
             state::apply(st.attn_out, &mut sc.att[..n * q_dim]);
             b.wo.forward_capped(&sc.att, n, &mut sc.tmp, max_bits);
+            if let Some(w) = &b.post_attn_norm {
+                norm_rows_in_place(&mut sc.tmp, w, c.rms_eps, n, dim);
+            }
             sc.x[..n * dim].iter_mut().zip(&sc.tmp).for_each(|(x, d)| *x += d);
             state::apply(st.residual, &mut sc.x[..n * dim]);
 
@@ -442,10 +472,17 @@ impl Llama {
                 let (gate, up) = (&mut sc.gate[..m * f], &mut sc.up[..m * f]);
                 forward_shared(&[&*b.w_gate, &*b.w_up], &sc.xn[rows.clone()], m, &mut [gate, up], max_bits);
                 let (gate, up) = (SyncPtr(sc.gate.as_mut_ptr()), &sc.up);
+                let act = match self.ffn_act {
+                    FfnAct::Silu => silu_mul,
+                    FfnAct::GeluTanh => gelu_tanh_mul,
+                };
                 // SAFETY: token t owns row t of the gate buffer.
-                each_token(m, |t| silu_mul(unsafe { row_mut(gate, t, f) }, &up[t * f..(t + 1) * f]));
+                each_token(m, |t| act(unsafe { row_mut(gate, t, f) }, &up[t * f..(t + 1) * f]));
                 state::apply(st.ffn_mid, &mut sc.gate[..m * f]);
                 b.w_down.forward_capped(&sc.gate[..m * f], m, &mut sc.tmp[rows], max_bits);
+            }
+            if let Some(w) = &b.post_ffn_norm {
+                norm_rows_in_place(&mut sc.tmp, w, c.rms_eps, n, dim);
             }
             sc.x[..n * dim].iter_mut().zip(&sc.tmp).for_each(|(x, d)| *x += d);
             state::apply(st.residual, &mut sc.x[..n * dim]);
@@ -563,29 +600,36 @@ impl Llama {
         let c = &self.config;
         let (hd, kv_dim) = (c.head_dim, c.kv_dim());
         let scale = 1.0 / (hd as f32).sqrt();
+        let window = self.blocks[layer].window;
         match &kv.layers[layer] {
-            (Side::F16(k), Side::F16(v)) => self.attend_task(at, p, item, |g, qs, sc| {
-                attend_group(HeadView { keys: k, values: v, stride: kv_dim, offset: g * hd }, scale, qs, sc)
+            (Side::F16(k), Side::F16(v)) => self.attend_task(at, p, item, window, |g, from, qs, sc| {
+                let head = HeadView { keys: k, values: v, stride: kv_dim, offset: g * hd };
+                attend_group(head.skip(from), scale, qs, sc)
             }),
-            (Side::F32(k), Side::F32(v)) => self.attend_task(at, p, item, |g, qs, sc| {
-                attend_group(HeadView { keys: k, values: v, stride: kv_dim, offset: g * hd }, scale, qs, sc)
+            (Side::F32(k), Side::F32(v)) => self.attend_task(at, p, item, window, |g, from, qs, sc| {
+                let head = HeadView { keys: k, values: v, stride: kv_dim, offset: g * hd };
+                attend_group(head.skip(from), scale, qs, sc)
             }),
             // Block formats, or keys and values of different types.
-            _ => self.attend_task(at, p, item, |g, qs, sc| {
+            _ => self.attend_task(at, p, item, window, |g, from, qs, sc| {
                 let (keys, values) = kv.views(layer, g);
-                attend_group_blocks(keys, values, scale, qs, sc)
+                attend_group_blocks(keys.skip(from), values.skip(from), scale, qs, sc)
             }),
         }
     }
 
-    /// [`Llama::attend_item`]'s queries of KV head `g`, attended by `attend(g, queries, scores)`
-    /// over the layer's cache of whichever type.
+    /// [`Llama::attend_item`]'s queries of KV head `g`, attended by `attend(g, from, queries,
+    /// scores)` over the layer's cache of whichever type from position `from` on (0 but in a
+    /// sliding-window layer, whose tokens see only the last `window` positions: the task then
+    /// runs once per group of its tokens that share a window start, with their cache
+    /// positions counted from it).
     fn attend_task(
         &self,
         at: &AttendAt,
         p: &AttendPlan,
         item: usize,
-        attend: impl FnOnce(usize, &mut [Query], &mut [f32]),
+        window: Option<usize>,
+        mut attend: impl FnMut(usize, usize, &mut [Query], &mut [f32]),
     ) {
         let c = &self.config;
         let hd = c.head_dim;
@@ -596,28 +640,53 @@ impl Llama {
         let (g, hc) = (item % p.per_block / p.head_chunks, item % p.head_chunks);
         let (t0, t1) = (b * p.tokens_per, ((b + 1) * p.tokens_per).min(n));
         let heads = hc * p.heads_per..((hc + 1) * p.heads_per).min(group);
-        // The item's queries (a fixed array: no allocation).
-        let mut qs: [Query; MAX_ITEM_QUERIES] = Default::default();
-        let mut m = 0;
-        for t in t0..t1 {
-            let (prefix, extra) = if tree { (start, &slots[off[t]..off[t + 1]]) } else { (start + t + 1, &[][..]) };
-            for j in heads.clone() {
-                let h = g * group + j;
-                let at = t * q_dim + h * hd;
-                // SAFETY: (token t, head h) owns columns [h·hd, (h+1)·hd) of att row t; t < n.
-                let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(at), hd) };
-                qs[m] = Query { q: &q[at..at + hd], prefix, extra, out };
-                m += 1;
+        // A token's position (a tree node's is the prefix's end plus its depth) and the first
+        // position it sees.
+        let pos = |t: usize| if tree { start + off[t + 1] - off[t] - 1 } else { start + t };
+        // (A tree deeper than the window would still see its whole own path.)
+        let from_of = |t: usize| {
+            let from = window.map_or(0, |w| (pos(t) + 1).saturating_sub(w));
+            if tree { from.min(start) } else { from }
+        };
+        let mut t = t0;
+        while t < t1 {
+            let from = from_of(t);
+            let e = (t + 1..t1).find(|&e| from_of(e) != from).unwrap_or(t1);
+            // A tree's own slots, counted from the window's start (they all lie past it, the
+            // tree being shallower than the window).
+            let shifted: Vec<u32> = if tree && from > 0 {
+                slots[off[t]..off[e]].iter().map(|&s| s - from as u32).collect()
+            } else {
+                Vec::new()
+            };
+            // The run's queries (a fixed array: no allocation).
+            let mut qs: [Query; MAX_ITEM_QUERIES] = Default::default();
+            let mut m = 0;
+            for u in t..e {
+                let (prefix, extra) = match (tree, shifted.is_empty()) {
+                    (false, _) => (start + u + 1, &[][..]),
+                    (true, true) => (start, &slots[off[u]..off[u + 1]]),
+                    (true, false) => (start, &shifted[off[u] - off[t]..off[u + 1] - off[t]]),
+                };
+                for j in heads.clone() {
+                    let h = g * group + j;
+                    let at = u * q_dim + h * hd;
+                    // SAFETY: (token u, head h) owns columns [h·hd, (h+1)·hd) of att row u; u < n.
+                    let out = unsafe { std::slice::from_raw_parts_mut(att.get().add(at), hd) };
+                    qs[m] = Query { q: &q[at..at + hd], prefix: prefix - from, extra, out };
+                    m += 1;
+                }
             }
+            SCORES.with_borrow_mut(|sc| {
+                let need: usize = qs[..m].iter().map(|q| q.prefix + q.extra.len()).sum();
+                if sc.len() < need {
+                    // Grows rarely: never below 64 Ki floats, then to a power of two.
+                    sc.resize(need.next_power_of_two().max(1 << 16), 0.0);
+                }
+                attend(g, from, &mut qs[..m], sc);
+            });
+            t = e;
         }
-        SCORES.with_borrow_mut(|sc| {
-            let need: usize = qs[..m].iter().map(|q| q.prefix + q.extra.len()).sum();
-            if sc.len() < need {
-                // Grows rarely: never below 64 Ki floats, then to a power of two.
-                sc.resize(need.next_power_of_two().max(1 << 16), 0.0);
-            }
-            attend(g, &mut qs[..m], sc);
-        });
     }
 
     /// The most planes any layer reads, for bit-plane models (`None` when no layer is one):

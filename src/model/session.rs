@@ -487,6 +487,7 @@ mod tests {
             max_seq: 64,
             rope_style: Default::default(),
             rope_scaling: Default::default(),
+            sliding_window: None,
         };
         let n = c.kv_dim();
         assert_eq!(q4h.bytes_per_token(&c, &[0.0, 0.0]), 4 * KvType::Q4H.bytes(n));

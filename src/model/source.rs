@@ -294,26 +294,31 @@ impl ModelSource {
                 q_norm: opt_bias(&format!("{p}.attn_q_norm.weight"), cfg.head_dim)?,
                 k_norm: opt_bias(&format!("{p}.attn_k_norm.weight"), cfg.head_dim)?,
                 wo: dense(&format!("{p}.attn_output"), dim, q_dim)?,
+                post_attn_norm: opt_bias(&format!("{p}.post_attention_norm.weight"), dim)?,
+                window: cfg.layer_window(l),
                 ffn_norm: get(&format!("{p}.ffn_norm.weight"), &[dim])?,
                 w_gate: dense(&format!("{p}.ffn_gate"), ffn, dim)?,
                 w_up: dense(&format!("{p}.ffn_up"), ffn, dim)?,
                 w_down: dense(&format!("{p}.ffn_down"), dim, ffn)?,
+                post_ffn_norm: opt_bias(&format!("{p}.post_ffw_norm.weight"), dim)?,
             });
         }
         let norm = get("output_norm.weight", &[dim])?;
         // Rope scaling baked into per-frequency factors: Llama 3.1's (`rope_freqs`), or Phi-3's
         // LongRoPE (`rope_factors_short` up to its original context, `rope_factors_long` past it).
         let half = cfg.head_dim / 2;
-        let rope_with = |factors: Option<&[f32]>| {
+        let spec = cfg.spec();
+        let rope_at = |base: f64, factors: Option<&[f32]>| {
             Rope::with_factors(
                 cfg.head_dim,
-                cfg.rope_base,
+                base,
                 cfg.max_seq,
                 cfg.rope_style == RopeStyle::Interleaved,
                 factors,
                 cfg.rope_scaling.attn_factor,
             )
         };
+        let rope_with = |factors: Option<&[f32]>| rope_at(cfg.rope_base, factors);
         let freqs = match opt_bias("rope_freqs.weight", half)? {
             Some(f) => Some(f),
             None => cfg.rope_scaling.llama3.map(|l| l.factors(cfg.head_dim, cfg.rope_base)),
@@ -325,6 +330,8 @@ impl ModelSource {
             (None, Some(l), Some(orig)) => Some((rope_with(Some(l)), orig)),
             _ => None,
         };
+        let rope_local = cfg.sliding_window.map(|sw| rope_at(sw.rope_base, None));
+        let embed_scale = spec.embed_scale.then(|| (cfg.dim as f32).sqrt());
         Ok(Llama {
             config: cfg,
             embed,
@@ -333,6 +340,9 @@ impl ModelSource {
             head,
             rope,
             rope_long,
+            rope_local,
+            embed_scale,
+            ffn_act: spec.ffn_act,
             kv_type: KvTypes::default(),
             key_bias,
             state: Default::default(),

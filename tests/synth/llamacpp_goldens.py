@@ -17,10 +17,12 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # (name, architecture, matrix encoding): f32 files run on bitnest's f32 path; the Q8_0 one
 # through the lossless transcode into bit planes (Phi-3's fused tensors cut apart there).
-ARCHS = [("qwen3", "qwen3", "f32"), ("llama3", "llama3", "f32"), ("phi3", "phi3", "f32"), ("phi3-q8_0", "phi3", "q8_0")]
+ARCHS = [("qwen3", "qwen3", "f32"), ("llama3", "llama3", "f32"), ("phi3", "phi3", "f32"), ("phi3-q8_0", "phi3", "q8_0"),
+         ("gemma3", "gemma3", "f32")]
 # Contexts beyond the common 128 at which an architecture is also measured (Phi-3: its long
 # rope factors, past the original context of 256).
-EXTRA_CTX = {"phi3": [512], "phi3-q8_0": [512]}
+# Gemma 3: its local layers' window of 16 cuts at every context measured.
+EXTRA_CTX = {"phi3": [512], "phi3-q8_0": [512], "gemma3": [512]}
 PROMPT = "The history of the city"
 N_PREDICT = 24
 

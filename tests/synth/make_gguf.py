@@ -15,6 +15,9 @@ Architectures:
           original context of 256 (so a context of 128 takes the short factors, 512 the long
           ones; llama.cpp pads its context to a multiple of 256 before choosing) and an
           attention factor of 1.19
+  gemma3  six layers, five of them local (a sliding window of 16 positions, rope base 10,000)
+          and the last global (rope base 1e6); embeddings × √width, q/k norms, norms after
+          attention and after the FFN, GeGLU, head size 32, the head tied to the embeddings
 """
 import argparse
 import math
@@ -66,7 +69,7 @@ def llama3_rope_factors(head_dim, base, factor=8.0, low=1.0, high=4.0, original=
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", required=True, choices=["qwen3", "llama3", "phi3"])
+    ap.add_argument("--arch", required=True, choices=["qwen3", "llama3", "phi3", "gemma3"])
     ap.add_argument("--tokenizer-from", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=20261207)
@@ -76,11 +79,13 @@ def main():
     # The legacy generator: its streams are frozen across NumPy versions, so the file (and the
     # llama.cpp figures stored for it) stay the same wherever the test runs.
     rng = np.random.RandomState(a.seed)
-    gguf_arch = {"qwen3": "qwen3", "llama3": "llama", "phi3": "phi3"}[a.arch]
+    gguf_arch = {"qwen3": "qwen3", "llama3": "llama", "phi3": "phi3", "gemma3": "gemma3"}[a.arch]
     n_layers, dim, ffn, n_heads, n_kv = 2, 64, 128, 4, 2
-    head_dim = 32 if a.arch == "qwen3" else dim // n_heads
+    if a.arch == "gemma3":
+        n_layers = 6
+    head_dim = 32 if a.arch in ("qwen3", "gemma3") else dim // n_heads
     q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
-    base = 10000.0
+    base = 1e6 if a.arch == "gemma3" else 10000.0
     w = GGUFWriter(a.out, gguf_arch)
     add_tensor = w.add_tensor
     if a.type == "q8_0":
@@ -107,6 +112,8 @@ def main():
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(vocab)
     w.add_file_type(0 if a.type == "f32" else 7)  # all f32, or mostly Q8_0
+    if a.arch == "gemma3":
+        w.add_sliding_window(16)
     if a.arch == "phi3":
         w.add_rope_scaling_orig_ctx_len(256)
         w.add_rope_scaling_attn_factors(1.19)
@@ -117,7 +124,9 @@ def main():
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    add_tensor("token_embd.weight", (rng.standard_normal((vocab, dim))).astype(np.float32))
+    # Gemma's head is the embedding table: smaller entries keep its logits within a few units.
+    embd_scale = 0.3 if a.arch == "gemma3" else 1.0
+    add_tensor("token_embd.weight", (embd_scale * rng.standard_normal((vocab, dim))).astype(np.float32))
     for l in range(n_layers):
         p = f"blk.{l}"
         add_tensor(f"{p}.attn_norm.weight", norm(dim))
@@ -129,9 +138,11 @@ def main():
             add_tensor(f"{p}.attn_k.weight", k)
             add_tensor(f"{p}.attn_v.weight", v)
         add_tensor(f"{p}.attn_output.weight", mat(dim, q_dim))
-        if a.arch == "qwen3":
+        if a.arch in ("qwen3", "gemma3"):
             add_tensor(f"{p}.attn_q_norm.weight", norm(head_dim))
             add_tensor(f"{p}.attn_k_norm.weight", norm(head_dim))
+        if a.arch == "gemma3":
+            add_tensor(f"{p}.post_attention_norm.weight", norm(dim))
         add_tensor(f"{p}.ffn_norm.weight", norm(dim))
         gate, up = mat(ffn, dim), mat(ffn, dim)
         if a.arch == "phi3":
@@ -140,6 +151,8 @@ def main():
             add_tensor(f"{p}.ffn_gate.weight", gate)
             add_tensor(f"{p}.ffn_up.weight", up)
         add_tensor(f"{p}.ffn_down.weight", mat(dim, ffn))
+        if a.arch == "gemma3":
+            add_tensor(f"{p}.post_ffw_norm.weight", norm(dim))
     if a.arch == "llama3":
         add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, base))
     if a.arch == "phi3":
@@ -147,7 +160,8 @@ def main():
         add_tensor("rope_factors_short.weight", (1.0 + 0.5 * rng.rand(half)).astype(np.float32))
         add_tensor("rope_factors_long.weight", (1.0 + 20.0 * rng.rand(half)).astype(np.float32))
     add_tensor("output_norm.weight", norm(dim))
-    add_tensor("output.weight", mat(vocab, dim, 4.0))
+    if a.arch != "gemma3":
+        add_tensor("output.weight", mat(vocab, dim, 4.0))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

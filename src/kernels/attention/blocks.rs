@@ -411,6 +411,38 @@ pub enum ValueView<'a> {
     Q4(Q4Values<'a>),
 }
 
+impl<'a> KeyView<'a> {
+    /// The same keys from position `from` on (position `from` becomes 0): the window of a
+    /// sliding-window layer.
+    pub fn skip(self, from: usize) -> Self {
+        match self {
+            KeyView::F16(k) => KeyView::F16(F16Rows { data: &k.data[from * k.stride..], ..k }),
+            KeyView::Q8(k) => KeyView::Q8(Q8Keys { codes: &k.codes[from * k.stride..], steps: &k.steps[from..], ..k }),
+            KeyView::Q4(k) => {
+                KeyView::Q4(Q4Keys { codes: &k.codes[from * k.stride / 2..], steps: &k.steps[from..], ..k })
+            }
+        }
+    }
+}
+
+impl<'a> ValueView<'a> {
+    /// The same values from position `from` on, as [`KeyView::skip`].
+    pub fn skip(self, from: usize) -> Self {
+        let steps = |v: usize| from * v / BLOCK;
+        match self {
+            ValueView::F16(v) => ValueView::F16(F16Rows { data: &v.data[from * v.stride..], ..v }),
+            ValueView::Q8(v) => {
+                ValueView::Q8(Q8Values { codes: &v.codes[from * v.stride..], steps: &v.steps[steps(v.stride)..], ..v })
+            }
+            ValueView::Q4(v) => ValueView::Q4(Q4Values {
+                codes: &v.codes[from * v.stride / 2..],
+                steps: &v.steps[steps(v.stride)..],
+                ..v
+            }),
+        }
+    }
+}
+
 /// Attention of several queries over one KV head of a block-format cache; each gets exactly
 /// what it would get alone. `scores` holds at least the sum of the queries' lengths.
 ///
