@@ -59,6 +59,12 @@ def chatml(user, system=SYSTEM):
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def gemma(user):
+    """What Gemma 3's template renders for one user turn, less the BOS text (the tokenizer adds
+    BOS, and bitnest, like llama.cpp's chat formatting, drops the template's copy)."""
+    return f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
+
+
 # Tokenization prompts: code, whitespace, scripts, emoji, numbers, contractions, specials.
 TOKENIZE = [
     ("hello", "Hello world"),
@@ -133,6 +139,22 @@ GREEDY = [
     ("prose", "The history of the printing press begins in"),
 ]
 
+# Gemma's turns instead of ChatML, for tags that start with "gemma" (and a Gemma specials case
+# in the tokenization set).
+GEMMA_CHATS = [
+    ("chat-code", gemma("Write a Python function that checks whether a string is a palindrome.")),
+    ("chat-zh", gemma("用一句话解释什么是哈希表。")),
+]
+GEMMA_TOKENIZE = [("gemma-specials", "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n")]
+
+
+def prompts_for(tag):
+    """The tokenization texts and greedy prompts of a model tag."""
+    if not tag.startswith("gemma"):
+        return TOKENIZE, GREEDY
+    chats = dict(GEMMA_CHATS)
+    return TOKENIZE + GEMMA_TOKENIZE, [(n, chats.get(n, t)) for n, t in GREEDY]
+
 
 def run(cmd, **kw):
     r = subprocess.run(cmd, capture_output=True, **kw)
@@ -203,13 +225,13 @@ def main():
     with tempfile.TemporaryDirectory(prefix="qwen-goldens-") as tmp:
         work = Path(tmp)
         harness = build_harness(a.llama_bin, work)
-        files = {}
-        for name, text in TOKENIZE + GREEDY:
-            files[name] = work / f"{name}.txt"
-            files[name].write_bytes(text.encode())
-
         for spec in models:
             tag, _, model = spec.partition("=")
+            tokenize_set, greedy_set = prompts_for(tag)
+            files = {}
+            for name, text in tokenize_set + greedy_set:
+                files[name] = work / f"{tag}-{name}.txt"
+                files[name].write_bytes(text.encode())
             model = Path(os.path.expanduser(model))
             if not model.is_file():
                 sys.exit(f"{tag}: no model at {model}")
@@ -217,7 +239,7 @@ def main():
             print(f"{tag}: {model}", file=sys.stderr)
 
             tok_rows = []
-            for name, text in TOKENIZE:
+            for name, text in tokenize_set:
                 got = tokenize(a.llama_bin, model, files[name])
                 tok_rows.append({"name": name, "text": text, "ids": got})
             hello = files["hello"]
@@ -226,10 +248,10 @@ def main():
 
             t1 = time.time()
             lines = run([str(harness), str(model), str(a.n_predict), str(a.threads), str(a.ctx)]
-                        + [str(files[n]) for n, _ in GREEDY]).stdout.decode().splitlines()
-            assert len(lines) == len(GREEDY), lines
+                        + [str(files[n]) for n, _ in greedy_set]).stdout.decode().splitlines()
+            assert len(lines) == len(greedy_set), lines
             greedy_rows = []
-            for (name, text), line in zip(GREEDY, lines):
+            for (name, text), line in zip(greedy_set, lines):
                 _, p_ids, g_ids, margins, second, hex_text = line.split("\t")
                 row = {
                     "name": name,

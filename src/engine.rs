@@ -12,7 +12,8 @@ pub struct Engine {
     pub model: Llama,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
-    /// True when the template came from the model itself rather than the ChatML fallback.
+    /// True when the template came from the model itself (or its architecture's own, for a
+    /// file that carries none) rather than the ChatML fallback.
     pub has_own_template: bool,
     pub path: PathBuf,
 }
@@ -39,11 +40,8 @@ impl Engine {
             tokenizer.vocab_size(),
             model.config.vocab_size
         );
-        let name = |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i)).unwrap_or_default();
-        let (bos, eos) = (name(tokenizer.bos_id()), name(tokenizer.eos_id()));
-        let own = source.chat_template();
-        let template = ChatTemplate::new(own.as_deref().unwrap_or(CHATML_TEMPLATE), &bos, &eos)?;
-        Ok(Engine { model, tokenizer, template, has_own_template: own.is_some(), path: path.to_path_buf() })
+        let (template, has_own_template) = chat_template(&source, &tokenizer)?;
+        Ok(Engine { model, tokenizer, template, has_own_template, path: path.to_path_buf() })
     }
 
     /// Ids that end generation: the model's EOS plus any end-of-turn token it knows.
@@ -58,8 +56,30 @@ impl Engine {
     }
 
     /// Renders a conversation with the model's template and tokenizes it (specials parsed).
+    /// A template that writes the BOS text itself (Gemma's) does not get a second BOS from the
+    /// tokenizer: the text's copy is dropped, as llama.cpp's chat formatting does.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true)?;
-        self.tokenizer.encode(&text, true)
+        chat_prompt(&self.template, &self.tokenizer, messages)
     }
+}
+
+/// The chat template of a model: the file's own, else its architecture's, else ChatML; and
+/// whether it is the model's (either of the first two).
+pub fn chat_template(source: &ModelSource, tokenizer: &Tokenizer) -> Result<(ChatTemplate, bool)> {
+    let name = |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i)).unwrap_or_default();
+    let (bos, eos) = (name(tokenizer.bos_id()), name(tokenizer.eos_id()));
+    let own = source.chat_template().or_else(|| source.config().ok()?.spec().chat_template.map(str::to_string));
+    let template = ChatTemplate::new(own.as_deref().unwrap_or(CHATML_TEMPLATE), &bos, &eos)?;
+    Ok((template, own.is_some()))
+}
+
+/// [`Engine::chat_prompt`] for a template and tokenizer of one's own.
+pub fn chat_prompt(template: &ChatTemplate, tokenizer: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
+    let text = template.render(messages, true)?;
+    let bos = tokenizer.bos_id().and_then(|id| tokenizer.token_str(id)).unwrap_or_default();
+    let text = match text.strip_prefix(bos.as_str()) {
+        Some(rest) if tokenizer.add_bos() && !bos.is_empty() => rest,
+        _ => &text[..],
+    };
+    tokenizer.encode(text, true)
 }

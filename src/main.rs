@@ -714,9 +714,11 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         name(engine_tok.eos_id()),
         engine_tok.add_bos()
     );
-    match source.chat_template() {
-        Some(t) => println!("chat template:\n{t}"),
-        None => println!("chat template: none (ChatML fallback)"),
+    let arch_template = source.config().ok().and_then(|c| c.spec().chat_template);
+    match (source.chat_template(), arch_template) {
+        (Some(t), _) => println!("chat template:\n{t}"),
+        (None, Some(t)) => println!("chat template: none in the file; the architecture's own:\n{t}"),
+        (None, None) => println!("chat template: none (ChatML fallback)"),
     }
     Ok(())
 }

@@ -1,22 +1,32 @@
 //! Text ↔ token ids, reproducing llama.cpp's tokenization of a GGUF vocabulary.
 //!
 //! A model only behaves as evaluated when it sees the ids it was trained on, and the reference
-//! for a GGUF file is llama.cpp: the same text must give the same ids, byte for byte. The
-//! heavy lifting (BPE merges, added-token matching, byte-level mapping) is delegated to the
-//! Hugging Face `tokenizers` crate; this module only assembles its pieces the way llama.cpp
-//! configures its own tokenizer for each `tokenizer.ggml.pre` name.
+//! for a GGUF file is llama.cpp: the same text must give the same ids, byte for byte. For
+//! byte-level BPE vocabularies (`tokenizer.ggml.model = "gpt2"`) the heavy lifting (BPE merges,
+//! added-token matching, byte-level mapping) is delegated to the Hugging Face `tokenizers`
+//! crate; this module only assembles its pieces the way llama.cpp configures its own tokenizer
+//! for each `tokenizer.ggml.pre` name. SentencePiece vocabularies (`"llama"`, e.g. Gemma) merge
+//! by score in an order a `tokenizers` merge list cannot express, so `Spm` reimplements
+//! llama.cpp's algorithm and `tokenizers` only matches special tokens and decodes.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashSet};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tokenizers::decoders::DecoderWrapper;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, SplitDelimiterBehavior};
+use tokenizers::{AddedToken, Model, OffsetReferential, OffsetType, SplitDelimiterBehavior};
 
 use crate::format::gguf::{GgufFile, Value};
 
@@ -96,6 +106,9 @@ pub struct Tokenizer {
     /// Control tokens written in the text are plain text (user-defined tokens still match,
     /// as in llama.cpp).
     plain: tokenizers::Tokenizer,
+    /// For SentencePiece vocabularies, the merging that `special`'s model does not do; `special`
+    /// and `plain` then only cut out special tokens and decode.
+    spm: Option<Spm>,
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
@@ -112,6 +125,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("eos", &self.eos)
             .field("add_bos", &self.add_bos)
             .field("add_eos", &self.add_eos)
+            .field("sentencepiece", &self.spm.is_some())
             .finish()
     }
 }
@@ -143,18 +157,405 @@ fn meta_token_id(gguf: &GgufFile, key: &str, n_vocab: usize) -> Option<u32> {
     (id < n_vocab as u64).then_some(id as u32)
 }
 
+/// Entries that llama.cpp treats as control tokens by their text, whatever their type says
+/// (`llama_vocab::impl::load`): its end-of-generation names. Gemma 3's `</s>`, a user-defined
+/// token, is one, so llama.cpp leaves `</s>` in text alone unless specials are parsed.
+const EOG_NAMES: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
+];
+
+/// Fill-in-the-middle names, which llama.cpp also makes control tokens when the file does not
+/// name that FIM token by id (the keys; it marks the first one it finds, in hash order, where
+/// this marks them all).
+const FIM_NAMES: &[(&[&str], &[&str])] = &[
+    (
+        &["tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"],
+        &[
+            "<|fim_prefix|>",
+            "<fim-prefix>",
+            "<fim_prefix>",
+            "<｜fim▁begin｜>",
+            "<PRE>",
+            "▁<PRE>",
+            "<|code_prefix|>",
+            "<|prefix|>",
+        ],
+    ),
+    (
+        &["tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id"],
+        &[
+            "<|fim_suffix|>",
+            "<fim-suffix>",
+            "<fim_suffix>",
+            "<｜fim▁hole｜>",
+            "<SUF>",
+            "▁<SUF>",
+            "<|code_suffix|>",
+            "<|suffix|>",
+        ],
+    ),
+    (
+        &["tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id"],
+        &[
+            "<|fim_middle|>",
+            "<fim-middle>",
+            "<fim_middle>",
+            "<｜fim▁end｜>",
+            "<MID>",
+            "▁<MID>",
+            "<|code_middle|>",
+            "<|middle|>",
+        ],
+    ),
+    (&["tokenizer.ggml.fim_pad_token_id"], &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"]),
+    (&["tokenizer.ggml.fim_rep_token_id"], &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"]),
+    (&["tokenizer.ggml.fim_sep_token_id"], &["<|file_sep|>"]),
+];
+
+/// Whether llama.cpp makes an entry a control token by its text ([`EOG_NAMES`], [`FIM_NAMES`]).
+/// Its per-model exceptions (gpt-oss's `<|channel|>` and friends made user-defined, `<|end|>`
+/// beside `<|return|>`, `</s>` beside `<|tool_response>`) are not reproduced.
+fn forced_control(gguf: &GgufFile, n_vocab: usize) -> impl Fn(&str) -> bool {
+    let mut names: HashSet<&'static str> = EOG_NAMES.iter().copied().collect();
+    for (keys, fim) in FIM_NAMES {
+        if keys.iter().all(|k| meta_token_id(gguf, k, n_vocab).is_none()) {
+            names.extend(fim.iter().copied());
+        }
+    }
+    move |text| names.contains(text)
+}
+
+/// What a tokenizer model means when the file leaves something out.
+struct Defaults {
+    add_bos: bool,
+    /// The vocabulary's BOS id is ignored (llama.cpp's `chatglm-bpe`).
+    no_bos: bool,
+    bos: Option<u32>,
+    eos: Option<u32>,
+}
+
+/// llama.cpp's default id for a special token, dropped (as llama.cpp does) when the vocabulary
+/// is too small to have it.
+fn default_id(id: u32, n_vocab: usize) -> Option<u32> {
+    ((id as usize) < n_vocab).then_some(id)
+}
+
+/// The byte-level BPE model, pre-tokenizer and decoder for a `gpt2` vocabulary.
+fn byte_level_bpe(gguf: &GgufFile, vocab: Vocab, spec: &PreTokenizerSpec) -> Result<tokenizers::Tokenizer> {
+    let merges = meta_str_array(gguf, "tokenizer.ggml.merges")?;
+    let mut seen = HashSet::with_capacity(merges.len());
+    let mut pairs = Vec::with_capacity(merges.len());
+    for (i, m) in merges.iter().enumerate() {
+        // llama.cpp searches for the separator from the second byte, so a pair whose left
+        // half is a space still splits correctly.
+        let pos = m
+            .bytes()
+            .skip(1)
+            .position(|b| b == b' ')
+            .map(|p| p + 1)
+            .with_context(|| format!("merge {i} ({m:?}) has no space"))?;
+        let pair = (m[..pos].to_string(), m[pos + 1..].to_string());
+        // On duplicates llama.cpp keeps the first rank; `tokenizers` would keep the last.
+        if seen.insert(pair.clone()) {
+            pairs.push(pair);
+        }
+    }
+
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, pairs)
+        .ignore_merges(spec.ignore_merges)
+        .build()
+        .map_err(|e| anyhow!("invalid BPE vocabulary or merges: {e}"))?;
+
+    let mut splits = Vec::with_capacity(spec.regexes.len() + 1);
+    for re in spec.regexes {
+        let split = Split::new(SplitPattern::Regex((*re).to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| anyhow!("pre-tokenizer regex {re:?}: {e}"))?;
+        splits.push(PreTokenizerWrapper::Split(split));
+    }
+    splits.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
+
+    let mut tk = tokenizers::Tokenizer::new(bpe);
+    tk.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(splits))))
+        .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(false, false, false))));
+    Ok(tk)
+}
+
+/// `tokenizer.ggml.scores`, one per token; absent, every score is 0 (as in llama.cpp, which then
+/// merges leftmost first). Scores must be finite: the merge order compares them.
+fn meta_scores(gguf: &GgufFile, n_vocab: usize) -> Result<Vec<f32>> {
+    let Some(v) = gguf.get("tokenizer.ggml.scores") else { return Ok(vec![0.0; n_vocab]) };
+    let arr = v.as_array().context("tokenizer.ggml.scores is not an array")?;
+    ensure!(arr.len() == n_vocab, "tokenizer.ggml.scores has {} entries for {n_vocab} tokens", arr.len());
+    arr.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let score = match *v {
+                Value::F32(x) => x,
+                Value::F64(x) => x as f32,
+                Value::I32(x) => x as f32,
+                _ => bail!("tokenizer.ggml.scores[{i}] is not a number: {}", GgufFile::describe_value(v)),
+            };
+            ensure!(score.is_finite(), "tokenizer.ggml.scores[{i}] is {score}");
+            Ok(score)
+        })
+        .collect()
+}
+
+/// SentencePiece BPE exactly as llama.cpp runs it for `tokenizer.ggml.model = "llama"`
+/// (`llm_tokenizer_spm`): spaces become `▁`, the text is split into characters, and the
+/// adjacent pair whose concatenation is the highest-scoring vocabulary entry is merged, again
+/// and again, ties going to the leftmost pair; a character that no entry covers becomes its
+/// UTF-8 bytes (`<0xE2>`...).
+///
+/// This is hand-written rather than a `tokenizers` BPE with merges made from the scores (what
+/// Hugging Face's converter does) for two reasons. A merge list gives every pair its own rank,
+/// so where llama.cpp breaks a tie between equal scores by position, a merge list breaks it by
+/// rank: vocabularies whose entries share scores (or have none, so all tie) come out
+/// differently. And on Gemma 3's vocabulary, whose scores are all distinct and where such a list
+/// did agree with llama.cpp on every text tried, it has 515k merges and took three times as long
+/// to build as everything else here. The `tokenizers` object beside it only holds the
+/// vocabulary, cuts out special tokens and decodes.
+#[derive(Clone)]
+struct Spm {
+    /// `tokenizer.ggml.scores`, by id.
+    scores: Vec<f32>,
+    /// The token for each byte value, for characters that no vocabulary entry covers: `<0xXX>`,
+    /// else (ASCII only) the byte as a one-character entry, as llama.cpp's `byte_to_token`;
+    /// else the unknown token. `None` if even that is missing.
+    byte_ids: [Option<u32>; 256],
+    unk: Option<u32>,
+    /// Prepend a space to text at the start and after every special token
+    /// (`tokenizer.ggml.add_space_prefix`).
+    add_space_prefix: bool,
+}
+
+/// A run of the text being merged: one character at first, then whole vocabulary entries.
+/// Symbols form a linked list in text order; a symbol merged into its left neighbour has `len == 0`.
+#[derive(Clone, Copy)]
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+/// A candidate merge of two adjacent symbols.
+struct Bigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    /// Bytes of the merged text: a left or right symbol that has changed since the bigram was
+    /// queued no longer adds up to this, which marks the entry stale.
+    len: usize,
+}
+
+impl Ord for Bigram {
+    /// Higher score first, then the leftmost. Scores are finite (checked on loading), and
+    /// `partial_cmp` treats -0.0 and 0.0 as equal, as llama.cpp's `<` does (Gemma's `▁t` has
+    /// score -0.0 and its byte tokens 0.0).
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score.partial_cmp(&other.score).unwrap_or(Ordering::Equal).then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Bigram {}
+
+impl Spm {
+    /// The `tokenizers` side of a SentencePiece vocabulary: the entries (no merges: [`Spm`]
+    /// does the merging), and the normalizer and decoder of Hugging Face's Llama tokenizers, so
+    /// that decoding maps `▁` back to spaces and byte tokens back to bytes.
+    fn hf_tokenizer(vocab: Vocab, unk: Option<String>, add_space_prefix: bool) -> Result<tokenizers::Tokenizer> {
+        let mut builder = BPE::builder().vocab_and_merges(vocab, Vec::new()).byte_fallback(true);
+        if let Some(unk) = unk {
+            builder = builder.unk_token(unk);
+        }
+        let bpe = builder.build().map_err(|e| anyhow!("invalid SentencePiece vocabulary: {e}"))?;
+        let mut normalizers = Vec::new();
+        let mut decoders = vec![
+            DecoderWrapper::Replace(Replace::new("▁", " ").map_err(tk_err)?),
+            DecoderWrapper::ByteFallback(ByteFallback::new()),
+            DecoderWrapper::Fuse(Fuse::new()),
+        ];
+        if add_space_prefix {
+            normalizers.push(NormalizerWrapper::Prepend(Prepend::new("▁".into())));
+            decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+        }
+        normalizers.push(NormalizerWrapper::Replace(Replace::new(" ", "▁").map_err(tk_err)?));
+        let mut tk = tokenizers::Tokenizer::new(bpe);
+        tk.with_normalizer(Some(NormalizerWrapper::Sequence(NormalizerSequence::new(normalizers))))
+            .with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(decoders))));
+        Ok(tk)
+    }
+
+    /// `vocab` must hold the vocabulary that `scores` is indexed by.
+    fn new(vocab: &tokenizers::Tokenizer, scores: Vec<f32>, unk: Option<u32>, add_space_prefix: bool) -> Result<Self> {
+        let n_vocab = vocab.get_vocab_size(false);
+        ensure!(scores.len() == n_vocab, "SentencePiece tokenizer has {} scores for {n_vocab} tokens", scores.len());
+        ensure!(scores.iter().all(|s| s.is_finite()), "SentencePiece scores must be finite");
+        ensure!(unk.is_none_or(|id| (id as usize) < n_vocab), "unknown token id {unk:?} is outside the vocabulary");
+        let byte_ids = std::array::from_fn(|b| {
+            let b = b as u8;
+            vocab
+                .token_to_id(&format!("<0x{b:02X}>"))
+                .or_else(|| if b.is_ascii() { vocab.token_to_id(&char::from(b).to_string()) } else { None })
+                .or(unk)
+        });
+        Ok(Self { scores, byte_ids, unk, add_space_prefix })
+    }
+
+    /// `text` to ids, as llama.cpp's `tokenize_impl` for SPM vocabularies: the special and
+    /// user-defined tokens that `tk` matches are cut out first, and each piece of text between
+    /// them is escaped and merged on its own.
+    fn encode(&self, tk: &tokenizers::Tokenizer, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        let pieces = tk.get_added_vocabulary().extract_and_normalize(None::<&NormalizerWrapper>, text);
+        let mut after_special = true;
+        let mut escaped = String::new();
+        for (piece, _, tokens) in pieces.get_splits(OffsetReferential::Original, OffsetType::None) {
+            if let Some(tokens) = tokens {
+                out.extend(tokens.iter().map(|t| t.id));
+                after_special = true;
+                continue;
+            }
+            // Only the empty text gives an empty piece; llama.cpp tokenizes nothing for it.
+            if piece.is_empty() {
+                continue;
+            }
+            escaped.clear();
+            if self.add_space_prefix && after_special {
+                escaped.push('▁');
+            }
+            escaped.extend(piece.chars().map(|c| if c == ' ' { '▁' } else { c }));
+            self.merge(tk, &escaped, out)?;
+            after_special = false;
+        }
+        Ok(())
+    }
+
+    /// llama.cpp's `llm_tokenizer_spm_session::tokenize` on one escaped piece of text.
+    fn merge(&self, tk: &tokenizers::Tokenizer, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        let mut symbols: Vec<Symbol> = text
+            .char_indices()
+            .enumerate()
+            .map(|(i, (start, c))| Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: (start + c.len_utf8() < text.len()).then_some(i + 1),
+            })
+            .collect();
+        let mut queue = BinaryHeap::with_capacity(symbols.len());
+        let add_bigram =
+            |queue: &mut BinaryHeap<Bigram>, symbols: &[Symbol], left: Option<usize>, right: Option<usize>| {
+                let (Some(left), Some(right)) = (left, right) else { return };
+                let (l, r) = (symbols[left], symbols[right]);
+                let merged = &text[l.start..r.start + r.len];
+                if let Some(&score) = tk.token_to_id(merged).and_then(|id| self.scores.get(id as usize)) {
+                    queue.push(Bigram { score, left, right, len: merged.len() });
+                }
+            };
+        for i in 1..symbols.len() {
+            add_bigram(&mut queue, &symbols, Some(i - 1), Some(i));
+        }
+        while let Some(b) = queue.pop() {
+            let (l, r) = (symbols[b.left], symbols[b.right]);
+            if l.len == 0 || r.len == 0 || l.len + r.len != b.len {
+                continue;
+            }
+            symbols[b.left].len += r.len;
+            symbols[b.left].next = r.next;
+            symbols[b.right].len = 0;
+            if let Some(n) = r.next {
+                symbols[n].prev = Some(b.left);
+            }
+            add_bigram(&mut queue, &symbols, l.prev, Some(b.left));
+            add_bigram(&mut queue, &symbols, Some(b.left), r.next);
+        }
+
+        let mut at = (!symbols.is_empty()).then_some(0);
+        while let Some(i) = at {
+            let s = symbols[i];
+            let piece = &text[s.start..s.start + s.len];
+            // Merged symbols are vocabulary entries by construction; only a single character
+            // can be missing, and it falls back to its bytes.
+            match tk.token_to_id(piece) {
+                Some(id) => out.push(id),
+                None => {
+                    for b in piece.bytes() {
+                        out.push(self.byte_ids[b as usize].with_context(|| {
+                            format!(
+                                "the vocabulary has no token for byte 0x{b:02X} (of {piece:?}) and no unknown token"
+                            )
+                        })?);
+                    }
+                }
+            }
+            at = s.next;
+        }
+        Ok(())
+    }
+
+    /// What [`Tokenizer::to_embedded`] stores beside the `tokenizers` JSON, which has no scores.
+    fn to_embedded(&self) -> serde_json::Value {
+        serde_json::json!({ "scores": self.scores, "unk": self.unk, "add_space_prefix": self.add_space_prefix })
+    }
+
+    fn from_embedded(v: &serde_json::Value, vocab: &tokenizers::Tokenizer) -> Result<Self> {
+        let scores: Vec<f32> = serde_json::from_value(v.get("scores").cloned().unwrap_or_default())
+            .context("embedded SentencePiece scores are invalid")?;
+        let unk = match v.get("unk") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(id) => Some(
+                id.as_u64().and_then(|id| u32::try_from(id).ok()).context("embedded unknown token id is invalid")?,
+            ),
+        };
+        let add_space_prefix = v
+            .get("add_space_prefix")
+            .and_then(serde_json::Value::as_bool)
+            .context("embedded SentencePiece tokenizer lacks add_space_prefix")?;
+        Self::new(vocab, scores, unk, add_space_prefix)
+    }
+}
+
 impl Tokenizer {
-    /// Builds the tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata.
+    /// Builds the tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata: byte-level BPE
+    /// (`tokenizer.ggml.model = "gpt2"`) or SentencePiece BPE (`"llama"`).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let model = meta_str(gguf, "tokenizer.ggml.model")?.context("GGUF has no tokenizer.ggml.model")?;
-        match model {
-            "gpt2" => {}
-            "llama" => bail!("SentencePiece tokenizers (tokenizer.ggml.model = \"llama\") are not supported yet"),
-            other => bail!("unsupported tokenizer model {other:?}"),
-        }
-        // llama.cpp falls back to "default" (with a loud warning) for files made before the key existed.
-        let pre = meta_str(gguf, "tokenizer.ggml.pre")?.unwrap_or("default");
-        let spec = pre_tokenizer_spec(pre).with_context(|| format!("unsupported pre-tokenizer {pre:?}"))?;
+        ensure!(matches!(model, "gpt2" | "llama"), "unsupported tokenizer model {model:?}");
 
         let tokens = meta_str_array(gguf, "tokenizer.ggml.tokens")?;
         let n_vocab = tokens.len();
@@ -172,75 +573,64 @@ impl Tokenizer {
             }
         };
 
+        // Same placeholder as llama.cpp, so an empty entry cannot collide or match text.
+        let text_of = |i: usize| -> Cow<'_, str> {
+            if tokens[i].is_empty() { Cow::Owned(format!("[EMPTY_{i}]")) } else { Cow::Borrowed(tokens[i]) }
+        };
         let mut vocab = Vocab::with_capacity(n_vocab);
-        let mut texts = Vec::with_capacity(n_vocab);
-        for (i, t) in tokens.iter().enumerate() {
-            // Same placeholder as llama.cpp, so an empty entry cannot collide or match text.
-            let text = if t.is_empty() { format!("[EMPTY_{i}]") } else { (*t).to_string() };
-            ensure!(vocab.insert(text.clone(), i as u32).is_none(), "token {text:?} appears twice in the vocabulary");
-            texts.push(text);
-        }
-
-        let merges = meta_str_array(gguf, "tokenizer.ggml.merges")?;
-        let mut seen = HashSet::with_capacity(merges.len());
-        let mut pairs = Vec::with_capacity(merges.len());
-        for (i, m) in merges.iter().enumerate() {
-            // llama.cpp searches for the separator from the second byte, so a pair whose left
-            // half is a space still splits correctly.
-            let pos = m
-                .bytes()
-                .skip(1)
-                .position(|b| b == b' ')
-                .map(|p| p + 1)
-                .with_context(|| format!("merge {i} ({m:?}) has no space"))?;
-            let pair = (m[..pos].to_string(), m[pos + 1..].to_string());
-            // On duplicates llama.cpp keeps the first rank; `tokenizers` would keep the last.
-            if seen.insert(pair.clone()) {
-                pairs.push(pair);
+        for i in 0..n_vocab {
+            // One copy of each text only: this loop is most of the load time for a large vocabulary.
+            if vocab.insert(text_of(i).into_owned(), i as u32).is_some() {
+                bail!("token {:?} appears twice in the vocabulary", text_of(i));
             }
         }
 
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, pairs)
-            .ignore_merges(spec.ignore_merges)
-            .build()
-            .map_err(|e| anyhow!("invalid BPE vocabulary or merges: {e}"))?;
-
-        let mut splits = Vec::with_capacity(spec.regexes.len() + 1);
-        for re in spec.regexes {
-            let split = Split::new(SplitPattern::Regex((*re).to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| anyhow!("pre-tokenizer regex {re:?}: {e}"))?;
-            splits.push(PreTokenizerWrapper::Split(split));
-        }
-        splits.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
-
-        let mut special = tokenizers::Tokenizer::new(bpe);
-        special
-            .with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(splits))))
-            .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(false, false, false))));
+        let flag = |key: &str, default: bool| gguf.get(key).and_then(Value::as_bool).unwrap_or(default);
+        let (mut special, spm, defaults) = if model == "llama" {
+            // llama.cpp ignores tokenizer.ggml.pre for SentencePiece vocabularies.
+            let scores = meta_scores(gguf, n_vocab)?;
+            let unk = meta_token_id(gguf, "tokenizer.ggml.unknown_token_id", n_vocab).or(default_id(0, n_vocab));
+            let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", true);
+            let special = Spm::hf_tokenizer(vocab, unk.map(|id| text_of(id as usize).into_owned()), add_space_prefix)?;
+            let spm = Spm::new(&special, scores, unk, add_space_prefix)?;
+            // llama.cpp's defaults for "llama" files: BOS 1 and EOS 2, BOS added.
+            let defaults =
+                Defaults { add_bos: true, no_bos: false, bos: default_id(1, n_vocab), eos: default_id(2, n_vocab) };
+            (special, Some(spm), defaults)
+        } else {
+            // llama.cpp falls back to "default" (with a loud warning) for files made before the key existed.
+            let pre = meta_str(gguf, "tokenizer.ggml.pre")?.unwrap_or("default");
+            let spec = pre_tokenizer_spec(pre).with_context(|| format!("unsupported pre-tokenizer {pre:?}"))?;
+            let special = byte_level_bpe(gguf, vocab, &spec)?;
+            let defaults = Defaults { add_bos: spec.add_bos, no_bos: spec.no_bos, bos: None, eos: None };
+            (special, None, defaults)
+        };
 
         // llama.cpp matches these in the raw text before splitting; control and unknown tokens
         // only when asked to parse specials, user-defined ones always.
+        let forced = forced_control(gguf, n_vocab);
         let mut control = Vec::new();
         let mut user = Vec::new();
-        for (text, ty) in texts.iter().zip(&types) {
-            match *ty {
-                Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN) => {
-                    control.push(AddedToken::from(text.clone(), true).normalized(false))
-                }
-                Some(TOKEN_TYPE_USER_DEFINED) => user.push(AddedToken::from(text.clone(), false).normalized(false)),
-                _ => {}
+        for (i, ty) in types.iter().enumerate() {
+            let text = text_of(i);
+            if matches!(*ty, Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN)) || forced(&text) {
+                control.push(AddedToken::from(text.into_owned(), true).normalized(false));
+            } else if *ty == Some(TOKEN_TYPE_USER_DEFINED) {
+                user.push(AddedToken::from(text.into_owned(), false).normalized(false));
             }
         }
         special.add_special_tokens(&control);
         special.add_tokens(&user);
 
-        let bos = if spec.no_bos { None } else { meta_token_id(gguf, "tokenizer.ggml.bos_token_id", n_vocab) };
-        let eos = meta_token_id(gguf, "tokenizer.ggml.eos_token_id", n_vocab);
-        let flag = |key: &str, default: bool| gguf.get(key).and_then(Value::as_bool).unwrap_or(default);
-        let add_bos = flag("tokenizer.ggml.add_bos_token", spec.add_bos);
+        let bos = if defaults.no_bos {
+            None
+        } else {
+            meta_token_id(gguf, "tokenizer.ggml.bos_token_id", n_vocab).or(defaults.bos)
+        };
+        let eos = meta_token_id(gguf, "tokenizer.ggml.eos_token_id", n_vocab).or(defaults.eos);
+        let add_bos = flag("tokenizer.ggml.add_bos_token", defaults.add_bos);
         let add_eos = flag("tokenizer.ggml.add_eos_token", false);
-        Self::assemble(special, bos, eos, add_bos, add_eos)
+        Self::assemble(special, spm, bos, eos, add_bos, add_eos)
     }
 
     /// Loads a Hugging Face `tokenizer.json` (safetensors model directories).
@@ -287,19 +677,23 @@ impl Tokenizer {
             Some(b) => b,
             None => probe(eos, false)?,
         };
-        Self::assemble(special, bos, eos, add_bos, add_eos)
+        Self::assemble(special, None, bos, eos, add_bos, add_eos)
     }
 
     /// Everything needed to rebuild this tokenizer, as JSON: how a `.bnest` file carries it so
     /// the file alone is enough to run.
     pub fn to_embedded(&self) -> Result<serde_json::Value> {
-        Ok(serde_json::json!({
+        let mut v = serde_json::json!({
             "tokenizer_json": self.special.to_string(false).map_err(tk_err)?,
             "bos": self.bos,
             "eos": self.eos,
             "add_bos": self.add_bos,
             "add_eos": self.add_eos,
-        }))
+        });
+        if let Some(spm) = &self.spm {
+            v["spm"] = spm.to_embedded();
+        }
+        Ok(v)
     }
 
     /// Rebuilds a tokenizer from [`Tokenizer::to_embedded`]'s output.
@@ -309,11 +703,13 @@ impl Tokenizer {
         let special: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow!("embedded tokenizer is invalid: {e}"))?;
         let id = |k: &str| v.get(k).and_then(|x| x.as_u64()).and_then(|x| u32::try_from(x).ok());
         let flag = |k: &str| v.get(k).and_then(|x| x.as_bool()).unwrap_or(false);
-        Self::assemble(special, id("bos"), id("eos"), flag("add_bos"), flag("add_eos"))
+        let spm = v.get("spm").map(|s| Spm::from_embedded(s, &special)).transpose()?;
+        Self::assemble(special, spm, id("bos"), id("eos"), flag("add_bos"), flag("add_eos"))
     }
 
     fn assemble(
         special: tokenizers::Tokenizer,
+        spm: Option<Spm>,
         bos: Option<u32>,
         eos: Option<u32>,
         add_bos: bool,
@@ -323,8 +719,11 @@ impl Tokenizer {
         ensure!(!add_eos || eos.is_some(), "the model asks for an EOS token but does not name one");
         let mut plain = special.clone();
         plain.set_encode_special_tokens(true);
-        let vocab_size = special.get_vocab_size(true);
-        Ok(Self { special, plain, bos, eos, add_bos, add_eos, vocab_size })
+        // `get_vocab_size(true)` copies the whole vocabulary to count it; count what it would.
+        let model = special.get_model();
+        let added_only = special.get_added_vocabulary().get_vocab().keys().filter(|t| model.token_to_id(t).is_none());
+        let vocab_size = model.get_vocab_size() + added_only.count();
+        Ok(Self { special, plain, spm, bos, eos, add_bos, add_eos, vocab_size })
     }
 
     /// Text to ids, with BOS (and EOS) added when the model asks for them, as llama.cpp's
@@ -333,12 +732,18 @@ impl Tokenizer {
     /// untrusted user text so it cannot forge turn boundaries.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
         let tk = if parse_special { &self.special } else { &self.plain };
-        let enc = tk.encode_fast(text, false).map_err(|e| anyhow!("tokenizing failed: {e}"))?;
-        let mut ids = Vec::with_capacity(enc.len() + 2);
+        let mut ids = Vec::new();
         if self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.spm {
+            Some(spm) => spm.encode(tk, text, &mut ids)?,
+            None => {
+                let enc = tk.encode_fast(text, false).map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+                ids.reserve(enc.len() + 1);
+                ids.extend_from_slice(enc.get_ids());
+            }
+        }
         if self.add_eos {
             ids.extend(self.eos);
         }
@@ -607,8 +1012,6 @@ mod tests {
     fn unsupported_configurations_are_errors() {
         let err = fixture(Some("no-such-pre"), "gpt2", None).unwrap_err().to_string();
         assert!(err.contains("unsupported pre-tokenizer \"no-such-pre\""), "{err}");
-        let err = fixture(Some("smollm"), "llama", None).unwrap_err().to_string();
-        assert!(err.contains("not supported yet"), "{err}");
         assert!(fixture(Some("smollm"), "bert", None).is_err());
         // Missing pre name: llama.cpp's "default" split.
         assert!(fixture(None, "gpt2", None).is_ok());
@@ -731,7 +1134,233 @@ mod tests {
         assert_eq!(s.finish(), None);
     }
 
+    /// A tiny SentencePiece vocabulary laid out like Gemma 3's: control tokens, user-defined
+    /// newline and two-space tokens, the 256 byte tokens, then scored pieces. Returns
+    /// `(text, token type, score)`.
+    fn spm_vocab() -> Vec<(String, i32, f32)> {
+        let mut v: Vec<(String, i32, f32)> = [
+            ("<pad>", 3),
+            ("<eos>", 3),
+            ("<bos>", 3),
+            ("<unk>", 2),
+            ("<start_of_turn>", 3),
+            ("<end_of_turn>", 3),
+            ("\n", 4),
+            ("  ", 4),
+            ("</s>", 4),
+        ]
+        .into_iter()
+        .map(|(t, ty)| (t.to_string(), ty, -1000.0))
+        .collect();
+        v.extend((0..=255u8).map(|b| (format!("<0x{b:02X}>"), 6, 0.0)));
+        let pieces = [
+            // Single characters: never the result of a merge, so their scores do not matter.
+            ("▁", -100.0),
+            ("a", -100.0),
+            ("b", -100.0),
+            ("c", -100.0),
+            ("d", -100.0),
+            ("e", -100.0),
+            ("h", -100.0),
+            ("l", -100.0),
+            ("o", -100.0),
+            ("r", -100.0),
+            ("w", -100.0),
+            ("x", -100.0),
+            ("y", -100.0),
+            ("z", -100.0),
+            ("=", -100.0),
+            // `bc` outscores `ab`, so "abc" is a + bc although ab is further left.
+            ("ab", -5.0),
+            ("bc", -1.0),
+            // A tie: llama.cpp takes the leftmost pair, whatever the ids (a merge list ranked by
+            // id would take yz here).
+            ("yz", -3.0),
+            ("xy", -3.0),
+            ("he", -10.0),
+            ("ll", -11.0),
+            ("hell", -12.0),
+            ("hello", -13.0),
+            ("▁hello", -14.0),
+            ("▁w", -20.0),
+            ("or", -21.0),
+            ("▁wor", -22.0),
+            ("ld", -23.0),
+            ("▁world", -24.0),
+            ("==", -30.0),
+            ("===", -31.0),
+        ];
+        v.extend(pieces.into_iter().map(|(t, s)| (t.to_string(), 1, s)));
+        v
+    }
+
+    /// The metadata of a Gemma-like "llama" GGUF over [`spm_vocab`], for a test to edit.
+    fn spm_meta() -> std::collections::BTreeMap<String, Value> {
+        let v = spm_vocab();
+        let mut m = std::collections::BTreeMap::new();
+        let mut put = |k: &str, val: Value| m.insert(k.to_string(), val);
+        put("tokenizer.ggml.model", Value::String("llama".into()));
+        put("tokenizer.ggml.pre", Value::String("default".into()));
+        put("tokenizer.ggml.tokens", Value::Array(v.iter().map(|(t, ..)| Value::String(t.clone())).collect()));
+        put("tokenizer.ggml.token_type", Value::Array(v.iter().map(|&(_, ty, _)| Value::I32(ty)).collect()));
+        put("tokenizer.ggml.scores", Value::Array(v.iter().map(|&(.., s)| Value::F32(s)).collect()));
+        put("tokenizer.ggml.bos_token_id", Value::U32(2));
+        put("tokenizer.ggml.eos_token_id", Value::U32(1));
+        put("tokenizer.ggml.unknown_token_id", Value::U32(3));
+        put("tokenizer.ggml.add_space_prefix", Value::Bool(false));
+        m
+    }
+
+    fn spm_from(meta: std::collections::BTreeMap<String, Value>) -> Result<Tokenizer> {
+        let mut w = GgufWriter::new();
+        for (k, v) in meta {
+            w.meta(&k, v);
+        }
+        Tokenizer::from_gguf(&GgufFile::from_bytes(&w.to_bytes())?)
+    }
+
+    fn spm() -> Tokenizer {
+        spm_from(spm_meta()).unwrap()
+    }
+
+    /// Ids as vocabulary entries, to make the expectations readable.
+    fn pieces(t: &Tokenizer, ids: &[u32]) -> Vec<String> {
+        ids.iter().map(|&i| t.token_str(i).unwrap()).collect()
+    }
+
+    #[test]
+    fn spm_merges_by_score_then_leftmost() {
+        let t = spm();
+        assert!(t.add_bos(), "llama.cpp adds BOS for \"llama\" vocabularies unless told otherwise");
+        assert_eq!((t.bos_id(), t.eos_id()), (Some(2), Some(1)));
+        let enc = |s: &str| pieces(&t, &t.encode(s, false).unwrap()[1..]);
+        assert_eq!(enc("abc"), ["a", "bc"]);
+        assert_eq!(enc("xyz"), ["xy", "z"]);
+        assert_eq!(enc("hello"), ["hello"]);
+        // Each merge pairs the new symbol with its neighbours again: the two leftmost `=`, then
+        // the next two (== outscores ===), then what is left makes ===.
+        assert_eq!(enc("====="), ["==", "==="]);
+        assert_eq!(enc("==="), ["==="]);
+    }
+
+    #[test]
+    fn spm_escapes_spaces_and_falls_back_to_bytes() {
+        let t = spm();
+        let enc = |s: &str| pieces(&t, &t.encode(s, true).unwrap()[1..]);
+        // No space prefix (Gemma): only real spaces become ▁.
+        assert_eq!(enc("hello world"), ["hello", "▁world"]);
+        assert_eq!(enc(" hello"), ["▁hello"]);
+        // Two spaces and a newline are user-defined tokens, cut out before merging.
+        assert_eq!(enc("hello  world\n"), ["hello", "  ", "w", "or", "ld", "\n"]);
+        assert_eq!(enc("a b"), ["a", "▁", "b"]);
+        // Characters outside the vocabulary become their UTF-8 bytes.
+        assert_eq!(enc("a€"), ["a", "<0xE2>", "<0x82>", "<0xAC>"]);
+        assert_eq!(t.decode(&t.encode("a€", true).unwrap()).unwrap(), "a€");
+
+        // With add_space_prefix, text at the start and after a special token gets a ▁.
+        let mut meta = spm_meta();
+        meta.insert("tokenizer.ggml.add_space_prefix".into(), Value::Bool(true));
+        let p = spm_from(meta).unwrap();
+        let ids = p.encode("hello world<start_of_turn>hello", true).unwrap();
+        assert_eq!(pieces(&p, &ids), ["<bos>", "▁hello", "▁world", "<start_of_turn>", "▁hello"]);
+        // ... and decoding drops the one it added at the start.
+        assert_eq!(p.decode(&ids).unwrap(), "hello world hello");
+        assert_eq!(p.decode(&p.encode("hello world", false).unwrap()).unwrap(), "hello world");
+        assert_eq!(p.encode("", false).unwrap(), vec![2], "empty text: nothing to prefix");
+    }
+
+    #[test]
+    fn spm_specials_follow_parse_special() {
+        let t = spm();
+        let text = "<start_of_turn>hello</s><end_of_turn>\n";
+        let ids = t.encode(text, true).unwrap();
+        assert_eq!(pieces(&t, &ids), ["<bos>", "<start_of_turn>", "hello", "</s>", "<end_of_turn>", "\n"]);
+        // Without parsing, control tokens are text; so is `</s>`, user-defined but one of the
+        // end-of-generation names llama.cpp treats as control. The newline still matches.
+        let plain = t.encode(text, false).unwrap();
+        assert!(!plain.iter().any(|&id| matches!(id, 4 | 5 | 8)), "{:?}", pieces(&t, &plain));
+        assert_eq!(plain.last(), Some(&6));
+        assert_eq!(t.decode(&plain).unwrap(), text);
+        assert_eq!(t.decode_with_special(&ids[1..]).unwrap(), text);
+        assert_eq!(t.encode("", true).unwrap(), vec![2]);
+    }
+
+    #[test]
+    fn spm_stream_and_embedding_round_trip() {
+        let t = spm();
+        let text = "hello €world  ==\nxyz";
+        let ids = t.encode(text, false).unwrap();
+        let mut s = t.stream();
+        let mut out: String = ids.iter().filter_map(|&id| s.push(id)).collect();
+        out.extend(s.finish());
+        assert_eq!(out, text);
+
+        let embedded = t.to_embedded().unwrap();
+        assert!(embedded["spm"]["scores"].is_array());
+        let e = Tokenizer::from_embedded(&embedded).unwrap();
+        for parse in [true, false] {
+            assert_eq!(e.encode(text, parse).unwrap(), t.encode(text, parse).unwrap());
+        }
+        assert_eq!(e.decode(&ids).unwrap(), text);
+        assert_eq!(e.vocab_size(), t.vocab_size());
+
+        let mut bad = embedded.clone();
+        bad["spm"]["scores"] = serde_json::json!([0.0]);
+        assert!(Tokenizer::from_embedded(&bad).is_err());
+    }
+
+    #[test]
+    fn spm_metadata_defaults_and_errors() {
+        // Without scores every pair ties, and llama.cpp merges leftmost first.
+        let mut meta = spm_meta();
+        meta.remove("tokenizer.ggml.scores");
+        let t = spm_from(meta).unwrap();
+        assert_eq!(pieces(&t, &t.encode("abc", false).unwrap()[1..]), ["ab", "c"]);
+
+        // llama.cpp's defaults for a "llama" file: BOS 1, EOS 2.
+        let mut meta = spm_meta();
+        meta.remove("tokenizer.ggml.bos_token_id");
+        meta.remove("tokenizer.ggml.eos_token_id");
+        let t = spm_from(meta).unwrap();
+        assert_eq!((t.bos_id(), t.eos_id()), (Some(1), Some(2)));
+
+        let n = spm_vocab().len();
+        let with_scores = |scores: Vec<Value>| {
+            let mut meta = spm_meta();
+            meta.insert("tokenizer.ggml.scores".into(), Value::Array(scores));
+            spm_from(meta).map(|_| ()).unwrap_err().to_string()
+        };
+        let err = with_scores(vec![Value::F32(0.0); n - 1]);
+        assert!(err.contains("tokenizer.ggml.scores has"), "{err}");
+        let err = with_scores(vec![Value::String("high".into()); n]);
+        assert!(err.contains("scores[0] is not a number"), "{err}");
+        let mut scores = vec![Value::F32(0.0); n];
+        scores[7] = Value::F32(f32::NAN);
+        let err = with_scores(scores);
+        assert!(err.contains("scores[7] is NaN"), "{err}");
+        let mut meta = spm_meta();
+        meta.insert("tokenizer.ggml.scores".into(), Value::F32(1.0));
+        assert!(spm_from(meta).unwrap_err().to_string().contains("not an array"));
+    }
+
     proptest::proptest! {
+        /// Without special parsing and without a space prefix, SentencePiece with byte fallback
+        /// is lossless too, except for a literal `▁`, which decodes as a space (in llama.cpp as
+        /// well).
+        #[test]
+        fn spm_plain_text_round_trips(text in "(\\PC|\\s|<start_of_turn>|</s>|hello|==|  |€){0,40}") {
+            proptest::prop_assume!(!text.contains('▁'));
+            let t = spm();
+            let ids = t.encode(&text, false).unwrap();
+            proptest::prop_assert_eq!(t.decode(&ids).unwrap(), text.clone());
+            let mut s = t.stream();
+            let mut out: String = ids.iter().filter_map(|&id| s.push(id)).collect();
+            out.extend(s.finish());
+            proptest::prop_assert_eq!(out, text.clone());
+            let special = t.encode(&text, true).unwrap();
+            proptest::prop_assert_eq!(t.decode_with_special(&special[1..]).unwrap(), text.clone());
+        }
+
         /// Without special parsing, byte-level BPE is lossless: any text decodes back to itself.
         #[test]
         fn plain_text_round_trips(text in "(\\PC|\\s|<\\|im_(start|end)\\|>|'s|[0-9]{1,5}){0,40}") {

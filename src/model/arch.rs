@@ -115,7 +115,6 @@ pub const ARCHS: &[Arch] = &[
         ffn_act: FfnAct::GeluTanh,
         sliding_window: Some(SlidingWindow { period: 6, rope_base: 10_000.0 }),
         chat_template: Some(GEMMA_TEMPLATE),
-        ..LLAMA
     },
 ];
 
