@@ -32,7 +32,16 @@ llama-completion cross-check, which --no-crosscheck skips):
       --model qwen2.5-coder-0.5b=~/.cache/bitnest/qwen2.5-coder-0.5b/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \\
       [--llama-bin ~/.cache/bitnest/llama.cpp/bin] [--out tests/golden] [--threads 2] [--n-predict 32]
 
-Without --model it uses those two cached paths ($BITNEST_CACHE overrides ~/.cache/bitnest).
+Gemma 3 270M's goldens come from llama.cpp on the F32 dequantization of its file (about 3 minutes):
+
+  python3 bench/make-qwen-goldens.py --f32-reference \
+      --model gemma3-270m=~/.cache/bitnest/gemma3-270m/gemma-3-270m-q4_k_m.gguf
+
+On the Q4_K_M file itself llama.cpp's int8 activations move Gemma's top-2 logit gaps by up to 1.2
+from the exact ones (bitnest's f32 path agrees with the F32 run within 0.04), so the 0.1 margin
+rule of tests/qwen_golden.rs needs the exact reference.
+
+Without --model it uses the two Qwen cached paths ($BITNEST_CACHE overrides ~/.cache/bitnest).
 --llama-bin defaults to $LLAMA_BIN, else $BITNEST_CACHE/llama.cpp/bin (what
 bench/compare-llamacpp.sh builds); the harness needs that build's tree (found through its
 CMakeCache.txt) and a C++17 compiler ($CXX, else c++).
@@ -213,6 +222,10 @@ def main():
     ap.add_argument("--n-predict", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--no-crosscheck", action="store_true", help="skip the llama-completion run per greedy prompt")
+    ap.add_argument("--f32-reference", action="store_true",
+                    help="run llama.cpp on the file's F32 dequantization (llama-quantize --allow-requantize FILE OUT "
+                         "F32): exact weights and f32 activations, for models (Gemma 3) whose logits llama.cpp's int8 "
+                         "activations move by more than the tests' 0.1 margin")
     a = ap.parse_args()
     models = a.model or [
         f"qwen2.5-coder-1.5b={cache}/qwen2.5-coder-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
@@ -237,6 +250,11 @@ def main():
                 sys.exit(f"{tag}: no model at {model}")
             t0 = time.time()
             print(f"{tag}: {model}", file=sys.stderr)
+            source = model
+            if a.f32_reference:
+                model = work / f"{tag}-f32.gguf"
+                run([str(a.llama_bin / "llama-quantize"), "--allow-requantize", str(source), str(model), "F32"])
+                print(f"  reference: {model.name}, the F32 dequantization", file=sys.stderr)
 
             tok_rows = []
             for name, text in tokenize_set:
@@ -294,9 +312,11 @@ def main():
             write(a.out / f"{tag}.tokenize.jsonl", tok_rows)
             write(a.out / f"{tag}.greedy.jsonl", greedy_rows)
             meta = {
-                "model_file": model.name,
-                "size": model.stat().st_size,
-                "sha256": sha256(model),
+                "model_file": source.name,
+                "size": source.stat().st_size,
+                "sha256": sha256(source),
+                "reference": "llama.cpp on the F32 dequantization (llama-quantize --allow-requantize FILE OUT F32)"
+                             if a.f32_reference else "llama.cpp on the file",
                 "llama_cpp": version,
                 "add_bos": add_bos,
                 "parse_special": True,

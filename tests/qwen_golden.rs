@@ -40,13 +40,28 @@ struct Qwen {
     var: &'static str,
     name: &'static str,
     file: &'static str,
+    /// The margin rule's bound for the bit-plane path, whose kernels round activations to 8 bits
+    /// (the f32 path keeps [`MARGIN`]). Gemma 3's logits move more under that rounding: against
+    /// llama.cpp's F32 run our planes' top-2 gaps differ by up to 0.62 (llama.cpp's own int8
+    /// activations, on the Q4_K_M file, by up to 1.2).
+    planes_margin: f32,
 }
 
-const QWEN_1_5B: Qwen =
-    Qwen { var: "BITNEST_TEST_QWEN", name: "qwen2.5-coder-1.5b", file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" };
-const QWEN_0_5B: Qwen =
-    Qwen { var: "BITNEST_TEST_QWEN05", name: "qwen2.5-coder-0.5b", file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" };
-const GEMMA3_270M: Qwen = Qwen { var: "BITNEST_TEST_GEMMA", name: "gemma3-270m", file: "gemma-3-270m-q4_k_m.gguf" };
+const QWEN_1_5B: Qwen = Qwen {
+    var: "BITNEST_TEST_QWEN",
+    name: "qwen2.5-coder-1.5b",
+    file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    planes_margin: MARGIN,
+};
+const QWEN_0_5B: Qwen = Qwen {
+    var: "BITNEST_TEST_QWEN05",
+    name: "qwen2.5-coder-0.5b",
+    file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    planes_margin: MARGIN,
+};
+/// Its goldens are llama.cpp's run of the file's F32 dequantization (`--f32-reference`).
+const GEMMA3_270M: Qwen =
+    Qwen { var: "BITNEST_TEST_GEMMA", name: "gemma3-270m", file: "gemma-3-270m-q4_k_m.gguf", planes_margin: 1.0 };
 
 #[derive(Deserialize)]
 struct TokenizeCase {
@@ -174,6 +189,7 @@ fn greedy_matches(q: &Qwen, planes: bool) {
     let Some(path) = q.path() else { return };
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let kind = if planes { "planes" } else { "f32" };
+    let margin = if planes { q.planes_margin } else { MARGIN };
     let t0 = Instant::now();
     let model_path = if planes {
         bitnest::transcode::cached_planes(&path, false).unwrap().expect("a quantized GGUF has a plane transcode")
@@ -212,15 +228,15 @@ fn greedy_matches(q: &Qwen, planes: bool) {
             .map(|i| (row(i)[g.greedy_ids[i] as usize] - row(i)[g.runner_up_ids[i] as usize] - g.margins[i]).abs())
             .fold(0f32, f32::max);
         let tf_bad: Vec<usize> =
-            (0..n).filter(|&i| argmax(row(i)) != g.greedy_ids[i] && g.margins[i] >= MARGIN).collect();
+            (0..n).filter(|&i| argmax(row(i)) != g.greedy_ids[i] && g.margins[i] >= margin).collect();
 
         let same = out.iter().zip(&want).take_while(|(a, b)| a == b).count();
         let verdict = if same == want.len() && out.len() == want.len() {
             format!("{same}/{n} identical")
-        } else if same < want.len() && g.margins[same] < MARGIN {
+        } else if same < want.len() && g.margins[same] < margin {
             format!(
                 "{same}/{n} identical, stopped at {same}: ours {:?}, llama.cpp {} (runner-up {}), llama.cpp margin {:.3} \
-                 < {MARGIN}, ours {:.3}",
+                 < {margin}, ours {:.3}",
                 out.get(same),
                 want[same],
                 g.runner_up_ids[same],
@@ -251,7 +267,7 @@ fn greedy_matches(q: &Qwen, planes: bool) {
         );
         if !tf_bad.is_empty() {
             failures.push(format!(
-                "{} {kind} {}: teacher-forced argmax differs at positions {tf_bad:?} where llama.cpp's margin >= {MARGIN}",
+                "{} {kind} {}: teacher-forced argmax differs at positions {tf_bad:?} where llama.cpp's margin >= {margin}",
                 q.name, g.name
             ));
         }
