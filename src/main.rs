@@ -114,7 +114,8 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         let engine = load(&a.model)?;
         Speculator::new(spec, Arc::new(Mutex::new(TokenRecycler::new(0)))).check(&engine.model)?;
         let ctx = context_size(&engine, Some(a.ctx))?;
-        let slot_bytes = engine.model.new_session(1, 1).kv_bytes() * ctx;
+        let m = &engine.model;
+        let slot_bytes = m.kv_type.cache_bytes(&m.config, &m.key_bias, ctx, a.prefill_chunk.max(1) as usize);
         eprintln!(
             "bitnest serve: {} loaded; KV cache {:.1} MiB per slot, at most {:.1} MiB for {} slots",
             engine.path.display(),
@@ -647,11 +648,12 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let key_bias = source.key_bias(&cfg)?;
     let kv_per_token = kind.bytes_per_token(&cfg, &key_bias);
     println!(
-        "KV cache ({}): {} bytes per token, {:.1} MiB at the trained context of {} tokens",
+        "KV cache ({}): {} bytes per token, {:.1} MiB at the trained context of {} tokens{}",
         kind.name(),
         kv_per_token,
-        (kv_per_token * cfg.max_seq) as f64 / 1048576.0,
-        cfg.max_seq
+        kind.cache_bytes(&cfg, &key_bias, cfg.max_seq, 512) as f64 / 1048576.0,
+        cfg.max_seq,
+        if cfg.sliding_window.is_some() { " (sliding-window layers keep their window only)" } else { "" }
     );
     let wide: Vec<usize> = (0..cfg.n_layers).filter(|&l| kind.for_layer(key_bias[l]).0 != kind.k).collect();
     if !wide.is_empty() {

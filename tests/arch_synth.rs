@@ -8,7 +8,10 @@
 //! must be within 0.5% and greedy continuations identical; each file also quantizes to `.bnest`
 //! and runs at 8 and 4 planes. A Q8_0 Phi-3 file runs through the lossless transcode into bit
 //! planes (its fused tensors cut apart there): greedy identical, perplexity within 2% (the plane
-//! kernels round activations differently from llama.cpp's Q8_0 dot products).
+//! kernels round activations differently from llama.cpp's Q8_0 dot products). Gemma 3 (√width
+//! embeddings, four norms a block, GeGLU, five sliding-window layers of 16 positions with their
+//! own rope base to each global one) likewise, and its windowed caches, whose rows move down as
+//! a sequence outgrows them, give the logits of a cache that keeps every position.
 
 mod common;
 
@@ -119,6 +122,39 @@ fn synthetic_architectures_match_llama_cpp() {
         println!("{arch}: .bnest PPL {p8:.1} at 8 planes, {p4:.1} at 4");
         assert!((p8 - ours).abs() / ours < 0.05, "{arch}: 8 planes {p8} against f32 {ours}");
         assert!(p4.is_finite() && p4 > 1.0, "{arch}: 4 planes {p4}");
+    }
+}
+
+/// Gemma 3's sliding-window layers keep only their window and two passes' worth of positions:
+/// decoding 150 tokens in passes of 1 and 3 through sessions whose windowed caches hold 16 + 2·3
+/// rows (so they move down every few tokens) gives, bit for bit, the logits of one pass over a
+/// cache that holds them all; and a rollback past what a window layer still holds starts over.
+#[test]
+fn sliding_window_caches_move_without_changing_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = make(dir.path(), "gemma3", "gemma3", "f32");
+    let model = bitnest::model::ModelSource::open(&gguf, None).unwrap().load_f32().unwrap();
+    let (n, vocab) = (150, model.config.vocab_size);
+    let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
+    let mut full = model.new_session(n, n);
+    let want = model.forward(&mut full, &tokens, n).unwrap().to_vec();
+    let full_bytes = full.kv_bytes();
+    for step in [1, 3] {
+        let mut s = model.new_session(n, 3);
+        assert!(s.kv_bytes() < full_bytes / 2, "windowed layers hold {} bytes of {full_bytes}", s.kv_bytes());
+        for (i, chunk) in tokens.chunks(step).enumerate() {
+            let got = model.forward(&mut s, chunk, chunk.len()).unwrap();
+            let at = i * step;
+            assert!(
+                got == &want[at * vocab..(at + chunk.len()) * vocab],
+                "passes of {step}: logits of tokens {at}.. differ from the full cache's"
+            );
+        }
+        // Back by one pass: still held. Back by far more: everything is forgotten.
+        assert_eq!(s.truncate(n - 3), n - 3);
+        let got = model.forward(&mut s, &tokens[n - 3..], 3).unwrap();
+        assert!(got == &want[(n - 3) * vocab..], "after a short rollback");
+        assert_eq!(s.truncate(40), 0, "a window layer no longer holds what position 40 needs");
     }
 }
 

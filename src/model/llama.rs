@@ -601,19 +601,21 @@ impl Llama {
         let (hd, kv_dim) = (c.head_dim, c.kv_dim());
         let scale = 1.0 / (hd as f32).sqrt();
         let window = self.blocks[layer].window;
+        // The layer's slot 0 holds position `base` (a sliding-window layer's rows move down).
+        let base = kv.base[layer];
         match &kv.layers[layer] {
             (Side::F16(k), Side::F16(v)) => self.attend_task(at, p, item, window, |g, from, qs, sc| {
                 let head = HeadView { keys: k, values: v, stride: kv_dim, offset: g * hd };
-                attend_group(head.skip(from), scale, qs, sc)
+                attend_group(head.skip(from - base), scale, qs, sc)
             }),
             (Side::F32(k), Side::F32(v)) => self.attend_task(at, p, item, window, |g, from, qs, sc| {
                 let head = HeadView { keys: k, values: v, stride: kv_dim, offset: g * hd };
-                attend_group(head.skip(from), scale, qs, sc)
+                attend_group(head.skip(from - base), scale, qs, sc)
             }),
             // Block formats, or keys and values of different types.
             _ => self.attend_task(at, p, item, window, |g, from, qs, sc| {
                 let (keys, values) = kv.views(layer, g);
-                attend_group_blocks(keys.skip(from), values.skip(from), scale, qs, sc)
+                attend_group_blocks(keys.skip(from - base), values.skip(from - base), scale, qs, sc)
             }),
         }
     }

@@ -126,6 +126,20 @@ impl KvTypes {
     pub fn bytes_per_token(self, c: &LlamaConfig, key_bias: &[f32]) -> usize {
         self.per_layer(c.n_layers, key_bias).iter().map(|&(k, v)| k.bytes(c.kv_dim()) + v.bytes(c.kv_dim())).sum()
     }
+
+    /// Bytes of a session's cache of `capacity` tokens and passes of up to `max_batch`: every
+    /// layer's rows, a sliding-window layer holding only [`window_rows`] of them.
+    pub fn cache_bytes(self, c: &LlamaConfig, key_bias: &[f32], capacity: usize, max_batch: usize) -> usize {
+        let layers = self.per_layer(c.n_layers, key_bias).into_iter().enumerate();
+        let rows = |l: usize| window_rows(c.layer_window(l), capacity, max_batch);
+        layers.map(|(l, (k, v))| rows(l) * (k.bytes(c.kv_dim()) + v.bytes(c.kv_dim()))).sum()
+    }
+}
+
+/// Rows a layer's cache holds in a session of `capacity` tokens whose passes take up to
+/// `max_batch`: all of them, or for a sliding-window layer its window and two passes.
+pub fn window_rows(window: Option<usize>, capacity: usize, max_batch: usize) -> usize {
+    window.map_or(capacity, |w| capacity.min(w + 2 * max_batch))
 }
 
 /// Keys or values of one layer, `capacity × kv_dim` elements, in one format. Block formats
@@ -148,10 +162,23 @@ pub(super) enum Side {
 }
 
 /// Keys and values of every layer, each layer in the formats [`KvTypes::for_layer`] gives it.
+///
+/// A sliding-window layer keeps only the positions its window can still need: `rows[l]` slots
+/// (its window plus two passes' worth, fewer than the session's capacity), slot 0 holding
+/// position `base[l]`. When a pass would run past its last slot, the layer's rows move down so
+/// that the window of the pass's first token, and one more pass before it (the most a draft
+/// rolls back), stay ([`KvCache::make_room`]).
 pub(super) struct KvCache {
     /// Per layer: keys, values.
     pub(super) layers: Vec<(Side, Side)>,
-    capacity: usize,
+    /// Per layer: slots held (the capacity, or less for a sliding-window layer).
+    rows: Vec<usize>,
+    /// Per layer: the position in slot 0.
+    pub(super) base: Vec<usize>,
+    /// Per layer: the window of a sliding-window layer.
+    windows: Vec<Option<usize>>,
+    /// Most tokens one pass stores.
+    max_batch: usize,
     kv_dim: usize,
     head_dim: usize,
 }
@@ -246,10 +273,50 @@ impl Side {
 }
 
 impl KvCache {
-    fn new(t: &[(KvType, KvType)], capacity: usize, kv_dim: usize, head_dim: usize) -> KvCache {
-        let len = capacity * kv_dim;
-        let layers = t.iter().map(|&(k, v)| (Side::new(k, len, true), Side::new(v, len, false))).collect();
-        KvCache { layers, capacity, kv_dim, head_dim }
+    fn new(t: &[(KvType, KvType)], c: &LlamaConfig, capacity: usize, max_batch: usize) -> KvCache {
+        let (kv_dim, head_dim) = (c.kv_dim(), c.head_dim);
+        let windows: Vec<Option<usize>> = (0..t.len()).map(|l| c.layer_window(l)).collect();
+        let rows: Vec<usize> = windows.iter().map(|&w| window_rows(w, capacity, max_batch)).collect();
+        let layers = t
+            .iter()
+            .zip(&rows)
+            .map(|(&(k, v), &r)| (Side::new(k, r * kv_dim, true), Side::new(v, r * kv_dim, false)))
+            .collect();
+        KvCache { layers, base: vec![0; t.len()], rows, windows, max_batch, kv_dim, head_dim }
+    }
+
+    /// Makes layer `l` ready to store `n` positions from `p0` on, for queries from `p0` on:
+    /// a sliding-window layer that would run past its slots moves its rows down, keeping the
+    /// positions from `p0 + 1 − window − max_batch` on.
+    fn make_room(&mut self, l: usize, p0: usize, n: usize) {
+        let (rows, base) = (self.rows[l], self.base[l]);
+        let Some(w) = self.windows[l] else { return };
+        if p0 + n <= base + rows {
+            return;
+        }
+        let keep_from = (p0 + 1).saturating_sub(w + self.max_batch).max(base);
+        assert!(
+            p0 + n - keep_from <= rows,
+            "a pass of {n} tokens exceeds the sliding-window cache's {rows} slots (batch {})",
+            self.max_batch
+        );
+        let (d, shift) = (self.kv_dim, keep_from - base);
+        let (k, v) = &mut self.layers[l];
+        for slot in shift..(p0 - base).min(rows) {
+            k.copy_row(slot, slot - shift, d, rows, true);
+            v.copy_row(slot, slot - shift, d, rows, false);
+        }
+        self.base[l] = keep_from;
+    }
+
+    /// Whether every layer still holds what a sequence continued at position `pos` needs.
+    fn holds(&self, pos: usize) -> bool {
+        self.windows.iter().zip(&self.base).all(|(w, &b)| w.is_none_or(|w| b <= (pos + 1).saturating_sub(w)))
+    }
+
+    /// Forgets everything: every layer starts again at position 0.
+    fn clear(&mut self) {
+        self.base.iter_mut().for_each(|b| *b = 0);
     }
 
     fn bytes(&self) -> usize {
@@ -259,26 +326,28 @@ impl KvCache {
     /// Stores `keys` and `values` (whole rows of `kv_dim` floats each) of layer `l` at the
     /// positions from `p0` on.
     pub(super) fn store(&mut self, l: usize, p0: usize, keys: &[f32], values: &[f32]) {
-        let (d, cap, hd) = (self.kv_dim, self.capacity, self.head_dim);
+        let d = self.kv_dim;
+        self.make_room(l, p0, keys.len() / d);
+        let (cap, hd, base) = (self.rows[l], self.head_dim, self.base[l]);
         let (k, v) = &mut self.layers[l];
         for (r, (kr, vr)) in keys.chunks_exact(d).zip(values.chunks_exact(d)).enumerate() {
-            k.store(p0 + r, kr, hd, cap, true);
-            v.store(p0 + r, vr, hd, cap, false);
+            k.store(p0 + r - base, kr, hd, cap, true);
+            v.store(p0 + r - base, vr, hd, cap, false);
         }
     }
 
     /// Copies position `from`'s keys and values to position `to`, in every layer.
     fn copy_position(&mut self, from: usize, to: usize) {
-        let (d, cap) = (self.kv_dim, self.capacity);
-        for (k, v) in &mut self.layers {
-            k.copy_row(from, to, d, cap, true);
-            v.copy_row(from, to, d, cap, false);
+        let d = self.kv_dim;
+        for (((k, v), &cap), &base) in self.layers.iter_mut().zip(&self.rows).zip(&self.base) {
+            k.copy_row(from - base, to - base, d, cap, true);
+            v.copy_row(from - base, to - base, d, cap, false);
         }
     }
 
     /// KV head `g` of layer `l`: its keys and values as the block kernel reads them.
     pub(super) fn views(&self, l: usize, g: usize) -> (blocks::KeyView<'_>, blocks::ValueView<'_>) {
-        let (cap, hd) = (self.capacity, self.head_dim);
+        let (cap, hd) = (self.rows[l], self.head_dim);
         let (stride, offset) = (self.kv_dim, g * hd);
         let head_steps = g * hd / BLOCK * cap..;
         let keys = match &self.layers[l].0 {
@@ -411,7 +480,7 @@ impl Session {
             pos: 0,
             capacity,
             max_batch,
-            kv: KvCache::new(kind, capacity, c.kv_dim(), c.head_dim),
+            kv: KvCache::new(kind, c, capacity, max_batch),
             tree_slots: Vec::new(),
             tree_off: Vec::with_capacity(if buffers { max_batch + 1 } else { 0 }),
             scratch: if buffers { Scratch::new(c, max_batch) } else { Scratch::default() },
@@ -425,10 +494,17 @@ impl Session {
     /// Forgets the sequence; the buffers are kept.
     pub fn reset(&mut self) {
         self.pos = 0;
+        self.kv.clear();
     }
-    /// Drops the tail of the sequence after `pos` (the cache beyond it is simply overwritten).
-    pub fn truncate(&mut self, pos: usize) {
+    /// Drops the tail of the sequence after `pos` (the cache beyond it is simply overwritten)
+    /// and returns where the sequence now ends: `pos`, or 0 where a sliding-window layer has
+    /// already let go of positions that continuing at `pos` needs (then all is forgotten).
+    pub fn truncate(&mut self, pos: usize) -> usize {
         self.pos = self.pos.min(pos);
+        if !self.kv.holds(self.pos) {
+            self.reset();
+        }
+        self.pos
     }
     /// Largest number of tokens (or tree nodes) one pass takes.
     pub fn max_batch(&self) -> usize {
