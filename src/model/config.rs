@@ -32,6 +32,10 @@ pub struct LlamaConfig {
     /// Local (sliding-window) layers, for architectures that interleave them with global ones.
     #[serde(default)]
     pub sliding_window: Option<LocalLayers>,
+    /// The factor on q·k where it is not 1/√head_dim: Gemma 3 27B's 1/√(width ÷ heads), which
+    /// llama.cpp picks by its 62 layers (a `config.json` says `query_pre_attn_scalar`).
+    #[serde(default)]
+    pub query_scale: Option<f32>,
 }
 
 /// Which layers attend to a window only, how far, and with which rope base.
@@ -59,11 +63,15 @@ pub struct RopeScaling {
     /// `rope_freqs` tensor instead).
     #[serde(default)]
     pub llama3: Option<Llama3Rope>,
+    /// Linear position scaling (`rope.scaling.type` = `linear`: positions ÷ `factor`) of the
+    /// global layers (Gemma 3 4B and larger; every layer of a model without local ones).
+    #[serde(default)]
+    pub linear: Option<f32>,
 }
 
 impl Default for RopeScaling {
     fn default() -> Self {
-        RopeScaling { original_ctx: None, attn_factor: 1.0, llama3: None }
+        RopeScaling { original_ctx: None, attn_factor: 1.0, llama3: None, linear: None }
     }
 }
 
@@ -124,8 +132,13 @@ fn hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
             );
             Ok(RopeScaling { llama3: Some(l), ..RopeScaling::default() })
         }
+        "linear" => {
+            let f = num("factor", 1.0);
+            ensure!(f.is_finite() && f > 0.0, "config.json: rope_scaling {rs} has no valid factor");
+            Ok(RopeScaling { linear: (f != 1.0).then_some(f as f32), ..RopeScaling::default() })
+        }
         other => bail!(
-            "config.json: rope scaling {other:?} is not supported from safetensors yet (llama3 is; a GGUF \
+            "config.json: rope scaling {other:?} is not supported from safetensors yet (llama3 and linear are; a GGUF \
              conversion carries the others as tensors bitnest reads)"
         ),
     }
@@ -192,6 +205,10 @@ impl LlamaConfig {
                 original_ctx: int("rope.scaling.original_context_length").ok(),
                 attn_factor: float("rope.scaling.attn_factor").unwrap_or(1.0) as f32,
                 llama3: None,
+                linear: match g.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.as_str()) {
+                    Some("linear") => float("rope.scaling.factor").map(|f| f as f32).filter(|&f| f != 1.0),
+                    _ => None,
+                },
             },
             sliding_window: match (spec.sliding_window, int("attention.sliding_window")) {
                 (Some(sw), Ok(window)) if window > 0 => Some(LocalLayers {
@@ -201,6 +218,7 @@ impl LlamaConfig {
                 }),
                 _ => None,
             },
+            query_scale: (arch == "gemma3" && int("block_count")? == 62).then(|| 1.0 / ((dim / n_heads) as f32).sqrt()),
             arch,
         };
         cfg.validate()?;
@@ -247,6 +265,7 @@ impl LlamaConfig {
                 }),
                 _ => None,
             },
+            query_scale: v.get("query_pre_attn_scalar").and_then(|x| x.as_f64()).map(|q| 1.0 / (q as f32).sqrt()),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -281,6 +300,12 @@ impl LlamaConfig {
                 sw.period
             );
             ensure!(sw.rope_base.is_finite() && sw.rope_base > 0.0, "local RoPE base {} is not positive", sw.rope_base);
+        }
+        if let Some(q) = c.query_scale {
+            ensure!(q.is_finite() && q > 0.0, "query scale {q} is not positive");
+        }
+        if let Some(f) = c.rope_scaling.linear {
+            ensure!(f.is_finite() && f > 0.0, "linear rope scaling factor {f} is not positive");
         }
         let a = c.rope_scaling.attn_factor;
         ensure!(a.is_finite() && a > 0.0, "rope scaling attn_factor {a} is not positive");

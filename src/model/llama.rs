@@ -599,7 +599,7 @@ impl Llama {
     fn attend_item(&self, kv: &KvCache, layer: usize, at: &AttendAt, p: &AttendPlan, item: usize) {
         let c = &self.config;
         let (hd, kv_dim) = (c.head_dim, c.kv_dim());
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = c.query_scale.unwrap_or(1.0 / (hd as f32).sqrt());
         let window = self.blocks[layer].window;
         // The layer's slot 0 holds position `base` (a sliding-window layer's rows move down).
         let base = kv.base[layer];

@@ -564,6 +564,7 @@ mod tests {
             rope_style: Default::default(),
             rope_scaling: Default::default(),
             sliding_window: None,
+            query_scale: None,
         };
         let n = c.kv_dim();
         assert_eq!(q4h.bytes_per_token(&c, &[0.0, 0.0]), 4 * KvType::Q4H.bytes(n));

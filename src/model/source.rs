@@ -323,6 +323,8 @@ impl ModelSource {
             Some(f) => Some(f),
             None => cfg.rope_scaling.llama3.map(|l| l.factors(cfg.head_dim, cfg.rope_base)),
         };
+        // Linear scaling divides every frequency by its factor (the local layers keep theirs).
+        let freqs = freqs.or_else(|| cfg.rope_scaling.linear.map(|f| vec![f; half]));
         let short = opt_bias("rope_factors_short.weight", half)?;
         let long = opt_bias("rope_factors_long.weight", half)?;
         let rope = rope_with(freqs.as_deref().or(short.as_deref()));
