@@ -121,6 +121,26 @@ fn qwen2_gguf_and_safetensors_give_identical_logits() {
     assert_eq!(logits(&gguf), logits(&hf));
 }
 
+/// Qwen3 (q/k head norms, a head size from `head_dim`), Llama 3.1 (`rope_scaling` of type
+/// `llama3` in `config.json` against the GGUF's `rope_freqs` tensor) and Phi-3 (`qkv_proj` and
+/// `gate_up_proj` cut apart) from safetensors give, bit for bit, the logits of the same weights
+/// as GGUF, the form `tests/arch_synth.rs` proves against llama.cpp.
+#[test]
+fn newer_architectures_from_safetensors_equal_their_gguf() {
+    for arch in ["qwen3", "llama3", "phi3"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (gguf, hf) = common::write_tiny_model(dir.path(), arch);
+        let (a, b) = (logits(&gguf), logits(&hf));
+        assert_eq!(a.len(), TOKENS.len() * 128, "{arch}");
+        assert!(a == b, "{arch}: safetensors and GGUF logits differ");
+    }
+    // The rope scaling matters: without it the Llama 3.1 logits are not these.
+    let dir = tempfile::tempdir().unwrap();
+    let (scaled, _) = common::write_tiny_model(dir.path(), "llama3");
+    let (plain, _) = common::write_tiny_model(dir.path(), "llama");
+    assert!(logits(&scaled) != logits(&plain), "llama3 rope scaling changed nothing");
+}
+
 fn check_against_reference(arch: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (gguf, hf) = common::write_tiny_model(dir.path(), arch);

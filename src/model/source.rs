@@ -124,7 +124,10 @@ impl ModelSource {
                 let Some(hf) = hf_name(name) else {
                     return Ok(None);
                 };
-                let Some((shape, data)) = d.tensor_f32(&hf)? else {
+                let Some((shape, data)) = (match d.tensor_f32(&hf)? {
+                    Some(t) => Some(t),
+                    None => hf_fused_part(d, name, cfg)?,
+                }) else {
                     return Ok(None);
                 };
                 // Hugging Face stores Q/K rows in rotate-half order; architectures whose GGUF
@@ -350,6 +353,28 @@ impl ModelSource {
             state: Default::default(),
         })
     }
+}
+
+/// A part of a tensor a Hugging Face checkpoint stores fused (Phi-3: `self_attn.qkv_proj` holds
+/// q, k and v; `mlp.gate_up_proj` the gate then the up projection), cut out of it.
+fn hf_fused_part(d: &SafetensorsDir, name: &str, cfg: &LlamaConfig) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+    let Some((layer, rest)) = name.strip_prefix("blk.").and_then(|n| n.split_once('.')) else { return Ok(None) };
+    let Some((part, kind)) = rest.split_once('.') else { return Ok(None) };
+    let (q, kv, f) = (cfg.n_heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn_dim);
+    let (fused, total, rows) = match part {
+        "attn_q" => ("self_attn.qkv_proj", q + 2 * kv, 0..q),
+        "attn_k" => ("self_attn.qkv_proj", q + 2 * kv, q..q + kv),
+        "attn_v" => ("self_attn.qkv_proj", q + 2 * kv, q + kv..q + 2 * kv),
+        "ffn_gate" => ("mlp.gate_up_proj", 2 * f, 0..f),
+        "ffn_up" => ("mlp.gate_up_proj", 2 * f, f..2 * f),
+        _ => return Ok(None),
+    };
+    let hf = format!("model.layers.{layer}.{fused}.{kind}");
+    let Some((mut shape, data)) = d.tensor_f32(&hf)? else { return Ok(None) };
+    ensure!(shape.first() == Some(&total), "tensor {hf} has shape {shape:?}, not the {total} rows the config gives");
+    let cols: usize = shape[1..].iter().product();
+    shape[0] = rows.len();
+    Ok(Some((shape, data[rows.start * cols..rows.end * cols].to_vec())))
 }
 
 /// A GGUF tensor as the model's tensors: itself, or for a fused one ([`fused_part`]) its parts,
