@@ -158,6 +158,47 @@ fn sliding_window_caches_move_without_changing_logits() {
     }
 }
 
+/// Pre-tokenizers no real vocabulary here uses, proven on a borrowed one: SmolLM2's vocabulary
+/// and merges under Llama 3's `llama-bpe` split give llama-tokenize's ids on the 42 tokenization
+/// texts of the real-model goldens (`tests/golden/pre_tokenizers.json`, made by
+/// `tests/synth/pre_tokenizer_goldens.py`), and differ from SmolLM2's own split on some.
+#[test]
+fn pre_tokenizers_match_llama_tokenize() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/pre_tokenizers.json");
+    let g: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let own = bitnest::tokenizer::Tokenizer::from_gguf(
+        &bitnest::format::gguf::GgufFile::open(&common::model_path()).unwrap(),
+    )
+    .unwrap();
+    for (pre, rows) in g["pre"].as_object().unwrap() {
+        let out = dir.path().join(format!("{pre}.gguf"));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/synth/make_gguf.py");
+        let r = Command::new("python3")
+            .arg(script)
+            .args(["--arch", "llama3", "--pre", pre, "--tokenizer-from"])
+            .arg(common::model_path())
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("run python3");
+        assert!(r.status.success(), "make_gguf.py: {}", String::from_utf8_lossy(&r.stderr));
+        let tok =
+            bitnest::tokenizer::Tokenizer::from_gguf(&bitnest::format::gguf::GgufFile::open(&out).unwrap()).unwrap();
+        let (mut same, mut differs_from_own) = (0, 0);
+        for row in rows.as_array().unwrap() {
+            let text = row["text"].as_str().unwrap();
+            let want: Vec<u32> = row["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let got = tok.encode(text, true).unwrap();
+            assert_eq!(got, want, "{pre}: {:?}", row["name"]);
+            same += 1;
+            differs_from_own += (own.encode(text, true).unwrap() != want) as usize;
+        }
+        println!("{pre}: {same} texts as llama-tokenize; {differs_from_own} of them split unlike SmolLM2's own");
+        assert!(differs_from_own > 0, "{pre}: the split never mattered");
+    }
+}
+
 /// A GGUF of an architecture bitnest does not run names it and the ones it does.
 #[test]
 fn unsupported_architectures_name_the_supported_ones() {

@@ -41,11 +41,13 @@ TOKENIZER_KEYS = {
 }
 
 
-def copy_tokenizer(src, w):
+def copy_tokenizer(src, w, pre=None):
     r = GGUFReader(src)
     for key, method in TOKENIZER_KEYS.items():
         f = r.fields.get(key)
-        if f is not None:
+        if key == "tokenizer.ggml.pre" and pre is not None:
+            w.add_tokenizer_pre(pre)
+        elif f is not None:
             getattr(w, method)(f.contents())
     return len(r.fields["tokenizer.ggml.tokens"].contents())
 
@@ -73,6 +75,7 @@ def main():
     ap.add_argument("--tokenizer-from", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=20261207)
+    ap.add_argument("--pre", help="the tokenizer's pre-tokenizer name instead of the borrowed one's (e.g. llama-bpe)")
     ap.add_argument("--type", choices=["f32", "q8_0"], default="f32",
                     help="encoding of the matrices (q8_0: llama.cpp's blocks, which bitnest transcodes)")
     a = ap.parse_args()
@@ -98,7 +101,7 @@ def main():
                 w.add_tensor(name, t)
     # (Not the architecture's name: llama.cpp keys vocabulary quirks on "phi3" in it.)
     w.add_name("synthetic test model")
-    vocab = copy_tokenizer(a.tokenizer_from, w)
+    vocab = copy_tokenizer(a.tokenizer_from, w, a.pre)
     w.add_block_count(n_layers)
     w.add_context_length(4096)
     w.add_embedding_length(dim)
