@@ -297,6 +297,13 @@ impl Llama {
             if spans[..i].iter().any(|o| std::ptr::eq(&*o.session, &*sp.session)) {
                 anyhow::bail!("two spans of one batched pass share a session");
             }
+            // Sliding-window caches hold the window and two passes of the session's size.
+            ensure!(
+                self.config.sliding_window.is_none() || sp.tokens.len() <= sp.session.max_batch(),
+                "a span of {} tokens exceeds its session's batch size {}",
+                sp.tokens.len(),
+                sp.session.max_batch()
+            );
             match sp.kind {
                 SpanKind::Run { logits } => {
                     ensure!(logits <= sp.tokens.len(), "asked for {logits} logit rows from {} tokens", sp.tokens.len())
