@@ -21,10 +21,9 @@ unset); --llama-bin to $LLAMA_BIN, else $BITNEST_CACHE/llama.cpp/bin.
 """
 
 import argparse
-import hashlib
+import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -67,19 +66,16 @@ TEXTS = [
 ]
 
 
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True)
-    if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr.decode(errors='replace')[-3000:]}")
-    return r
+def _goldens():
+    """bench/make-qwen-goldens.py, for its `run` and `sha256` helpers."""
+    spec = importlib.util.spec_from_file_location("qwen_goldens", Path(__file__).with_name("make-qwen-goldens.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+_G = _goldens()
+run, sha256 = _G.run, _G.sha256
 
 
 def main():

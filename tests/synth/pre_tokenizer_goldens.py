@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRES = ["llama-bpe"]
@@ -39,9 +40,7 @@ def main():
                 f = os.path.join(tmp, "text.txt")
                 with open(f, "wb") as g:
                     g.write(text.encode())
-                r = subprocess.run([os.path.join(a.llama_bin, "llama-tokenize"), "-m", path, "-f", f, "--no-escape",
-                                    "--ids", "--log-disable"], capture_output=True, check=True)
-                rows.append({"name": name, "text": text, "ids": json.loads(r.stdout.decode().strip().splitlines()[-1])})
+                rows.append({"name": name, "text": text, "ids": goldens.tokenize(Path(a.llama_bin), path, f)})
             out["pre"][pre] = rows
             print(pre, len(rows), "texts")
     path = os.path.join(ROOT, "tests/golden/pre_tokenizers.json")
