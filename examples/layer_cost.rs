@@ -26,9 +26,9 @@ fn main() -> anyhow::Result<()> {
         ("k", |b| &*b.wk),
         ("v", |b| &*b.wv),
         ("o", |b| &*b.wo),
-        ("gate", |b| &*b.w_gate),
-        ("up", |b| &*b.w_up),
-        ("down", |b| &*b.w_down),
+        ("gate", |b| &*b.ffn.dense().expect("a dense model").gate),
+        ("up", |b| &*b.ffn.dense().expect("a dense model").up),
+        ("down", |b| &*b.ffn.dense().expect("a dense model").down),
     ];
     let (reps, rounds) = (5, 8);
     let mut tot_cache = 0.0;

@@ -19,7 +19,8 @@ fn main() -> anyhow::Result<()> {
     let b = &engine.model.blocks[0];
     // The scalar reference is a hundred times slower and not a decode path.
     let paths: Vec<Isa> = Isa::available().into_iter().filter(|&p| p != Isa::Scalar).collect();
-    for (name, layer) in [("q 576x576", &b.wq), ("gate 1536x576", &b.w_gate), ("down 576x1536", &b.w_down)] {
+    let mlp = b.ffn.dense().expect("a dense model");
+    for (name, layer) in [("q 576x576", &b.wq), ("gate 1536x576", &mlp.gate), ("down 576x1536", &mlp.down)] {
         let lin = layer.as_planes().expect("a bit-plane model");
         let x: Vec<f32> = (0..n * lin.in_dim()).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
         let mut y = vec![0f32; n * lin.out_dim()];

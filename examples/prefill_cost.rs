@@ -30,9 +30,9 @@ fn main() -> anyhow::Result<()> {
             ("k", &*b.wk),
             ("v", &*b.wv),
             ("o", &*b.wo),
-            ("gate", &*b.w_gate),
-            ("up", &*b.w_up),
-            ("down", &*b.w_down),
+            ("gate", &*b.ffn.dense().expect("a dense model").gate),
+            ("up", &*b.ffn.dense().expect("a dense model").up),
+            ("down", &*b.ffn.dense().expect("a dense model").down),
         ];
         for (name, l) in layers {
             let x: Vec<f32> = (0..n * l.in_dim()).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();

@@ -317,8 +317,8 @@ fn time_on_cpu(a: &AccelArgs, cost: &Cost, phase: Phase, ctx: usize) -> Result<C
     let n = if phase == Phase::Decode { 1 } else { ctx };
     let mut layers: Vec<(Option<usize>, &dyn Linear)> = Vec::new();
     for (l, b) in m.blocks.iter().enumerate() {
-        for w in [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down] {
-            layers.push((Some(l), &**w));
+        for (_, w) in b.linears() {
+            layers.push((Some(l), w));
         }
     }
     layers.push((None, &*m.head));

@@ -13,7 +13,8 @@ use crate::model::ModelSource;
 use crate::quant::{BitPlanes, QuantConfig};
 
 /// Tensor names of a llama-family model, matrices first marked as such.
-fn tensor_names(n_layers: usize, has_output: bool) -> Vec<(String, bool)> {
+fn tensor_names(c: &crate::model::LlamaConfig, has_output: bool) -> Vec<(String, bool)> {
+    let n_layers = c.n_layers;
     let mut v = vec![("token_embd.weight".to_string(), true)];
     if has_output {
         v.push(("output.weight".into(), true));
@@ -23,8 +24,21 @@ fn tensor_names(n_layers: usize, has_output: bool) -> Vec<(String, bool)> {
         v.push((format!("{r}.weight"), false));
     }
     for l in 0..n_layers {
-        for m in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
+        for m in ["attn_q", "attn_k", "attn_v", "attn_output"] {
             v.push((format!("blk.{l}.{m}.weight"), true));
+        }
+        // The MLP, or a mixture's experts (each its own matrix, so that a token reads only its
+        // experts' planes) and shared expert; routers stay f32 (a few kB, and a token's choice
+        // of experts should not depend on the precision read).
+        let mlp = |suffix: &str| ["ffn_gate", "ffn_up", "ffn_down"].map(|m| (format!("blk.{l}.{m}{suffix}.weight"), true));
+        match c.moe {
+            None => v.extend(mlp("")),
+            Some(moe) => {
+                (0..moe.experts).for_each(|e| v.extend(mlp(&format!(".{e}"))));
+                v.extend(mlp("_shexp"));
+                v.push((format!("blk.{l}.ffn_gate_inp.weight"), false));
+                v.push((format!("blk.{l}.ffn_gate_inp_shexp.weight"), false));
+            }
         }
         for b in ["attn_q", "attn_k", "attn_v"] {
             v.push((format!("blk.{l}.{b}.bias"), false));
@@ -111,16 +125,7 @@ pub fn calibrate_tokens(source: &ModelSource, ids: &[u32]) -> Result<Importance>
         Arc::new(Tap { inner, seen })
     };
     for (l, b) in model.blocks.iter_mut().enumerate() {
-        let slots = [
-            (&mut b.wq, "attn_q"),
-            (&mut b.wk, "attn_k"),
-            (&mut b.wv, "attn_v"),
-            (&mut b.wo, "attn_output"),
-            (&mut b.w_gate, "ffn_gate"),
-            (&mut b.w_up, "ffn_up"),
-            (&mut b.w_down, "ffn_down"),
-        ];
-        for (slot, name) in slots {
+        for (name, slot) in b.linears_mut() {
             let inner: Arc<dyn Linear> =
                 Arc::from(std::mem::replace(slot, Box::new(crate::kernels::DenseF32::new(&[], 0, 0, None))));
             let t = tap(inner, vec![format!("blk.{l}.{name}.weight")]);
@@ -199,7 +204,7 @@ pub fn quantize_model_with(
     cfg.validate()?;
     let config = source.config()?;
     let tokenizer = source.tokenizer()?.to_embedded()?;
-    let names: Vec<(String, bool)> = tensor_names(config.n_layers, source.has_tensor("output.weight"))
+    let names: Vec<(String, bool)> = tensor_names(&config, source.has_tensor("output.weight"))
         .into_iter()
         .filter(|(n, _)| source.has_tensor(n))
         .collect();

@@ -26,23 +26,7 @@ fn golden() -> serde_json::Value {
 }
 
 fn make(dir: &Path, name: &str, arch: &str, ty: &str) -> PathBuf {
-    let out = dir.join(format!("{name}.gguf"));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/synth/make_gguf.py");
-    let r = Command::new("python3")
-        .arg(script)
-        .args(["--arch", arch, "--type", ty, "--tokenizer-from"])
-        .arg(common::model_path())
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run python3");
-    assert!(
-        r.status.success(),
-        "tests/synth/make_gguf.py failed (it needs the `gguf` and `numpy` packages: \
-         python3 -m pip install gguf numpy; .ci/run does this): {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    out
+    common::synth_gguf(dir, name, arch, ty)
 }
 
 fn bitnest_json(args: &[&std::ffi::OsStr]) -> serde_json::Value {

@@ -119,7 +119,7 @@ fn two_level_four_bit_file_stays_under_budget_and_close() {
     assert!(bpw <= 4.5, "{bpw} bits per weight");
     let e = Engine::load(&out, Some(BitsPlan::uniform(Some(4)))).unwrap();
     for b in &e.model.blocks {
-        for l in [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down] {
+        for (_, l) in b.linears() {
             assert!(l.format_name().ends_with("g576/32"), "{}", l.format_name());
         }
     }

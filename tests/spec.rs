@@ -161,7 +161,7 @@ fn tiny_models(dir: &std::path::Path) -> (Llama, Llama) {
         PlaneLinear::from_bitplanes(&BitPlanes::quantize(&w, rows, cols, &cfg).unwrap(), 8).unwrap()
     };
     for b in &mut planes.blocks {
-        for l in [&mut b.wq, &mut b.wk, &mut b.wv, &mut b.wo, &mut b.w_gate, &mut b.w_up, &mut b.w_down] {
+        for (_, l) in b.linears_mut() {
             *l = Box::new(convert(l.as_ref()));
         }
     }

@@ -501,6 +501,7 @@ mod tests {
             rope_scaling: Default::default(),
             sliding_window: None,
             query_scale: None,
+            moe: None,
         }
     }
 

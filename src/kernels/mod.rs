@@ -43,6 +43,12 @@ pub trait Linear: Send + Sync {
     /// Decodes weight row `i` into `out` (`in_dim` values): the embedding lookup of a table
     /// stored as a layer, which tied heads share.
     fn row(&self, i: usize, out: &mut [f32]);
+    /// How many times the kernel has streamed this layer's weights so far (one pass over all
+    /// of them serves every token of a call, up to the kernel's token chunk), for the formats
+    /// that count: what proves that a mixture's batched pass reads each chosen expert once.
+    fn weight_sweeps(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// `ys[i] = layers[i]·x` for layers that read the same input, each at most `max_bits` planes

@@ -200,6 +200,8 @@ pub struct PlaneLinear {
     /// two-level layers on CPUs whose best path is [`Isa::Avx512Gfni`].
     quads: Option<QuadPlanes>,
     bias: Option<Vec<f32>>,
+    /// Passes over the planes so far ([`Linear::weight_sweeps`]).
+    sweeps: std::sync::atomic::AtomicU64,
 }
 
 /// Why a plane tensor cannot use this kernel (it then falls back to f32). `sub` is the
@@ -285,6 +287,7 @@ impl PlaneLinear {
             sub: None,
             quads: None,
             bias: None,
+            sweeps: Default::default(),
         };
         match sub {
             Some(sub) => l.with_sub(sub),
@@ -412,6 +415,8 @@ impl PlaneLinear {
             assert!(l.cols == cols && l.group == group, "layers sharing an input have its width and group size");
             assert!(r >= 1 && r <= l.master_bits, "cannot read {r} planes of {}", l.master_bits);
             assert!(x.len() >= n * cols && y.len() >= n * l.rows);
+            // One pass over every tile of the layer follows, for all n tokens.
+            l.sweeps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         ACTS.with_borrow_mut(|acts| {
             // Each form only where a layer reads it (a shared input has one kind in practice).
@@ -527,6 +532,9 @@ impl Linear for PlaneLinear {
     }
     fn row(&self, i: usize, out: &mut [f32]) {
         self.row_at(i, out, self.bits);
+    }
+    fn weight_sweeps(&self) -> Option<u64> {
+        Some(self.sweeps.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 

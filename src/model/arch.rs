@@ -60,6 +60,24 @@ pub struct Arch {
     /// The chat template to use when a file carries none (llama.cpp would fall back to ChatML,
     /// which models of this family were never trained on).
     pub chat_template: Option<&'static str>,
+    /// How its mixture-of-experts blocks route, for architectures that have them (`llama` has
+    /// them when its file has `expert_count`: Mixtral).
+    pub experts: Option<Routing>,
+}
+
+/// How an architecture's router turns its logits into expert weights (llama.cpp's
+/// `build_moe_ffn` arguments for it): softmax over all experts, the top k kept, and then
+/// either renormalized to sum to 1 or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routing {
+    /// The k weights are divided by their sum (Mixtral, Qwen3-MoE), or kept as softmax
+    /// probabilities over all experts (Qwen2-MoE, OLMoE).
+    pub renormalize: bool,
+    /// Whether every block must be a mixture (Qwen-MoE, OLMoE); `llama` may be either.
+    pub required: bool,
+    /// A shared expert that every token also runs, gated by σ(w·x) (Qwen2-MoE:
+    /// `ffn_{gate,up,down}_shexp` and `ffn_gate_inp_shexp`).
+    pub shared_expert: bool,
 }
 
 /// The llama conventions, which most entries share.
@@ -71,6 +89,7 @@ const LLAMA: Arch = Arch {
     ffn_act: FfnAct::Silu,
     sliding_window: None,
     chat_template: None,
+    experts: Some(Routing { renormalize: true, required: false, shared_expert: false }),
 };
 
 /// Gemma 3's own chat template (string contents only): a system message is folded into the
@@ -93,16 +112,16 @@ const GEMMA_TEMPLATE: &str = r#"{{ bos_token }}
 /// Every architecture bitnest runs.
 pub const ARCHS: &[Arch] = &[
     LLAMA,
-    Arch { name: "mistral", hf_names: &["MistralForCausalLM", "mistral"], ..LLAMA },
-    Arch { name: "qwen2", hf_names: &["Qwen2ForCausalLM", "qwen2"], rope: RopeStyle::Neox, ..LLAMA },
+    Arch { name: "mistral", hf_names: &["MistralForCausalLM", "mistral"], experts: None, ..LLAMA },
+    Arch { name: "qwen2", hf_names: &["Qwen2ForCausalLM", "qwen2"], rope: RopeStyle::Neox, experts: None, ..LLAMA },
     // Qwen2 without the q/k/v biases, with an RMS norm of each query and key head before RoPE
     // (`attn_q_norm`, `attn_k_norm`: loaded wherever a file has them) and a head size of its
     // own (`attention.key_length`, 128 on every Qwen3, whatever the width).
-    Arch { name: "qwen3", hf_names: &["Qwen3ForCausalLM", "qwen3"], rope: RopeStyle::Neox, ..LLAMA },
+    Arch { name: "qwen3", hf_names: &["Qwen3ForCausalLM", "qwen3"], rope: RopeStyle::Neox, experts: None, ..LLAMA },
     // Llama's block with q, k, v in one `attn_qkv` and gate and up in one `ffn_up` (cut apart
     // at load, `source::fused_part`), and LongRoPE (`rope_factors_short`/`_long`, chosen by a
     // session's context against `rope.scaling.original_context_length`; `attn_factor`).
-    Arch { name: "phi3", hf_names: &["Phi3ForCausalLM", "phi3"], rope: RopeStyle::Neox, ..LLAMA },
+    Arch { name: "phi3", hf_names: &["Phi3ForCausalLM", "phi3"], rope: RopeStyle::Neox, experts: None, ..LLAMA },
     // Embeddings × √width; q/k head norms; a norm after attention and after the FFN as well as
     // before them (`post_attention_norm`, `post_ffw_norm`: loaded wherever a file has them);
     // GeGLU; five sliding-window layers (rope base 10,000) to each global one (`rope.freq_base`),
@@ -117,6 +136,34 @@ pub const ARCHS: &[Arch] = &[
         ffn_act: FfnAct::GeluTanh,
         sliding_window: Some(SlidingWindow { period: 6, rope_base: 10_000.0 }),
         chat_template: Some(GEMMA_TEMPLATE),
+        experts: None,
+    },
+    // Mixtures of experts. Qwen2-MoE: Qwen2's attention (q/k/v biases); softmax weights of the
+    // top k kept as they are; a shared expert gated by σ(`ffn_gate_inp_shexp`·x) beside them.
+    // Not from safetensors yet (their experts are named per expert, unlike Llama's MLP).
+    Arch {
+        name: "qwen2moe",
+        hf_names: &[],
+        rope: RopeStyle::Neox,
+        experts: Some(Routing { renormalize: false, required: true, shared_expert: true }),
+        ..LLAMA
+    },
+    // Qwen3's attention (q/k head norms); the top k weights renormalized.
+    Arch {
+        name: "qwen3moe",
+        hf_names: &[],
+        rope: RopeStyle::Neox,
+        experts: Some(Routing { renormalize: true, required: true, shared_expert: false }),
+        ..LLAMA
+    },
+    // OLMoE: RMS norms over the whole query and key vectors (not per head) before RoPE; the
+    // top k weights kept as they are.
+    Arch {
+        name: "olmoe",
+        hf_names: &[],
+        rope: RopeStyle::Neox,
+        experts: Some(Routing { renormalize: false, required: true, shared_expert: false }),
+        ..LLAMA
     },
 ];
 

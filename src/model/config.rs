@@ -36,6 +36,24 @@ pub struct LlamaConfig {
     /// llama.cpp picks by its 62 layers (a `config.json` says `query_pre_attn_scalar`).
     #[serde(default)]
     pub query_scale: Option<f32>,
+    /// Mixture-of-experts feed-forward blocks, in models that have them.
+    #[serde(default)]
+    pub moe: Option<MoeConfig>,
+}
+
+/// A mixture-of-experts block's shape: `experts` gated MLPs of width `expert_ffn`, of which the
+/// router picks `used` per token (GGUF `expert_count`, `expert_used_count`,
+/// `expert_feed_forward_length`; the architecture says how the router weighs them).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub used: usize,
+    pub expert_ffn: usize,
+    /// The shared expert's width (`expert_shared_feed_forward_length`), where the architecture
+    /// has one.
+    pub shared_ffn: Option<usize>,
+    /// The k weights are renormalized to sum to 1 ([`super::arch::Routing::renormalize`]).
+    pub renormalize: bool,
 }
 
 /// Which layers attend to a window only, how far, and with which rope base.
@@ -149,6 +167,14 @@ impl LlamaConfig {
         self.n_kv_heads * self.head_dim
     }
 
+    /// The widest feed-forward layer of a block: the MLP's, or of a mixture the widest expert.
+    pub fn ffn_width(&self) -> usize {
+        match self.moe {
+            Some(m) => m.expert_ffn.max(m.shared_ffn.unwrap_or(0)),
+            None => self.ffn_dim,
+        }
+    }
+
     /// The architecture's description (validated when the config was read).
     pub fn spec(&self) -> &'static Arch {
         Arch::from_gguf(&self.arch).unwrap_or(&super::arch::ARCHS[0])
@@ -219,6 +245,7 @@ impl LlamaConfig {
                 _ => None,
             },
             query_scale: (arch == "gemma3" && int("block_count")? == 62).then(|| 1.0 / ((dim / n_heads) as f32).sqrt()),
+            moe: moe_from_gguf(g, &arch, spec)?,
             arch,
         };
         cfg.validate()?;
@@ -266,6 +293,7 @@ impl LlamaConfig {
                 _ => None,
             },
             query_scale: v.get("query_pre_attn_scalar").and_then(|x| x.as_f64()).map(|q| 1.0 / (q as f32).sqrt()),
+            moe: None,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -309,8 +337,56 @@ impl LlamaConfig {
         }
         let a = c.rope_scaling.attn_factor;
         ensure!(a.is_finite() && a > 0.0, "rope scaling attn_factor {a} is not positive");
+        if let Some(m) = c.moe {
+            ensure!(m.experts > 0 && m.experts <= 1 << 12, "expert count {} out of range (1 to 4096)", m.experts);
+            ensure!(
+                m.used > 0 && m.used <= m.experts,
+                "{} experts used per token, of {}: must be between 1 and the expert count",
+                m.used,
+                m.experts
+            );
+            ensure!(m.expert_ffn > 0 && m.expert_ffn <= 1 << 18, "expert feed-forward size {} out of range", m.expert_ffn);
+            if let Some(s) = m.shared_ffn {
+                ensure!(s > 0 && s <= 1 << 18, "shared expert feed-forward size {s} out of range");
+            }
+        } else if c.spec().experts.is_some_and(|r| r.required) {
+            bail!("{} is a mixture-of-experts architecture, but the model has no experts", c.arch);
+        }
         Ok(())
     }
+}
+
+/// The mixture-of-experts shape of a GGUF model: from `expert_count` on, for architectures that
+/// route (an `expert_count` of 0 is a dense model, as in llama.cpp, unless the architecture is
+/// only ever a mixture).
+fn moe_from_gguf(g: &GgufFile, arch: &str, spec: &Arch) -> Result<Option<MoeConfig>> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let int = |k: &str| -> Result<Option<usize>> {
+        match g.get(&key(k)) {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                v.as_u64().map(|v| v as usize).with_context(|| format!("{} is not an integer", key(k)))?,
+            )),
+        }
+    };
+    let Some(routing) = spec.experts else {
+        ensure!(int("expert_count")?.unwrap_or(0) == 0, "{arch} has no mixture-of-experts blocks, but the file sets {}", key("expert_count"));
+        return Ok(None);
+    };
+    let experts = match int("expert_count")? {
+        Some(0) | None if !routing.required => return Ok(None),
+        Some(0) => bail!("{} is 0: {arch} needs experts", key("expert_count")),
+        None => bail!("missing {}: {arch} needs experts", key("expert_count")),
+        Some(n) => n,
+    };
+    let used = int("expert_used_count")?.with_context(|| format!("missing {}", key("expert_used_count")))?;
+    let ffn = int("feed_forward_length")?.with_context(|| format!("missing {}", key("feed_forward_length")))?;
+    let expert_ffn = int("expert_feed_forward_length")?.unwrap_or(ffn);
+    let shared_ffn = match routing.shared_expert {
+        true => Some(int("expert_shared_feed_forward_length")?.unwrap_or(ffn)),
+        false => None,
+    };
+    Ok(Some(MoeConfig { experts, used, expert_ffn, shared_ffn, renormalize: routing.renormalize }))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use anyhow::{Result, ensure};
 
 use super::arch::FfnAct;
 use super::config::LlamaConfig;
+use super::ffn::Ffn;
 use super::session::{FFN_ROWS, KvCache, Side};
 pub use super::session::{KvType, KvTypes, Scratch, Session};
 use super::state::{self, StateBlocks};
@@ -27,7 +28,8 @@ pub struct Block {
     pub wq: Box<dyn Linear>,
     pub wk: Box<dyn Linear>,
     pub wv: Box<dyn Linear>,
-    /// RMS norms applied to each query and key head before RoPE (Qwen3), when the file has them.
+    /// RMS norms applied to each query and key head before RoPE (Qwen3), or to the whole query
+    /// and key vectors (OLMoE: as wide as they are), when the file has them.
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
     pub wo: Box<dyn Linear>,
@@ -36,11 +38,33 @@ pub struct Block {
     /// Positions this layer attends to, itself included, if it is a sliding-window layer.
     pub window: Option<usize>,
     pub ffn_norm: Vec<f32>,
-    pub w_gate: Box<dyn Linear>,
-    pub w_up: Box<dyn Linear>,
-    pub w_down: Box<dyn Linear>,
+    /// A gated MLP, or a mixture of them.
+    pub ffn: Ffn,
     /// RMS norm of the MLP output before the residual add (Gemma), when the file has it.
     pub post_ffn_norm: Option<Vec<f32>>,
+}
+
+impl Block {
+    /// Every linear layer of the block with its name (`attn_q` … `ffn_down`, and a mixture's
+    /// as [`Ffn::linears`] names them), in the order a pass runs them.
+    pub fn linears(&self) -> Vec<(String, &dyn Linear)> {
+        let attn = [("attn_q", &self.wq), ("attn_k", &self.wk), ("attn_v", &self.wv), ("attn_output", &self.wo)];
+        let mut v: Vec<(String, &dyn Linear)> = attn.iter().map(|(n, l)| (n.to_string(), &***l)).collect();
+        v.extend(self.ffn.linears());
+        v
+    }
+
+    /// [`Block::linears`], mutable.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Box<dyn Linear>)> {
+        let mut v: Vec<(String, &mut Box<dyn Linear>)> = vec![
+            ("attn_q".into(), &mut self.wq),
+            ("attn_k".into(), &mut self.wk),
+            ("attn_v".into(), &mut self.wv),
+            ("attn_output".into(), &mut self.wo),
+        ];
+        v.extend(self.ffn.linears_mut());
+        v
+    }
 }
 
 pub struct Llama {
@@ -71,7 +95,7 @@ pub struct Llama {
 
 /// Runs `f(t)` for every token `t < n`: spread over the team for prefill-sized batches, in
 /// place for a few tokens, where a parallel region costs more than these element-wise steps.
-fn each_token(n: usize, f: impl Fn(usize) + Sync) {
+pub(super) fn each_token(n: usize, f: impl Fn(usize) + Sync) {
     const PER_TASK: usize = 16;
     if n < 2 * PER_TASK {
         (0..n).for_each(f);
@@ -86,7 +110,7 @@ fn each_token(n: usize, f: impl Fn(usize) + Sync) {
 ///
 /// # Safety
 /// The row is inside the buffer, and no one else touches it while the slice lives.
-unsafe fn row_mut<'a>(p: SyncPtr, t: usize, width: usize) -> &'a mut [f32] {
+pub(super) unsafe fn row_mut<'a>(p: SyncPtr, t: usize, width: usize) -> &'a mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(p.get().add(t * width), width) }
 }
 
@@ -431,7 +455,7 @@ impl Llama {
             // One quantization of the input and one parallel region for all three.
             forward_shared(&[&*b.wq, &*b.wk, &*b.wv], &sc.xn, n, &mut [&mut sc.q, &mut sc.k, &mut sc.v], max_bits);
             assert!(
-                sc.q.len() >= n * q_dim && sc.k.len() >= n * kv_dim && sc.gate.len() >= n.min(FFN_ROWS) * c.ffn_dim
+                sc.q.len() >= n * q_dim && sc.k.len() >= n * kv_dim && sc.gate.len() >= n.min(FFN_ROWS) * c.ffn_width()
             );
             let (q, k) = (SyncPtr(sc.q.as_mut_ptr()), SyncPtr(sc.k.as_mut_ptr()));
             let (positions, long_rope) = (&sc.positions, &sc.long_rope);
@@ -471,22 +495,14 @@ impl Llama {
             // MLP.
             norm_rows(&sc.x, &b.ffn_norm, c.rms_eps, &mut sc.xn, n, dim);
             state::apply(st.norm, &mut sc.xn[..n * dim]);
-            // In chunks of at most `FFN_ROWS` tokens, so that the wide gate and up buffers
-            // stay small during a long prefill (the kernels chunk their batches as finely).
-            let f = c.ffn_dim;
-            for r0 in (0..n).step_by(FFN_ROWS) {
-                let (m, rows) = ((n - r0).min(FFN_ROWS), r0 * dim..(r0 + FFN_ROWS).min(n) * dim);
-                let (gate, up) = (&mut sc.gate[..m * f], &mut sc.up[..m * f]);
-                forward_shared(&[&*b.w_gate, &*b.w_up], &sc.xn[rows.clone()], m, &mut [gate, up], max_bits);
-                let (gate, up) = (SyncPtr(sc.gate.as_mut_ptr()), &sc.up);
-                let act = match self.ffn_act {
-                    FfnAct::Silu => silu_mul,
-                    FfnAct::GeluTanh => gelu_tanh_mul,
-                };
-                // SAFETY: token t owns row t of the gate buffer.
-                each_token(m, |t| act(unsafe { row_mut(gate, t, f) }, &up[t * f..(t + 1) * f]));
-                state::apply(st.ffn_mid, &mut sc.gate[..m * f]);
-                b.w_down.forward_capped(&sc.gate[..m * f], m, &mut sc.tmp[rows], max_bits);
+            let act = match self.ffn_act {
+                FfnAct::Silu => silu_mul,
+                FfnAct::GeluTanh => gelu_tanh_mul,
+            };
+            let (gate, up, out) = (&mut sc.gate[..], &mut sc.up[..], &mut sc.tmp[..]);
+            match &b.ffn {
+                Ffn::Dense(mlp) => mlp.forward(&sc.xn, n, gate, up, out, act, st.ffn_mid, max_bits),
+                Ffn::Moe(moe) => moe.forward(&mut sc.moe, &sc.xn, n, moe.used, gate, up, out, act, st.ffn_mid, max_bits),
             }
             if let Some(w) = &b.post_ffn_norm {
                 norm_rows_in_place(&mut sc.tmp, w, c.rms_eps, n, dim);
@@ -701,7 +717,7 @@ impl Llama {
     /// The most planes any layer reads, for bit-plane models (`None` when no layer is one):
     /// a precision cap below it makes a cheaper, lower-precision view of the same model.
     pub fn bits(&self) -> Option<u32> {
-        let layers = self.blocks.iter().flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]);
+        let layers = self.blocks.iter().flat_map(|b| b.linears().into_iter().map(|(_, l)| l));
         layers.filter_map(|l| l.bits()).chain(self.head.bits()).max()
     }
 
@@ -711,10 +727,7 @@ impl Llama {
             .blocks
             .iter()
             .map(|b| {
-                [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down]
-                    .iter()
-                    .map(|l| l.weight_bytes())
-                    .sum::<usize>()
+                b.linears().iter().map(|(_, l)| l.weight_bytes()).sum::<usize>()
                     + (b.attn_norm.len() + b.ffn_norm.len()) * 4
             })
             .sum();

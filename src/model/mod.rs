@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod ffn;
 pub mod llama;
 pub mod plan;
 pub mod session;

@@ -407,6 +407,8 @@ pub struct Scratch {
     pub(super) long_rope: Vec<bool>,
     /// The rows whose logits the pass computes, in output order.
     pub(super) head_rows: Vec<usize>,
+    /// Routing and expert buffers of mixture-of-experts blocks (grown on first use).
+    pub(super) moe: super::ffn::MoeScratch,
 }
 
 impl Scratch {
@@ -435,8 +437,8 @@ impl Scratch {
             grow(&mut self.att, q_dim);
             grow(&mut self.tmp, c.dim);
             // The MLP runs in chunks of `FFN_ROWS` tokens.
-            self.gate.resize(rows.min(FFN_ROWS) * c.ffn_dim, 0.0);
-            self.up.resize(rows.min(FFN_ROWS) * c.ffn_dim, 0.0);
+            self.gate.resize(rows.min(FFN_ROWS) * c.ffn_width(), 0.0);
+            self.up.resize(rows.min(FFN_ROWS) * c.ffn_width(), 0.0);
             self.positions.reserve(rows.saturating_sub(self.positions.len()));
             self.head_rows.reserve(rows.saturating_sub(self.head_rows.len()));
             self.rows = rows;
@@ -565,6 +567,7 @@ mod tests {
             rope_scaling: Default::default(),
             sliding_window: None,
             query_scale: None,
+            moe: None,
         };
         let n = c.kv_dim();
         assert_eq!(q4h.bytes_per_token(&c, &[0.0, 0.0]), 4 * KvType::Q4H.bytes(n));

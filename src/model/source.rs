@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::arch::RopeStyle;
 use super::config::LlamaConfig;
+use super::ffn::{Ffn, Mlp, Moe};
 use super::llama::{Block, KvTypes, Llama};
 use super::plan::BitsPlan;
 use crate::format::bnest::{BnestFile, Encoding};
@@ -107,6 +108,11 @@ impl ModelSource {
         match self {
             // A part of a fused tensor (q/k/v of `attn_qkv`; gate or up of a gate+up `ffn_up`,
             // whose name is the fused tensor's own), else the tensor itself.
+            // One expert's matrix, within a tensor of them all.
+            Self::Gguf(g) if expert_part(g, name).is_some() => {
+                let e = expert_part(g, name).expect("checked");
+                Ok(Some((e.shape.clone(), g.tensor_f32(&e).with_context(|| format!("tensor {name}"))?)))
+            }
             Self::Gguf(g) => match (fused_part(g, name), g.tensor(name)) {
                 (Some((fused, rows)), _) => {
                     let data = g.tensor_f32(fused).with_context(|| format!("tensor {}", fused.name))?;
@@ -245,7 +251,7 @@ impl ModelSource {
 
     pub fn has_tensor(&self, name: &str) -> bool {
         match self {
-            Self::Gguf(g) => g.tensor(name).is_some() || fused_part(g, name).is_some(),
+            Self::Gguf(g) => g.tensor(name).is_some() || fused_part(g, name).is_some() || expert_part(g, name).is_some(),
             Self::HfDir(d) => hf_name(name).is_some_and(|hf| d.names().any(|n| n == hf)),
             Self::Bnest(b, _) => b.tensor(name).is_some(),
         }
@@ -280,6 +286,28 @@ impl ModelSource {
             let w = get(&name, &[rows, cols])?;
             Ok(Box::new(DenseF32::new(&w, rows, cols, b)))
         };
+        // A gated MLP of `width` (`ffn_gate{suffix}` …: the block's own, an expert's, the shared one).
+        let mlp = |p: &str, suffix: &str, width: usize| -> Result<Mlp> {
+            Ok(Mlp {
+                gate: dense(&format!("{p}.ffn_gate{suffix}"), width, dim)?,
+                up: dense(&format!("{p}.ffn_up{suffix}"), width, dim)?,
+                down: dense(&format!("{p}.ffn_down{suffix}"), dim, width)?,
+            })
+        };
+        // Q/K norms: per head (Qwen3, Gemma), or over the whole vector (OLMoE).
+        let head_norm = |name: &str, whole: usize| -> Result<Option<Vec<f32>>> {
+            match self.tensor(name, &cfg)? {
+                None => Ok(None),
+                Some((s, d)) => {
+                    ensure!(
+                        s == [cfg.head_dim] || s == [whole],
+                        "tensor {name} has shape {s:?}, expected [{}] or [{whole}]",
+                        cfg.head_dim
+                    );
+                    Ok(Some(d))
+                }
+            }
+        };
         let embed: Arc<dyn Linear> = Arc::from(dense("token_embd", cfg.vocab_size, dim)?);
         let head: Arc<dyn Linear> = match untied {
             true => Arc::from(dense("output", cfg.vocab_size, dim)?),
@@ -294,15 +322,37 @@ impl ModelSource {
                 wq: dense(&format!("{p}.attn_q"), q_dim, dim)?,
                 wk: dense(&format!("{p}.attn_k"), kv_dim, dim)?,
                 wv: dense(&format!("{p}.attn_v"), kv_dim, dim)?,
-                q_norm: opt_bias(&format!("{p}.attn_q_norm.weight"), cfg.head_dim)?,
-                k_norm: opt_bias(&format!("{p}.attn_k_norm.weight"), cfg.head_dim)?,
+                q_norm: head_norm(&format!("{p}.attn_q_norm.weight"), q_dim)?,
+                k_norm: head_norm(&format!("{p}.attn_k_norm.weight"), kv_dim)?,
                 wo: dense(&format!("{p}.attn_output"), dim, q_dim)?,
                 post_attn_norm: opt_bias(&format!("{p}.post_attention_norm.weight"), dim)?,
                 window: cfg.layer_window(l),
                 ffn_norm: get(&format!("{p}.ffn_norm.weight"), &[dim])?,
-                w_gate: dense(&format!("{p}.ffn_gate"), ffn, dim)?,
-                w_up: dense(&format!("{p}.ffn_up"), ffn, dim)?,
-                w_down: dense(&format!("{p}.ffn_down"), dim, ffn)?,
+                ffn: match cfg.moe {
+                    None => {
+                        let router = format!("{p}.ffn_gate_inp.weight");
+                        ensure!(
+                            !self.has_tensor(&router),
+                            "the file has experts ({router}) but no expert count: a mixture-of-experts model needs \
+                             {}.expert_count and expert_used_count",
+                            cfg.arch
+                        );
+                        Ffn::Dense(mlp(&p, "", ffn)?)
+                    }
+                    Some(m) => Ffn::Moe(Moe {
+                        router: dense(&format!("{p}.ffn_gate_inp"), m.experts, dim)?,
+                        experts: (0..m.experts).map(|e| mlp(&p, &format!(".{e}"), m.expert_ffn)).collect::<Result<_>>()?,
+                        used: m.used,
+                        renormalize: m.renormalize,
+                        shared: match m.shared_ffn {
+                            None => None,
+                            Some(width) => {
+                                let w = get(&format!("{p}.ffn_gate_inp_shexp.weight"), &[dim])?;
+                                Some((mlp(&p, "_shexp", width)?, Box::new(DenseF32::new(&w, 1, dim, None)) as Box<dyn Linear>))
+                            }
+                        },
+                    }),
+                },
                 post_ffn_norm: opt_bias(&format!("{p}.post_ffw_norm.weight"), dim)?,
             });
         }
@@ -380,6 +430,17 @@ fn hf_fused_part(d: &SafetensorsDir, name: &str, cfg: &LlamaConfig) -> Result<Op
 /// A GGUF tensor as the model's tensors: itself, or for a fused one ([`fused_part`]) its parts,
 /// each a view of the same bytes (whole rows of any encoding), named as the model names them.
 pub fn gguf_parts(g: &GgufFile, t: &TensorInfo) -> Vec<TensorInfo> {
+    if let Some((stem, suffix)) = t.name.strip_suffix(".weight").map(|s| (s, "weight"))
+        && let Some(part) = stem.strip_suffix("_exps")
+        && t.shape.len() == 3
+    {
+        // Experts stacked in one tensor: each its own matrix (`blk.N.ffn_gate.E.weight`).
+        let parts: Vec<TensorInfo> =
+            (0..t.shape[0]).filter_map(|e| expert_part(g, &format!("{part}.{e}.{suffix}"))).collect();
+        if parts.len() == t.shape[0] {
+            return parts;
+        }
+    }
     let Some((block, rest)) = t.name.strip_prefix("blk.").and_then(|n| n.split_once('.')) else {
         return vec![t.clone()];
     };
@@ -409,6 +470,37 @@ pub fn gguf_parts(g: &GgufFile, t: &TensorInfo) -> Vec<TensorInfo> {
         })
         .collect();
     if parts.len() == names.len() && !parts.is_empty() { parts } else { vec![t.clone()] }
+}
+
+/// Expert `E`'s matrix `blk.N.ffn_{gate,up,down}.E.weight` (the old Mixtral layout's names,
+/// which the model uses) as a view of the tensor newer files stack every expert's into,
+/// `blk.N.ffn_{gate,up,down}_exps.weight` (`[experts, rows, cols]`): its rows are whole blocks of
+/// any encoding, and each expert's are contiguous. `None` where the file has the matrix itself
+/// or no such expert.
+fn expert_part(g: &GgufFile, name: &str) -> Option<TensorInfo> {
+    if g.tensor(name).is_some() {
+        return None;
+    }
+    let (block, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let (part, rest) = rest.split_once('.')?;
+    let (expert, suffix) = rest.split_once('.')?;
+    if !matches!(part, "ffn_gate" | "ffn_up" | "ffn_down") || suffix != "weight" {
+        return None;
+    }
+    let e: usize = expert.parse().ok()?;
+    let stacked = g.tensor(&format!("blk.{block}.{part}_exps.{suffix}"))?;
+    let [experts, rows, cols] = stacked.shape[..] else { return None };
+    if e >= experts || !stacked.size_bytes.is_multiple_of(experts) {
+        return None;
+    }
+    let per = stacked.size_bytes / experts;
+    Some(TensorInfo {
+        name: name.to_string(),
+        shape: vec![rows, cols],
+        dtype: stacked.dtype,
+        offset: stacked.offset + e * per,
+        size_bytes: per,
+    })
 }
 
 /// Matrices a GGUF file stores fused that the model keeps apart, as llama.cpp's loaders find

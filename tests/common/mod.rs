@@ -230,3 +230,25 @@ pub fn generate(
     let p = seq.into_parts();
     (out, p.session.pos, p.spec)
 }
+
+/// A small random-weight GGUF of `arch` (`tests/synth/make_gguf.py`; matrices `f32` or `q8_0`)
+/// with SmolLM2's tokenizer borrowed, written as `dir/name.gguf`.
+pub fn synth_gguf(dir: &std::path::Path, name: &str, arch: &str, ty: &str) -> PathBuf {
+    let out = dir.join(format!("{name}.gguf"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/synth/make_gguf.py");
+    let r = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--arch", arch, "--type", ty, "--tokenizer-from"])
+        .arg(model_path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run python3");
+    assert!(
+        r.status.success(),
+        "tests/synth/make_gguf.py failed (it needs the `gguf` and `numpy` packages: \
+         python3 -m pip install gguf numpy; .ci/run does this): {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    out
+}
