@@ -30,7 +30,8 @@ fn tensor_names(c: &crate::model::LlamaConfig, has_output: bool) -> Vec<(String,
         // The MLP, or a mixture's experts (each its own matrix, so that a token reads only its
         // experts' planes) and shared expert; routers stay f32 (a few kB, and a token's choice
         // of experts should not depend on the precision read).
-        let mlp = |suffix: &str| ["ffn_gate", "ffn_up", "ffn_down"].map(|m| (format!("blk.{l}.{m}{suffix}.weight"), true));
+        let mlp =
+            |suffix: &str| ["ffn_gate", "ffn_up", "ffn_down"].map(|m| (format!("blk.{l}.{m}{suffix}.weight"), true));
         match c.moe {
             None => v.extend(mlp("")),
             Some(moe) => {

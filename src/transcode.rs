@@ -250,7 +250,7 @@ pub fn transcode_file(src: &Path, out: &Path, progress: bool) -> Result<()> {
 /// The `.bnest` file a GGUF model runs from: transcoded on first use, then reused. `None` when
 /// the file holds no quantized matrix (an F16/F32 GGUF keeps the f32 path).
 ///
-/// The file lies beside the source (`NAME.gguf` → `NAME.v5.bnest`, the format version in the
+/// The file lies beside the source (`NAME.gguf` → `NAME.v6.bnest`, the format version in the
 /// name) where that folder is writable, else in `$BITNEST_CACHE/transcoded/` under a name
 /// keyed by a checksum of the source's first 16 MiB and its size. It is reused while its
 /// header records the source's current size and modification time, and transcoded again

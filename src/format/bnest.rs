@@ -25,7 +25,7 @@ pub const MAGIC: &[u8; 8] = b"BITNEST\0";
 /// (`docs/FORMAT.md`); version 5 Gemma 3: `sliding_window` in `config`, the block's post norms,
 /// and a SentencePiece tokenizer (`spm` in `tokenizer`), which a version-4 reader would ignore
 /// in the same way. Older versions read as before.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 const OLDEST_VERSION: u32 = 1;
 const PREAMBLE: usize = 32;
 const ALIGN: u64 = 64;

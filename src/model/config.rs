@@ -345,7 +345,11 @@ impl LlamaConfig {
                 m.used,
                 m.experts
             );
-            ensure!(m.expert_ffn > 0 && m.expert_ffn <= 1 << 18, "expert feed-forward size {} out of range", m.expert_ffn);
+            ensure!(
+                m.expert_ffn > 0 && m.expert_ffn <= 1 << 18,
+                "expert feed-forward size {} out of range",
+                m.expert_ffn
+            );
             if let Some(s) = m.shared_ffn {
                 ensure!(s > 0 && s <= 1 << 18, "shared expert feed-forward size {s} out of range");
             }
@@ -364,13 +368,17 @@ fn moe_from_gguf(g: &GgufFile, arch: &str, spec: &Arch) -> Result<Option<MoeConf
     let int = |k: &str| -> Result<Option<usize>> {
         match g.get(&key(k)) {
             None => Ok(None),
-            Some(v) => Ok(Some(
-                v.as_u64().map(|v| v as usize).with_context(|| format!("{} is not an integer", key(k)))?,
-            )),
+            Some(v) => {
+                Ok(Some(v.as_u64().map(|v| v as usize).with_context(|| format!("{} is not an integer", key(k)))?))
+            }
         }
     };
     let Some(routing) = spec.experts else {
-        ensure!(int("expert_count")?.unwrap_or(0) == 0, "{arch} has no mixture-of-experts blocks, but the file sets {}", key("expert_count"));
+        ensure!(
+            int("expert_count")?.unwrap_or(0) == 0,
+            "{arch} has no mixture-of-experts blocks, but the file sets {}",
+            key("expert_count")
+        );
         return Ok(None);
     };
     let experts = match int("expert_count")? {

@@ -86,7 +86,13 @@ impl Mlp {
         for r0 in (0..n).step_by(FFN_ROWS) {
             let m = (n - r0).min(FFN_ROWS);
             let (g, u) = (&mut gate[..m * f], &mut up[..m * f]);
-            forward_shared(&[&*self.gate, &*self.up], &x[r0 * dim..(r0 + m) * dim], m, &mut [&mut *g, &mut *u], max_bits);
+            forward_shared(
+                &[&*self.gate, &*self.up],
+                &x[r0 * dim..(r0 + m) * dim],
+                m,
+                &mut [&mut *g, &mut *u],
+                max_bits,
+            );
             let gp = SyncPtr(g.as_mut_ptr());
             let u = &*u;
             super::llama::each_token(m, |t| {

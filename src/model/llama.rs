@@ -502,7 +502,9 @@ impl Llama {
             let (gate, up, out) = (&mut sc.gate[..], &mut sc.up[..], &mut sc.tmp[..]);
             match &b.ffn {
                 Ffn::Dense(mlp) => mlp.forward(&sc.xn, n, gate, up, out, act, st.ffn_mid, max_bits),
-                Ffn::Moe(moe) => moe.forward(&mut sc.moe, &sc.xn, n, moe.used, gate, up, out, act, st.ffn_mid, max_bits),
+                Ffn::Moe(moe) => {
+                    moe.forward(&mut sc.moe, &sc.xn, n, moe.used, gate, up, out, act, st.ffn_mid, max_bits)
+                }
             }
             if let Some(w) = &b.post_ffn_norm {
                 norm_rows_in_place(&mut sc.tmp, w, c.rms_eps, n, dim);

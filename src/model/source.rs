@@ -251,7 +251,9 @@ impl ModelSource {
 
     pub fn has_tensor(&self, name: &str) -> bool {
         match self {
-            Self::Gguf(g) => g.tensor(name).is_some() || fused_part(g, name).is_some() || expert_part(g, name).is_some(),
+            Self::Gguf(g) => {
+                g.tensor(name).is_some() || fused_part(g, name).is_some() || expert_part(g, name).is_some()
+            }
             Self::HfDir(d) => hf_name(name).is_some_and(|hf| d.names().any(|n| n == hf)),
             Self::Bnest(b, _) => b.tensor(name).is_some(),
         }
@@ -341,14 +343,19 @@ impl ModelSource {
                     }
                     Some(m) => Ffn::Moe(Moe {
                         router: dense(&format!("{p}.ffn_gate_inp"), m.experts, dim)?,
-                        experts: (0..m.experts).map(|e| mlp(&p, &format!(".{e}"), m.expert_ffn)).collect::<Result<_>>()?,
+                        experts: (0..m.experts)
+                            .map(|e| mlp(&p, &format!(".{e}"), m.expert_ffn))
+                            .collect::<Result<_>>()?,
                         used: m.used,
                         renormalize: m.renormalize,
                         shared: match m.shared_ffn {
                             None => None,
                             Some(width) => {
                                 let w = get(&format!("{p}.ffn_gate_inp_shexp.weight"), &[dim])?;
-                                Some((mlp(&p, "_shexp", width)?, Box::new(DenseF32::new(&w, 1, dim, None)) as Box<dyn Linear>))
+                                Some((
+                                    mlp(&p, "_shexp", width)?,
+                                    Box::new(DenseF32::new(&w, 1, dim, None)) as Box<dyn Linear>,
+                                ))
                             }
                         },
                     }),
