@@ -122,7 +122,7 @@ fn softmax(p: &mut [f32]) {
 }
 
 /// The `k` most probable experts of `probs` (ties to the lower number), best first, with their
-/// weights, renormalized to sum to 1 if asked (the sum summed in f64 and clamped below, as
+/// weights, renormalized to sum to 1 if asked (the sum summed in f64 and clamped below at 2⁻¹⁴, as
 /// ggml's `sum_rows` and llama.cpp's clamp make it).
 fn route(probs: &[f32], k: usize, renormalize: bool, out: &mut [(u32, f32)]) {
     // A selection sort: k is small.
@@ -140,7 +140,7 @@ fn route(probs: &[f32], k: usize, renormalize: bool, out: &mut [(u32, f32)]) {
         out[slot] = (e as u32, v);
     }
     if renormalize {
-        let sum = (out[..k].iter().map(|c| c.1 as f64).sum::<f64>() as f32).max(6.103515625e-5);
+        let sum = (out[..k].iter().map(|c| c.1 as f64).sum::<f64>() as f32).max(1.0 / 16384.0);
         out[..k].iter_mut().for_each(|c| c.1 /= sum);
     }
 }
