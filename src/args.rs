@@ -152,6 +152,10 @@ pub(crate) struct ModelArgs {
     /// $BITNEST_CACHE/transcoded) and runs on the bit-plane kernels.
     #[arg(long)]
     pub(crate) f32: bool,
+    /// Experts each token runs in a mixture-of-experts model (default: as many as it was
+    /// trained with; llama.cpp's --override-kv ARCH.expert_used_count=int:K).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub(crate) experts: Option<u32>,
 }
 
 impl ModelArgs {

@@ -146,8 +146,12 @@ pub(crate) fn load(m: &ModelArgs) -> Result<Engine> {
     Ok(engine)
 }
 
-/// The cache type `--cache-type[-k|-v]` ask for, if the model can use it.
+/// The cache type `--cache-type[-k|-v]` ask for, if the model can use it; and the experts
+/// per token `--experts` asks for.
 fn set_kv_type(engine: &mut Engine, m: &ModelArgs) -> Result<()> {
+    if let Some(k) = m.experts {
+        engine.model.set_experts_used(k as usize)?;
+    }
     let kind = m.kv_type();
     if let Some(why) = kind.unsupported(&engine.model.config) {
         bail!("{why}");

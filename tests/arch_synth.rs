@@ -10,7 +10,8 @@
 //! (experts stacked in one tensor, and the same weights one tensor per expert as files before
 //! llama.cpp's PR #6387 stored them, which llama.cpp no longer loads: its figures for the stacked
 //! file stand for both), Qwen2-MoE (q/k/v biases, a gated shared expert), Qwen3-MoE and OLMoE
-//! (q/k norms over whole vectors), 8 experts of which 2 run per token. Q8_0 files of Phi-3 and of Mixtral run through the lossless
+//! (q/k norms over whole vectors), 8 experts of which 2 run per token, and also 1 or 4
+//! (`--experts`, llama.cpp's `--override-kv ARCH.expert_used_count=int:K`). Q8_0 files of Phi-3 and of Mixtral run through the lossless
 //! transcode into bit planes (Phi-3's fused tensors and Mixtral's stacked experts cut apart there):
 //! perplexity within 2%, and greedy continuations agreeing for at least three quarters of their
 //! text (Phi-3's wholly; the plane kernels round activations differently from llama.cpp's Q8_0 dot
@@ -87,6 +88,15 @@ fn synthetic_architectures_match_llama_cpp() {
                 (ours - theirs).abs() / theirs < tolerance,
                 "{arch} at ctx {ctx}: {ours} against llama.cpp's {theirs}"
             );
+        }
+
+        // Mixtures with fewer or more experts per token than they were made with.
+        for (k, theirs) in want["ppl_experts"].as_object().into_iter().flatten() {
+            let mut extra = path.to_vec();
+            extra.extend(["--experts", k.as_str()]);
+            let (ours, theirs) = (ppl(&gguf, &text, &extra), theirs.as_f64().unwrap());
+            println!("{arch}: PPL with {k} experts a token {ours:.4} here, {theirs:.4} llama.cpp");
+            assert!((ours - theirs).abs() / theirs < tolerance, "{arch} with {k} experts: {ours} against {theirs}");
         }
 
         let mut run_args: Vec<&std::ffi::OsStr> = vec!["run".as_ref(), "--model".as_ref(), gguf.as_os_str()];

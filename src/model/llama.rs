@@ -185,6 +185,19 @@ impl AttendPlan {
 /// Read every plane a layer holds (no precision cap).
 pub const ALL_BITS: u32 = u32::MAX;
 
+/// How much of the model a pass reads: at most `bits` planes of every layer, and in a mixture
+/// of experts at most `experts` experts per token (the router's best; `None`: as many as the
+/// model uses). The full view is the model; the others draft for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub bits: u32,
+    pub experts: Option<usize>,
+}
+
+impl View {
+    pub const FULL: View = View { bits: ALL_BITS, experts: None };
+}
+
 /// One sequence's tokens in a batched pass ([`Llama::forward_batch`]).
 pub struct Span<'a> {
     pub session: &'a mut Session,
@@ -265,6 +278,18 @@ impl Llama {
         n_logits: usize,
         max_bits: u32,
     ) -> Result<&'s [f32]> {
+        self.forward_view(s, tokens, n_logits, View { bits: max_bits, experts: None })
+    }
+
+    /// [`Llama::forward`] through a cheaper view of the same weights: fewer planes, and in a
+    /// mixture of experts fewer experts per token.
+    pub fn forward_view<'s>(
+        &self,
+        s: &'s mut Session,
+        tokens: &[u32],
+        n_logits: usize,
+        view: View,
+    ) -> Result<&'s [f32]> {
         self.check_tokens(s, tokens)?;
         ensure!(n_logits <= tokens.len(), "asked for {n_logits} logit rows from {} tokens", tokens.len());
         let mut sc = std::mem::take(&mut s.scratch);
@@ -276,7 +301,7 @@ impl Llama {
             let logits = (done + chunk.len()).saturating_sub(first_logit.max(done));
             let at = done.saturating_sub(first_logit);
             let mut span = [Span { session: &mut *s, tokens: chunk, kind: SpanKind::Run { logits } }];
-            self.pass(&mut sc, &mut span, max_bits, at);
+            self.pass(&mut sc, &mut span, view, at);
             done += chunk.len();
         }
         s.scratch = sc;
@@ -346,7 +371,7 @@ impl Llama {
             }
         }
         let logit_rows: usize = spans.iter().map(Span::logit_rows).sum();
-        self.pass(sc, spans, max_bits, 0);
+        self.pass(sc, spans, View { bits: max_bits, experts: None }, 0);
         Ok(&sc.logits[..logit_rows * self.config.vocab_size])
     }
 
@@ -368,7 +393,7 @@ impl Llama {
 
     /// A checked batch through the model: positions and tree slots, the blocks, the head (its
     /// logit rows from row `logits_at` of `sc.logits` on), and the runs' sequences advanced.
-    fn pass(&self, sc: &mut Scratch, spans: &mut [Span], max_bits: u32, logits_at: usize) {
+    fn pass(&self, sc: &mut Scratch, spans: &mut [Span], view: View, logits_at: usize) {
         let c = &self.config;
         let rows: usize = spans.iter().map(|s| s.tokens.len()).sum();
         sc.reserve(c, rows, logits_at + spans.iter().map(Span::logit_rows).sum::<usize>());
@@ -407,8 +432,8 @@ impl Llama {
             }
             row += n;
         }
-        self.blocks_pass(sc, spans, max_bits);
-        self.head_rows(sc, logits_at, max_bits);
+        self.blocks_pass(sc, spans, view);
+        self.head_rows(sc, logits_at, view.bits);
         for sp in spans.iter_mut() {
             if let SpanKind::Run { .. } = sp.kind {
                 sp.session.pos += sp.tokens.len();
@@ -435,7 +460,8 @@ impl Llama {
     /// The blocks over every span's tokens, stacked in `sc` (positions in `sc.positions`);
     /// leaves the final hidden states in `sc.x`. A run's tokens attend to everything before
     /// them; a tree's to the prefix and their ancestors.
-    fn blocks_pass(&self, sc: &mut Scratch, spans: &mut [Span], max_bits: u32) {
+    fn blocks_pass(&self, sc: &mut Scratch, spans: &mut [Span], view: View) {
+        let max_bits = view.bits;
         let c = &self.config;
         let n: usize = spans.iter().map(|s| s.tokens.len()).sum();
         let (dim, kv_dim, hd) = (c.dim, c.kv_dim(), c.head_dim);
@@ -503,7 +529,8 @@ impl Llama {
             match &b.ffn {
                 Ffn::Dense(mlp) => mlp.forward(&sc.xn, n, gate, up, out, act, st.ffn_mid, max_bits),
                 Ffn::Moe(moe) => {
-                    moe.forward(&mut sc.moe, &sc.xn, n, moe.used, gate, up, out, act, st.ffn_mid, max_bits)
+                    let k = view.experts.map_or(moe.used, |k| k.min(moe.used));
+                    moe.forward(&mut sc.moe, &sc.xn, n, k, gate, up, out, act, st.ffn_mid, max_bits)
                 }
             }
             if let Some(w) = &b.post_ffn_norm {
@@ -721,6 +748,25 @@ impl Llama {
     pub fn bits(&self) -> Option<u32> {
         let layers = self.blocks.iter().flat_map(|b| b.linears().into_iter().map(|(_, l)| l));
         layers.filter_map(|l| l.bits()).chain(self.head.bits()).max()
+    }
+
+    /// Experts each token runs, in a mixture-of-experts model.
+    pub fn experts_used(&self) -> Option<usize> {
+        self.config.moe.map(|m| m.used)
+    }
+
+    /// Runs `k` experts per token instead of the number the model was trained with (llama.cpp's
+    /// `--override-kv ARCH.expert_used_count=int:K`): fewer is cheaper and less accurate.
+    pub fn set_experts_used(&mut self, k: usize) -> Result<()> {
+        let Some(m) = &mut self.config.moe else { anyhow::bail!("--experts: this model is not a mixture of experts") };
+        ensure!((1..=m.experts).contains(&k), "--experts {k}: the model has {} experts", m.experts);
+        m.used = k;
+        for b in &mut self.blocks {
+            if let Ffn::Moe(moe) = &mut b.ffn {
+                moe.used = k;
+            }
+        }
+        Ok(())
     }
 
     /// Total bytes of weights (embedding table counted once even when tied).

@@ -10,7 +10,7 @@ pub mod source;
 pub mod state;
 
 pub use config::LlamaConfig;
-pub use llama::{ALL_BITS, Llama, Span, SpanKind};
+pub use llama::{ALL_BITS, Llama, Span, SpanKind, View};
 pub use plan::BitsPlan;
 pub use session::{KvType, KvTypes, Scratch, Session};
 pub use source::ModelSource;

@@ -28,6 +28,10 @@ REFERENCE = {"mixtral-old": "mixtral"}
 # rope factors, past the original context of 256).
 # Gemma 3: its local layers' window of 16 cuts at every context measured.
 EXTRA_CTX = {"phi3": [512], "phi3-q8_0": [512], "gemma3": [512]}
+# Mixtures also run with fewer and more experts per token than they were made with (llama.cpp's
+# `--override-kv ARCH.expert_used_count=int:K`, bitnest's `--experts K`).
+EXPERTS = {"mixtral": [1, 4], "qwen2moe": [1, 4], "qwen3moe": [1, 4], "olmoe": [1, 4]}
+GGUF_ARCH = {"mixtral": "llama"}
 PROMPT = "The history of the city"
 N_PREDICT = 24
 
@@ -48,10 +52,12 @@ def main():
             subprocess.run([sys.executable, os.path.join(ROOT, "tests/synth/make_gguf.py"), "--arch",
                             REFERENCE.get(arch, arch), "--type", ty, "--tokenizer-from", a.tokenizer_from, "--out",
                             path], check=True)
-            def perplexity(ctx):
+            def perplexity(ctx, experts=None):
+                extra = [] if experts is None else [
+                    "--override-kv", f"{GGUF_ARCH.get(arch, arch)}.expert_used_count=int:{experts}"]
                 r = subprocess.run([os.path.join(a.llama_bin, "llama-perplexity"), "-m", path, "-f", text, "-c",
                                     str(ctx), "--chunks", "4", "-t", "1", "-b", str(ctx), "-ctk", "f32", "-ctv", "f32",
-                                    "--no-repack"], capture_output=True, text=True, check=True)
+                                    "--no-repack"] + extra, capture_output=True, text=True, check=True)
                 return float(re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr).group(1))
 
             gen = subprocess.run([os.path.join(a.llama_bin, "llama-completion"), "-m", path, "-p", PROMPT, "-n",
@@ -62,7 +68,8 @@ def main():
             assert text_out.startswith(PROMPT), text_out[:200]
             out["archs"][name] = {"arch": arch, "type": ty, "ppl": perplexity(128),
                                   "continuation": text_out[len(PROMPT):].rstrip("\n"),
-                                  "ppl_at": {str(c): perplexity(c) for c in EXTRA_CTX.get(name, [])}}
+                                  "ppl_at": {str(c): perplexity(c) for c in EXTRA_CTX.get(name, [])},
+                                  "ppl_experts": {str(k): perplexity(128, k) for k in EXPERTS.get(name, [])}}
             print(name, out["archs"][name])
     path = os.path.join(ROOT, "tests/golden/arch_synth.json")
     with open(path + ".tmp", "w") as f:
