@@ -223,6 +223,10 @@ pub(crate) struct SpecArgs {
     /// Planes the self-draft reads.
     #[arg(long, default_value_t = 3)]
     pub(crate) draft_bits: u32,
+    /// Experts per token the self-draft of a mixture-of-experts model runs: a count, auto
+    /// (half the model's, rounded up) or all.
+    #[arg(long, default_value = "all")]
+    pub(crate) draft_experts: String,
     /// Longest self-drafted chain (the length used adapts below it).
     #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().max_draft)]
     pub(crate) max_draft: usize,
@@ -244,6 +248,7 @@ impl SpecArgs {
         Ok(bitnest::spec::SpecOptions {
             mode,
             draft_bits: self.draft_bits,
+            draft_experts: self.draft_experts.parse()?,
             max_draft: self.max_draft,
             tree_nodes: self.tree_nodes,
             adaptive: true,
@@ -403,6 +408,10 @@ pub(crate) struct SpecBenchArgs {
     /// Self-draft precisions to measure, comma-separated.
     #[arg(long, default_value = "3")]
     pub(crate) draft_bits: String,
+    /// Self-draft expert counts to measure (mixtures of experts), comma-separated: counts, auto
+    /// or all.
+    #[arg(long, default_value = "all")]
+    pub(crate) draft_experts: String,
     #[arg(long, default_value_t = bitnest::spec::SpecOptions::default().max_draft)]
     pub(crate) max_draft: usize,
     /// Largest Token Recycling trees to measure, comma-separated.

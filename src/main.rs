@@ -327,6 +327,8 @@ fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
         s.split(',').map(|m| m.trim().parse()).collect()
     }
     let draft_bits: Vec<u32> = list(&a.draft_bits, "--draft-bits")?;
+    let draft_experts: Vec<bitnest::spec::DraftExperts> =
+        a.draft_experts.split(',').map(|x| x.trim().parse()).collect::<Result<_>>()?;
     let tree_nodes: Vec<usize> = list(&a.tree_nodes, "--tree-nodes")?;
     if a.max_draft > 64 || tree_nodes.iter().any(|&n| n > 256) || draft_bits.iter().any(|b| !(1..=8).contains(b)) {
         bail!("--max-draft is at most 64, --tree-nodes at most 256, --draft-bits 1..=8");
@@ -366,14 +368,17 @@ fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
         let uses_self = mode.may_use(bitnest::spec::FROM_SELF);
         let uses_tree = mode.may_use(bitnest::spec::FROM_RECYCLE);
         for &b in if uses_self { &draft_bits[..] } else { &draft_bits[..1] } {
-            for &t in if uses_tree { &tree_nodes[..] } else { &tree_nodes[..1] } {
-                configs.push(SpecOptions {
-                    mode,
-                    draft_bits: b,
-                    max_draft: a.max_draft,
-                    tree_nodes: t,
-                    adaptive: !a.fixed,
-                });
+            for &e in if uses_self { &draft_experts[..] } else { &draft_experts[..1] } {
+                for &t in if uses_tree { &tree_nodes[..] } else { &tree_nodes[..1] } {
+                    configs.push(SpecOptions {
+                        mode,
+                        draft_bits: b,
+                        draft_experts: e,
+                        max_draft: a.max_draft,
+                        tree_nodes: t,
+                        adaptive: !a.fixed,
+                    });
+                }
             }
         }
     }
@@ -391,9 +396,10 @@ fn cmd_bench_spec(a: SpecBenchArgs) -> Result<()> {
         if text {
             writeln!(
                 out,
-                "\n--spec {} --draft-bits {} --tree-nodes {}: speedup {:.2}x, MAT {:.2}, {:.1} tok/s (plain {:.1}), {:.1} nodes/pass, self-draft acceptance {:.0}%, identical: {}",
+                "\n--spec {} --draft-bits {} --draft-experts {} --tree-nodes {}: speedup {:.2}x, MAT {:.2}, {:.1} tok/s (plain {:.1}), {:.1} nodes/pass, self-draft acceptance {:.0}%, identical: {}",
                 r.mode,
                 r.draft_bits,
+                r.draft_experts,
                 r.tree_nodes,
                 r.speedup,
                 r.mat,

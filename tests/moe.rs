@@ -195,3 +195,48 @@ fn malformed_mixtures_are_clear_errors() {
         assert!(err.contains(want) && !err.contains("panicked"), "{arch} {breakage}: {err}");
     }
 }
+
+/// The expert axis of the self-draft: a draft that runs fewer experts per token (at all planes,
+/// and at fewer; of a `.bnest` view and of an f32 GGUF without planes) proposes tokens, and the
+/// output stays exactly the model's.
+#[test]
+fn fewer_experts_draft_and_the_output_is_the_models() {
+    use bitnest::sampling::SamplingParams;
+    use bitnest::spec::{DraftExperts, SpecOptions, Speculator, TokenRecycler};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let bnest = quantized(dir.path(), "qwen2moe");
+    let gguf = dir.path().join("qwen2moe.gguf");
+    for (path, draft_bits) in [(&bnest, 8), (&bnest, 3), (&gguf, 8)] {
+        let e = Engine::load(path, None).unwrap();
+        let m = &e.model;
+        let prompt = e.tokenizer.encode("The history of the city", true).unwrap();
+        let greedy = SamplingParams::greedy();
+        let plain = common::generate(m, &prompt, 48, &greedy, &[], None).0;
+        for experts in [DraftExperts::Count(1), DraftExperts::Auto] {
+            let rec = Arc::new(Mutex::new(TokenRecycler::new(m.config.vocab_size)));
+            let opts = SpecOptions {
+                mode: "self".parse().unwrap(),
+                draft_bits,
+                draft_experts: experts,
+                max_draft: 4,
+                adaptive: false,
+                ..SpecOptions::default()
+            };
+            let spec = Speculator::new(opts, rec);
+            spec.check(m).unwrap();
+            let view = spec.draft_view(m).expect("a cheaper view");
+            assert_eq!(view.experts, Some(1), "{experts:?} of 2 experts");
+            let (out, _, spec) = common::generate(m, &prompt, 48, &greedy, &[], Some(spec));
+            let st = spec.unwrap().stats;
+            println!(
+                "{} draft bits {draft_bits}, experts {experts}: {} self-drafted, {} accepted",
+                path.display(),
+                st.self_drafted,
+                st.self_accepted
+            );
+            assert!(st.self_drafted > 0, "the draft ran");
+            assert_eq!(out, plain, "speculative output differs from plain decoding");
+        }
+    }
+}

@@ -34,7 +34,7 @@ fn speculative(
 
 fn speculator(model: &Llama, mode: SpecMode, draft_bits: u32, tree_nodes: usize) -> Speculator {
     let rec = Arc::new(Mutex::new(TokenRecycler::new(model.config.vocab_size)));
-    let s = Speculator::new(SpecOptions { mode, draft_bits, max_draft: 6, tree_nodes, adaptive: true }, rec);
+    let s = Speculator::new(SpecOptions { mode, draft_bits, max_draft: 6, tree_nodes, ..SpecOptions::default() }, rec);
     s.check(model).unwrap();
     s
 }

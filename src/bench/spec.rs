@@ -70,6 +70,7 @@ pub struct CategoryResult {
 pub struct SpecBenchResult {
     pub mode: String,
     pub draft_bits: u32,
+    pub draft_experts: String,
     pub tree_nodes: usize,
     pub max_draft: usize,
     pub adaptive: bool,
@@ -205,6 +206,7 @@ pub fn run(
         results.push(SpecBenchResult {
             mode: opts.mode.to_string(),
             draft_bits: opts.draft_bits,
+            draft_experts: opts.draft_experts.to_string(),
             tree_nodes: opts.tree_nodes,
             max_draft: opts.max_draft,
             adaptive: opts.adaptive,

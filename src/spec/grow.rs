@@ -13,7 +13,7 @@ use crate::sampling::argmax;
 
 impl Speculator {
     fn self_possible(&self, model: &Llama) -> bool {
-        model.bits().is_some_and(|b| (1..b).contains(&self.opts.draft_bits))
+        self.draft_view(model).is_some()
     }
 
     /// Expected seconds of a verification pass over `n` nodes.
@@ -174,14 +174,15 @@ impl Speculator {
                 self.draft_len(self.tree.len() - 1).min(max_nodes.saturating_sub(self.tree.len()))
             };
             self.chain.clear();
-            if k > 0 {
+            let view = self.draft_view(model);
+            if let (true, Some(view)) = (k > 0, view) {
                 let t0 = Instant::now();
                 let start = s.pos;
                 let mut tok = root;
                 for _ in 0..k {
                     // The low-bit view reads the target's own cache for the committed prefix
                     // and writes its guesses past it; the verification pass overwrites them.
-                    let logits = model.forward_capped(s, &[tok], 1, self.opts.draft_bits)?;
+                    let logits = model.forward_view(s, &[tok], 1, view)?;
                     tok = argmax(logits);
                     self.chain.push(tok);
                 }

@@ -42,7 +42,7 @@ pub use tree::{DraftTree, FROM_LOOKUP, FROM_RECYCLE, FROM_SELF};
 use crate::model::Llama;
 
 use cost::{CostFit, Ema};
-pub use mode::{AUTO_CANDIDATES, Sources, SpecMode, SpecOptions};
+pub use mode::{AUTO_CANDIDATES, DraftExperts, Sources, SpecMode, SpecOptions};
 pub use verify::{Pick, StepEnd};
 
 /// What speculation achieved, cumulated over the generations of one [`Speculator`].
@@ -138,12 +138,29 @@ impl Speculator {
         }
     }
 
+    /// What the self-draft reads of `model`: fewer planes, and of a mixture fewer experts
+    /// (`None` when that is the whole model, which cannot draft for itself).
+    pub fn draft_view(&self, model: &Llama) -> Option<crate::model::View> {
+        let experts = self.opts.draft_experts.resolve(model.experts_used());
+        let bits_cut = model.bits().is_some_and(|b| (1..b).contains(&self.opts.draft_bits));
+        (bits_cut || experts.is_some()).then_some(crate::model::View {
+            bits: if bits_cut { self.opts.draft_bits } else { crate::model::ALL_BITS },
+            experts,
+        })
+    }
+
     /// Checks that `model` supports the options (self-drafting needs a bit-plane model read
     /// above the draft precision).
     pub fn check(&self, model: &Llama) -> Result<()> {
         let o = &self.opts;
         ensure!(o.tree_nodes <= 256 && o.max_draft <= 64, "draft tree too large");
         if matches!(o.mode, SpecMode::Drafts(s) if s.has(FROM_SELF)) {
+            if let Some(v) = self.draft_view(model)
+                && v.experts.is_some()
+            {
+                // Fewer experts make a draft at any precision.
+                return Ok(());
+            }
             let Some(bits) = model.bits() else {
                 bail!(
                     "--spec {}: self-drafting reads fewer planes of a .bnest model, and this model has no bit \

@@ -115,6 +115,8 @@ pub struct SpecOptions {
     pub mode: SpecMode,
     /// Planes the self-draft reads.
     pub draft_bits: u32,
+    /// Experts per token the self-draft runs, in a mixture of experts.
+    pub draft_experts: DraftExperts,
     /// Longest self-drafted chain; the length used adapts below it.
     pub max_draft: usize,
     /// Most draft nodes taken from the Token Recycling template (root excluded); the number
@@ -127,6 +129,64 @@ pub struct SpecOptions {
 
 impl Default for SpecOptions {
     fn default() -> Self {
-        SpecOptions { mode: SpecMode::Auto, draft_bits: 3, max_draft: 6, tree_nodes: 16, adaptive: true }
+        SpecOptions {
+            mode: SpecMode::Auto,
+            draft_bits: 3,
+            draft_experts: DraftExperts::All,
+            max_draft: 6,
+            tree_nodes: 16,
+            adaptive: true,
+        }
+    }
+}
+
+/// How many experts per token the self-draft of a mixture-of-experts model runs (ELMoE-3D's
+/// second elastic axis, beside its planes): the router's best `k`, its weights as the model
+/// weighs them; verification always runs the model's own number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DraftExperts {
+    /// As many as the model runs.
+    #[default]
+    All,
+    /// Half of them, rounded up (llama.cpp PR #18029 measured half the experts of Qwen3-30B-A3B
+    /// as "nearly identical").
+    Auto,
+    Count(usize),
+}
+
+impl DraftExperts {
+    /// The draft's cap for a model that runs `used` experts per token (`None`: no cap, also for
+    /// dense models).
+    pub fn resolve(self, used: Option<usize>) -> Option<usize> {
+        let used = used?;
+        match self {
+            DraftExperts::All => None,
+            DraftExperts::Auto => Some(used.div_ceil(2)).filter(|&k| k < used),
+            DraftExperts::Count(k) => Some(k.clamp(1, used)).filter(|&k| k < used),
+        }
+    }
+}
+
+impl FromStr for DraftExperts {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(DraftExperts::All),
+            "auto" => Ok(DraftExperts::Auto),
+            _ => match s.parse::<usize>() {
+                Ok(k) if k > 0 => Ok(DraftExperts::Count(k)),
+                _ => anyhow::bail!("--draft-experts {s:?}: expected a count of at least 1, auto or all"),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DraftExperts {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            DraftExperts::All => f.write_str("all"),
+            DraftExperts::Auto => f.write_str("auto"),
+            DraftExperts::Count(k) => write!(f, "{k}"),
+        }
     }
 }
