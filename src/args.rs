@@ -32,11 +32,24 @@ pub(crate) enum Cmd {
     Inspect(InspectArgs),
     /// Quantize a model into one .bnest file that runs at every precision (--bits r).
     Quantize(QuantizeArgs),
+    /// Cut a dense model's feed-forward layers into experts (MoEfication) and quantize it: with
+    /// every expert running (the default) it is the dense model; a self-draft may run fewer
+    /// (--draft-experts).
+    Moefy(MoefyArgs),
     /// Prompt-processing and generation speed, measured as llama-bench does (pp512, tg128).
     Bench(BenchArgs),
     /// What the model would cost on a bit-serial accelerator (BitMoD's PE array) and the designs
     /// it is compared with, layer by layer, beside the CPU (docs/ACCEL.md).
     AccelReport(AccelArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct MoefyArgs {
+    #[command(flatten)]
+    pub(crate) quantize: QuantizeArgs,
+    /// Experts each layer's feed-forward neurons are split into (dividing its width).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=256))]
+    pub(crate) experts: u32,
 }
 
 #[derive(Args)]

@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod format;
 pub mod kernels;
 pub mod model;
+pub mod moefy;
 pub mod ppl;
 pub mod quant;
 pub mod quantize;

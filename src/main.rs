@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Cmd::Ppl(a) => a.model.threads,
         Cmd::Inspect(a) => a.model.threads,
         Cmd::Quantize(a) => a.threads,
+        Cmd::Moefy(a) => a.quantize.threads,
         Cmd::Serve(_) => None,
         Cmd::AccelReport(a) => a.model.threads,
         Cmd::Bench(a) => match &a.what {
@@ -73,7 +74,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Chat(a) => cmd_chat(a),
         Cmd::Ppl(a) => cmd_ppl(a),
         Cmd::Inspect(a) => cmd_inspect(a),
-        Cmd::Quantize(a) => cmd_quantize(a),
+        Cmd::Quantize(a) => cmd_quantize(a, None),
+        Cmd::Moefy(a) => cmd_quantize(a.quantize, Some(a.experts as usize)),
         Cmd::Serve(a) => cmd_serve(a),
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::AccelReport(a) => accel_report::cmd(a),
@@ -160,7 +162,9 @@ fn set_kv_type(engine: &mut Engine, m: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+/// `bitnest quantize`, or with `moefy_experts` `bitnest moefy` (the model cut into that many
+/// experts first).
+fn cmd_quantize(a: QuantizeArgs, moefy_experts: Option<usize>) -> Result<()> {
     let mut dtypes = Vec::new();
     for fam in a.dtypes.split(',').map(str::trim) {
         match fam {
@@ -208,14 +212,20 @@ fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         cfg.validate()?;
     }
     let path = resolve_model(&a.input)?;
-    let source = bitnest::model::ModelSource::open(&path, None)?;
+    let mut source = bitnest::model::ModelSource::open(&path, None)?;
+    let mut name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(e) = moefy_experts {
+        let t0 = std::time::Instant::now();
+        source = bitnest::moefy::moefy(&source, e)?;
+        name = format!("{name} (moefied into {e} experts)");
+        eprintln!("cut every feed-forward layer into {e} experts in {:.1} s", t0.elapsed().as_secs_f64());
+    }
     if a.group.is_none() {
         cfg.group = QuantConfig::default_group(source.config()?.dim);
         set_sub(&mut cfg);
     }
     cfg.validate()?;
     let t0 = std::time::Instant::now();
-    let mut name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let importance = match &a.calib {
         None => None,
         Some(f) => {
@@ -714,6 +724,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             }
         }
         bitnest::model::ModelSource::Bnest(b, _) => inspect_bnest(b, a.tensors),
+        bitnest::model::ModelSource::Memory(m) => println!("format: in memory, {} tensors", m.tensors.len()),
     }
     let engine_tok = source.tokenizer()?;
     let name = |id: Option<u32>| {

@@ -13,7 +13,7 @@ use crate::model::ModelSource;
 use crate::quant::{BitPlanes, QuantConfig};
 
 /// Tensor names of a llama-family model, matrices first marked as such.
-fn tensor_names(c: &crate::model::LlamaConfig, has_output: bool) -> Vec<(String, bool)> {
+pub(crate) fn tensor_names(c: &crate::model::LlamaConfig, has_output: bool) -> Vec<(String, bool)> {
     let n_layers = c.n_layers;
     let mut v = vec![("token_embd.weight".to_string(), true)];
     if has_output {

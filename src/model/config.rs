@@ -54,6 +54,10 @@ pub struct MoeConfig {
     pub shared_ffn: Option<usize>,
     /// The k weights are renormalized to sum to 1 ([`super::arch::Routing::renormalize`]).
     pub renormalize: bool,
+    /// Every chosen expert's output counts fully (weight 1): a dense model cut into experts
+    /// (`bitnest moefy`), which with every expert chosen is the dense model again.
+    #[serde(default)]
+    pub unit_weights: bool,
 }
 
 /// Which layers attend to a window only, how far, and with which rope base.
@@ -394,7 +398,7 @@ fn moe_from_gguf(g: &GgufFile, arch: &str, spec: &Arch) -> Result<Option<MoeConf
         true => Some(int("expert_shared_feed_forward_length")?.unwrap_or(ffn)),
         false => None,
     };
-    Ok(Some(MoeConfig { experts, used, expert_ffn, shared_ffn, renormalize: routing.renormalize }))
+    Ok(Some(MoeConfig { experts, used, expert_ffn, shared_ffn, renormalize: routing.renormalize, unit_weights: false }))
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub struct Moe {
     pub used: usize,
     /// Whether the chosen experts' weights are divided by their sum.
     pub renormalize: bool,
+    /// Whether every chosen expert counts with weight 1 instead (a moefied dense model).
+    pub unit_weights: bool,
     /// An expert every token runs, scaled by σ(`shared_gate`·x) (Qwen2-MoE).
     pub shared: Option<(Mlp, Box<dyn Linear>)>,
 }
@@ -171,7 +173,11 @@ impl Moe {
         for t in 0..n {
             let p = &mut probs[t * e_count..(t + 1) * e_count];
             softmax(p);
-            route(p, k, self.renormalize, &mut choice[t * k..(t + 1) * k]);
+            let c = &mut choice[t * k..(t + 1) * k];
+            route(p, k, self.renormalize, c);
+            if self.unit_weights {
+                c.iter_mut().for_each(|c| c.1 = 1.0);
+            }
         }
         // Group the (token, slot) pairs by expert (a counting sort, tokens in order).
         let starts = grow(&mut sc.starts, e_count + 1);

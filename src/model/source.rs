@@ -27,6 +27,19 @@ pub enum ModelSource {
     HfDir(SafetensorsDir),
     /// A bit-plane file, read at the precision `plan` asks for.
     Bnest(BnestFile, BitsPlan),
+    /// f32 weights made in memory (a transformed model, as `bitnest moefy` makes), under GGUF
+    /// names, on their way to a `.bnest` file.
+    Memory(Box<MemoryModel>),
+}
+
+/// A model held as f32 tensors ([`ModelSource::Memory`]).
+pub struct MemoryModel {
+    pub config: LlamaConfig,
+    /// Shape (rows first) and data by GGUF name.
+    pub tensors: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// The tokenizer as a `.bnest` header embeds it.
+    pub tokenizer: serde_json::Value,
+    pub chat_template: Option<String>,
 }
 
 impl ModelSource {
@@ -63,6 +76,10 @@ impl ModelSource {
                 cfg.validate()?;
                 Ok(cfg)
             }
+            Self::Memory(m) => {
+                m.config.validate()?;
+                Ok(m.config.clone())
+            }
         }
     }
 
@@ -77,6 +94,7 @@ impl ModelSource {
                 Tokenizer::from_json_file(&d.dir.join("tokenizer.json"), tc.as_ref().or(Some(&d.config)))
             }
             Self::Bnest(b, _) => Tokenizer::from_embedded(&b.header.tokenizer),
+            Self::Memory(m) => Tokenizer::from_embedded(&m.tokenizer),
         }
     }
 
@@ -99,6 +117,7 @@ impl ModelSource {
                 v.get("chat_template").and_then(|t| t.as_str()).map(str::to_string)
             }
             Self::Bnest(b, _) => b.header.chat_template.clone(),
+            Self::Memory(m) => m.chat_template.clone(),
         }
     }
 
@@ -175,6 +194,7 @@ impl ModelSource {
                 };
                 Ok(Some((t.shape.clone(), data)))
             }
+            Self::Memory(m) => Ok(m.tensors.get(name).cloned()),
         }
     }
 
@@ -256,6 +276,7 @@ impl ModelSource {
             }
             Self::HfDir(d) => hf_name(name).is_some_and(|hf| d.names().any(|n| n == hf)),
             Self::Bnest(b, _) => b.tensor(name).is_some(),
+            Self::Memory(m) => m.tensors.contains_key(name),
         }
     }
 
@@ -348,6 +369,7 @@ impl ModelSource {
                             .collect::<Result<_>>()?,
                         used: m.used,
                         renormalize: m.renormalize,
+                        unit_weights: m.unit_weights,
                         shared: match m.shared_ffn {
                             None => None,
                             Some(width) => {
