@@ -54,6 +54,8 @@ pub struct MoeScratch {
     /// Indices into `choice` grouped by expert: expert `e`'s are `order[starts[e]..starts[e + 1]]`.
     order: Vec<u32>,
     starts: Vec<usize>,
+    /// The next free place of each expert's run in `order` while it is filled.
+    next: Vec<usize>,
     /// The input rows of one expert's tokens, and its output rows.
     xg: Vec<f32>,
     yg: Vec<f32>,
@@ -189,7 +191,8 @@ impl Moe {
             starts[e + 1] += starts[e];
         }
         let order = grow(&mut sc.order, n * k);
-        let mut next: Vec<usize> = starts[..e_count].to_vec();
+        let next = grow(&mut sc.next, e_count);
+        next.copy_from_slice(&starts[..e_count]);
         for (i, c) in choice.iter().enumerate() {
             order[next[c.0 as usize]] = i as u32;
             next[c.0 as usize] += 1;
