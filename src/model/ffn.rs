@@ -234,23 +234,6 @@ impl Moe {
             }
         }
     }
-
-    /// Experts chosen by `x`'s rows, without running them: the router's choice for each token.
-    pub fn choose(&self, sc: &mut MoeScratch, x: &[f32], n: usize, k: usize) -> Vec<Vec<u32>> {
-        let e_count = self.experts.len();
-        let k = k.clamp(1, self.used);
-        let probs = grow(&mut sc.probs, n * e_count);
-        self.router.forward(&x[..n * self.router.in_dim()], n, probs);
-        let mut c = vec![(0, 0.0); k];
-        (0..n)
-            .map(|t| {
-                let p = &mut probs[t * e_count..(t + 1) * e_count];
-                softmax(p);
-                route(p, k, self.renormalize, &mut c);
-                c.iter().map(|c| c.0).collect()
-            })
-            .collect()
-    }
 }
 
 impl Ffn {

@@ -190,3 +190,24 @@ impl std::fmt::Display for DraftExperts {
         }
     }
 }
+
+#[cfg(test)]
+mod draft_experts_tests {
+    use super::DraftExperts;
+
+    #[test]
+    fn draft_experts_parse_and_resolve() {
+        assert_eq!("all".parse::<DraftExperts>().unwrap(), DraftExperts::All);
+        assert_eq!("auto".parse::<DraftExperts>().unwrap(), DraftExperts::Auto);
+        assert_eq!("3".parse::<DraftExperts>().unwrap(), DraftExperts::Count(3));
+        assert!("0".parse::<DraftExperts>().is_err() && "half".parse::<DraftExperts>().is_err());
+        // A dense model has no expert axis; a cap at or above the model's count is no cap.
+        assert_eq!(DraftExperts::Count(1).resolve(None), None);
+        assert_eq!(DraftExperts::Count(1).resolve(Some(8)), Some(1));
+        assert_eq!(DraftExperts::Count(8).resolve(Some(8)), None);
+        assert_eq!(DraftExperts::Auto.resolve(Some(8)), Some(4));
+        assert_eq!(DraftExperts::Auto.resolve(Some(3)), Some(2));
+        assert_eq!(DraftExperts::Auto.resolve(Some(1)), None);
+        assert_eq!(DraftExperts::All.resolve(Some(8)), None);
+    }
+}
