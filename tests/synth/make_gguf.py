@@ -85,6 +85,9 @@ def main():
     ap.add_argument("--tokenizer-from", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=20261207)
+    ap.add_argument("--scale", type=int, default=1,
+                    help="width, feed-forward widths and heads times this, layers times 4 if above 1 "
+                         "(a model large enough to time; the tests use 1)")
     ap.add_argument("--pre", help="the tokenizer's pre-tokenizer name instead of the borrowed one's (e.g. llama-bpe)")
     ap.add_argument("--break", dest="breakage", choices=["expert-count-0", "used-over-count", "no-expert-count",
                                                           "missing-expert", "expert-shape"],
@@ -102,6 +105,9 @@ def main():
         n_layers = 6
     moe = a.arch in ("mixtral", "mixtral-old", "qwen2moe", "qwen3moe", "olmoe")
     n_expert, n_used, expert_ffn, shared_ffn = 8, 2, 64, 96
+    if a.scale > 1:
+        n_layers, dim, ffn, n_heads, n_kv = 4 * n_layers, a.scale * dim, a.scale * ffn, a.scale * n_heads, a.scale * n_kv
+        expert_ffn, shared_ffn = a.scale * expert_ffn, a.scale * shared_ffn
     if a.arch == "olmoe":
         n_kv = n_heads  # its k norm spans the whole key vector, as wide as the model
     head_dim = 32 if a.arch in ("qwen3", "gemma3", "qwen3moe") else dim // n_heads
