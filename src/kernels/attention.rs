@@ -153,7 +153,7 @@ pub fn attend_group<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], sc
     #[cfg(target_arch = "x86_64")]
     {
         let hd = qs.first().map_or(0, |q| q.q.len());
-        if matches!(hd, 64 | 128 | 256) && cpu::avx512() {
+        if matches!(hd, 16 | 32 | 64 | 128 | 256) && cpu::avx512() {
             // SAFETY: AVX-512F was detected; shapes checked above.
             return unsafe { x86::group_avx512(kv, scale, qs, scores) };
         }
@@ -281,11 +281,13 @@ pub(crate) mod x86 {
     use crate::kernels::cpu::x86::exp16;
 
     /// # Safety
-    /// AVX-512F and FMA present; `check` passed; head size 64, 128 or 256 (Gemma 3's).
+    /// AVX-512F and FMA present; `check` passed; head size 16, 32, 64, 128 or 256 (Gemma 3's).
     #[target_feature(enable = "avx512f,fma")]
     pub unsafe fn group_avx512<T: KvElem>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         unsafe {
             match qs[0].q.len() {
+                16 => blocked::<T, 1>(kv, scale, qs, scores),
+                32 => blocked::<T, 2>(kv, scale, qs, scores),
                 64 => blocked::<T, 4>(kv, scale, qs, scores),
                 128 => blocked::<T, 8>(kv, scale, qs, scores),
                 _ => blocked::<T, 16>(kv, scale, qs, scores),
@@ -308,7 +310,8 @@ pub(crate) mod x86 {
     #[inline(always)]
     unsafe fn blocked<T: KvElem, const NC: usize>(kv: HeadView<T>, scale: f32, qs: &mut [Query], scores: &mut [f32]) {
         unsafe {
-            let per = 16 / NC;
+            // Queries whose values are summed together ([`values`] takes up to four).
+            let per = (16 / NC).min(4);
             let mut base = 0;
             for block in qs.chunks_mut(BLOCK_QUERIES) {
                 let m = block.len();
@@ -650,7 +653,8 @@ mod tests {
     #[test]
     fn every_path_and_grouping_equals_the_reference_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(17);
-        let shapes = [(64, 3, 70), (128, 2, 41), (40, 1, 23), (64, 1, 1), (16, 2, 33), (64, 2, 300), (256, 1, 90)];
+        let shapes =
+            [(64, 3, 70), (128, 2, 41), (40, 1, 23), (64, 1, 1), (16, 2, 33), (64, 2, 300), (256, 1, 90), (32, 4, 77)];
         for (i, &(hd, kv_heads, cap)) in shapes.iter().cycle().take(70).enumerate() {
             let stride = hd * kv_heads;
             let keys = rand_vec(&mut rng, cap * stride, 1.0);
