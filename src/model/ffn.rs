@@ -70,22 +70,22 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     &mut v[..n]
 }
 
+/// What a feed-forward pass works with besides its input and output rows: the `gate` and `up`
+/// buffers (each [`FFN_ROWS`] × the widest layer, or `n` × it if fewer), the activation, the
+/// block format `mid` rounds the intermediate through (a BCT measurement), the planes read.
+pub struct FfnPass<'a> {
+    pub gate: &'a mut [f32],
+    pub up: &'a mut [f32],
+    pub act: Act,
+    pub mid: Option<StateFormat>,
+    pub max_bits: u32,
+}
+
 impl Mlp {
-    /// The MLP over `n` rows of `x` into `out`, in chunks of [`FFN_ROWS`] tokens through the
-    /// `gate` and `up` buffers (each `FFN_ROWS` × its width, or `n` × it if fewer); `mid`
-    /// rounds the intermediate through a block format (a BCT measurement).
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        x: &[f32],
-        n: usize,
-        gate: &mut [f32],
-        up: &mut [f32],
-        out: &mut [f32],
-        act: Act,
-        mid: Option<StateFormat>,
-        max_bits: u32,
-    ) {
+    /// The MLP over `n` rows of `x` into `out`, in chunks of [`FFN_ROWS`] tokens.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], p: &mut FfnPass) {
+        let FfnPass { gate, up, act, mid, max_bits } = p;
+        let (act, mid, max_bits) = (*act, *mid, *max_bits);
         let (dim, f, o) = (self.gate.in_dim(), self.gate.out_dim(), self.down.out_dim());
         for r0 in (0..n).step_by(FFN_ROWS) {
             let m = (n - r0).min(FFN_ROWS);
@@ -151,21 +151,9 @@ fn route(probs: &[f32], k: usize, renormalize: bool, out: &mut [(u32, f32)]) {
 
 impl Moe {
     /// The mixture over `n` rows of `x` into `out`, each token through its `k` (≤ `used`)
-    /// best experts; buffers as [`Mlp::forward`]'s, and the mixture's own in `sc`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        sc: &mut MoeScratch,
-        x: &[f32],
-        n: usize,
-        k: usize,
-        gate: &mut [f32],
-        up: &mut [f32],
-        out: &mut [f32],
-        act: Act,
-        mid: Option<StateFormat>,
-        max_bits: u32,
-    ) {
+    /// best experts, with the mixture's own buffers in `sc`.
+    pub fn forward(&self, sc: &mut MoeScratch, x: &[f32], n: usize, k: usize, out: &mut [f32], p: &mut FfnPass) {
+        let max_bits = p.max_bits;
         let (e_count, dim) = (self.experts.len(), self.router.in_dim());
         let k = k.clamp(1, self.used);
         // Route: softmax over every expert, the k best, their weights.
@@ -210,7 +198,7 @@ impl Moe {
                     let t = i as usize / k;
                     xg[r * dim..(r + 1) * dim].copy_from_slice(&x[t * dim..(t + 1) * dim]);
                 }
-                expert.forward(xg, m, gate, up, yg, act, mid, max_bits);
+                expert.forward(xg, m, yg, p);
                 for (r, &i) in ids.iter().enumerate() {
                     let (t, w) = (i as usize / k, choice[i as usize].1);
                     let y = &yg[r * dim..(r + 1) * dim];
@@ -221,8 +209,8 @@ impl Moe {
         // The shared expert, scaled by its gate, added after the routed ones (as llama.cpp).
         if let Some((mlp, shared_gate)) = &self.shared {
             let s = grow(&mut sc.shared, n * dim);
-            mlp.forward(x, n, gate, up, s, act, mid, max_bits);
-            let g = &mut gate[..n.min(FFN_ROWS)];
+            mlp.forward(x, n, s, p);
+            let g = &mut p.gate[..n.min(FFN_ROWS)];
             for r0 in (0..n).step_by(FFN_ROWS) {
                 let m = (n - r0).min(FFN_ROWS);
                 shared_gate.forward_capped(&x[r0 * dim..(r0 + m) * dim], m, &mut g[..m], max_bits);

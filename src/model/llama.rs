@@ -12,7 +12,7 @@ use anyhow::{Result, ensure};
 
 use super::arch::FfnAct;
 use super::config::LlamaConfig;
-use super::ffn::Ffn;
+use super::ffn::{Ffn, FfnPass};
 use super::session::{FFN_ROWS, KvCache, Side};
 pub use super::session::{KvType, KvTypes, Scratch, Session};
 use super::state::{self, StateBlocks};
@@ -525,12 +525,12 @@ impl Llama {
                 FfnAct::Silu => silu_mul,
                 FfnAct::GeluTanh => gelu_tanh_mul,
             };
-            let (gate, up, out) = (&mut sc.gate[..], &mut sc.up[..], &mut sc.tmp[..]);
+            let mut pass = FfnPass { gate: &mut sc.gate, up: &mut sc.up, act, mid: st.ffn_mid, max_bits };
             match &b.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&sc.xn, n, gate, up, out, act, st.ffn_mid, max_bits),
+                Ffn::Dense(mlp) => mlp.forward(&sc.xn, n, &mut sc.tmp, &mut pass),
                 Ffn::Moe(moe) => {
                     let k = view.experts.map_or(moe.used, |k| k.min(moe.used));
-                    moe.forward(&mut sc.moe, &sc.xn, n, k, gate, up, out, act, st.ffn_mid, max_bits)
+                    moe.forward(&mut sc.moe, &sc.xn, n, k, &mut sc.tmp, &mut pass)
                 }
             }
             if let Some(w) = &b.post_ffn_norm {

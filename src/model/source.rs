@@ -127,23 +127,22 @@ impl ModelSource {
         match self {
             // A part of a fused tensor (q/k/v of `attn_qkv`; gate or up of a gate+up `ffn_up`,
             // whose name is the fused tensor's own), else the tensor itself.
-            // One expert's matrix, within a tensor of them all.
-            Self::Gguf(g) if expert_part(g, name).is_some() => {
-                let e = expert_part(g, name).expect("checked");
-                Ok(Some((e.shape.clone(), g.tensor_f32(&e).with_context(|| format!("tensor {name}"))?)))
-            }
-            Self::Gguf(g) => match (fused_part(g, name), g.tensor(name)) {
-                (Some((fused, rows)), _) => {
+            Self::Gguf(g) => match (expert_part(g, name), fused_part(g, name), g.tensor(name)) {
+                // One expert's matrix, within a tensor of them all.
+                (Some(e), _, _) => {
+                    Ok(Some((e.shape.clone(), g.tensor_f32(&e).with_context(|| format!("tensor {name}"))?)))
+                }
+                (None, Some((fused, rows)), _) => {
                     let data = g.tensor_f32(fused).with_context(|| format!("tensor {}", fused.name))?;
                     let cols: usize = fused.shape[1..].iter().product();
                     let mut shape = fused.shape.clone();
                     shape[0] = rows.len();
                     Ok(Some((shape, data[rows.start * cols..rows.end * cols].to_vec())))
                 }
-                (None, Some(info)) => {
+                (None, None, Some(info)) => {
                     Ok(Some((info.shape.clone(), g.tensor_f32(info).with_context(|| format!("tensor {name}"))?)))
                 }
-                (None, None) => Ok(None),
+                (None, None, None) => Ok(None),
             },
             Self::HfDir(d) => {
                 let Some(hf) = hf_name(name) else {
